@@ -1,0 +1,3 @@
+from czb.cli import main
+
+main()

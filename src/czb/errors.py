@@ -1,0 +1,82 @@
+"""Exceptions and warnings raised by czb.
+
+Library code raises these; only :mod:`czb.cli` turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CzbError(Exception):
+    """Base class of every error czb raises on purpose."""
+
+
+class SpecError(CzbError):
+    """A YAML spec is malformed, or a spec refers to something that does not exist."""
+
+
+class UnknownNameError(SpecError):
+    """A model, dataset or task name is not in the catalog.
+
+    Attributes
+    ----------
+    kind
+        ``"model"``, ``"dataset"`` or ``"task"``.
+    name
+        The name that was asked for.
+    suggestions
+        The closest known names, best first.
+    """
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]):
+        import difflib
+
+        known = sorted(known)
+        self.kind, self.name = kind, name
+        self.suggestions = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = (
+            f"did you mean {', '.join(repr(s) for s in self.suggestions)}?"
+            if self.suggestions
+            else f"run `czb list {kind}s` to see the {len(known)} known {kind}s"
+        )
+        super().__init__(f"unknown {kind} {name!r}; {hint}")
+
+
+class DatasetError(CzbError):
+    """A dataset is missing, corrupt, or does not fit its spec."""
+
+
+class FetchError(DatasetError):
+    """A file could not be downloaded, or is not in the cache while offline."""
+
+
+class EmbeddingError(CzbError):
+    """An embedding is malformed or does not line up with its dataset."""
+
+
+class TaskError(CzbError):
+    """A task cannot be run on the data it was given."""
+
+
+class NotApplicableError(TaskError):
+    """The task does not apply to this dataset (e.g. batch integration without a batch key).
+
+    Recorded as ``status: not_applicable`` rather than as a failure.
+    """
+
+
+class ResultsError(CzbError):
+    """A result file cannot be written or read."""
+
+
+class CzbWarning(UserWarning):
+    """Base class of czb's warnings."""
+
+
+class DatasetWarning(CzbWarning):
+    """Something about a dataset is unusual but can be worked around."""
+
+
+class EmbeddingWarning(CzbWarning):
+    """Something about an embedding is unusual but can be worked around."""

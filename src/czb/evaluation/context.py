@@ -1,0 +1,227 @@
+"""Run tasks on one embedding: the shared neighbour graph, seeds, and aggregation."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from czb.errors import EmbeddingError, NotApplicableError
+from czb.evaluation.neighbors import NeighborGraph, compute_neighbors
+from czb.evaluation.resources import measure
+from czb.evaluation.tasks.base import MetricValue, Task
+
+Status = Literal["ok", "failed", "not_applicable"]
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+class EvaluationContext:
+    """One embedding with its cell annotations, and everything tasks share.
+
+    The neighbour graph is computed once, with the largest ``k`` any planned task
+    needs (:meth:`plan`); Leiden partitions and other costly values are memoised
+    (:meth:`memo`) so clustering, embedding and batch integration reuse each other's work.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_dims)`` embedding.
+    labels
+        ``(n_cells,)`` cell labels (e.g. cell types), or ``None``.
+    batches
+        ``(n_cells,)`` batch labels, or ``None``.
+    roles
+        Further per-cell annotations by role (``time_point``, ``donor``...).
+    n_jobs
+        Processes/threads tasks may use.
+    """
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        *,
+        labels: np.ndarray | None = None,
+        batches: np.ndarray | None = None,
+        roles: Mapping[str, np.ndarray] | None = None,
+        n_jobs: int = 1,
+    ):
+        X = np.asarray(X)
+        if X.ndim != 2:
+            msg = f"embedding must be 2-D (cells x dims); got shape {X.shape}"
+            raise EmbeddingError(msg)
+        if not np.issubdtype(X.dtype, np.number):
+            msg = f"embedding must be numeric; got dtype {X.dtype}"
+            raise EmbeddingError(msg)
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            msg = f"embedding has {int(bad.sum())} rows with NaN or inf (first: {np.flatnonzero(bad)[:5].tolist()})"
+            raise EmbeddingError(msg)
+        self.X = X
+        self._roles: dict[str, np.ndarray] = {}
+        for role, values in {"labels": labels, "batch": batches, **(roles or {})}.items():
+            if values is None:
+                continue
+            values = np.asarray(values)
+            if values.shape != (X.shape[0],):
+                msg = f"{role} has shape {values.shape}, expected ({X.shape[0]},) to match the embedding"
+                raise EmbeddingError(msg)
+            self._roles[role] = values
+        self.n_jobs = n_jobs
+        self._k_planned = 0
+        self._graph: NeighborGraph | None = None
+        self._memo: dict[tuple, Any] = {}
+
+    @property
+    def n_cells(self) -> int:
+        return self.X.shape[0]
+
+    def role(self, role: str) -> np.ndarray | None:
+        """Per-cell values of a role (``labels``, ``batch``, ...), or ``None``."""
+        return self._roles.get(role)
+
+    def require(self, role: str) -> np.ndarray:
+        values = self.role(role)
+        if values is None:
+            msg = f"the data have no {role}"
+            raise NotApplicableError(msg)
+        return values
+
+    def plan(self, tasks: Iterable[Task]) -> None:
+        """Note the largest neighbourhood the tasks will ask for, so the graph is built once."""
+        self._k_planned = max([self._k_planned, *(t.neighbors_needed(self.n_cells) for t in tasks)])
+
+    def neighbors(self, k: int) -> NeighborGraph:
+        """The shared graph with at least ``min(k, n_cells)`` neighbours per cell."""
+        k = min(k, self.n_cells)
+        if self._graph is None or self._graph.k < k:
+            self._graph = compute_neighbors(self.X, max(k, min(self._k_planned, self.n_cells)))
+        return self._graph
+
+    def leiden(self, resolution: float, *, seed: int, k: int = 15) -> np.ndarray:
+        """Leiden clusters of the ``k``-neighbour UMAP graph (cached)."""
+        from czb.evaluation.metrics.clustering import leiden
+
+        return self.memo(
+            ("leiden", k, float(resolution), seed),
+            lambda: leiden(self.neighbors(k).connectivities(k), resolution, seed=seed),
+        )
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per key for this embedding, so tasks share expensive values
+        (e.g. the label silhouette of ``embedding`` and ``batch_integration``)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+@dataclass
+class AggregatedMetric:
+    """A metric over seeds: mean, sample standard deviation, and every value."""
+
+    name: str
+    value: float
+    value_std_dev: float | None
+    values_raw: list[float]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskResult:
+    """The outcome of one task on one embedding."""
+
+    task: str
+    status: Status
+    metrics: list[AggregatedMetric] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    error: str | None = None
+    runtime_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    def metric(self, name: str, **params: Any) -> AggregatedMetric:
+        """The metric called ``name`` whose params include ``params``."""
+        for m in self.metrics:
+            if m.name == name and all(m.params.get(k) == v for k, v in params.items()):
+                return m
+        msg = f"{self.task} has no metric {name!r} with params {params}"
+        raise KeyError(msg)
+
+
+def aggregate(values: Iterable[MetricValue]) -> list[AggregatedMetric]:
+    """Group per-seed values by (name, params) and summarise each group."""
+    groups: dict[tuple, list[MetricValue]] = {}
+    for v in values:
+        groups.setdefault((v.name, tuple(sorted(v.params.items()))), []).append(v)
+    out = []
+    for (name, params), group in groups.items():
+        raw = [float(v.value) for v in group]
+        finite = [x for x in raw if np.isfinite(x)]
+        mean = statistics.fmean(finite) if finite else float("nan")
+        std = statistics.stdev(finite) if len(finite) > 1 else None
+        out.append(AggregatedMetric(name, mean, std, raw, dict(params)))
+    return out
+
+
+def run_task(task: Task, context: EvaluationContext, seeds: Sequence[int]) -> TaskResult:
+    """Run ``task`` once per seed (once if it is deterministic); never raises for task errors."""
+    seeds = list(seeds) if task.info.stochastic else list(seeds)[:1]
+    name = task.info.name
+    try:
+        task.check(context)
+    except NotApplicableError as e:
+        return TaskResult(name, "not_applicable", seeds=seeds, error=str(e))
+    values: list[MetricValue] = []
+    error: str | None = None
+    with measure() as usage:
+        try:
+            for seed in seeds:
+                values += task.run(context, seed=seed)
+        except NotApplicableError as e:
+            return TaskResult(name, "not_applicable", seeds=seeds, error=str(e))
+        except Exception as e:  # noqa: BLE001 - one task's crash must not lose the others' results
+            error = f"{type(e).__name__}: {e}"
+    if error is not None:
+        return TaskResult(name, "failed", seeds=seeds, error=error,
+                          runtime_s=usage.runtime_s, peak_memory_mb=usage.peak_memory_mb)
+    return TaskResult(name, "ok", aggregate(values), seeds, None, usage.runtime_s, usage.peak_memory_mb)
+
+
+def evaluate(
+    X: np.ndarray,
+    *,
+    labels: np.ndarray | None = None,
+    batches: np.ndarray | None = None,
+    roles: Mapping[str, np.ndarray] | None = None,
+    tasks: Sequence[str | Task] = ("clustering", "embedding", "label_prediction", "batch_integration"),
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    n_jobs: int = 1,
+) -> list[TaskResult]:
+    """Score an embedding on several tasks, sharing one neighbour graph.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_dims)`` embedding.
+    labels, batches
+        ``(n_cells,)`` cell labels and batch labels.
+    roles
+        Further per-cell annotations (``time_point``...).
+    tasks
+        Registered task names (default parameters) or configured :class:`Task` objects.
+    seeds
+        Seeds of stochastic steps; deterministic tasks use the first only.
+    n_jobs
+        Worker processes for tasks that parallelise.
+
+    Returns
+    -------
+    One :class:`TaskResult` per task, in order; failures are results, not exceptions.
+    """
+    from czb.evaluation.registry import get_task
+
+    task_objs = [get_task(t)() if isinstance(t, str) else t for t in tasks]
+    context = EvaluationContext(X, labels=labels, batches=batches, roles=roles, n_jobs=n_jobs)
+    context.plan(task_objs)
+    return [run_task(t, context, seeds) for t in task_objs]

@@ -1,0 +1,169 @@
+"""Cross-validated label prediction from an embedding (cz-benchmarks' protocol)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from czb.evaluation.registry import MetricInfo, register_metric
+
+_CV = "StratifiedKFold(5, shuffled, seeded) cross-validation"
+MEAN_FOLD_ACCURACY = register_metric(
+    MetricInfo("mean_fold_accuracy", f"Accuracy, mean over folds of {_CV}.",
+               "https://github.com/chanzuckerberg/cz-benchmarks", stochastic=True)
+)
+MEAN_FOLD_F1 = register_metric(
+    MetricInfo("mean_fold_f1", f"Macro F1 (binary F1 for two classes), mean over folds of {_CV}.",
+               "https://github.com/chanzuckerberg/cz-benchmarks", stochastic=True)
+)
+MEAN_FOLD_PRECISION = register_metric(
+    MetricInfo("mean_fold_precision", f"Macro precision, mean over folds of {_CV}.",
+               "https://github.com/chanzuckerberg/cz-benchmarks", stochastic=True)
+)
+MEAN_FOLD_RECALL = register_metric(
+    MetricInfo("mean_fold_recall", f"Macro recall, mean over folds of {_CV}.",
+               "https://github.com/chanzuckerberg/cz-benchmarks", stochastic=True)
+)
+MEAN_FOLD_AUROC = register_metric(
+    MetricInfo("mean_fold_auroc", f"One-vs-rest macro AUROC of predicted probabilities, mean over folds of {_CV}.",
+               "https://github.com/chanzuckerberg/cz-benchmarks", stochastic=True)
+)
+
+#: Fold score name → metric name.
+FOLD_SCORES = {
+    "accuracy": MEAN_FOLD_ACCURACY.name,
+    "f1": MEAN_FOLD_F1.name,
+    "precision": MEAN_FOLD_PRECISION.name,
+    "recall": MEAN_FOLD_RECALL.name,
+    "auroc": MEAN_FOLD_AUROC.name,
+}
+
+CLASSIFIERS = ("lr", "knn", "rf")
+
+
+def make_classifier(name: str, *, seed: int):
+    """The classifiers cz-benchmarks uses, with the same settings.
+
+    ``lr``: ``StandardScaler(with_mean=False)`` → ``LogisticRegression()``;
+    ``knn``: ``StandardScaler(with_mean=False)`` → ``KNeighborsClassifier(5)``;
+    ``rf``: ``RandomForestClassifier(100 trees, random_state=seed)`` (trees need no scaling).
+    """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if name == "lr":
+        return Pipeline([("scaler", StandardScaler(with_mean=False)), ("lr", LogisticRegression())])
+    if name == "knn":
+        return Pipeline([("scaler", StandardScaler(with_mean=False)), ("knn", KNeighborsClassifier(n_neighbors=5))])
+    if name == "rf":
+        return Pipeline([("rf", RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=1))])
+    msg = f"unknown classifier {name!r}; known: {', '.join(CLASSIFIERS)}"
+    raise ValueError(msg)
+
+
+def filter_small_classes(labels: np.ndarray, min_class_size: int) -> tuple[np.ndarray, list[str]]:
+    """Mask of cells whose label has at least ``min_class_size`` cells, and the dropped labels."""
+    counts = pd.Series(labels).value_counts()
+    dropped = sorted(counts.index[counts < min_class_size].astype(str))
+    return np.isin(labels, counts.index[counts >= min_class_size]), dropped
+
+
+def score_fold(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy, F1, precision, recall (macro, or binary for two classes) and OvR macro AUROC."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    average = "binary" if n_classes == 2 else "macro"
+    labels = np.arange(n_classes)
+    kw = {"average": average, "zero_division": 0}
+    if average == "macro":
+        kw["labels"] = labels
+    auroc = (
+        roc_auc_score(y_true, proba[:, 1])
+        if n_classes == 2
+        else roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels)
+    )
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1": float(f1_score(y_true, y_pred, **kw)),
+        "precision": float(precision_score(y_true, y_pred, **kw)),
+        "recall": float(recall_score(y_true, y_pred, **kw)),
+        "auroc": float(auroc),
+    }
+
+
+def _fit_and_score(name, X, y, train, test, n_classes, seed) -> dict:
+    clf = make_classifier(name, seed=seed)
+    clf.fit(X[train], y[train])
+    proba = np.zeros((len(test), n_classes))
+    proba[:, clf.classes_] = clf.predict_proba(X[test])  # a class absent from train gets 0
+    return score_fold(y[test], clf.predict(X[test]), proba, n_classes)
+
+
+@dataclass
+class CrossValidation:
+    """Per-fold scores of every classifier.
+
+    Attributes
+    ----------
+    folds
+        One row per (classifier, fold) with the five scores.
+    dropped_labels
+        Labels removed for having fewer than ``min_class_size`` cells.
+    n_cells
+        Cells used after filtering.
+    """
+
+    folds: pd.DataFrame
+    dropped_labels: list[str]
+    n_cells: int
+
+
+def cross_validate_classifiers(
+    X: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int = 42,
+    n_folds: int = 5,
+    min_class_size: int = 10,
+    classifiers: tuple[str, ...] = CLASSIFIERS,
+    n_jobs: int = 1,
+) -> CrossValidation:
+    """Stratified k-fold prediction of ``labels`` from ``X`` with each classifier.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_dims)`` embedding.
+    labels
+        ``(n_cells,)`` labels; classes with fewer than ``min_class_size`` cells are dropped.
+    seed
+        Seeds the fold split and the random forest.
+    n_jobs
+        Worker processes; the (classifier, fold) fits run in parallel.
+    """
+    from joblib import Parallel, delayed
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels).astype(str)
+    keep, dropped = filter_small_classes(labels, min_class_size)
+    X = np.ascontiguousarray(X[keep])
+    y_cat = pd.Categorical(labels[keep])  # codes follow sorted label names, as in cz-benchmarks
+    y = np.asarray(y_cat.codes, dtype=np.int64)
+    n_classes = len(y_cat.categories)
+    if n_classes < 2:
+        from czb.errors import TaskError
+
+        msg = f"label prediction needs at least 2 classes with >= {min_class_size} cells; found {n_classes}"
+        raise TaskError(msg)
+    splits = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X, y))
+    jobs = [(name, fold, train, test) for name in classifiers for fold, (train, test) in enumerate(splits)]
+    scores = Parallel(n_jobs=min(n_jobs, len(jobs)))(
+        delayed(_fit_and_score)(name, X, y, train, test, n_classes, seed) for name, _, train, test in jobs
+    )
+    rows = [{"classifier": name, "fold": fold, **s} for (name, fold, _, _), s in zip(jobs, scores)]
+    return CrossValidation(folds=pd.DataFrame(rows), dropped_labels=dropped, n_cells=int(keep.sum()))

@@ -1,0 +1,1 @@
+"""Tasks, one module each; importing a module registers its task."""

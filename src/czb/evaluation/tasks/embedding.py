@@ -1,0 +1,27 @@
+"""Embedding quality: are cells of one label closer to each other than to other labels?"""
+
+from __future__ import annotations
+
+from czb.evaluation.context import EvaluationContext
+from czb.evaluation.metrics import silhouette as m
+from czb.evaluation.registry import TaskInfo, register_task
+from czb.evaluation.tasks.base import MetricValue, Task
+
+
+@register_task
+class Embedding(Task):
+    """Label silhouette, rescaled to [0, 1] (cz-benchmarks' ``silhouette_score``)."""
+
+    info = TaskInfo(
+        name="embedding",
+        description="Silhouette of cell labels in the embedding, rescaled to [0, 1].",
+        metrics=(m.SILHOUETTE_SCORE.name,),
+        requires=("labels",),
+        stochastic=False,
+        reference="doi:10.1038/s41592-021-01336-8",
+    )
+
+    def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
+        labels = context.require("labels")
+        value = context.memo(("silhouette_label",), lambda: m.silhouette_label(context.X, labels))
+        return [MetricValue(m.SILHOUETTE_SCORE.name, value)]

@@ -1,0 +1,53 @@
+"""Label prediction: how well do simple classifiers predict labels from the embedding?"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from czb.evaluation.context import EvaluationContext
+from czb.evaluation.metrics import classification as m
+from czb.evaluation.registry import TaskInfo, register_task
+from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+
+
+class LabelPredictionParams(TaskParams):
+    n_folds: int = 5
+    min_class_size: int = 10
+    classifiers: tuple[Literal["lr", "knn", "rf"], ...] = m.CLASSIFIERS
+
+
+@register_task
+class LabelPrediction(Task):
+    """cz-benchmarks' protocol: drop classes under 10 cells, StratifiedKFold(5, shuffled,
+    seeded), logistic regression / kNN (k=5) / random forest (100 trees); fold means per
+    classifier (``params.classifier``) and over all of them (``MEAN(knn,lr,rf)``)."""
+
+    info = TaskInfo(
+        name="label_prediction",
+        description="Cross-validated prediction of cell labels (accuracy, F1, precision, recall, AUROC).",
+        metrics=tuple(m.FOLD_SCORES.values()),
+        requires=("labels",),
+        stochastic=True,
+        reference="https://github.com/chanzuckerberg/cz-benchmarks",
+    )
+    Params = LabelPredictionParams
+
+    def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
+        p = self.params
+        cv = m.cross_validate_classifiers(
+            context.X,
+            context.require("labels"),
+            seed=seed,
+            n_folds=p.n_folds,
+            min_class_size=p.min_class_size,
+            classifiers=p.classifiers,
+            n_jobs=context.n_jobs,
+        )
+        mean_name = f"MEAN({','.join(sorted(p.classifiers))})"
+        extra = {"n_cells_used": cv.n_cells, "dropped_labels": ",".join(cv.dropped_labels)}
+        out = []
+        for score, metric in m.FOLD_SCORES.items():
+            out.append(MetricValue(metric, float(cv.folds[score].mean()), {"classifier": mean_name, **extra}))
+            per_classifier = cv.folds.groupby("classifier", sort=False)[score].mean()
+            out += [MetricValue(metric, float(v), {"classifier": c, **extra}) for c, v in per_classifier.items()]
+        return out

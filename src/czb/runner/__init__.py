@@ -1,0 +1,1 @@
+"""Spec resolution, dataset fetching, embedding sources and orchestration."""

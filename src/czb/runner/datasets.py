@@ -1,0 +1,789 @@
+"""Loading datasets from their specs, and checking them before any heavy work.
+
+:func:`load_dataset` turns a :class:`~czb.runner.specs.DatasetSpec` into a
+:class:`Dataset` whose ``adata.X`` is the expression matrix the spec names;
+:func:`validate_dataset` checks that it fits its spec and raises a one-line
+:class:`~czb.errors.DatasetError` naming the dataset, the key and what was found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from czb.errors import DatasetError, DatasetWarning
+from czb.runner.specs import ORGANISMS, DatasetSpec
+
+if TYPE_CHECKING:
+    import anndata
+    import pandas as pd
+
+__all__ = [
+    "BUILTINS",
+    "Dataset",
+    "ensembl_share",
+    "iter_row_chunks",
+    "load_dataset",
+    "row_sums",
+    "validate_dataset",
+]
+
+
+@dataclass
+class Dataset:
+    """A dataset ready for a model and the tasks.
+
+    Attributes
+    ----------
+    spec
+        The spec it was loaded from.
+    adata
+        ``AnnData`` whose ``X`` is the expression matrix of shape ``(n_cells, n_genes)``
+        (sparse CSR where the file is sparse; never densified here), of the kind
+        ``spec.expression`` says, with ``var_names`` the gene IDs of ``spec.gene_id_type``
+        and ``obs_names`` the cell IDs.
+    path
+        The local file it was read from (``None`` for generated data).
+    sha256
+        Checksum of that file (or of the generator's parameters for generated data).
+    extras
+        Notes from loading, e.g. ``gene_source`` (where the gene IDs came from:
+        ``"var_names"`` or ``"var['<column>']"``) and ``layer``.
+    """
+
+    spec: DatasetSpec
+    adata: anndata.AnnData
+    path: Path | None = None
+    sha256: str | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def n_cells(self) -> int:
+        return self.adata.n_obs
+
+    @property
+    def n_genes(self) -> int:
+        return self.adata.n_vars
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """Cell labels from ``obs[spec.label_key]`` as strings, shape ``(n_cells,)``."""
+        return self.adata.obs[self.spec.label_key].astype(str).to_numpy()
+
+    @cached_property
+    def batches(self) -> np.ndarray | None:
+        """Batch labels (several batch columns joined with ``"|"``), or ``None`` without batches."""
+        keys = self.spec.batch_keys
+        if not keys:
+            return None
+        cols = [self.adata.obs[k].astype(str).to_numpy() for k in keys]
+        out = cols[0]
+        for c in cols[1:]:
+            out = np.char.add(np.char.add(out, "|"), c)
+        return out.astype(object)
+
+    def role(self, role: str) -> np.ndarray | None:
+        """Values of an extra role (``time_point``, ``donor``, ``species``...) or ``None``.
+
+        ``species`` falls back to the spec's organism for every cell when the spec
+        maps no obs column to it (a dataset holds one species unless it says otherwise).
+        """
+        key = self.spec.extra_keys.get(role)
+        if key is None:
+            if role == "species":
+                return np.full(self.n_cells, self.spec.organism, dtype=object)
+            return None
+        return self.adata.obs[key].to_numpy()
+
+
+# --------------------------------------------------------------------------- #
+# Chunked access to an expression matrix (sparse or dense)
+# --------------------------------------------------------------------------- #
+
+#: Rows per chunk for dense matrices: bounds the size of temporaries
+#: (10,000 rows x 30,000 genes of float32 is 1.2 GB, so go lower).
+DEFAULT_CHUNK_ROWS = 2048
+
+
+def iter_row_chunks(X: Any, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[tuple[int, Any]]:
+    """Yield ``(start, block)`` for consecutive row blocks of ``X``.
+
+    Parameters
+    ----------
+    X
+        Matrix of shape ``(n_rows, n_cols)``: dense array, ``scipy.sparse`` matrix
+        or an h5py/backed dataset that supports row slicing.
+    chunk_rows
+        Rows per block.
+
+    Yields
+    ------
+    start
+        Index of the block's first row.
+    block
+        ``X[start:start + chunk_rows]``, same kind as ``X``.
+    """
+    n = X.shape[0]
+    for start in range(0, n, chunk_rows):
+        yield start, X[start : start + chunk_rows]
+
+
+def row_sums(X: Any, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+    """Sum of each row of a sparse or dense matrix, without densifying it.
+
+    Parameters
+    ----------
+    X
+        Matrix of shape ``(n_rows, n_cols)``: ``scipy.sparse`` (CSR is fastest),
+        dense array, or a row-sliceable on-disk dataset (read in chunks).
+    chunk_rows
+        Rows per chunk for dense input, so at most ``chunk_rows x n_cols``
+        values are converted to float64 at once.
+
+    Returns
+    -------
+    ``float64`` array of shape ``(n_rows,)``.
+    """
+    import scipy.sparse as sp
+
+    if sp.issparse(X):
+        # Sparse sums touch only the stored values: no chunking needed.
+        return np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    out = np.empty(X.shape[0], dtype=np.float64)
+    for start, block in iter_row_chunks(X, chunk_rows=chunk_rows):
+        out[start : start + block.shape[0]] = np.asarray(block).sum(axis=1, dtype=np.float64)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Gene identifiers
+# --------------------------------------------------------------------------- #
+
+# An Ensembl gene ID is its organism's prefix followed directly by digits (11 for
+# vertebrates), optionally with a version. Requiring the digits matters: human
+# 'ENSG' is also the start of gorilla 'ENSGGOG' and chicken 'ENSGALG' IDs.
+_ANY_ENSEMBL = re.compile(r"^(?:ENS[A-Z]*G\d{6,}|FBgn\d{5,}|WBGene\d{5,})(?:\.\d+)?$")
+_PREFIX_PATTERNS = {
+    name: re.compile(rf"^{re.escape(o.ensembl_prefix)}\d{{5,}}(?:\.\d+)?$")
+    for name, o in ORGANISMS.items()
+}
+#: Share of gene IDs that must fit the organism's Ensembl prefix.
+MIN_ENSEMBL_SHARE = 0.9
+#: Genes looked at when guessing what gene IDs are (enough for a stable share).
+_GENE_SAMPLE = 5000
+
+
+def _gene_sample(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    if len(names) <= _GENE_SAMPLE:
+        return names
+    step = len(names) / _GENE_SAMPLE
+    return [names[int(i * step)] for i in range(_GENE_SAMPLE)]
+
+
+def _share(pattern: re.Pattern, names: list[str]) -> float:
+    return sum(bool(pattern.match(n)) for n in names) / max(len(names), 1)
+
+
+def ensembl_share(names: Iterable[str], organism: str) -> float:
+    """Share of ``names`` that are Ensembl gene IDs of ``organism`` (``0..1``)."""
+    return _share(_PREFIX_PATTERNS[organism], _gene_sample(str(n) for n in names))
+
+
+def _examples(names: Iterable[str], k: int = 2) -> str:
+    return ", ".join(repr(n) for n in list(names)[:k])
+
+
+def _describe_gene_ids(names: list[str]) -> str:
+    """What the gene IDs look like, for error messages ('mouse Ensembl IDs', ...)."""
+    best, best_share = None, 0.0
+    for organism, pattern in _PREFIX_PATTERNS.items():
+        share = _share(pattern, names)
+        if share > best_share:
+            best, best_share = organism, share
+    if best is not None and best_share >= 0.5:
+        matching = [n for n in names if _PREFIX_PATTERNS[best].match(n)]
+        prefix = ORGANISMS[best].ensembl_prefix
+        return f"look like {best} Ensembl IDs ({prefix}..., e.g. {_examples(matching)})"
+    if _share(_ANY_ENSEMBL, names) >= 0.5:
+        matching = [n for n in names if _ANY_ENSEMBL.match(n)]
+        return (
+            f"look like Ensembl IDs of an organism czb does not know (e.g. {_examples(matching)})"
+        )
+    others = [n for n in names if not _ANY_ENSEMBL.match(n)]
+    return f"look like gene symbols (e.g. {_examples(others)})"
+
+
+# --------------------------------------------------------------------------- #
+# Reading
+# --------------------------------------------------------------------------- #
+
+#: ``builtin:NAME`` → (package, path of the file inside the package).
+BUILTINS: dict[str, tuple[str, str]] = {
+    "scanpy/pbmc68k_reduced": ("scanpy", "datasets/10x_pbmc68k_reduced.h5ad"),
+}
+
+
+def _builtin_path(name: str, dataset: str) -> Path:
+    """Path of a file shipped inside an installed package, found without importing it."""
+    import importlib.util
+
+    if name in BUILTINS:
+        package, inner = BUILTINS[name]
+    else:  # builtin:PACKAGE/PATH/INSIDE/IT
+        package, _, inner = name.partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        msg = (
+            f"dataset {dataset!r}: builtin:{name} needs the package {package!r}, "
+            "which is not installed"
+        )
+        raise DatasetError(msg)
+    for location in spec.submodule_search_locations:
+        path = Path(location) / inner
+        if path.is_file():
+            return path
+    msg = (
+        f"dataset {dataset!r}: builtin:{name} not found in the installed {package!r} "
+        f"(looked for {inner}); known builtins: {', '.join(sorted(BUILTINS))}"
+    )
+    raise DatasetError(msg)
+
+
+def _generator_digest(name: str, params: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a generator's name and its full arguments."""
+    payload = json.dumps(
+        {"generator": name, "params": params}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _generate(spec: DatasetSpec, name: str) -> tuple[anndata.AnnData, str]:
+    import inspect
+
+    from czb.runner.synthetic import GENERATORS
+
+    try:
+        generator = GENERATORS[name]
+    except KeyError:
+        known = ", ".join(sorted(GENERATORS))
+        msg = f"dataset {spec.name!r}: unknown synthetic generator {name!r}; known: {known}"
+        raise DatasetError(msg) from None
+    try:
+        bound = inspect.signature(generator).bind(**spec.params)
+    except TypeError as e:
+        msg = f"dataset {spec.name!r}: bad params for synthetic:{name}: {e}"
+        raise DatasetError(msg) from None
+    # Hash the arguments with defaults filled in, so that spelling out a default
+    # gives the same digest and changing a default gives a new one.
+    bound.apply_defaults()
+    digest = _generator_digest(name, dict(bound.arguments))
+    try:
+        adata = generator(**spec.params)
+    except ValueError as e:
+        msg = f"dataset {spec.name!r}: synthetic:{name} rejected its params: {e}"
+        raise DatasetError(msg) from None
+    return adata, digest
+
+
+@contextlib.contextmanager
+def _quiet_anndata() -> Iterator[None]:
+    """Silence anndata's warnings that the user cannot act on, or that czb reports itself.
+
+    Old-format files (like scanpy's pbmc68k_reduced) make anndata emit Future- and
+    OldFormatWarnings; non-unique names are reported by :func:`load_dataset` in czb's words.
+    """
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter(
+            "ignore", getattr(anndata, "OldFormatWarning", PendingDeprecationWarning)
+        )
+        warnings.filterwarnings(
+            "ignore", message=r"(Observation|Variable) names are not unique", category=UserWarning
+        )
+        yield
+
+
+def _read_h5ad(path: Path, layer: str, dataset: str) -> anndata.AnnData:
+    """Read an .h5ad file, loading only obs, var and the matrix that ``layer`` names.
+
+    Files written by anndata >= 0.7 are read element by element so that unused
+    layers, ``obsm`` and ``uns`` never reach memory; older files are read whole.
+    """
+    import anndata
+    import h5py
+
+    def fail(e: BaseException) -> DatasetError:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = (
+            f"dataset {dataset!r}: cannot read {path} as .h5ad ({type(e).__name__}: {detail}); "
+            "the file may be corrupt or truncated"
+        )
+        return DatasetError(msg)
+
+    try:
+        read_elem = anndata.io.read_elem  # anndata >= 0.11
+    except AttributeError:
+        from anndata.experimental import read_elem
+    try:
+        with h5py.File(path, "r") as f, _quiet_anndata():
+            if f.attrs.get("encoding-type") != "anndata":
+                return anndata.read_h5ad(path)
+            obs = read_elem(f["obs"])
+            layers = f.get("layers", {})
+            # What the file offers, so that _select can list it when `layer` is missing.
+            available = ["X"] * ("X" in f) + ["raw"] * ("raw" in f) + list(layers)
+            adata = anndata.AnnData(obs=obs, var=read_elem(f["var"]))
+            adata.uns["_czb_available"] = available
+            if layer == "raw" and "raw" in f:
+                adata.raw = anndata.AnnData(
+                    X=read_elem(f["raw/X"]), obs=obs, var=read_elem(f["raw/var"])
+                )
+            elif layer == "X" and "X" in f:
+                adata.X = read_elem(f["X"])
+            elif layer in layers:
+                adata.layers[layer] = read_elem(layers[layer])
+            return adata
+    except DatasetError:
+        raise
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # h5py/anndata raise OSError, KeyError, ValueError... on bad files
+        raise fail(e) from e
+
+
+def _select(adata: anndata.AnnData, spec: DatasetSpec) -> tuple[anndata.AnnData, str]:
+    """A fresh AnnData with ``X`` = the spec's matrix, obs copied, var_names = gene IDs."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    layer = spec.layer
+    if layer == "X":
+        X, var = adata.X, adata.var
+        if X is None:
+            msg = (
+                f"dataset {spec.name!r}: layer 'X' is empty in the file; "
+                f"available layers: {_layer_names(adata)}"
+            )
+            raise DatasetError(msg)
+    elif layer == "raw":
+        if adata.raw is None:
+            msg = (
+                f"dataset {spec.name!r}: layer 'raw' requested but the file has no .raw; "
+                f"available layers: {_layer_names(adata)}"
+            )
+            raise DatasetError(msg)
+        X, var = adata.raw.X, adata.raw.var
+    else:
+        if layer not in adata.layers:
+            msg = (
+                f"dataset {spec.name!r}: layer {layer!r} not in the file; "
+                f"available layers: {_layer_names(adata)}"
+            )
+            raise DatasetError(msg)
+        X, var = adata.layers[layer], adata.var
+
+    if sp.issparse(X) and X.format != "csr":
+        X = sp.csr_matrix(X)  # CSR: fast row access for chunked checks and models
+    elif not sp.issparse(X):
+        X = np.asarray(X)
+
+    gene_ids, source = _gene_ids(var, spec)
+    new_var = var.copy()
+    new_var.index = pd.Index(gene_ids, name=None)
+    obs = adata.obs.copy()
+    obs.index = pd.Index(obs.index.astype(str), name=None)
+    with _quiet_anndata():
+        out = ad.AnnData(X=X, obs=obs, var=new_var)
+    return out, source
+
+
+def _layer_names(adata: anndata.AnnData) -> str:
+    names = adata.uns.get("_czb_available")
+    if names is None:
+        names = (
+            ["X"] * (adata.X is not None) + ["raw"] * (adata.raw is not None) + list(adata.layers)
+        )
+    return ", ".join(repr(n) for n in names) or "none"
+
+
+def _gene_ids(var: pd.DataFrame, spec: DatasetSpec) -> tuple[list[str], str]:
+    """Gene IDs from ``var[spec.gene_key]`` (or var_names), and where they came from."""
+    key = spec.gene_key
+    # cz-benchmarks' convention: symbols as var_names, Ensembl IDs in var['ensembl_id'].
+    if (
+        key is None
+        and spec.gene_id_type == "ensembl"
+        and "ensembl_id" in var.columns
+        and ensembl_share(var.index.astype(str), spec.organism) < MIN_ENSEMBL_SHARE
+        and ensembl_share(var["ensembl_id"].astype(str), spec.organism) >= MIN_ENSEMBL_SHARE
+    ):
+        key = "ensembl_id"
+    if key is None:
+        return [str(n) for n in var.index], "var_names"
+    if key not in var.columns:
+        msg = (
+            f"dataset {spec.name!r}: gene_key {key!r} is not a var column; "
+            f"available: {_available(key, var.columns)}"
+        )
+        raise DatasetError(msg)
+    values = var[key]
+    missing = values.isna().to_numpy()
+    ids = values.astype(str).to_numpy(dtype=object)
+    if missing.any():
+        # Keep the gene (and the matrix shape) under its original name rather than 'nan'.
+        ids[missing] = var.index.astype(str).to_numpy()[missing]
+        warnings.warn(
+            f"dataset {spec.name!r}: {int(missing.sum())} genes have no value in var[{key!r}]; "
+            "they keep their var_names",
+            DatasetWarning,
+            stacklevel=4,
+        )
+    return [str(i) for i in ids], f"var[{key!r}]"
+
+
+def load_dataset(
+    spec: DatasetSpec, *, offline: bool | None = None, progress: bool = False
+) -> Dataset:
+    """Load the dataset a spec describes.
+
+    ``uri`` schemes:
+
+    - ``builtin:NAME``: a file shipped inside an installed package (see
+      :data:`BUILTINS`; ``builtin:PACKAGE/PATH`` for any other), never downloaded;
+    - ``synthetic:GENERATOR``: ``GENERATORS[GENERATOR](**spec.params)`` from
+      :mod:`czb.runner.synthetic`; ``sha256`` is that of the canonical JSON of the
+      generator name and its arguments (defaults filled in);
+    - anything else (local path, ``file://``, ``https://``, ``s3://``) goes through
+      :func:`czb.runner.fetch.fetch`, which verifies ``spec.sha256`` when set.
+
+    The matrix named by ``spec.layer`` (``X``, ``raw`` or a layer) becomes ``X`` of
+    a fresh AnnData (sparse input is kept sparse, as CSR), with ``obs`` copied and
+    ``var_names`` the gene IDs (``var[spec.gene_key]`` when set). When the spec
+    declares Ensembl IDs without a ``gene_key`` and the var_names are not Ensembl
+    IDs but a ``var['ensembl_id']`` column holds them (cz-benchmarks' convention),
+    that column is used. Duplicated gene IDs are made unique with a
+    :class:`~czb.errors.DatasetWarning`.
+
+    Parameters
+    ----------
+    spec
+        The dataset's spec.
+    offline
+        Never touch the network (default: the ``CZB_OFFLINE`` setting).
+    progress
+        Show a download progress bar.
+
+    Returns
+    -------
+    The :class:`Dataset`; call :func:`validate_dataset` on it before heavy work.
+
+    Raises
+    ------
+    DatasetError
+        Unknown builtin or generator, unreadable file (corrupt or truncated),
+        missing layer or gene_key, duplicated cell IDs.
+    FetchError
+        The file cannot be downloaded, or is not cached while offline.
+    """
+    uri = spec.uri
+    path: Path | None = None
+    if uri.startswith("synthetic:"):
+        adata, digest = _generate(spec, uri.removeprefix("synthetic:"))
+    else:
+        from czb.runner import fetch as fetch_module
+
+        if uri.startswith("builtin:"):
+            path = _builtin_path(uri.removeprefix("builtin:"), spec.name)
+            digest = fetch_module.file_sha256(path)
+            if spec.sha256 is not None and digest != spec.sha256:
+                msg = (
+                    f"dataset {spec.name!r}: {path} has sha256 {digest}, "
+                    f"but the spec expects {spec.sha256}"
+                )
+                raise DatasetError(msg)
+        else:
+            path = Path(
+                fetch_module.fetch(uri, sha256=spec.sha256, offline=offline, progress=progress)
+            )
+            digest = (
+                spec.sha256 or fetch_module.cached_sha256(path) or fetch_module.file_sha256(path)
+            )
+        adata = _read_h5ad(path, spec.layer, spec.name)
+
+    selected, gene_source = _select(adata, spec)
+    del adata  # drop unused layers before anything else allocates
+
+    if not selected.obs_names.is_unique:
+        dup = selected.obs_names[selected.obs_names.duplicated()].unique()
+        msg = (
+            f"dataset {spec.name!r}: {len(dup)} cell IDs occur more than once in obs_names "
+            f"(e.g. {_examples(dup, 3)}); cell IDs must be unique to match embeddings to cells"
+        )
+        raise DatasetError(msg)
+    if not selected.var_names.is_unique:
+        n_dup = int(selected.var_names.duplicated().sum())
+        warnings.warn(
+            f"dataset {spec.name!r}: {n_dup} duplicated gene IDs in {gene_source} "
+            f"(e.g. {_examples(selected.var_names[selected.var_names.duplicated()].unique())}); "
+            "made unique by appending '-1', '-2', ...",
+            DatasetWarning,
+            stacklevel=2,
+        )
+        selected.var_names_make_unique()
+
+    extras = {"gene_source": gene_source, "layer": spec.layer}
+    return Dataset(spec=spec, adata=selected, path=path, sha256=digest, extras=extras)
+
+
+# --------------------------------------------------------------------------- #
+# Validation
+# --------------------------------------------------------------------------- #
+
+#: Roles every spec fills without extra_keys.
+_BUILTIN_ROLES = {"label", "batch", "species"}
+#: Rows sampled to decide whether values are integers.
+_INTEGER_CHECK_ROWS = 2000
+#: Above this maximum, non-integer data are normalised but not log-transformed.
+_LOG_MAX = 30.0
+
+
+def _available(key: str, columns: Iterable[Any], *, limit: int = 12) -> str:
+    """Columns as a string, the closest matches to ``key`` first."""
+    columns = [str(c) for c in columns]
+    if not columns:
+        return "none"
+    close = difflib.get_close_matches(key, columns, n=5, cutoff=0.4)
+    lowered = [c for c in columns if c not in close and key.lower() in c.lower()]
+    ordered = close + lowered + sorted(c for c in columns if c not in close and c not in lowered)
+    shown = ", ".join(repr(c) for c in ordered[:limit])
+    more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return f"{shown}{more}"
+
+
+def _check_obs_keys(ds: Dataset) -> None:
+    spec, obs = ds.spec, ds.adata.obs
+    wanted = [("label_key", spec.label_key)]
+    wanted += [("batch_key", k) for k in spec.batch_keys]
+    wanted += [(f"extra_keys.{role}", k) for role, k in spec.extra_keys.items()]
+    for what, key in wanted:
+        if key not in obs.columns:
+            msg = (
+                f"dataset {ds.name!r}: {what} {key!r} is not an obs column; "
+                f"available: {_available(key, obs.columns)}"
+            )
+            raise DatasetError(msg)
+    labels = obs[spec.label_key]
+    n_missing = int(labels.isna().sum())
+    if n_missing:
+        warnings.warn(
+            f"dataset {ds.name!r}: {n_missing} of {len(labels)} cells have no value "
+            f"in label_key {spec.label_key!r}",
+            DatasetWarning,
+            stacklevel=3,
+        )
+
+
+def _check_gene_ids(ds: Dataset) -> None:
+    spec = ds.spec
+    names = _gene_sample(str(n) for n in ds.adata.var_names)
+    where = ds.extras.get("gene_source", "var_names")
+    if spec.gene_id_type == "ensembl":
+        share = _share(_PREFIX_PATTERNS[spec.organism], names)
+        if share < MIN_ENSEMBL_SHARE:
+            prefix = ORGANISMS[spec.organism].ensembl_prefix
+            msg = (
+                f"dataset {ds.name!r}: {where} {_describe_gene_ids(names)}, but the spec declares "
+                f"gene_id_type 'ensembl' for organism {spec.organism!r} "
+                f"(only {share:.0%} start with {prefix}; need {MIN_ENSEMBL_SHARE:.0%})"
+            )
+            raise DatasetError(msg)
+    elif spec.gene_id_type == "symbol":
+        share = _share(_ANY_ENSEMBL, names)
+        if share >= 0.5:
+            msg = (
+                f"dataset {ds.name!r}: {where} {_describe_gene_ids(names)} ({share:.0%} of them), "
+                "but the spec declares gene_id_type 'symbol'"
+            )
+            raise DatasetError(msg)
+
+
+def _first_bad_cell(ds: Dataset, row: int) -> str:
+    return repr(str(ds.adata.obs_names[row]))
+
+
+def _check_values(ds: Dataset) -> None:
+    """Finite and non-negative everywhere; integers (on sampled rows) for raw counts."""
+    import scipy.sparse as sp
+
+    X, name, spec = ds.adata.X, ds.name, ds.spec
+    where = f"expression matrix (layer {spec.layer!r})"
+
+    # Finite and non-negative: sparse matrices only need their stored values.
+    blocks = [(0, X)] if sp.issparse(X) else iter_row_chunks(X)
+    n_bad = n_neg = 0
+    first_bad = first_neg = None
+    min_value = np.inf
+    for start, block in blocks:
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            n_bad += int(bad.sum())
+            if first_bad is None:
+                first_bad = start + _row_of(block, np.flatnonzero(bad.ravel())[0])
+        finite = values[~bad] if bad.any() else values
+        if finite.size:
+            min_value = min(min_value, float(finite.min()))
+        neg = finite < 0
+        if neg.any():
+            n_neg += int(neg.sum())
+            if first_neg is None:
+                first_neg = start + _row_of(block, np.flatnonzero((values < 0).ravel())[0])
+    if n_bad:
+        msg = (
+            f"dataset {name!r}: {where} has {n_bad} non-finite values (NaN or inf), "
+            f"e.g. in cell {_first_bad_cell(ds, first_bad)}"
+        )
+        raise DatasetError(msg)
+    if n_neg:
+        msg = (
+            f"dataset {name!r}: {where} has {n_neg} negative values (min {min_value:.4g}, "
+            f"e.g. in cell {_first_bad_cell(ds, first_neg)}); expected {spec.expression}: "
+            "is it scaled or centred data?"
+        )
+        raise DatasetError(msg)
+
+    # Integers: a sample of rows is enough to tell counts from normalised data.
+    # The sample is read in chunks: 2,000 dense rows of 60,000 genes would be 480 MB.
+    n = X.shape[0]
+    rows = np.unique(np.linspace(0, n - 1, num=min(n, _INTEGER_CHECK_ROWS)).astype(int))
+    max_value = -np.inf
+    first_fraction: tuple[int, float] | None = None  # (row, value)
+    for start in range(0, rows.size if n else 0, 256):
+        chunk_rows = rows[start : start + 256]
+        block = X[chunk_rows]
+        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+        if values.size == 0:
+            continue
+        max_value = max(max_value, float(values.max()))
+        fractional = np.flatnonzero(values != np.round(values))
+        if fractional.size and first_fraction is None:
+            first_fraction = (
+                int(chunk_rows[_row_of(block, fractional[0])]),
+                float(values[fractional[0]]),
+            )
+            if spec.expression == "raw_counts":
+                break  # enough to fail; the max so far is a fine hint
+    if max_value == -np.inf:
+        return  # no stored values at all: reported as empty cells
+    if spec.expression == "raw_counts" and first_fraction is not None:
+        row, value = first_fraction
+        kind = "log-normalised" if max_value <= _LOG_MAX else "normalised (not raw counts)"
+        msg = (
+            f"dataset {name!r}: spec declares expression 'raw_counts' but {where} has "
+            f"non-integer values (e.g. {value:.4g} in cell {_first_bad_cell(ds, row)}, "
+            f"max {max_value:.4g}); the data look {kind}: "
+            "point `layer` at the counts or declare `expression: log_normalized`"
+        )
+        raise DatasetError(msg)
+    if spec.expression == "log_normalized" and first_fraction is None and max_value > _LOG_MAX:
+        warnings.warn(
+            f"dataset {name!r}: spec declares expression 'log_normalized' but {where} "
+            f"holds only integers up to {max_value:.0f}; the data look like raw counts",
+            DatasetWarning,
+            stacklevel=3,
+        )
+
+
+def _row_of(block: Any, flat_index: int) -> int:
+    """Row of the ``flat_index``-th stored value (sparse CSR) or element (dense) of ``block``."""
+    import scipy.sparse as sp
+
+    if sp.issparse(block):
+        indptr = block.tocsr().indptr
+        return int(np.searchsorted(indptr, flat_index, side="right") - 1)
+    n_cols = block.shape[1] if block.ndim == 2 else 1
+    return int(flat_index // max(n_cols, 1))
+
+
+def _check_empty_cells(ds: Dataset) -> None:
+    totals = row_sums(ds.adata.X)
+    empty = np.flatnonzero(totals == 0)
+    if empty.size:
+        ids = _examples((str(ds.adata.obs_names[i]) for i in empty[:3]), 3)
+        msg = (
+            f"dataset {ds.name!r}: {empty.size} of {ds.n_cells} cells have no counts (zero total), "
+            f"e.g. {ids}; filter them out (e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+        )
+        raise DatasetError(msg)
+
+
+def _check_roles(ds: Dataset, require: Iterable[str]) -> None:
+    spec = ds.spec
+    for role in require:
+        if role == "batch" and not spec.batch_keys:
+            msg = f"dataset {ds.name!r}: the task needs batches, but the spec has no batch_key"
+            raise DatasetError(msg)
+        if role not in _BUILTIN_ROLES and role not in spec.extra_keys:
+            have = ", ".join(sorted(spec.extra_keys)) or "none"
+            msg = (
+                f"dataset {ds.name!r}: the task needs role {role!r}, but the spec has no "
+                f"extra_keys.{role} (extra_keys: {have})"
+            )
+            raise DatasetError(msg)
+
+
+def validate_dataset(ds: Dataset, *, require: Iterable[str] = ()) -> None:
+    """Check that a loaded dataset fits its spec, before any heavy work.
+
+    Checks, cheapest first, stopping at the first failure:
+
+    1. every role in ``require`` is provided by the spec (``batch`` needs a
+       ``batch_key``; ``label`` and ``species`` always are; others need ``extra_keys``);
+    2. ``label_key``, every batch key and every extra key are obs columns;
+    3. gene IDs fit ``gene_id_type`` and the organism: for ``ensembl``, at least
+       90% must carry the organism's Ensembl prefix; for ``symbol``, most must not
+       look like Ensembl IDs;
+    4. expression values are finite and non-negative (stored values only for
+       sparse matrices, row chunks for dense ones), and integers on a sample of
+       rows when the spec declares ``raw_counts``;
+    5. no cell has a zero total.
+
+    Parameters
+    ----------
+    ds
+        The dataset, from :func:`load_dataset`.
+    require
+        Roles the task needs, e.g. ``("batch",)`` or ``("time_point",)``.
+
+    Raises
+    ------
+    DatasetError
+        One line naming the dataset, the key and what was found.
+    """
+    _check_roles(ds, require)
+    _check_obs_keys(ds)
+    _check_gene_ids(ds)
+    _check_values(ds)
+    _check_empty_cells(ds)

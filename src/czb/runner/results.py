@@ -1,0 +1,157 @@
+"""Self-describing result files: one JSON per (model, dataset, task), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from czb.errors import ResultsError
+
+#: Bumped whenever a field changes meaning or is removed.
+SCHEMA_VERSION = 1
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MetricRecord(_Record):
+    name: str
+    value: float | None
+    value_std_dev: float | None = None
+    values_raw: list[float | None] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class HostRecord(_Record):
+    python: str
+    platform: str
+    n_threads: int
+
+
+class DatasetRecord(_Record):
+    name: str
+    uri: str
+    sha256: str | None
+    n_cells: int
+    n_genes: int
+
+
+class ModelRecord(_Record):
+    name: str
+    kind: str
+    #: Docker image digest, or ``"in-process"`` for baselines and files.
+    image_digest: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskRecord(_Record):
+    name: str
+    implementation: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResultRecord(_Record):
+    """Everything needed to trust, compare and reproduce one score."""
+
+    schema_version: int = SCHEMA_VERSION
+    czb_version: str
+    created_at: str
+    command: str
+    host: HostRecord
+    dataset: DatasetRecord
+    model: ModelRecord
+    task: TaskRecord
+    seeds: list[int]
+    status: Literal["ok", "failed", "not_applicable"]
+    error: str | None = None
+    metrics: list[MetricRecord] = Field(default_factory=list)
+    #: Seconds spent scoring (the task) and producing the embedding.
+    runtime_s: float = 0.0
+    embedding_runtime_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    def metric(self, name: str, **params: Any) -> MetricRecord | None:
+        """The first metric called ``name`` whose params include ``params``."""
+        for m in self.metrics:
+            if m.name == name and all(m.params.get(k) == v for k, v in params.items()):
+                return m
+        return None
+
+
+def host_record() -> HostRecord:
+    return HostRecord(python=sys.version.split()[0], platform=platform.platform(), n_threads=os.cpu_count() or 1)
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "unnamed"
+
+
+def write_result(record: ResultRecord, output_dir: Path) -> Path:
+    """Write ``record`` to ``output_dir`` atomically, never replacing an existing file.
+
+    The name is ``{dataset}__{model}__{task}__{created_at}.json``; a name already
+    taken gets ``-1``, ``-2``... The JSON goes to a temporary file first and is
+    hard-linked into place, which fails rather than overwrites if the name exists.
+
+    Returns
+    -------
+    The path written.
+    """
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create output folder {output_dir}: {e.strerror}"
+        raise ResultsError(msg) from e
+    stamp = record.created_at.replace(":", "").replace("+0000", "Z").replace("+00:00", "Z")
+    stem = "__".join(_slug(s) for s in (record.dataset.name, record.model.name, record.task.name, stamp))
+    payload = json.dumps(record.model_dump(mode="json"), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(payload + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for attempt in range(1000):
+            path = output_dir / (f"{stem}.json" if attempt == 0 else f"{stem}-{attempt}.json")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+        msg = f"could not find a free file name for {stem} in {output_dir}"
+        raise ResultsError(msg)
+    except OSError as e:
+        msg = f"cannot write result to {output_dir}: {e.strerror}"
+        raise ResultsError(msg) from e
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_result(path: Path) -> ResultRecord:
+    """Read and validate a result JSON; a corrupt or foreign file raises :class:`ResultsError`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        msg = f"{path}: not a readable result JSON ({e})"
+        raise ResultsError(msg) from e
+    try:
+        return ResultRecord.model_validate(data)
+    except ValidationError as e:
+        msg = f"{path}: not a czb result (schema {SCHEMA_VERSION}): {e.errors()[0]['msg']}"
+        raise ResultsError(msg) from e

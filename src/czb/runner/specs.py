@@ -1,0 +1,284 @@
+"""YAML specs of datasets, models and tasks, validated with pydantic.
+
+A spec file is a YAML mapping with any of the top-level sections ``datasets``,
+``models`` and ``tasks``; each maps a name to that entry's fields::
+
+    datasets:
+      my_atlas:
+        uri: s3://bucket/atlas.h5ad
+        organism: human
+        label_key: cell_type
+        batch_key: [assay, donor_id]
+
+Spec folders are read in order (bundled, ``CZB_CONFIG_PATH``, ``--config-dir``);
+an entry in a later folder replaces the entry of the same name in an earlier one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from czb.errors import SpecError, UnknownNameError
+
+BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class Organism:
+    """An organism czb knows, with the prefix of its Ensembl gene IDs."""
+
+    name: str
+    scientific_name: str
+    ensembl_prefix: str
+
+
+# Prefixes as published by Ensembl (and used by cz-benchmarks' Organism enum).
+ORGANISMS: dict[str, Organism] = {
+    o.name: o
+    for o in [
+        Organism("human", "homo_sapiens", "ENSG"),
+        Organism("mouse", "mus_musculus", "ENSMUSG"),
+        Organism("rat", "rattus_norvegicus", "ENSRNOG"),
+        Organism("zebrafish", "danio_rerio", "ENSDARG"),
+        Organism("tropical_clawed_frog", "xenopus_tropicalis", "ENSXETG"),
+        Organism("african_clawed_frog", "xenopus_laevis", "ENSXLAG"),
+        Organism("mouse_lemur", "microcebus_murinus", "ENSMICG"),
+        Organism("wild_boar", "sus_scrofa", "ENSSSCG"),
+        Organism("crab_eating_macaque", "macaca_fascicularis", "ENSMFAG"),
+        Organism("rhesus_macaque", "macaca_mulatta", "ENSMMUG"),
+        Organism("platypus", "ornithorhynchus_anatinus", "ENSOANG"),
+        Organism("opossum", "monodelphis_domestica", "ENSMODG"),
+        Organism("gorilla", "gorilla_gorilla", "ENSGGOG"),
+        Organism("chimpanzee", "pan_troglodytes", "ENSPTRG"),
+        Organism("marmoset", "callithrix_jacchus", "ENSCJAG"),
+        Organism("chicken", "gallus_gallus", "ENSGALG"),
+        Organism("rabbit", "oryctolagus_cuniculus", "ENSOCUG"),
+        Organism("naked_mole_rat", "heterocephalus_glaber", "ENSHGLG"),
+        Organism("fruit_fly", "drosophila_melanogaster", "FBgn"),
+        Organism("c_elegans", "caenorhabditis_elegans", "WBGene"),
+        Organism("sea_lamprey", "petromyzon_marinus", "ENSPMAG"),
+    ]
+}
+
+GeneIdType = Literal["ensembl", "symbol"]
+ExpressionKind = Literal["raw_counts", "log_normalized"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    citation: str = ""
+    #: The YAML file this entry came from (set by the loader; not part of the YAML).
+    source: Path | None = Field(default=None, exclude=True)
+
+
+class DatasetSpec(_Spec):
+    """Where a dataset lives and how to read it.
+
+    ``uri`` schemes: a local path, ``file://``, ``https://``, ``http://``, ``s3://``
+    (anonymous access), ``builtin:NAME`` (a file that ships with an installed
+    package) and ``synthetic:GENERATOR`` (a seeded generator; ``params`` are its
+    keyword arguments).
+    """
+
+    uri: str
+    organism: str
+    label_key: str
+    #: One obs column, or several whose values are joined into one batch label
+    #: (cz-benchmarks joins dataset_id, assay, suspension_type and donor_id).
+    batch_key: str | list[str] | None = None
+    #: Extra roles → obs columns, e.g. ``{time_point: age, donor: donor_id}``.
+    extra_keys: dict[str, str] = Field(default_factory=dict)
+    #: Declared order of string labels for ordered roles, e.g. ``{time_point: [young, old]}``.
+    label_order: dict[str, list[str]] = Field(default_factory=dict)
+    expression: ExpressionKind = "raw_counts"
+    #: Where the expression matrix lives: ``X`` (default), ``raw`` or a layer name.
+    layer: str = "X"
+    gene_id_type: GeneIdType = "ensembl"
+    #: var column holding the gene IDs; ``None`` means ``var_names``.
+    gene_key: str | None = None
+    sha256: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("organism")
+    @classmethod
+    def _known_organism(cls, value: str) -> str:
+        if value not in ORGANISMS:
+            msg = f"unknown organism {value!r}; known: {', '.join(sorted(ORGANISMS))}"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
+            msg = "sha256 must be 64 hexadecimal characters"
+            raise ValueError(msg)
+        return value.lower() if value else value
+
+    @property
+    def batch_keys(self) -> list[str]:
+        """The batch columns as a list (empty when the dataset has no batches)."""
+        if self.batch_key is None:
+            return []
+        return [self.batch_key] if isinstance(self.batch_key, str) else list(self.batch_key)
+
+
+class Resources(BaseModel):
+    """What a model needs to run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpu: bool = False
+    memory_gb: float | None = None
+    shm_gb: float | None = None
+    timeout_s: int | None = None
+
+
+class ModelSpec(_Spec):
+    """A model that turns a dataset into cell embeddings."""
+
+    kind: Literal["baseline", "docker"]
+    #: For ``baseline`` models: the registered in-process implementation.
+    implementation: str | None = None
+    #: For ``docker`` models: the image to run.
+    image: str | None = None
+    gene_id_type: GeneIdType | Literal["any"] = "any"
+    input: ExpressionKind | Literal["any"] = "any"
+    output_dim: int | None = None
+    organisms: list[str] = Field(default_factory=list)  # empty: any organism
+    resources: Resources = Field(default_factory=Resources)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskSpec(_Spec):
+    """A task: a registered implementation plus its default parameters."""
+
+    implementation: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+_SECTIONS: dict[str, type[_Spec]] = {"datasets": DatasetSpec, "models": ModelSpec, "tasks": TaskSpec}
+
+
+def _format_validation_error(path: Path, section: str, name: str, error: ValidationError) -> str:
+    problems = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in (section, name, *e["loc"]))
+        problems.append(f"{loc}: {e['msg']}")
+    return f"{path}: " + "; ".join(problems)
+
+
+def load_spec_file(path: Path) -> dict[str, dict[str, _Spec]]:
+    """Read one YAML spec file into ``{section: {name: spec}}``."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        msg = f"{path}: not valid YAML ({e})"
+        raise SpecError(msg) from e
+    except OSError as e:
+        msg = f"{path}: cannot read spec file ({e.strerror})"
+        raise SpecError(msg) from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        msg = f"{path}: a spec file must be a mapping with sections {sorted(_SECTIONS)}"
+        raise SpecError(msg)
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        msg = f"{path}: unknown section(s) {sorted(unknown)}; expected any of {sorted(_SECTIONS)}"
+        raise SpecError(msg)
+    out: dict[str, dict[str, _Spec]] = {}
+    for section, entries in raw.items():
+        cls = _SECTIONS[section]
+        if not isinstance(entries, dict):
+            msg = f"{path}: {section} must map names to entries"
+            raise SpecError(msg)
+        out[section] = {}
+        for name, fields in entries.items():
+            if not isinstance(fields, dict):
+                msg = f"{path}: {section}.{name} must be a mapping of fields"
+                raise SpecError(msg)
+            try:
+                out[section][str(name)] = cls(name=str(name), source=path, **fields)
+            except ValidationError as e:
+                raise SpecError(_format_validation_error(path, section, str(name), e)) from None
+            except TypeError as e:  # e.g. a field named "name" repeated inside the entry
+                msg = f"{path}: {section}.{name}: {e}"
+                raise SpecError(msg) from None
+    return out
+
+
+def _spec_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        msg = f"spec folder {folder} does not exist or is not a folder"
+        raise SpecError(msg)
+    return sorted(p for p in folder.rglob("*") if p.suffix in {".yaml", ".yml"} and p.is_file())
+
+
+class Catalog:
+    """Every dataset, model and task spec czb knows about.
+
+    Build it with :meth:`Catalog.load`; look entries up with :meth:`dataset`,
+    :meth:`model` and :meth:`task`, which raise :class:`~czb.errors.UnknownNameError`
+    with the closest matches.
+    """
+
+    def __init__(
+        self,
+        datasets: dict[str, DatasetSpec],
+        models: dict[str, ModelSpec],
+        tasks: dict[str, TaskSpec],
+    ):
+        self.datasets = datasets
+        self.models = models
+        self.tasks = tasks
+
+    @classmethod
+    def load(cls, extra_dirs: Iterable[Path] = (), *, include_bundled: bool = True) -> Catalog:
+        """Read the bundled specs, then ``CZB_CONFIG_PATH``, then ``extra_dirs``.
+
+        Later folders override earlier ones entry by entry.
+        """
+        from czb.settings import get_settings
+
+        folders: list[Path] = [BUNDLED_CONFIG_DIR] if include_bundled else []
+        folders += list(get_settings().config_path) + [Path(d) for d in extra_dirs]
+        merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for folder in folders:
+            for path in _spec_files(folder):
+                for section, entries in load_spec_file(path).items():
+                    merged[section].update(entries)
+        return cls(merged["datasets"], merged["models"], merged["tasks"])
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return self._get(self.datasets, "dataset", name)
+
+    def model(self, name: str) -> ModelSpec:
+        return self._get(self.models, "model", name)
+
+    def task(self, name: str) -> TaskSpec:
+        return self._get(self.tasks, "task", name)
+
+    @staticmethod
+    def _get(entries: dict[str, Any], kind: str, name: str) -> Any:
+        try:
+            return entries[name]
+        except KeyError:
+            raise UnknownNameError(kind, name, entries) from None
+
+    def resolve(self, kind: str, names: Sequence[str]) -> list[Any]:
+        """Look up several names of one kind; ``"all"`` expands to every entry."""
+        table = {"dataset": self.datasets, "model": self.models, "task": self.tasks}[kind]
+        if list(names) == ["all"]:
+            return list(table.values())
+        return [self._get(table, kind, n) for n in names]

@@ -1,0 +1,151 @@
+"""Every task on planted structure: a good embedding scores high, a random one near chance."""
+
+import numpy as np
+import pytest
+from conftest import planted_embedding
+
+from czb.errors import TaskError
+from czb.evaluation import EvaluationContext, evaluate
+from czb.evaluation.context import aggregate, run_task
+from czb.evaluation.registry import TASKS, get_task, load_all
+from czb.evaluation.tasks.base import MetricValue
+
+load_all()
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """PCA-like (planted) and random embeddings of the same cells, all tasks, two seeds."""
+    X, labels, batches = planted_embedding(900, n_types=5, n_batches=3, separation=3.0, batch_shift=0.5)
+    random = np.random.default_rng(99).normal(size=X.shape)
+    kw = dict(labels=labels, batches=batches, seeds=(0, 1), n_jobs=2)
+    return {
+        "good": {r.task: r for r in evaluate(X, **kw)},
+        "random": {r.task: r for r in evaluate(random, **kw)},
+    }
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_registered_task_runs_on_tiny_data(name):
+    X, labels, batches = planted_embedding(120, n_types=3, n_batches=2, dim=5)
+    task = get_task(name)()
+    (result,) = evaluate(X, labels=labels, batches=batches, tasks=[task], seeds=(0, 1))
+    assert result.status == "ok", result.error
+    assert {m.name for m in result.metrics} == set(task.info.metrics)
+    for m in result.metrics:
+        assert np.isfinite(m.value)
+        assert len(m.values_raw) == (2 if task.info.stochastic else 1)
+
+
+def test_clustering(scored):
+    good, rnd = scored["good"]["clustering"], scored["random"]["clustering"]
+    assert good.metric("adjusted_rand_index").value > 0.8
+    assert good.metric("normalized_mutual_info").value > 0.8
+    assert good.metric("scib_leiden_nmi").value >= good.metric("normalized_mutual_info").value - 1e-9
+    assert abs(rnd.metric("adjusted_rand_index").value) < 0.05
+    assert rnd.metric("normalized_mutual_info").value < 0.1
+
+
+def test_embedding(scored):
+    assert scored["good"]["embedding"].metric("silhouette_score").value > 0.7
+    assert scored["random"]["embedding"].metric("silhouette_score").value == pytest.approx(0.5, abs=0.03)
+
+
+def test_label_prediction(scored):
+    mean = "MEAN(knn,lr,rf)"
+    good = scored["good"]["label_prediction"]
+    rnd = scored["random"]["label_prediction"]
+    assert good.metric("mean_fold_accuracy", classifier=mean).value > 0.95
+    chance = 1 / 5
+    assert rnd.metric("mean_fold_accuracy", classifier=mean).value == pytest.approx(chance, abs=0.07)
+    assert rnd.metric("mean_fold_auroc", classifier=mean).value == pytest.approx(0.5, abs=0.07)
+    for clf in ("lr", "knn", "rf"):
+        assert good.metric("mean_fold_f1", classifier=clf).value > 0.9
+
+
+def test_random_embedding_cannot_win_batch_integration(scored):
+    good, rnd = scored["good"]["batch_integration"], scored["random"]["batch_integration"]
+    # Random mixes batches perfectly: it wins the mixing metrics...
+    assert rnd.metric("entropy_per_cell").value > good.metric("entropy_per_cell").value
+    assert rnd.metric("batch_silhouette").value > 0.9
+    # ...but loses the combined score, because it destroys the biology.
+    assert good.metric("scib_overall").value > rnd.metric("scib_overall").value + 0.1
+    assert good.metric("scib_bio_conservation").value > 0.8
+
+
+def test_ilisi_normalized_is_size_robust_where_entropy_is_not():
+    """At fixed k = 200, entropy_per_cell drops as the dataset shrinks towards k; iLISI does not."""
+    values = {}
+    for n in (300, 3000):
+        X, labels, batches = planted_embedding(n, n_batches=3, batch_shift=0.0, seed=3)
+        (r,) = evaluate(X, labels=labels, batches=batches, tasks=["batch_integration"], seeds=(0,))
+        values[n] = (r.metric("entropy_per_cell").value, r.metric("ilisi_normalized").value)
+    assert abs(values[300][1] - values[3000][1]) < 0.1
+
+
+def test_task_not_applicable_without_batches():
+    X, labels, _ = planted_embedding(100)
+    (r,) = evaluate(X, labels=labels, tasks=["batch_integration"])
+    assert r.status == "not_applicable"
+    assert "batch" in r.error
+
+
+def test_failing_task_is_recorded_not_raised():
+    X = np.random.default_rng(0).normal(size=(50, 3))
+    labels = np.array(["a"] * 45 + ["b"] * 5)  # one class left after the <10 filter
+    (r,) = evaluate(X, labels=labels, tasks=["label_prediction"], seeds=(0,))
+    assert r.status == "failed"
+    assert "at least 2 classes" in r.error
+
+
+def test_bad_task_parameters_fail_early():
+    with pytest.raises(TaskError, match="n_folds"):
+        get_task("label_prediction")(n_folds="five")
+    with pytest.raises(TaskError, match="no_such_param"):
+        get_task("clustering")(no_such_param=1)
+
+
+def test_stochastic_tasks_are_deterministic_per_seed():
+    X, labels, batches = planted_embedding(300, separation=1.0)
+    a = evaluate(X, labels=labels, batches=batches, tasks=["clustering", "label_prediction"], seeds=(5, 6))
+    b = evaluate(X, labels=labels, batches=batches, tasks=["clustering", "label_prediction"], seeds=(5, 6))
+    for ra, rb in zip(a, b):
+        assert [m.values_raw for m in ra.metrics] == [m.values_raw for m in rb.metrics]
+
+
+def test_neighbour_graph_is_computed_once_for_all_tasks(monkeypatch):
+    import czb.evaluation.context as ctx_module
+
+    calls = []
+    real = ctx_module.compute_neighbors
+    monkeypatch.setattr(ctx_module, "compute_neighbors", lambda X, k: calls.append(k) or real(X, k))
+    X, labels, batches = planted_embedding(400)
+    results = evaluate(X, labels=labels, batches=batches, seeds=(0,))
+    assert all(r.status == "ok" for r in results)
+    assert calls == [200]
+
+
+def test_context_rejects_bad_embeddings():
+    from czb.errors import EmbeddingError
+
+    with pytest.raises(EmbeddingError, match="NaN"):
+        EvaluationContext(np.array([[1.0, np.nan], [0.0, 1.0]]))
+    with pytest.raises(EmbeddingError, match="2-D"):
+        EvaluationContext(np.zeros(5))
+    with pytest.raises(EmbeddingError, match="labels has shape"):
+        EvaluationContext(np.zeros((5, 2)), labels=np.zeros(4))
+
+
+def test_aggregate_mean_std_raw():
+    values = [MetricValue("m", 1.0), MetricValue("m", 3.0), MetricValue("m", 5.0, {"x": 1})]
+    by_params = {tuple(a.params.items()): a for a in aggregate(values)}
+    plain = by_params[()]
+    assert plain.value == 2.0 and plain.value_std_dev == pytest.approx(np.sqrt(2)) and plain.values_raw == [1.0, 3.0]
+    assert by_params[(("x", 1),)].value_std_dev is None
+
+
+def test_deterministic_task_runs_once():
+    X, labels, _ = planted_embedding(100)
+    ctx = EvaluationContext(X, labels=labels)
+    r = run_task(get_task("embedding")(), ctx, seeds=(0, 1, 2))
+    assert r.seeds == [0] and len(r.metrics[0].values_raw) == 1
