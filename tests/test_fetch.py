@@ -489,3 +489,19 @@ def test_file_sha256(tmp_path: Path) -> None:
     big.write_bytes(DATA * 5)  # more than one chunk
     assert file_sha256(big) == hashlib.sha256(DATA * 5).hexdigest()
     assert cache_entries(tmp_path / "empty") == []
+
+
+def test_known_sha256_hashes_a_local_file_once(tmp_path, monkeypatch):
+    import hashlib
+
+    from czb.runner import fetch as fetch_module
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"abc" * 1000)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    assert fetch_module.known_sha256(path, cache_dir=cache) == expected
+    calls = []
+    monkeypatch.setattr(fetch_module, "file_sha256", lambda p: calls.append(p) or "x")
+    assert fetch_module.known_sha256(path, cache_dir=cache) == expected
+    assert calls == []

@@ -516,7 +516,7 @@ def load_dataset(
 
         if uri.startswith("builtin:"):
             path = _builtin_path(uri.removeprefix("builtin:"), spec.name)
-            digest = fetch_module.file_sha256(path)
+            digest = fetch_module.known_sha256(path)
             if spec.sha256 is not None and digest != spec.sha256:
                 msg = (
                     f"dataset {spec.name!r}: {path} has sha256 {digest}, "
@@ -527,9 +527,7 @@ def load_dataset(
             path = Path(
                 fetch_module.fetch(uri, sha256=spec.sha256, offline=offline, progress=progress)
             )
-            digest = (
-                spec.sha256 or fetch_module.cached_sha256(path) or fetch_module.file_sha256(path)
-            )
+            digest = spec.sha256 or fetch_module.known_sha256(path)
         adata = _read_h5ad(path, spec.layer, spec.name)
 
     selected, gene_source = _select(adata, spec)

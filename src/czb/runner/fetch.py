@@ -129,6 +129,25 @@ def cached_sha256(path: str | os.PathLike[str], *, cache_dir: Path | None = None
     return _local_hash_lookup(Path(cache_dir), path, st)
 
 
+def known_sha256(path: str | os.PathLike[str], *, cache_dir: Path | None = None) -> str:
+    """The SHA-256 of ``path``: the recorded one when still valid, else hashed once and recorded.
+
+    A large local dataset is hashed on its first use only, not on every run.
+    """
+    digest = cached_sha256(path, cache_dir=cache_dir)
+    if digest is not None:
+        return digest
+    path = Path(path)
+    digest = file_sha256(path)
+    if cache_dir is None:
+        from czb.settings import get_settings
+
+        cache_dir = get_settings().cache_dir
+    with contextlib.suppress(OSError):
+        _local_hash_store(Path(cache_dir), path, path.stat(), digest)
+    return digest
+
+
 def cache_entries(cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """Every finished download in the cache, for listing and cleaning.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -12,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from czb.errors import ResultsError
 
@@ -25,11 +26,23 @@ class _Record(BaseModel):
 
 
 class MetricRecord(_Record):
+    """One metric; a value that is not finite (NaN, inf) is stored as ``null``."""
+
     name: str
     value: float | None
     value_std_dev: float | None = None
     values_raw: list[float | None] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("value", "value_std_dev", mode="after")
+    @classmethod
+    def _finite_or_none(cls, v: float | None) -> float | None:
+        return v if v is None or math.isfinite(v) else None
+
+    @field_validator("values_raw", mode="after")
+    @classmethod
+    def _finite_or_none_each(cls, values: list[float | None]) -> list[float | None]:
+        return [v if v is None or math.isfinite(v) else None for v in values]
 
 
 class HostRecord(_Record):
@@ -120,9 +133,14 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
         raise ResultsError(msg) from e
     stamp = record.created_at.replace(":", "").replace("+0000", "Z").replace("+00:00", "Z")
     stem = "__".join(_slug(s) for s in (record.dataset.name, record.model.name, record.task.name, stamp))
-    payload = json.dumps(record.model_dump(mode="json"), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-", suffix=".json")
     try:
+        payload = json.dumps(record.model_dump(mode="json"), indent=2, allow_nan=False)
+    except ValueError as e:
+        msg = f"result {stem} holds a value JSON cannot represent: {e}"
+        raise ResultsError(msg) from e
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             f.write(payload + "\n")
             f.flush()
@@ -140,14 +158,15 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
         msg = f"cannot write result to {output_dir}: {e.strerror}"
         raise ResultsError(msg) from e
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def read_result(path: Path) -> ResultRecord:
     """Read and validate a result JSON; a corrupt or foreign file raises :class:`ResultsError`."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError covers bad JSON and non-UTF-8 bytes
         msg = f"{path}: not a readable result JSON ({e})"
         raise ResultsError(msg) from e
     try:

@@ -13,7 +13,6 @@ it is never dropped.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +58,6 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
     return roles
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def _record(
     *,
     ds: Dataset,
@@ -98,9 +93,9 @@ def _record(
         metrics=[
             R.MetricRecord(
                 name=m.name,
-                value=_finite(m.value),
-                value_std_dev=_finite(m.value_std_dev),
-                values_raw=[_finite(v) for v in m.values_raw],
+                value=m.value,
+                value_std_dev=m.value_std_dev,
+                values_raw=m.values_raw,
                 params=m.params,
             )
             for m in result.metrics
