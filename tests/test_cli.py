@@ -357,13 +357,6 @@ def _broken_model_case(tmp_path: Path) -> tuple[list, str]:
             f"broken_pca: PCA needs at least 2 cells and 2 genes, got {TINY_CELLS} × 1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cli.run/_print_results: a failed record's error is shown only inside the "
-    "'status' cell of the rich table, which at 80 columns is squeezed to 1-5 characters "
-    "('…', 'fa…'), so the message is unreadable and appears on no line; print each failed "
-    "record's error on stderr as one line (soft_wrap=True)",
-)
 @pytest.mark.parametrize("case", [_nan_file_case, _broken_model_case], ids=["nan-file", "broken-model"])
 def test_failed_record_error_is_shown_on_one_line(tmp_path, case):
     args, message = case(tmp_path)
@@ -406,11 +399,6 @@ def test_debug_propagates_unknown_name_too():
     assert result.exception is not None and "pcaa" in str(result.exception)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cli.run/run.score_source: with --debug, an embedding that fails (here NaN rows) "
-    "is still swallowed into a failed record; no exception or traceback is ever shown",
-)
 def test_debug_shows_embedding_failure_traceback(tmp_path):
     values = np.zeros((TINY_CELLS, 4))
     values[0, 0] = np.nan
@@ -500,11 +488,6 @@ def test_broken_yaml_in_config_dir(tmp_path):
     assert_no_traceback(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG specs.load_spec_file: the YAML error is embedded with str(e), which spans "
-    "several lines (parser context + caret), so the CLI's 'one line' error is multi-line",
-)
 def test_broken_yaml_error_is_one_line(tmp_path):
     write_spec(tmp_path / "cfg", "broken.yaml", "datasets: [unclosed\n  foo: {\n")
     result = invoke("list", "datasets", "--config-dir", tmp_path / "cfg")

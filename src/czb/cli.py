@@ -187,8 +187,8 @@ def _parse_seeds(text: str) -> list[int]:
     except ValueError:
         msg = f"--seeds must be integers separated by commas, got {text!r}"
         raise CzbError(msg) from None
-    if not seeds:
-        msg = "--seeds needs at least one seed"
+    if not seeds or min(seeds) < 0:
+        msg = f"--seeds needs one or more non-negative integers, got {text!r}"
         raise CzbError(msg)
     return seeds
 
@@ -213,13 +213,11 @@ def run(
     """Embed datasets with models (or read your embeddings) and score them on tasks."""
 
     def body():
-        from czb.errors import CzbError
         from czb.runner.run import run_benchmark
         from czb.settings import get_settings
 
         if not task or not dataset:
-            msg = "give at least one --task and one --dataset"
-            raise CzbError(msg)
+            _fail("give at least one --task and one --dataset", 2)
         settings = get_settings()
         out = output_dir or settings.output_dir
         command = "czb " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -239,13 +237,18 @@ def run(
                 n_jobs=n_jobs,
                 command=command,
                 progress=lambda message: status.update(message),
+                raise_errors=_State.debug,
             )
         if fmt is Format.json:
             typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         else:
             _print_results(records)
-            err.print(f"results written to {out}")
-        if any(r.status == "failed" for r in records):
+            err.print(f"results written to {out}", soft_wrap=True)
+        failed = [r for r in records if r.status == "failed"]
+        # The table cell may be too narrow to read; each distinct failure gets its own line.
+        for message in dict.fromkeys(f"{r.dataset.name}/{r.model.name}: {r.error}" for r in failed):
+            err.print(f"[bold red]failed:[/] {message}", soft_wrap=True, markup=True)
+        if failed:
             raise typer.Exit(1)
 
     _guarded(body)

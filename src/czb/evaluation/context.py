@@ -164,8 +164,13 @@ def aggregate(values: Iterable[MetricValue]) -> list[AggregatedMetric]:
     return out
 
 
-def run_task(task: Task, context: EvaluationContext, seeds: Sequence[int]) -> TaskResult:
-    """Run ``task`` once per seed (once if it is deterministic); never raises for task errors."""
+def run_task(
+    task: Task, context: EvaluationContext, seeds: Sequence[int], *, raise_errors: bool = False
+) -> TaskResult:
+    """Run ``task`` once per seed (once if it is deterministic).
+
+    A failing task becomes a ``failed`` result unless ``raise_errors`` (for debugging).
+    """
     seeds = list(seeds) if task.info.stochastic else list(seeds)[:1]
     name = task.info.name
     try:
@@ -181,6 +186,8 @@ def run_task(task: Task, context: EvaluationContext, seeds: Sequence[int]) -> Ta
         except NotApplicableError as e:
             return TaskResult(name, "not_applicable", seeds=seeds, error=str(e))
         except Exception as e:  # noqa: BLE001 - one task's crash must not lose the others' results
+            if raise_errors:
+                raise
             error = f"{type(e).__name__}: {e}"
     if error is not None:
         return TaskResult(name, "failed", seeds=seeds, error=error,

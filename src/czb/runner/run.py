@@ -115,8 +115,10 @@ def score_source(
     n_jobs: int,
     command: str,
     progress: Progress | None = None,
+    raise_errors: bool = False,
 ) -> list[R.ResultRecord]:
-    """Embed ``ds`` with ``source`` and score every task; failures become records."""
+    """Embed ``ds`` with ``source`` and score every task; failures become records
+    (or propagate, with ``raise_errors``, for debugging)."""
     say = progress or (lambda _msg: None)
     model = source.describe()
     say(f"{ds.name}: embedding with {model['name']}")
@@ -124,10 +126,11 @@ def score_source(
         try:
             embedding = source.embed(ds, seed=seeds[0])
             error = None
-        except CzbError as e:
-            embedding, error = None, str(e)
         except Exception as e:  # noqa: BLE001 - a crashing model is a failed run, recorded
-            embedding, error = None, f"{type(e).__name__}: {e}"
+            if raise_errors:
+                raise
+            embedding = None
+            error = str(e) if isinstance(e, CzbError) else f"{type(e).__name__}: {e}"
     if embedding is None:
         failed = TaskResult(task="", status="failed", seeds=list(seeds), error=f"embedding failed: {error}")
         return [
@@ -148,7 +151,7 @@ def score_source(
     records = []
     for p in planned:
         say(f"{ds.name}: {model['name']}: {p.spec.name}")
-        result = run_task(p.task, context, seeds)
+        result = run_task(p.task, context, seeds, raise_errors=raise_errors)
         records.append(
             _record(ds=ds, model=model, planned=p, result=result, command=command,
                     embedding_runtime_s=usage.runtime_s)
@@ -171,6 +174,7 @@ def run_benchmark(
     n_jobs: int | None = None,
     command: str = "",
     progress: Progress | None = None,
+    raise_errors: bool = False,
 ) -> list[R.ResultRecord]:
     """Score models (or a user's embedding file) on datasets and tasks.
 
@@ -188,6 +192,8 @@ def run_benchmark(
         Seeds of stochastic steps.
     output_dir
         Where result JSONs are written (none written when ``None``).
+    raise_errors
+        Let a failing model or task raise instead of becoming a ``failed`` record.
 
     Returns
     -------
@@ -223,7 +229,8 @@ def run_benchmark(
         ds = load_dataset(spec, offline=offline, progress=progress is not None)
         validate_dataset(ds)
         for source in sources:
-            new = score_source(source, ds, planned, seeds=seeds, n_jobs=n_jobs, command=command, progress=progress)
+            new = score_source(source, ds, planned, seeds=seeds, n_jobs=n_jobs, command=command,
+                               progress=progress, raise_errors=raise_errors)
             if output_dir is not None:
                 for record in new:
                     R.write_result(record, output_dir)

@@ -183,7 +183,10 @@ def load_spec_file(path: Path) -> dict[str, dict[str, _Spec]]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        msg = f"{path}: not valid YAML ({e})"
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        msg = f"{path}{where}: not valid YAML ({problem})"
         raise SpecError(msg) from e
     except OSError as e:
         msg = f"{path}: cannot read spec file ({e.strerror})"
