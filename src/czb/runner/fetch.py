@@ -134,17 +134,16 @@ def known_sha256(path: str | os.PathLike[str], *, cache_dir: Path | None = None)
 
     A large local dataset is hashed on its first use only, not on every run.
     """
-    digest = cached_sha256(path, cache_dir=cache_dir)
-    if digest is not None:
-        return digest
-    path = Path(path)
-    digest = file_sha256(path)
     if cache_dir is None:
         from czb.settings import get_settings
 
         cache_dir = get_settings().cache_dir
-    with contextlib.suppress(OSError):
-        _local_hash_store(Path(cache_dir), path, path.stat(), digest)
+    digest = cached_sha256(path, cache_dir=cache_dir)
+    if digest is None:
+        path = Path(path)
+        digest = file_sha256(path)
+        with contextlib.suppress(OSError):  # a vanished file is reported by the caller's read
+            _local_hash_store(Path(cache_dir), path, path.stat(), digest)
     return digest
 
 
@@ -299,10 +298,7 @@ def _fetch_local(uri: str, scheme: str, expected: str | None, cache_dir: Path) -
         msg = f"{path} is a folder, not a file"
         raise FetchError(msg)
     if expected is not None:
-        actual = _local_hash_lookup(cache_dir, path, st)
-        if actual is None:
-            actual = file_sha256(path)
-            _local_hash_store(cache_dir, path, st, actual)
+        actual = known_sha256(path, cache_dir=cache_dir)
         if actual != expected:
             msg = f"{uri}: sha256 mismatch: expected {expected}, got {actual}"
             raise FetchError(msg)

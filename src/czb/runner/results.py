@@ -25,6 +25,10 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is None or math.isfinite(v) else None
+
+
 class MetricRecord(_Record):
     """One metric; a value that is not finite (NaN, inf) is stored as ``null``."""
 
@@ -36,13 +40,13 @@ class MetricRecord(_Record):
 
     @field_validator("value", "value_std_dev", mode="after")
     @classmethod
-    def _finite_or_none(cls, v: float | None) -> float | None:
-        return v if v is None or math.isfinite(v) else None
+    def _finite_value(cls, v: float | None) -> float | None:
+        return _finite_or_none(v)
 
     @field_validator("values_raw", mode="after")
     @classmethod
-    def _finite_or_none_each(cls, values: list[float | None]) -> list[float | None]:
-        return [v if v is None or math.isfinite(v) else None for v in values]
+    def _finite_values(cls, values: list[float | None]) -> list[float | None]:
+        return [_finite_or_none(v) for v in values]
 
 
 class HostRecord(_Record):
