@@ -216,9 +216,7 @@ def test_source_for_model_builds_baselines_with_parameters():
 @pytest.mark.parametrize(
     ("fields", "error", "match"),
     [
-        ({"kind": "docker", "image": "x/y:1"}, EmbeddingError, "docker models are not available"),
         ({"kind": "baseline", "implementation": "umap"}, SpecError, "unknown baseline .*'umap'"),
-        ({"kind": "baseline"}, SpecError, "sets no implementation"),
         (
             {"kind": "baseline", "implementation": "pca", "parameters": {"n_top_gene": 10}},
             SpecError,
@@ -239,6 +237,24 @@ def test_source_for_model_builds_baselines_with_parameters():
 def test_source_for_model_errors(fields, error, match):
     with pytest.raises(error, match=match):
         source_for_model(ModelSpec(name="m", **fields))
+
+
+def test_incomplete_model_specs_are_rejected():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="a baseline model needs an implementation"):
+        ModelSpec(name="m", kind="baseline")
+    with pytest.raises(ValidationError, match="a docker model needs image and container"):
+        ModelSpec(name="m", kind="docker")
+
+
+def test_docker_specs_run_in_their_image():
+    from czb.runner.containers import DockerModelSource, RunOptions
+
+    spec = ModelSpec(name="m", kind="docker", image="x/y:1", container="m")
+    source = source_for_model(spec, RunOptions(gpus="none"))
+    assert isinstance(source, DockerModelSource)
+    assert source.describe()["image"] == "x/y:1" and source.gpus == "none"
 
 
 # ----------------------------------------------------------------------------- check_embedding

@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Manage datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+models_app = typer.Typer(help="Build model images and stage their weights.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 class _State:
@@ -136,14 +138,32 @@ def list_(
             return
         from rich.table import Table
 
+        if kind is Kind.models:
+            rows = [_model_table_row(row) for row in rows]
         table = Table(title=f"{len(rows)} {kind.value}")
         for column in rows[0] if rows else ["name"]:
-            table.add_column(column)
+            table.add_column(column, no_wrap=column == "name")
         for row in rows:
             table.add_row(*(_cell(v) for v in row.values()))
         _console().print(table)
 
     _guarded(body)
+
+
+def _model_table_row(row: dict) -> dict:
+    """A model's row for the terminal: resources in one column, no description."""
+    resources = ["GPU" if row["gpu"] else "CPU"]
+    if row["memory_gb"]:
+        resources.append(f"{row['memory_gb']:g} GB")
+    if row["shm_gb"]:
+        resources.append(f"shm {row['shm_gb']:g} GB")
+    if row["timeout_s"]:
+        resources.append(f"{row['timeout_s'] / 3600:.1f} h max")
+    return {
+        "name": row["name"], "kind": row["kind"], "input": f"{row['input']}, {row['gene_id_type']}",
+        "organisms": row["organisms"], "dim": row["output_dim"], "resources": " ".join(resources),
+        "variants": row["variants"],
+    }
 
 
 def _cell(value) -> str:
@@ -163,10 +183,12 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
         ]
     if kind is Kind.models:
         return [
-            {"name": m.name, "kind": m.kind, "input": m.input, "gene_id_type": m.gene_id_type,
+            {"name": m.name, "kind": m.kind, "image": m.image or "in-process", "input": m.input,
+             "gene_id_type": m.gene_id_type, "organisms": m.organisms or ["any"],
              "output_dim": m.output_dim, "gpu": m.resources.gpu, "memory_gb": m.resources.memory_gb,
-             "description": m.description}
-            for m in sorted(catalog.models.values(), key=lambda m: m.name)
+             "shm_gb": m.resources.shm_gb, "timeout_s": m.resources.timeout_s,
+             "variants": list(m.variants), "description": m.description}
+            for m in sorted(catalog.models.values(), key=lambda m: (m.kind != "baseline", m.name))
         ]
     from czb.evaluation.registry import get_task
 
@@ -207,6 +229,20 @@ def run(
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also score the PCA baseline.")] = True,
     offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
     n_jobs: Annotated[Optional[int], typer.Option(help="Worker processes [default: all cores].")] = None,
+    gpus: Annotated[
+        Optional[str], typer.Option(help="GPUs for model containers: all, none or a number [default: from the model spec].")
+    ] = None,
+    weights: Annotated[
+        Optional[Path], typer.Option(help="Local weights folder, mounted at /weights instead of the staged copy.")
+    ] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Weights variant [default: the model's default].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Cells per forward pass in the container.")] = None,
+    memory_gb: Annotated[Optional[float], typer.Option(help="Container memory limit [default: from the model spec].")] = None,
+    shm_gb: Annotated[Optional[float], typer.Option(help="Container shared memory (/dev/shm) size.")] = None,
+    timeout_s: Annotated[Optional[int], typer.Option(help="Kill a model container after this many seconds.")] = None,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse finished model runs (--no-cache runs the model again).")
+    ] = True,
     fmt: OutputFormat = Format.table,
     config_dir: ConfigDirs = None,
 ) -> None:
@@ -218,10 +254,19 @@ def run(
 
         if not task or not dataset:
             _fail("give at least one --task and one --dataset", 2)
+        from rich.text import Text
+
+        from czb.runner.containers import RunOptions
+
         settings = get_settings()
         out = output_dir or settings.output_dir
         command = "czb " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         err = _console(stderr=True)
+        options = RunOptions(
+            variant=variant, weights_dir=weights, gpus=_parse_gpus(gpus), memory_gb=memory_gb,
+            shm_gb=shm_gb, timeout_s=timeout_s, batch_size=batch_size, use_cache=cache,
+            log=lambda line: err.print(Text(f"  | {line}", style="dim"), soft_wrap=True),
+        )
         with err.status("starting") as status:
             records = run_benchmark(
                 _catalog(config_dir),
@@ -238,6 +283,7 @@ def run(
                 command=command,
                 progress=lambda message: status.update(message),
                 raise_errors=_State.debug,
+                model_options=options,
             )
         if fmt is Format.json:
             typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
@@ -252,6 +298,15 @@ def run(
             raise typer.Exit(1)
 
     _guarded(body)
+
+
+def _parse_gpus(text: str | None) -> str | None:
+    from czb.errors import CzbError
+
+    if text is None or text in ("all", "none") or (text.isdigit() and int(text) >= 0):
+        return "none" if text == "0" else text
+    msg = f"--gpus must be all, none or a number of GPUs, got {text!r}"
+    raise CzbError(msg)
 
 
 def _print_results(records) -> None:
@@ -298,6 +353,64 @@ def datasets_fetch(
                 continue
             path = fetch(spec.uri, sha256=spec.sha256, progress=True)
             _console().print(f"{spec.name}: {path}")
+
+    _guarded(body)
+
+
+@models_app.command("build")
+def models_build(
+    name: Annotated[str, typer.Argument(help="A docker model, e.g. scvi.")],
+    base_image: Annotated[
+        Optional[str], typer.Option(help="BASE_IMAGE build argument (a CUDA runtime for GPUs; a local base offline).")
+    ] = None,
+    torch: Annotated[Optional[str], typer.Option(help="TORCH_SPEC build argument, e.g. torch==2.13.0.")] = None,
+    find_links: Annotated[
+        Optional[Path], typer.Option(help="Folder of local wheels copied into the build [default: PIP_FIND_LINKS].")
+    ] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Image tag [default: the spec's image].")] = None,
+    config_dir: ConfigDirs = None,
+) -> None:
+    """Build a model's image from its container folder (Dockerfile + entrypoint)."""
+
+    def body():
+        from rich.text import Text
+
+        from czb.runner.containers import build_model_image
+
+        spec = _catalog(config_dir).model(name)
+        if spec.kind != "docker":
+            _fail(f"{name} is a {spec.kind} model; only docker models have images", 2)
+        err = _console(stderr=True)
+        image = build_model_image(
+            spec, base_image=base_image, torch_spec=torch, find_links=find_links, tag=tag,
+            log=lambda line: err.print(Text(f"  | {line}", style="dim"), soft_wrap=True),
+        )
+        _console().print(f"{name}: built {image.tag} ({image.id})")
+
+    _guarded(body)
+
+
+@models_app.command("fetch-weights")
+def models_fetch_weights(
+    names: Annotated[list[str], typer.Argument(help="Docker models, or 'all'.")],
+    variant: Annotated[Optional[str], typer.Option(help="Weights variant [default: the model's default].")] = None,
+    all_variants: Annotated[bool, typer.Option("--all-variants", help="Stage every variant.")] = False,
+    config_dir: ConfigDirs = None,
+) -> None:
+    """Stage published weights into the cache (containers have no network)."""
+
+    def body():
+        from czb.runner.weights import stage_weights
+
+        for spec in _catalog(config_dir).resolve("model", names):
+            if spec.kind != "docker":
+                continue
+            chosen = list(spec.variants) if all_variants else [variant]
+            for v in chosen:
+                staged = stage_weights(spec, v, progress=True)
+                where = staged.path or "no weights needed"
+                licence = f" (licence: {staged.license})" if staged.license else ""
+                _console().print(f"{spec.name}/{staged.variant}: {where}{licence}", soft_wrap=True)
 
     _guarded(body)
 

@@ -59,11 +59,26 @@ class TaskError(CzbError):
     """A task cannot be run on the data it was given."""
 
 
-class NotApplicableError(TaskError):
-    """The task does not apply to this dataset (e.g. batch integration without a batch key).
+class NotApplicableError(CzbError):
+    """A task or model does not apply to this dataset (e.g. batch integration without a
+    batch key, or a model that does not support the dataset's organism).
 
     Recorded as ``status: not_applicable`` rather than as a failure.
     """
+
+
+class ModelRunError(EmbeddingError):
+    """A model container could not be built, started, or finished its run.
+
+    Attributes
+    ----------
+    log_tail
+        The container's last log lines (empty when it never started).
+    """
+
+    def __init__(self, message: str, *, log_tail: list[str] | None = None):
+        super().__init__(message)
+        self.log_tail = list(log_tail or [])
 
 
 class ResultsError(CzbError):

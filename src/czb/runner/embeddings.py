@@ -10,7 +10,8 @@ An :class:`EmbeddingSource` turns a :class:`~czb.runner.datasets.Dataset` into a
     Embeddings computed elsewhere and brought as a ``.npy``, ``.npz``, ``.parquet`` or
     ``.h5ad`` file, read by :func:`source_for_file` and aligned to the dataset by cell ID.
 ``docker``
-    Foundation models run in a container (not available yet).
+    Foundation models run in their own image under the container contract
+    (:mod:`czb.runner.containers`).
 
 Every source passes its values through :func:`check_embedding`, so all embeddings that
 reach the tasks are 2-D, finite, float32 and C-contiguous.
@@ -493,25 +494,28 @@ BASELINES: dict[str, type[_Baseline]] = {
 }
 
 
-def source_for_model(spec: ModelSpec) -> EmbeddingSource:
+def source_for_model(spec: ModelSpec, options: Any = None) -> EmbeddingSource:
     """The embedding source that runs a model spec.
 
     Parameters
     ----------
     spec
         A ``baseline`` spec names one of :data:`BASELINES` as ``implementation`` and may
-        set its parameters; ``docker`` specs are not supported yet.
+        set its parameters; a ``docker`` spec runs its image
+        (:class:`czb.runner.containers.DockerModelSource`).
+    options
+        :class:`czb.runner.containers.RunOptions` of docker models (GPUs, weights,
+        limits, cache); ignored by baselines.
 
     Raises
     ------
     SpecError
         Unknown baseline implementation, or unknown / invalid parameters.
-    EmbeddingError
-        For docker models (not available yet).
     """
     if spec.kind == "docker":
-        msg = f"model {spec.name!r}: docker models are not available yet"
-        raise EmbeddingError(msg)
+        from czb.runner.containers import DockerModelSource
+
+        return DockerModelSource(spec, options)
     known = ", ".join(sorted(BASELINES))
     if spec.implementation is None:
         msg = f"model {spec.name!r} is a baseline but sets no implementation; known: {known}"

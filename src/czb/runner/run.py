@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import czb
-from czb.errors import CzbError
+from czb.errors import CzbError, NotApplicableError
 from czb.evaluation.context import DEFAULT_SEEDS, EvaluationContext, TaskResult, run_task
 from czb.evaluation.registry import get_task
 from czb.evaluation.resources import measure
@@ -78,7 +78,7 @@ def _record(
         model=R.ModelRecord(
             name=model["name"],
             kind=model["kind"],
-            image_digest=model.get("image_digest") or "in-process",
+            image_digest=model.get("image_digest") or ("in-process" if model["kind"] != "docker" else "unresolved"),
             parameters=model.get("parameters", {}),
             info=model.get("info", {}),
         ),
@@ -122,23 +122,31 @@ def score_source(
     say = progress or (lambda _msg: None)
     model = source.describe()
     say(f"{ds.name}: embedding with {model['name']}")
+    status = "failed"
     with measure() as usage:
         try:
             embedding = source.embed(ds, seed=seeds[0])
             error = None
+        except NotApplicableError as e:
+            embedding, status, error = None, "not_applicable", str(e)
         except Exception as e:  # noqa: BLE001 - a crashing model is a failed run, recorded
             if raise_errors:
                 raise
             embedding = None
             error = str(e) if isinstance(e, CzbError) else f"{type(e).__name__}: {e}"
+            log_tail = getattr(e, "log_tail", None)
+            if log_tail:
+                model = {**model, "info": {**model.get("info", {}), "log_tail": log_tail[-50:]}}
     if embedding is None:
-        failed = TaskResult(task="", status="failed", seeds=list(seeds), error=f"embedding failed: {error}")
+        model = {**source.describe(), "info": model.get("info", {})}
+        prefix = "embedding failed: " if status == "failed" else ""
+        failed = TaskResult(task="", status=status, seeds=list(seeds), error=f"{prefix}{error}")
         return [
             _record(ds=ds, model=model, planned=p, result=failed, command=command,
                     embedding_runtime_s=usage.runtime_s)
             for p in planned
         ]
-    model = {**model, "info": {**model.get("info", {}), **embedding.info}}
+    model = {**source.describe(), "info": {**model.get("info", {}), **embedding.info}}
     roles = dataset_roles(ds, embedding.cell_index)
     context = EvaluationContext(
         embedding.values,
@@ -175,6 +183,7 @@ def run_benchmark(
     command: str = "",
     progress: Progress | None = None,
     raise_errors: bool = False,
+    model_options: Any = None,
 ) -> list[R.ResultRecord]:
     """Score models (or a user's embedding file) on datasets and tasks.
 
@@ -194,6 +203,9 @@ def run_benchmark(
         Where result JSONs are written (none written when ``None``).
     raise_errors
         Let a failing model or task raise instead of becoming a ``failed`` record.
+    model_options
+        :class:`czb.runner.containers.RunOptions` for docker models (GPUs, weights,
+        limits, cache).
 
     Returns
     -------
@@ -219,7 +231,7 @@ def run_benchmark(
         raise CzbError(msg)
     if baseline and BASELINE_MODEL not in {m.name for m in model_specs}:
         model_specs.append(catalog.model(BASELINE_MODEL))
-    sources = [source_for_model(m) for m in model_specs]
+    sources = [source_for_model(m, model_options) for m in model_specs]
     if embedding is not None:
         sources.insert(0, source_for_file(embedding, key=embedding_key))
 

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from czb.errors import SpecError, UnknownNameError
 
 BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: Build folders of the bundled model images (Dockerfile, entrypoint, requirements).
+BUNDLED_CONTAINERS_DIR = Path(__file__).resolve().parent.parent / "containers"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ ORGANISMS: dict[str, Organism] = {
 
 GeneIdType = Literal["ensembl", "symbol"]
 ExpressionKind = Literal["raw_counts", "log_normalized"]
+
+
+def _check_sha256(value: str | None) -> str | None:
+    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
+        msg = "sha256 must be 64 hexadecimal characters"
+        raise ValueError(msg)
+    return value.lower() if value else value
 
 
 class _Spec(BaseModel):
@@ -117,13 +126,7 @@ class DatasetSpec(_Spec):
             raise ValueError(msg)
         return value
 
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digest(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
-            msg = "sha256 must be 64 hexadecimal characters"
-            raise ValueError(msg)
-        return value.lower() if value else value
+    _hex = field_validator("sha256")(classmethod(lambda cls, v: _check_sha256(v)))
 
     @property
     def batch_keys(self) -> list[str]:
@@ -144,20 +147,114 @@ class Resources(BaseModel):
     timeout_s: int | None = None
 
 
+class WeightFile(BaseModel):
+    """One published file of a model's weights, staged by ``czb models fetch-weights``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Published location: ``https://``, ``http://``, ``s3://`` (anonymous) or a local path.
+    uri: str
+    #: Where the file goes, relative to the weights folder mounted at ``/weights``.
+    path: str
+    sha256: str | None = None
+    #: Unpack a ``.tar``/``.tar.gz``/``.tgz``/``.zip`` archive into ``path`` (a folder).
+    extract: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        parts = Path(value).parts
+        if not parts or Path(value).is_absolute() or ".." in parts:
+            msg = f"path must be relative and stay inside the weights folder, got {value!r}"
+            raise ValueError(msg)
+        return value
+
+    _hex = field_validator("sha256")(classmethod(lambda cls, v: _check_sha256(v)))
+
+
+class WeightsVariant(BaseModel):
+    """A published set of weights of a model (e.g. scGPT ``whole_human``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    license: str = ""
+    organisms: list[str] = Field(default_factory=list)  # empty: the model's organisms
+    weights: list[WeightFile] = Field(default_factory=list)
+
+
 class ModelSpec(_Spec):
     """A model that turns a dataset into cell embeddings."""
 
     kind: Literal["baseline", "docker"]
     #: For ``baseline`` models: the registered in-process implementation.
     implementation: str | None = None
-    #: For ``docker`` models: the image to run.
+    #: For ``docker`` models: the image tag to run (``czb models build`` makes it).
     image: str | None = None
+    #: For ``docker`` models: the build folder (Dockerfile + entrypoint), a folder name
+    #: under the bundled ``containers/``, or a path relative to this spec's YAML file.
+    container: str | None = None
+    #: Run with a read-only root filesystem (``/tmp`` and ``/output`` stay writable).
+    read_only_rootfs: bool = True
     gene_id_type: GeneIdType | Literal["any"] = "any"
     input: ExpressionKind | Literal["any"] = "any"
     output_dim: int | None = None
     organisms: list[str] = Field(default_factory=list)  # empty: any organism
     resources: Resources = Field(default_factory=Resources)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    default_variant: str | None = None
+    variants: dict[str, WeightsVariant] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ModelSpec:
+        if self.kind == "docker":
+            missing = [f for f in ("image", "container") if getattr(self, f) is None]
+            if missing:
+                msg = f"a docker model needs {' and '.join(missing)}"
+                raise ValueError(msg)
+        elif self.implementation is None:
+            msg = "a baseline model needs an implementation"
+            raise ValueError(msg)
+        if self.variants and self.default_variant is None:
+            msg = f"default_variant is required when variants are given ({', '.join(self.variants)})"
+            raise ValueError(msg)
+        if self.default_variant is not None and self.default_variant not in self.variants:
+            msg = f"default_variant {self.default_variant!r} is not one of the variants ({', '.join(self.variants) or 'none'})"
+            raise ValueError(msg)
+        unknown = [o for o in self.organisms if o not in ORGANISMS]
+        if unknown:
+            msg = f"unknown organism(s) {', '.join(unknown)}; known: {', '.join(sorted(ORGANISMS))}"
+            raise ValueError(msg)
+        return self
+
+    def variant(self, name: str | None = None) -> tuple[str, WeightsVariant]:
+        """The named variant (default: ``default_variant``) and its weights."""
+        name = name or self.default_variant
+        if not self.variants and name in (None, "default"):
+            return "default", WeightsVariant()
+        if name not in self.variants:
+            known = ", ".join(sorted(self.variants)) or "none (the model has no variants)"
+            msg = f"model {self.name!r} has no weights variant {name!r}; variants: {known}"
+            raise SpecError(msg)
+        return name, self.variants[name]
+
+    def container_dir(self) -> Path:
+        """The folder holding this model's Dockerfile and entrypoint."""
+        if self.container is None:
+            msg = f"model {self.name!r} has no container folder"
+            raise SpecError(msg)
+        candidates = []
+        if self.source is not None:
+            candidates.append(Path(self.source).parent / self.container)
+        candidates.append(BUNDLED_CONTAINERS_DIR / self.container)
+        for path in candidates:
+            if (path / "Dockerfile").is_file():
+                return path.resolve()
+        msg = (
+            f"model {self.name!r}: no Dockerfile in container folder {self.container!r} "
+            f"(looked in {', '.join(str(p) for p in candidates)})"
+        )
+        raise SpecError(msg)
 
 
 class TaskSpec(_Spec):

@@ -54,6 +54,7 @@ def planted_cells(
     n_donors_per_batch: int = 2,
     mean_counts: float = 3000.0,
     dispersion: float = 5.0,
+    gene_prefix: str = "ENSG",
     seed: int = 0,
 ) -> anndata.AnnData:
     """Raw counts with planted cell types, batches and a time axis.
@@ -94,6 +95,8 @@ def planted_cells(
         Median total counts per cell.
     dispersion
         Negative-binomial inverse dispersion ``theta`` (larger: closer to Poisson).
+    gene_prefix
+        Ensembl prefix of the gene IDs (``ENSMUSG`` for mouse-like data).
     seed
         Seed of everything random; the same arguments give the identical matrix.
 
@@ -182,7 +185,7 @@ def planted_cells(
         },
         index=pd.Index([f"cell_{i:05d}" for i in range(n_cells)], name=None),
     )
-    var = pd.DataFrame(index=pd.Index(ensembl_like_ids(n_genes), name=None))
+    var = pd.DataFrame(index=pd.Index(ensembl_like_ids(n_genes, prefix=gene_prefix), name=None))
     adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
     adata.uns["synthetic"] = {
         "generator": "planted_cells",

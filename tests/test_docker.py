@@ -1,0 +1,273 @@
+"""Model containers through a real Docker engine.
+
+Needs a running daemon and a local base image with python3 and venv
+(``CZB_TEST_BASE_IMAGE``, default ``czb-base:bookworm``; ``.ci/run`` makes one with
+debootstrap + ``docker import``). Without them these tests skip, unless
+``CZB_REQUIRE_DOCKER=1`` (set by CI), where a missing engine is a failure.
+
+The model here is ``tests/data/tiny_model``: an image written from the README's contract
+alone, with no czb code inside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from czb.cli import app
+from czb.errors import ModelRunError
+from czb.runner.containers import DockerModelSource, RunOptions, build_model_image
+from czb.runner.datasets import load_dataset
+from czb.runner.run import run_benchmark
+from czb.runner.specs import Catalog
+
+pytestmark = pytest.mark.docker
+
+TINY_DIR = Path(__file__).parent / "data" / "tiny_model"
+BASE_IMAGE = os.environ.get("CZB_TEST_BASE_IMAGE", "czb-base:bookworm")
+DATASET = "synthetic_cells_tiny"  # 300 cells × 500 genes, Ensembl IDs
+
+
+def _engine_or_skip():
+    from czb.runner import docker_engine
+
+    try:
+        engine = docker_engine.client()
+        engine.images.get(BASE_IMAGE)
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("CZB_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"CZB_REQUIRE_DOCKER=1 but Docker is not usable: {e}")
+        pytest.skip(f"no Docker engine with base image {BASE_IMAGE}: {e}")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return _engine_or_skip()
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return Catalog.load([TINY_DIR])
+
+
+@pytest.fixture(scope="module")
+def tiny_image(engine, catalog):
+    return build_model_image(catalog.model("tiny"), base_image=BASE_IMAGE, log=lambda _line: None)
+
+
+@pytest.fixture(scope="module")
+def dataset(catalog):
+    return load_dataset(catalog.dataset(DATASET))
+
+
+@pytest.fixture
+def weights(tmp_path, dataset):
+    """The tiny model's "weights": the top 16 principal axes of log-normalised counts."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    counts = dataset.adata.X.toarray()
+    totals = counts.sum(axis=1, keepdims=True)
+    normalized = np.log1p(counts / totals * np.median(totals))
+    _, _, axes = np.linalg.svd(normalized - normalized.mean(axis=0), full_matrices=False)
+    np.save(folder / "projection.npy", axes[:16].T.astype(np.float32))
+    folder.chmod(0o755)
+    return folder
+
+
+def _containers(engine) -> list:
+    return engine.containers.list(all=True, filters={"label": "org.czb.model"})
+
+
+def _source(catalog, weights, **options) -> DockerModelSource:
+    logs: list[str] = []
+    options.setdefault("log", logs.append)
+    source = DockerModelSource(catalog.model("tiny"), RunOptions(weights_dir=weights, **options))
+    source.logs = logs
+    return source
+
+
+def _with_parameters(catalog, **parameters):
+    spec = catalog.model("tiny")
+    return spec.model_copy(update={"parameters": {**spec.parameters, **parameters}})
+
+
+def test_run_scores_embeddings_and_records_the_image(engine, catalog, tiny_image, weights, tmp_path):
+    records = run_benchmark(
+        catalog, datasets=[DATASET], tasks=["clustering"], models=["tiny"], baseline=False,
+        seeds=[0], output_dir=tmp_path / "out", model_options=RunOptions(weights_dir=weights, log=lambda _l: None),
+    )
+    (record,) = records
+    assert record.status == "ok", record.error
+    assert record.model.image_digest == tiny_image.id
+    info = record.model.info
+    assert info["container_meta"]["n_weight_tensors_loaded"] == 1
+    assert info["container_meta"]["device"] == "cpu"
+    assert info["n_dropped_cells"] == 0
+    assert info["cache"] == "miss"
+    assert info["genes"]["n_genes_model_input"] == 500
+    assert "done" in info["log_tail"]
+    # The planted cell types show in the embedding.
+    assert record.metric("adjusted_rand_index").value > 0.6
+    written = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert written["model"]["image_digest"] == tiny_image.id
+    assert _containers(engine) == []
+
+
+def test_finished_run_is_reused_from_the_cache(engine, catalog, tiny_image, weights, dataset):
+    first = _source(catalog, weights).embed(dataset, seed=5)
+    started = []
+    second_source = _source(catalog, weights, on_start=started.append)
+    second = second_source.embed(dataset, seed=5)
+    assert second.info["cache"] == "hit"
+    assert started == []  # no container ran
+    np.testing.assert_array_equal(first.values, second.values)
+    forced = _source(catalog, weights, use_cache=False, on_start=started.append).embed(dataset, seed=5)
+    assert forced.info["cache"] == "off" and len(started) == 1
+    other_seed = _source(catalog, weights).embed(dataset, seed=6)
+    assert other_seed.info["cache"] == "miss"
+    assert not np.array_equal(other_seed.values, first.values)
+
+
+def test_dropped_cells_are_realigned(engine, catalog, tiny_image, weights, dataset):
+    genes_per_cell = np.asarray((dataset.adata.X > 0).sum(axis=1)).ravel()
+    spec = _with_parameters(catalog, min_genes=int(np.median(genes_per_cell)))
+    emb = DockerModelSource(spec, RunOptions(weights_dir=weights, log=lambda _l: None)).embed(dataset)
+    dropped = emb.info["n_dropped_cells"]
+    assert 0 < dropped < dataset.n_cells
+    assert emb.values.shape[0] == dataset.n_cells - dropped
+    assert np.all(np.diff(emb.cell_index) > 0)
+    assert np.all(genes_per_cell[emb.cell_index] >= spec.parameters["min_genes"])
+    dropped_index = np.setdiff1d(np.arange(dataset.n_cells), emb.cell_index)
+    assert np.all(genes_per_cell[dropped_index] < spec.parameters["min_genes"])
+
+
+def test_container_runs_sandboxed(engine, catalog, tiny_image, weights, dataset):
+    spec = _with_parameters(catalog, probe=True)
+    emb = DockerModelSource(spec, RunOptions(weights_dir=weights, use_cache=False, log=lambda _l: None)).embed(dataset)
+    probe = emb.info["container_meta"]["probe"]
+    assert probe["uid"] != 0
+    assert int(probe["cap_eff"], 16) == 0
+    assert probe["rootfs_writable"] is False
+    assert probe["network"] is False and probe["interfaces"] == ["lo"]
+    assert probe["docker_socket"] is False
+    assert probe["tmp_writable"] is True
+    assert probe["weights_writable"] is False and probe["input_writable"] is False
+    assert probe["shm_bytes"] == int(0.25 * 1024) * 1024 * 1024
+
+
+def test_unsupported_organism_is_not_applicable(engine, catalog, tiny_image, weights, tmp_path):
+    # The spec lists mouse, so the host lets it through; the container exits 99.
+    spec = catalog.dataset(DATASET).model_copy(update={"name": "tiny_mouse", "organism": "mouse",
+                                                       "params": {**catalog.dataset(DATASET).params,
+                                                                  "gene_prefix": "ENSMUSG"}})
+    catalog.datasets["tiny_mouse"] = spec
+    try:
+        (record,) = run_benchmark(
+            catalog, datasets=["tiny_mouse"], tasks=["clustering"], models=["tiny"], baseline=False,
+            seeds=[0], model_options=RunOptions(weights_dir=weights, log=lambda _l: None),
+        )
+    finally:
+        del catalog.datasets["tiny_mouse"]
+    assert record.status == "not_applicable"
+    assert "no mouse support" in record.error
+
+
+def test_killed_container_is_a_failure_and_nothing_is_kept(engine, catalog, tiny_image, weights, dataset, tmp_path):
+    from czb.settings import get_settings
+
+    spec = _with_parameters(catalog, sleep_s=120)
+    killed = threading.Event()
+
+    def kill_when_sleeping(container):
+        def watch():
+            for chunk in container.logs(stream=True, follow=True):
+                if b"sleeping" in chunk:
+                    container.kill()
+                    killed.set()
+                    return
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    source = DockerModelSource(spec, RunOptions(weights_dir=weights, on_start=kill_when_sleeping, log=lambda _l: None))
+    with pytest.raises(ModelRunError, match="killed") as excinfo:
+        source.embed(dataset)
+    assert killed.is_set()
+    assert "sleeping" in excinfo.value.log_tail
+    cache = get_settings().cache_dir
+    assert not any((cache / "embeddings").glob("*/embeddings.npy"))  # nothing half-written kept
+    assert list((cache / "runs").iterdir()) == []
+    assert _containers(engine) == []
+
+    # Through the benchmark the failure becomes a record, with the container's last lines.
+    spec_catalog = Catalog.load([TINY_DIR])
+    spec_catalog.models["tiny"] = spec
+    (record,) = run_benchmark(
+        spec_catalog, datasets=[DATASET], tasks=["clustering"], models=["tiny"], baseline=False, seeds=[0],
+        model_options=RunOptions(weights_dir=weights, timeout_s=5, log=lambda _l: None),
+    )
+    assert record.status == "failed"
+    assert "timeout" in record.error and "sleeping" in record.error
+    assert record.model.image_digest == tiny_image.id
+
+
+def test_gpus_on_a_daemon_without_gpu_driver(engine, catalog, tiny_image, weights, dataset):
+    has_gpu_runtime = "nvidia" in (engine.info().get("Runtimes") or {})
+    if has_gpu_runtime:
+        pytest.skip("this daemon has a GPU runtime")
+    source = _source(catalog, weights, gpus="all", use_cache=False)
+    with pytest.raises(ModelRunError, match="no GPU driver.*--gpus none"):
+        source.embed(dataset)
+    assert _containers(engine) == []
+
+
+def test_missing_image_names_the_build_command(engine, catalog, weights, dataset):
+    spec = catalog.model("tiny").model_copy(update={"image": "czb-test/not-built:0"})
+    with pytest.raises(ModelRunError, match="czb models build tiny"):
+        DockerModelSource(spec, RunOptions(weights_dir=weights)).embed(dataset)
+
+
+def test_staged_weights_and_cli(engine, tiny_image, weights, tmp_path, monkeypatch):
+    # A config with a published (here: local) weights file, staged by fetch-weights.
+    config = tmp_path / "config"
+    config.mkdir()
+    text = (TINY_DIR / "models.yaml").read_text().replace("container: .", f"container: {TINY_DIR}")
+    text += (
+        "    default_variant: v1\n"
+        "    variants:\n"
+        "      v1:\n"
+        "        license: CC0-1.0\n"
+        "        weights:\n"
+        f"          - uri: {weights / 'projection.npy'}\n"
+        "            path: projection.npy\n"
+    )
+    (config / "models.yaml").write_text(text)
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "-m", "tiny", "-t", "clustering", "-d", DATASET, "--seeds", "0",
+                                 "--config-dir", str(config), "--no-baseline", "--output-dir", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "czb models fetch-weights tiny --variant v1" in result.output
+
+    result = runner.invoke(app, ["models", "fetch-weights", "tiny", "--config-dir", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "CC0-1.0" in result.output
+
+    result = runner.invoke(app, ["run", "-m", "tiny", "-t", "clustering", "-d", DATASET, "--seeds", "0",
+                                 "--config-dir", str(config), "--format", "json", "--output-dir", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    tiny = next(r for r in records if r["model"]["name"] == "tiny")
+    assert tiny["status"] == "ok"
+    assert tiny["model"]["image_digest"] == tiny_image.id
+    assert tiny["model"]["info"]["weights_license"] == "CC0-1.0"
+    assert {r["model"]["name"] for r in records} == {"tiny", "pca"}  # the baseline is always there
+
+    result = runner.invoke(app, ["list", "models", "--config-dir", str(config), "--format", "json"])
+    row = next(r for r in json.loads(result.stdout) if r["name"] == "tiny")
+    assert row["image"] == "czb-test/tiny:1" and row["memory_gb"] == 1 and row["variants"] == ["v1"]
