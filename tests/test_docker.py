@@ -271,3 +271,62 @@ def test_staged_weights_and_cli(engine, tiny_image, weights, tmp_path, monkeypat
     result = runner.invoke(app, ["list", "models", "--config-dir", str(config), "--format", "json"])
     row = next(r for r in json.loads(result.stdout) if r["name"] == "tiny")
     assert row["image"] == "czb-test/tiny:1" and row["memory_gb"] == 1 and row["variants"] == ["v1"]
+
+
+# ----------------------------------------------------------------------------- a real model image
+
+# Trains a small scVI reference inside the scvi image itself (the host has no torch) and
+# saves it in the Census layout, <weights>/homo_sapiens/model.pt.
+_TRAIN_REFERENCE = """
+import anndata as ad, scvi
+adata = ad.read_h5ad("/work/reference.h5ad")
+scvi.settings.seed = 0
+scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+model = scvi.model.SCVI(adata, n_latent=10, n_hidden=64, n_layers=1, gene_likelihood="nb")
+model.train(max_epochs=60, accelerator="cpu", batch_size=128, enable_progress_bar=False, logger=False,
+            enable_checkpointing=False)
+model.save("/work/weights/homo_sapiens", save_anndata=False)
+"""
+
+
+@pytest.mark.slow
+def test_scvi_image_builds_and_maps_a_query_through_docker(engine, tmp_path):
+    """`czb models build scvi` on the local base, then `czb run --model scvi` on CPU."""
+    import anndata as ad
+
+    catalog = Catalog.load([])
+    spec = catalog.model("scvi")
+    image = build_model_image(spec, base_image=BASE_IMAGE, log=lambda _line: None)
+
+    data = load_dataset(catalog.dataset(DATASET))
+    work = tmp_path / "work"
+    (work / "weights").mkdir(parents=True)
+    reference = ad.AnnData(X=data.adata.X.astype(np.float32), obs=data.adata.obs[["batch"]].astype(str))
+    reference.var_names = data.adata.var_names
+    reference.write_h5ad(work / "reference.h5ad")
+    for path in (work, work / "weights"):
+        path.chmod(0o777)
+    engine.containers.run(
+        image.id, entrypoint=["/opt/venv/bin/python", "-c", _TRAIN_REFERENCE], network_mode="none",
+        user="10001:10001", volumes={str(work): {"bind": "/work", "mode": "rw"}},
+        environment={"HOME": "/tmp"}, remove=True,
+    )
+    assert (work / "weights" / "homo_sapiens" / "model.pt").is_file()
+
+    result = CliRunner().invoke(app, [
+        "run", "--model", "scvi", "--task", "clustering", "--task", "batch_integration", "--dataset", DATASET,
+        "--weights", str(work / "weights"), "--gpus", "none", "--seeds", "0", "--format", "json",
+        "--output-dir", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 0, result.output
+    records = {(r["model"]["name"], r["task"]["name"]): r for r in json.loads(result.stdout)}
+    clustering = records[("scvi", "clustering")]
+    assert clustering["status"] == "ok", clustering["error"]
+    assert clustering["model"]["image_digest"] == image.id
+    meta = clustering["model"]["info"]["container_meta"]
+    assert meta["model"] == "scvi" and meta["device"] == "cpu"
+    assert meta["n_weight_tensors_loaded"] > 0 and meta["weights_checksum"]
+    ari = {m["name"]: m["value"] for m in clustering["metrics"]}["adjusted_rand_index"]
+    assert ari > 0.5  # the planted cell types, through a reference trained on these cells
+    assert records[("pca", "clustering")]["status"] == "ok"  # the baseline beside it
+    assert _containers(engine) == []

@@ -143,7 +143,7 @@ class Request:
         if request.device not in ("cpu", "cuda"):
             msg = f"{path}: device must be 'cpu' or 'cuda', got {request.device!r}"
             raise ContractError(msg)
-        if not isinstance(request.batch_size, int) or request.batch_size < 1:
+        if isinstance(request.batch_size, bool) or not isinstance(request.batch_size, int) or request.batch_size < 1:
             msg = f"{path}: batch_size must be a positive integer, got {request.batch_size!r}"
             raise ContractError(msg)
         return request

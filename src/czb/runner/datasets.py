@@ -411,6 +411,12 @@ def _select(adata: anndata.AnnData, spec: DatasetSpec) -> tuple[anndata.AnnData,
 
     gene_ids, source = _gene_ids(var, spec)
     new_var = var.copy()
+    if source != "var_names":
+        # Keep the other kind of ID the var_names held (cz-benchmarks files: symbols as
+        # var_names, Ensembl IDs in a column), so models reading symbols need no table.
+        other = "gene_symbol" if spec.gene_id_type == "ensembl" else "ensembl_id"
+        if other not in new_var.columns:
+            new_var[other] = var.index.astype(str).to_numpy()
     new_var.index = pd.Index(gene_ids, name=None)
     obs = adata.obs.copy()
     obs.index = pd.Index(obs.index.astype(str), name=None)

@@ -182,6 +182,15 @@ class WeightsVariant(BaseModel):
     organisms: list[str] = Field(default_factory=list)  # empty: the model's organisms
     weights: list[WeightFile] = Field(default_factory=list)
 
+    @field_validator("organisms")
+    @classmethod
+    def _known_organisms(cls, value: list[str]) -> list[str]:
+        unknown = [o for o in value if o not in ORGANISMS]
+        if unknown:
+            msg = f"unknown organism(s) {', '.join(unknown)}; known: {', '.join(sorted(ORGANISMS))}"
+            raise ValueError(msg)
+        return value
+
 
 class ModelSpec(_Spec):
     """A model that turns a dataset into cell embeddings."""

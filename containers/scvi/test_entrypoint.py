@@ -1,0 +1,281 @@
+"""scVI entrypoint tests: a real tiny SCVI reference, saved as the Census publishes it.
+
+The reference is trained once per module (n_latent 4, n_hidden 8, 1 epoch on
+``tiny_counts`` keyed by Ensembl IDs, batch key ``batch`` like the Census models) and
+saved with ``SCVI.save`` as ``<weights>/homo_sapiens/model.pt``; every test then runs
+the entrypoint in-process on a query through scvi-tools' own query path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scvi
+import torch
+from conftest import load_entrypoint, read_output, tiny_counts, write_job
+
+entrypoint = load_entrypoint("scvi")
+
+N_LATENT = 4
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A trained tiny SCVI reference: its folder, training data and own latent means."""
+    scvi.settings.seed = 0
+    adata = tiny_counts(gene_id_type="ensembl")
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata, n_latent=N_LATENT, n_hidden=8, n_layers=1, gene_likelihood="nb")
+    model.train(max_epochs=1, accelerator="cpu", batch_size=16, enable_progress_bar=False)
+    folder = tmp_path_factory.mktemp("reference")
+    model.save(str(folder / "homo_sapiens"), save_anndata=False)
+    return {
+        "folder": folder,
+        "adata": adata,
+        "model": model,
+        "latent": model.get_latent_representation(),
+    }
+
+
+def stage(dirs, reference, edit=None):
+    """Copy the reference into the weights folder; ``edit`` may change its state dict."""
+    shutil.copytree(reference["folder"], dirs["weights"], dirs_exist_ok=True)
+    if edit is not None:
+        path = dirs["weights"] / "homo_sapiens" / "model.pt"
+        saved = torch.load(path, weights_only=False)
+        edit(saved["model_state_dict"])
+        torch.save(saved, path)
+
+
+def run(dirs, contract):
+    return contract.run(
+        entrypoint.embed,
+        model="scvi",
+        package="scvi-tools",
+        input_dir=dirs["input"],
+        weights_dir=dirs["weights"],
+        output_dir=dirs["output"],
+    )
+
+
+def subdir(tmp_path, name):
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def query_counts(**kwargs):
+    # Same genes as the reference, other cells (another seed).
+    return tiny_counts(gene_id_type="ensembl", seed=1, **kwargs)
+
+
+def request(**overrides):
+    base = {
+        "model": "scvi",
+        "organism": "human",
+        "gene_id_type": "ensembl",
+        "seed": 0,
+        "batch_size": 16,
+    }
+    return {**base, **overrides}
+
+
+def n_reference_tensors(reference):
+    saved = torch.load(reference["folder"] / "homo_sapiens" / "model.pt", weights_only=False)
+    return sum(isinstance(v, torch.Tensor) for v in saved["model_state_dict"].values())
+
+
+def test_embeds_query_with_the_reference_encoder(tmp_path, reference, contract):
+    adata = reference["adata"]
+    dirs = write_job(tmp_path, adata, **request())
+    stage(dirs, reference)
+    assert run(dirs, contract) == 0
+    values, ids, meta = read_output(dirs["output"])
+    assert values.shape == (adata.n_obs, N_LATENT)
+    assert np.isfinite(values).all()
+    assert ids == list(adata.obs_names)
+    # The Census encoder takes no batch: the query latent is the reference's own.
+    np.testing.assert_allclose(values, reference["latent"], rtol=1e-5, atol=1e-5)
+    assert meta["n_weight_tensors_loaded"] == n_reference_tensors(reference) > 30
+    assert meta["weights_checksum"]
+    assert meta["package"] == "scvi-tools"
+    assert scvi.__version__ in (meta.get("version"), meta.get("package_version"))
+    assert meta["genes_matched"] == meta["reference_genes"] == 60
+    assert meta["genes_zero_filled"] == 0
+    assert meta["query_batches"] == 1 and meta["query_batches_in_reference"] == 0
+    assert meta["query_training_epochs"] == 0
+
+
+def test_same_seed_same_embedding_and_nothing_written_outside_output(
+    tmp_path, reference, contract, monkeypatch
+):
+    # The working directory must stay empty: lightning logs or checkpoints would fail
+    # on a read-only root filesystem.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    runs = []
+    for name in ("a", "b"):
+        dirs = write_job(
+            subdir(tmp_path, name), query_counts(), **request(seed=3, parameters={"max_epochs": 2})
+        )
+        stage(dirs, reference)
+        weights_before = sorted(p.relative_to(dirs["weights"]) for p in dirs["weights"].rglob("*"))
+        assert run(dirs, contract) == 0
+        assert (
+            sorted(p.relative_to(dirs["weights"]) for p in dirs["weights"].rglob("*"))
+            == weights_before
+        )
+        runs.append(read_output(dirs["output"]))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][2]["query_training_epochs"] == 2
+    assert list(cwd.iterdir()) == []
+
+
+def test_query_training_keeps_reference_weights_frozen(tmp_path, reference, contract):
+    outputs = []
+    for epochs in (0, 3):
+        dirs = write_job(
+            subdir(tmp_path, str(epochs)),
+            query_counts(),
+            **request(parameters={"max_epochs": epochs}),
+        )
+        stage(dirs, reference)
+        assert run(dirs, contract) == 0
+        outputs.append(read_output(dirs["output"])[0])
+    # The encoder takes no batch, so scArches freezes all of it: not one bit moves
+    # (scvi's default weight decay of 1e-6 would nudge it).
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("change", ["remove", "rename"])
+def test_partial_checkpoint_fails_and_keeps_nothing(tmp_path, reference, contract, change):
+    def edit(state):
+        tensor = state.pop("z_encoder.mean_encoder.weight")
+        if change == "rename":
+            state["z_encoder.mean_encoder.weight_renamed"] = tensor
+
+    dirs = write_job(tmp_path, query_counts(), **request())
+    stage(dirs, reference, edit)
+    assert run(dirs, contract) == 1
+    for name in (contract.META_FILE, contract.EMBEDDINGS_FILE, contract.CELL_IDS_FILE):
+        assert not (dirs["output"] / name).exists()
+    reason = json.loads((dirs["output"] / "reason.json").read_text())
+    assert "PartialLoadError" in reason["reason"]
+    assert "mean_encoder.weight" in reason["reason"]
+
+
+def test_partial_load_check_names_tensors_not_loaded(reference):
+    saved = torch.load(reference["folder"] / "homo_sapiens" / "model.pt", weights_only=False)
+    ref = entrypoint.Reference(
+        path=reference["folder"],
+        tensors=dict(saved["model_state_dict"]),
+        var_names=np.array([]),
+        batch_key="batch",
+        batches=[],
+        layer=None,
+        init_params={},
+        scvi_version=None,
+    )
+    del ref.tensors["pyro_param_store"]
+    module = reference["model"].module
+    assert entrypoint.check_reference_loaded(module, ref) == len(ref.tensors)
+    ref.tensors["px_r"] = ref.tensors["px_r"] + 1.0
+    with pytest.raises(entrypoint.PartialLoadError, match="px_r"):
+        entrypoint.check_reference_loaded(module, ref)
+
+
+def test_unsupported_organism_is_not_applicable(tmp_path, reference, contract):
+    dirs = write_job(tmp_path, query_counts(), **request(organism="zebrafish"))
+    stage(dirs, reference)
+    assert run(dirs, contract) == 99
+    assert not (dirs["output"] / contract.META_FILE).exists()
+
+
+def test_variant_of_another_organism_is_not_applicable(tmp_path, reference, contract):
+    dirs = write_job(tmp_path, query_counts(), **request(organism="mouse", variant="homo_sapiens"))
+    stage(dirs, reference)
+    assert run(dirs, contract) == 99
+
+
+def test_missing_genes_are_zero_filled_and_counted(tmp_path, reference, contract):
+    adata = reference["adata"]
+    rng = np.random.default_rng(0)
+    dropped = rng.choice(adata.n_vars, size=15, replace=False)
+    kept = np.setdiff1d(np.arange(adata.n_vars), dropped)
+    query = adata[:, rng.permutation(kept)].copy()  # other gene order
+    # Versioned IDs, as some datasets write them, match the unversioned reference.
+    query.var_names = [f"{g}.7" for g in query.var_names]
+    extra = tiny_counts(
+        n_genes=5, gene_id_type="ensembl", ensembl_ids=[f"ENSG9{i:010d}" for i in range(5)]
+    )
+    extra.obs_names = query.obs_names
+    import anndata as ad
+
+    query = ad.concat([query, extra], axis=1, merge="first")
+    dirs = write_job(tmp_path, query, **request())
+    stage(dirs, reference)
+    assert run(dirs, contract) == 0
+    values, ids, meta = read_output(dirs["output"])
+    assert meta["genes_matched"] == 45
+    assert meta["genes_zero_filled"] == 15
+    assert meta["dataset_genes_not_in_reference"] == 5
+    assert meta["gene_match_fraction"] == pytest.approx(0.75)
+    # Same as the reference encoder on the training data with those genes set to zero.
+    zeroed = adata.copy()
+    zeroed.X = zeroed.X.toarray()
+    zeroed.X[:, dropped] = 0
+    expected = reference["model"].get_latent_representation(zeroed)
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-5)
+    assert ids == list(adata.obs_names)
+
+
+def test_too_few_reference_genes_fails_clearly(tmp_path, reference, contract):
+    query = query_counts()[:, :10].copy()
+    dirs = write_job(tmp_path, query, **request(parameters={"min_gene_fraction": 0.5}))
+    stage(dirs, reference)
+    assert run(dirs, contract) == 1
+    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
+    assert "only 10 of the 60 reference genes" in reason
+    assert "min_gene_fraction" in reason
+    assert not (dirs["output"] / contract.META_FILE).exists()
+
+
+def test_symbol_keyed_dataset_uses_the_ensembl_column(tmp_path, reference, contract):
+    query = tiny_counts(gene_id_type="symbol", seed=1)
+    dirs = write_job(tmp_path, query, **request(gene_id_type="symbol"))
+    stage(dirs, reference)
+    assert run(dirs, contract) == 0
+    assert read_output(dirs["output"])[2]["genes_matched"] == 60
+
+
+def test_batch_keys_make_census_style_batch_labels(tmp_path, reference, contract):
+    query = query_counts()
+    # "b" + "0" and "b" + "1" are the reference's batches; "x" + "9" is new.
+    query.obs["dataset_id"] = ["x" if i % 4 == 3 else "b" for i in range(query.n_obs)]
+    query.obs["donor_id"] = ["9" if i % 4 == 3 else str(i % 2) for i in range(query.n_obs)]
+    dirs = write_job(
+        tmp_path,
+        query,
+        **request(batch_keys=["dataset_id", "donor_id"], parameters={"max_epochs": 1}),
+    )
+    stage(dirs, reference)
+    assert run(dirs, contract) == 0
+    values, _, meta = read_output(dirs["output"])
+    assert values.shape == (query.n_obs, N_LATENT)
+    assert meta["query_batches"] == 3
+    assert meta["query_batches_in_reference"] == 2
+    assert meta["reference_batches"] == 2
+    assert meta["batch_keys"] == ["dataset_id", "donor_id"]
+    # New batches grow the decoder's batch columns; the loaded count is the reference's.
+    assert meta["n_weight_tensors_loaded"] == n_reference_tensors(reference)
+
+
+def test_missing_batch_column_fails(tmp_path, reference, contract):
+    dirs = write_job(tmp_path, query_counts(), **request(batch_keys=["donor_id"]))
+    stage(dirs, reference)
+    assert run(dirs, contract) == 1
+    assert "donor_id" in json.loads((dirs["output"] / "reason.json").read_text())["reason"]
