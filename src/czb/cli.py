@@ -151,18 +151,20 @@ def list_(
 
 
 def _model_table_row(row: dict) -> dict:
-    """A model's row for the terminal: resources in one column, no description."""
+    """A model's row for the terminal: short columns; ``--format json`` has everything."""
     resources = ["GPU" if row["gpu"] else "CPU"]
     if row["memory_gb"]:
-        resources.append(f"{row['memory_gb']:g} GB")
-    if row["shm_gb"]:
-        resources.append(f"shm {row['shm_gb']:g} GB")
+        resources.append(f"{row['memory_gb']:g}G")
     if row["timeout_s"]:
-        resources.append(f"{row['timeout_s'] / 3600:.1f} h max")
+        resources.append(f"{row['timeout_s'] / 3600:g}h")
+
+    def short(items: list, n: int = 2) -> str:
+        return ", ".join(map(str, items[:n])) + (f" +{len(items) - n}" if len(items) > n else "")
+
     return {
-        "name": row["name"], "kind": row["kind"], "input": f"{row['input']}, {row['gene_id_type']}",
-        "organisms": row["organisms"], "dim": row["output_dim"], "resources": " ".join(resources),
-        "variants": row["variants"],
+        "name": row["name"], "kind": row["kind"], "genes": row["gene_id_type"],
+        "organisms": short(row["organisms"]), "dim": row["output_dim"],
+        "resources": " ".join(resources), "variants": short(row["variants"], 1),
     }
 
 
