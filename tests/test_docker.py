@@ -217,6 +217,15 @@ def test_killed_container_is_a_failure_and_nothing_is_kept(engine, catalog, tiny
     assert record.model.image_digest == tiny_image.id
 
 
+def test_memory_limit_kills_and_says_so(engine, catalog, tiny_image, weights, dataset):
+    spec = _with_parameters(catalog, allocate_mb=1024)
+    source = DockerModelSource(spec, RunOptions(weights_dir=weights, memory_gb=0.2, use_cache=False, log=lambda _l: None))
+    with pytest.raises(ModelRunError, match=r"exceeding its 0.2 GB memory limit \(raise --memory-gb\)") as excinfo:
+        source.embed(dataset)
+    assert "allocating 1024 MB" in excinfo.value.log_tail
+    assert _containers(engine) == []
+
+
 def test_gpus_on_a_daemon_without_gpu_driver(engine, catalog, tiny_image, weights, dataset):
     has_gpu_runtime = "nvidia" in (engine.info().get("Runtimes") or {})
     if has_gpu_runtime:

@@ -230,7 +230,7 @@ def read_output(output_dir: Path, *, name: str) -> ModelOutput:
     try:
         meta = json.loads(meta_path.read_text())
         ids = json.loads((output_dir / CELL_IDS_FILE).read_text())
-        values = np.load(output_dir / EMBEDDINGS_FILE, allow_pickle=False, mmap_mode=None)
+        values = np.load(output_dir / EMBEDDINGS_FILE, allow_pickle=False)
     except FileNotFoundError as e:
         msg = f"{name}: output file {Path(e.filename).name} missing"
         raise EmbeddingError(msg) from None
@@ -484,12 +484,11 @@ class DockerModelSource:
                 "gpus": self.gpus,
             }
             self._check_exit(run, output_dir)
-            output = read_output(output_dir, name=self.name)
-            if not self.options.use_cache and not dataset.sha256:
-                return output, None, run_info
+            output = read_output(output_dir, name=self.name)  # in memory: the folder may move
+            if not dataset.sha256:
+                return output, None, run_info  # no checksum, no key: nothing to cache under
             shutil.copy2(log_file, output_dir / LOG_FILE)
-            entry = self.cache.put(key, output_dir, parts) if dataset.sha256 else None
-            return output, entry, run_info
+            return output, self.cache.put(key, output_dir, parts), run_info
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -5,7 +5,8 @@ log1p(counts scaled to the median total) by /weights/projection.npy, drops cells
 parameters.min_genes expressed genes, and writes /output/embeddings.npy,
 /output/cell_ids.json and, last, /output/meta.json. Exits 99 when the organism is not
 in parameters.organisms. Test hooks: parameters.sleep_s (sleep midway, after writing a
-partial file) and parameters.probe (report the sandbox it runs in).
+partial file), parameters.allocate_mb (allocate that much memory) and parameters.probe
+(report the sandbox it runs in).
 """
 
 import json
@@ -70,6 +71,9 @@ def main():
         return 99
     counts, ids = read_counts("/input/" + request.get("dataset_file", "dataset.h5ad"))
     print(f"read {counts.shape[0]} cells x {counts.shape[1]} genes", flush=True)
+    if params.get("allocate_mb"):
+        print(f"allocating {params['allocate_mb']} MB", flush=True)
+        np.ones(int(params["allocate_mb"]) * 2**20 // 8)
     projection = np.load("/weights/projection.npy")
     if projection.shape[0] != counts.shape[1]:
         print(f"projection has {projection.shape[0]} rows for {counts.shape[1]} genes", file=sys.stderr)
