@@ -82,7 +82,8 @@ def weights(tmp_path, dataset):
 
 
 def _containers(engine) -> list:
-    return engine.containers.list(all=True, filters={"label": "org.czb.model"})
+    """Containers this test process started and that still exist."""
+    return engine.containers.list(all=True, filters={"label": f"org.czb.host-pid={os.getpid()}"})
 
 
 def _source(catalog, weights, **options) -> DockerModelSource:

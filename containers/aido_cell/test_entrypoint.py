@@ -58,10 +58,9 @@ def randomise(model, seed=0):
     return model
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory):
-    """A tiny checkpoint in the published layout, and how many encoder tensors it holds."""
-    folder = tmp_path_factory.mktemp("aido_cell_weights")
+def write_weights(folder):
+    """Write a tiny checkpoint in the published layout; return its folder and how many
+    encoder tensors it holds."""
     randomise(modeling.CellFoundationForMaskedLM(tiny_config())).save_pretrained(
         folder, safe_serialization=False
     )
@@ -69,6 +68,12 @@ def published(tmp_path_factory):
     n_encoder = sum(name.startswith("bert.") for name in saved)
     assert n_encoder > 0 and any(name.startswith("cls.") for name in saved)
     return {"folder": folder, "n_encoder_tensors": n_encoder}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A tiny checkpoint in the published layout, and how many encoder tensors it holds."""
+    return write_weights(tmp_path_factory.mktemp("aido_cell_weights"))
 
 
 def stage(tmp_path, published, adata, edit=None, **request):

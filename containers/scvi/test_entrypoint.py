@@ -22,15 +22,16 @@ entrypoint = load_entrypoint("scvi")
 N_LATENT = 4
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """A trained tiny SCVI reference: its folder, training data and own latent means."""
+def write_reference(folder):
+    """Train a tiny SCVI reference and save it as ``<folder>/homo_sapiens/model.pt``.
+
+    Returns its folder, training data, model and own latent means.
+    """
     scvi.settings.seed = 0
     adata = tiny_counts(gene_id_type="ensembl")
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.SCVI(adata, n_latent=N_LATENT, n_hidden=8, n_layers=1, gene_likelihood="nb")
     model.train(max_epochs=1, accelerator="cpu", batch_size=16, enable_progress_bar=False)
-    folder = tmp_path_factory.mktemp("reference")
     model.save(str(folder / "homo_sapiens"), save_anndata=False)
     return {
         "folder": folder,
@@ -38,6 +39,12 @@ def reference(tmp_path_factory):
         "model": model,
         "latent": model.get_latent_representation(),
     }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A trained tiny SCVI reference: its folder, training data and own latent means."""
+    return write_reference(tmp_path_factory.mktemp("reference"))
 
 
 def stage(dirs, reference, edit=None):

@@ -82,7 +82,8 @@ VARIANTS = {
 }
 DEFAULT_VARIANT = "4layer"
 
-#: Model sizes shared by both published checkpoints (``uce.evaluate.run_eval``).
+#: Model sizes shared by both published checkpoints (``uce.evaluate.run_eval``); the
+#: sizes a checkpoint's tensors show are read from it (:func:`checkpoint_architecture`).
 ARCHITECTURE = {
     "token_dim": 5120,
     "d_model": 1280,
@@ -144,19 +145,40 @@ def point_gene_embeddings_at(folder: Path) -> None:
         paths[species] = folder / Path(path).name
 
 
+def checkpoint_architecture(state) -> dict:
+    """The model sizes of a checkpoint: :data:`ARCHITECTURE`, with the sizes its tensors show.
+
+    Both published checkpoints give :data:`ARCHITECTURE` itself; a checkpoint of another
+    size (e.g. a tiny test model) is built at its own size instead of failing the strict
+    load. ``nhead`` and ``dropout`` leave no trace in the tensors and stay as published.
+    """
+    arch = dict(ARCHITECTURE)
+    for name, key, axis in (
+        ("d_model", "encoder.0.weight", 0),
+        ("token_dim", "encoder.0.weight", 1),
+        ("d_hid", "transformer_encoder.layers.0.linear1.weight", 0),
+        ("output_dim", "decoder.3.weight", 0),
+    ):
+        tensor = state.get(key)
+        if tensor is not None and tensor.ndim == 2:
+            arch[name] = int(tensor.shape[axis])
+    return arch
+
+
 def load_model(job: Job, checkpoint: Path, nlayers: int, device: str):
     """UCE's ``TransformerModel`` with the published weights, as ``uce.evaluate.run_eval`` builds it.
 
     Returns
     -------
-    The model in eval mode on ``device`` and the number of tensors loaded.
+    The model in eval mode on ``device``, the number of tensors loaded and the model sizes.
     """
     import torch
     from torch import nn
     from uce.evaluate import get_ESM2_embeddings
     from uce.model import TransformerModel
 
-    arch = ARCHITECTURE
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    arch = checkpoint_architecture(state)
     model = TransformerModel(
         token_dim=arch["token_dim"],
         d_model=arch["d_model"],
@@ -168,7 +190,6 @@ def load_model(job: Job, checkpoint: Path, nlayers: int, device: str):
     )
     # The token table is part of the checkpoint: give the model a slot of the right size.
     model.pe_embedding = nn.Embedding.from_pretrained(torch.empty(N_TOKENS, arch["token_dim"]))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     n_loaded = load_state_dict_strictly(model, state, name=checkpoint.name)
     del state
     # As run_eval: the token file replaces the checkpoint's table only when it holds a
@@ -182,7 +203,7 @@ def load_model(job: Job, checkpoint: Path, nlayers: int, device: str):
         all_pe.requires_grad = False
         model.pe_embedding = nn.Embedding.from_pretrained(all_pe)
     del all_pe
-    return model.eval().to(device), n_loaded
+    return model.eval().to(device), n_loaded, arch
 
 
 class CellSentences:
@@ -297,7 +318,7 @@ def embed(job: Job) -> ModelOutput:
 
     Returns
     -------
-    One L2-normalised 1280-dimensional embedding per kept cell.
+    One L2-normalised embedding per kept cell (1280-dimensional for the published models).
     """
     import torch
     from torch import nn
@@ -329,7 +350,7 @@ def embed(job: Job) -> ModelOutput:
 
     adata = job.read_dataset()
     adata, (token_idxs, chroms, starts), dropped = prepare_cells(adata, species, weights)
-    model, n_loaded = load_model(job, weights["checkpoint"], settings["nlayers"], device)
+    model, n_loaded, arch = load_model(job, weights["checkpoint"], settings["nlayers"], device)
 
     cells = CellSentences(adata.X.tocsr(), args, token_idxs, chroms.to_numpy(), starts)
     loader = DataLoader(
@@ -354,6 +375,7 @@ def embed(job: Job) -> ModelOutput:
         "species": species,
         "variant": variant,
         "nlayers": settings["nlayers"],
+        "architecture": arch,
         "sample_size": args.sample_size,
         **dropped,
     }

@@ -1,9 +1,11 @@
 """Tests of the UCE entrypoint with a tiny random UCE model in the published file layout.
 
-The checkpoint is a state dict of ``uce.model.TransformerModel`` (token dim 4, model dim 8,
+The checkpoint is a state dict of ``uce.model.TransformerModel`` (token dim 4, model dim 20,
 4 layers) with the published token-table size; protein embeddings, species offsets and
 chromosome positions are written in the published formats, so UCE's own loading,
-filtering and sampling code runs.
+filtering and sampling code runs. The entrypoint reads the model sizes from the
+checkpoint's tensors, except the number of attention heads (20, as published), which
+the tiny model keeps so that the same weights load in the image.
 """
 
 from __future__ import annotations
@@ -22,18 +24,14 @@ import czb_container
 
 entrypoint = load_entrypoint("uce")
 
-TINY = {"token_dim": 4, "d_model": 8, "nhead": 2, "d_hid": 16, "output_dim": 8, "dropout": 0.05}
+#: Sizes of the tiny model; nhead is the published one (not readable from a checkpoint).
+TINY = {"token_dim": 4, "d_model": 20, "nhead": 20, "d_hid": 16, "output_dim": 8, "dropout": 0.05}
 N_GENES = 60
 #: Genes of the dataset with a protein embedding; GENE30..GENE59 have none.
 EMBEDDED = [f"GENE{i}" for i in range(30)]
 HUMAN_FILE = "Homo_sapiens.GRCh38.gene_symbol_to_embedding_ESM2.pt"
 MOUSE_FILE = "Mus_musculus.GRCm39.gene_symbol_to_embedding_ESM2.pt"
 PARAMETERS = {"sample_size": 64}
-
-
-@pytest.fixture(autouse=True)
-def tiny_architecture(monkeypatch):
-    monkeypatch.setattr(entrypoint, "ARCHITECTURE", TINY)
 
 
 def write_weights(folder: Path, *, nested_protein_embeddings: bool = False) -> Path:
@@ -137,6 +135,7 @@ def test_embeds_every_cell(tmp_path, weights):
     assert meta["n_cells_dropped"] == 0
     assert meta["n_genes_used"] == len(EMBEDDED)
     assert (meta["variant"], meta["nlayers"], meta["species"]) == ("4layer", 4, "human")
+    assert meta["architecture"] == TINY  # read from the checkpoint, nhead as published
 
 
 def test_same_seed_same_embeddings(tmp_path, weights):

@@ -208,7 +208,8 @@ def run_container(
         "device_requests": _device_requests(limits.gpus),
         "detach": True,
         "name": f"czb-{name}-{os.urandom(4).hex()}",
-        "labels": {"org.czb.model": name},
+        # Lets this process (and its tests) find its own containers among others'.
+        "labels": {"org.czb.model": name, "org.czb.host-pid": str(os.getpid())},
     }
     if limits.memory_gb:
         options["mem_limit"] = f"{int(limits.memory_gb * 1024)}m"
