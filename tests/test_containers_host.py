@@ -136,6 +136,15 @@ def test_request_json_is_what_the_container_reads(dataset, tmp_path):
     assert czb_container.CONTRACT_VERSION == CONTRACT_VERSION
 
 
+def test_host_and_container_name_the_same_files_and_exit_codes():
+    # Two copies by design (images never import czb); they must not drift apart.
+    from czb.runner import containers as host
+
+    for name in ("CONTRACT_VERSION", "EXIT_OK", "EXIT_NOT_APPLICABLE", "DATASET_FILE", "REQUEST_FILE",
+                 "EMBEDDINGS_FILE", "CELL_IDS_FILE", "META_FILE", "REASON_FILE"):
+        assert getattr(host, name) == getattr(czb_container, name), name
+
+
 # --------------------------------------------------------------------------- applicability
 
 

@@ -55,6 +55,7 @@ DATASET_FILE = "dataset.h5ad"
 EMBEDDINGS_FILE = "embeddings.npy"
 CELL_IDS_FILE = "cell_ids.json"
 META_FILE = "meta.json"
+REASON_FILE = "reason.json"
 
 log = logging.getLogger("czb_container")
 
@@ -458,7 +459,7 @@ def main(embed: Callable[[Job], ModelOutput], *, model: str, package: str | None
 def _write_reason(output_dir: Path, status: str, reason: str) -> None:
     # A one-line verdict the host shows instead of digging through logs.
     with contextlib.suppress(OSError):
-        (Path(output_dir) / "reason.json").write_text(json.dumps({"status": status, "reason": reason}))
+        (Path(output_dir) / REASON_FILE).write_text(json.dumps({"status": status, "reason": reason}))
 
 
 def _configure_logging() -> None:
