@@ -254,14 +254,14 @@ def test_synthetic_sha256_tracks_generator_arguments():
     assert digest(small) == digest(small)
     assert digest(small) == digest({**small, "seed": 0})  # a default spelled out is the same data
     assert digest(small) != digest({**small, "seed": 1})
-    assert set(GENERATORS) == {"planted_cells"}
+    assert "planted_cells" in GENERATORS
 
 
 def test_synthetic_generator_errors():
     base = {"name": "bad", "organism": "human", "label_key": "cell_type"}
     with pytest.raises(
         DatasetError,
-        match=r"dataset 'bad': unknown synthetic generator 'nope'; known: planted_cells",
+        match=r"dataset 'bad': unknown synthetic generator 'nope'; known: .*planted_cells",
     ):
         load_dataset(DatasetSpec(uri="synthetic:nope", **base))
     with pytest.raises(

@@ -72,3 +72,113 @@ def test_clustering_beyond_8192_cells():
     assert record.status == "ok", record.error
     assert record.dataset.n_cells == 9000
     assert record.metric("normalized_mutual_info").value > 0.5
+
+
+# ----------------------------------------------------------------------------- several datasets
+
+
+def test_cross_species_tasks_score_stacked_embeddings_of_each_dataset(tmp_path):
+    from czb.runner.results import read_result
+
+    catalog = Catalog.load()
+    out = run_benchmark(
+        catalog,
+        datasets=["synthetic_species_human", "synthetic_species_mouse"],
+        tasks=["embedding", "cross_species_integration", "cross_species_label_prediction"],
+        models=["random"],
+        seeds=(0,),
+        n_jobs=2,
+        output_dir=tmp_path,
+    )
+    by_key = {(r.dataset.name, r.model.name, r.task.name): r for r in out}
+    group = "synthetic_species_human+synthetic_species_mouse"
+    # Per-dataset tasks once per dataset, cross-species tasks once per model on the group.
+    assert set(by_key) == {
+        (d, m, t)
+        for m in ("random", "pca")
+        for d, t in [("synthetic_species_human", "embedding"), ("synthetic_species_mouse", "embedding"),
+                     (group, "cross_species_integration"), (group, "cross_species_label_prediction")]
+    }
+    record = by_key[(group, "random", "cross_species_integration")]
+    assert record.status == "ok", record.error
+    assert [m.name for m in record.dataset.members] == ["synthetic_species_human", "synthetic_species_mouse"]
+    assert record.dataset.n_cells == 1200
+    transfer = by_key[(group, "random", "cross_species_label_prediction")]
+    pairs = {(m.params["train_species"], m.params["test_species"]) for m in transfer.metrics}
+    assert {("human", "mouse"), ("mouse", "human")} <= pairs
+    # Written and read back with the members.
+    stem = group.replace("+", "-")  # file names keep letters, digits, '_', '.', '-'
+    written = [read_result(p) for p in tmp_path.glob(f"{stem}__random__cross_species_integration__*.json")]
+    assert len(written) == 1 and len(written[0].dataset.members) == 2
+
+
+def test_cross_species_needs_several_datasets():
+    from czb.errors import CzbError
+
+    with pytest.raises(CzbError, match="give two or more --dataset"):
+        run_benchmark(Catalog.load(), datasets=["synthetic_species_human"],
+                      tasks=["cross_species_integration"], models=["random"], seeds=(0,))
+
+
+def test_a_member_without_embedding_fails_the_group_and_says_which():
+    import numpy as np
+
+    from czb.runner.embeddings import Embedding
+    from czb.runner.results import DatasetRecord
+    from czb.runner.run import Embedded, GroupMember, build_tasks, score_group
+
+    catalog = Catalog.load()
+    planned = build_tasks([catalog.task("cross_species_integration")])
+    roles = {"labels": np.array(["a", "b"] * 20, dtype=object), "batch": None}
+
+    def member(name, organism, embedded):
+        record = DatasetRecord(name=name, uri=f"x:{name}", sha256=None, n_cells=40, n_genes=10)
+        return GroupMember(record, embedded, {**roles, "species": np.full(40, organism, dtype=object)})
+
+    model = {"name": "m", "kind": "docker", "image_digest": "sha256:1", "info": {}}
+    ok = Embedded(model, Embedding(values=np.zeros((40, 4), np.float32), model="m", kind="docker"))
+    failed = Embedded(model, None, "failed", "container failed (exit code 1)")
+    not_applicable = Embedded(model, None, "not_applicable", "m supports human; dataset b is mouse")
+    (record,) = score_group([member("a", "human", ok), member("b", "mouse", failed)], planned,
+                            seeds=(0,), n_jobs=1, command="")
+    assert record.status == "failed" and "b: container failed" in record.error
+    (record,) = score_group([member("a", "human", ok), member("b", "mouse", not_applicable)], planned,
+                            seeds=(0,), n_jobs=1, command="")
+    assert record.status == "not_applicable" and "b: m supports human" in record.error
+    wide = Embedded(model, Embedding(values=np.zeros((40, 8), np.float32), model="m", kind="docker"))
+    (record,) = score_group([member("a", "human", ok), member("b", "mouse", wide)], planned,
+                            seeds=(0,), n_jobs=1, command="")
+    assert record.status == "failed" and "differ in dimension" in record.error
+
+
+def test_ordered_string_time_points_run_through_the_declared_order(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from czb.errors import DatasetError
+    from czb.runner.datasets import load_dataset, validate_dataset
+    from czb.runner.synthetic import planted_cells
+
+    cells = planted_cells(n_cells=300, n_genes=200, n_time_points=3, seed=0)
+    stage = np.array(["young", "middle", "old"])[cells.obs["time_point"].astype(int).to_numpy()]
+    obs = pd.DataFrame({"cell_type": cells.obs["cell_type"].to_numpy(), "age_group": stage}, index=cells.obs_names)
+    path = tmp_path / "aged.h5ad"
+    ad.AnnData(X=sp.csr_matrix(cells.X), obs=obs, var=cells.var).write_h5ad(path)
+    spec = DatasetSpec(name="aged", uri=str(path), organism="human", label_key="cell_type",
+                       extra_keys={"time_point": "age_group"},
+                       label_order={"time_point": ["young", "middle", "old"]})
+    ds = load_dataset(spec)
+    validate_dataset(ds)
+    np.testing.assert_array_equal(ds.role("time_point"), cells.obs["time_point"].astype(int).to_numpy())
+
+    catalog = Catalog.load()
+    catalog.datasets["aged"] = spec
+    (record,) = [r for r in run_benchmark(catalog, datasets=["aged"], tasks=["sequential_organization"],
+                                          models=["pca"], seeds=(0,)) if r.model.name == "pca"]
+    assert record.status == "ok", record.error
+
+    wrong = spec.model_copy(update={"label_order": {"time_point": ["young", "old"]}})
+    with pytest.raises(DatasetError, match=r"values \['middle'\] that are not in label_order"):
+        validate_dataset(load_dataset(wrong))

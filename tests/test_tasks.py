@@ -28,8 +28,15 @@ def scored():
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_registered_task_runs_on_tiny_data(name):
     X, labels, batches = planted_embedding(120, n_types=3, n_batches=2, dim=5)
+    # Every role some task needs: time points, two species, donors.
+    roles = {
+        "time_point": np.arange(120) % 4,
+        "species": np.where(np.arange(120) < 60, "human", "mouse").astype(object),
+        "dataset": np.where(np.arange(120) < 60, "a", "b").astype(object),
+        "donor": (np.arange(120) % 6).astype(str).astype(object),
+    }
     task = get_task(name)()
-    (result,) = evaluate(X, labels=labels, batches=batches, tasks=[task], seeds=(0, 1))
+    (result,) = evaluate(X, labels=labels, batches=batches, roles=roles, tasks=[task], seeds=(0, 1))
     assert result.status == "ok", result.error
     assert {m.name for m in result.metrics} == set(task.info.metrics)
     for m in result.metrics:

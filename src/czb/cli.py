@@ -311,6 +311,17 @@ def _parse_gpus(text: str | None) -> str | None:
     raise CzbError(msg)
 
 
+def _metric_qualifier(params: dict) -> str:
+    """What tells apart metrics of one name in the table: classifier, species pair, cell types."""
+    parts = []
+    if "train_species" in params:
+        parts.append(f"{params['train_species']}→{params.get('test_species')}")
+    for key in ("classifier", "cell_types"):
+        if key in params:
+            parts.append(str(params[key]))
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def _print_results(records) -> None:
     from rich.table import Table
 
@@ -326,7 +337,7 @@ def _print_results(records) -> None:
             table.add_row(r.dataset.name, r.task.name, r.model.name, "", "", "", f"{r.status}: {r.error}")
             continue
         for m in r.metrics:
-            label = m.name + (f" [{m.params['classifier']}]" if "classifier" in m.params else "")
+            label = m.name + _metric_qualifier(m.params)
             value = "n/a" if m.value is None else f"{m.value:.4f}"
             if m.value_std_dev is not None:
                 value += f" ± {m.value_std_dev:.4f}"

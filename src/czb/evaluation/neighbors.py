@@ -96,7 +96,8 @@ def _smooth_knn_sigmas(distances: np.ndarray, n_iter: int = 64) -> tuple[np.ndar
             break
         a = np.flatnonzero(active)
         da = d[a]
-        psum = np.where(da > 0, np.exp(-da / mid[a, None]), 1.0).sum(axis=1)
+        # exp(-max(d, 0) / sigma): 1 where d <= 0, never overflowing for tiny sigma.
+        psum = np.exp(-np.maximum(da, 0.0) / mid[a, None]).sum(axis=1)
         converged = np.abs(psum - target) < 1e-5
         too_big = (psum > target) & ~converged
         too_small = ~too_big & ~converged
@@ -133,7 +134,7 @@ def umap_connectivities(indices: np.ndarray, distances: np.ndarray) -> sparse.cs
     n, k = indices.shape
     sigmas, rhos = _smooth_knn_sigmas(distances)
     excess = distances - rhos[:, None]
-    weights = np.where(excess <= 0, 1.0, np.exp(-excess / sigmas[:, None]))
+    weights = np.exp(-np.maximum(excess, 0.0) / sigmas[:, None])  # 1 where excess <= 0
     weights[indices == np.arange(n)[:, None]] = 0.0
     rows = np.repeat(np.arange(n), k)
     A = sparse.csr_matrix((weights.ravel(), (rows, indices.ravel())), shape=(n, n))

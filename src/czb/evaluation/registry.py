@@ -71,7 +71,7 @@ class TaskInfo:
     requires: tuple[str, ...] = ("labels",)
     stochastic: bool = True
     reference: str = ""
-    kind: Literal["cell"] = "cell"
+    kind: Literal["cell", "multi_dataset"] = "cell"
     extra: dict = field(default_factory=dict)
 
 
@@ -85,10 +85,15 @@ _MODULES = (
     "czb.evaluation.metrics.mixing",
     "czb.evaluation.metrics.classification",
     "czb.evaluation.metrics.aggregate",
+    "czb.evaluation.metrics.perturbation",
+    "czb.evaluation.metrics.sequential",
     "czb.evaluation.tasks.clustering",
+    "czb.evaluation.tasks.sequential_organization",
     "czb.evaluation.tasks.embedding",
     "czb.evaluation.tasks.label_prediction",
     "czb.evaluation.tasks.batch_integration",
+    "czb.evaluation.tasks.cross_species_integration",
+    "czb.evaluation.tasks.cross_species_label_prediction",
 )
 
 

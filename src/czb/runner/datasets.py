@@ -102,13 +102,29 @@ class Dataset:
 
         ``species`` falls back to the spec's organism for every cell when the spec
         maps no obs column to it (a dataset holds one species unless it says otherwise).
+        A role with a declared ``label_order`` comes back as integer ranks in that order.
         """
         key = self.spec.extra_keys.get(role)
         if key is None:
             if role == "species":
                 return np.full(self.n_cells, self.spec.organism, dtype=object)
             return None
-        return self.adata.obs[key].to_numpy()
+        values = self.adata.obs[key].to_numpy()
+        order = self.spec.label_order.get(role)
+        if order is None:
+            return values
+        # Declared order: string labels become their rank (0, 1, ...), so ordered tasks
+        # (sequential organization) can compare them.
+        rank = {label: i for i, label in enumerate(order)}
+        text = np.asarray(values).astype(str)
+        unknown = sorted(str(t) for t in set(text) - set(rank))
+        if unknown:
+            msg = (
+                f"dataset {self.name!r}: obs[{key!r}] has values {unknown[:5]} that are not in "
+                f"label_order[{role!r}] ({', '.join(order)})"
+            )
+            raise DatasetError(msg)
+        return np.array([rank[t] for t in text], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- #
@@ -765,7 +781,8 @@ def validate_dataset(ds: Dataset, *, require: Iterable[str] = ()) -> None:
 
     1. every role in ``require`` is provided by the spec (``batch`` needs a
        ``batch_key``; ``label`` and ``species`` always are; others need ``extra_keys``);
-    2. ``label_key``, every batch key and every extra key are obs columns;
+    2. ``label_key``, every batch key and every extra key are obs columns, and every
+       value of a role with a ``label_order`` is in that order;
     3. gene IDs fit ``gene_id_type`` and the organism: for ``ensembl``, at least
        90% must carry the organism's Ensembl prefix; for ``symbol``, most must not
        look like Ensembl IDs;
@@ -788,6 +805,11 @@ def validate_dataset(ds: Dataset, *, require: Iterable[str] = ()) -> None:
     """
     _check_roles(ds, require)
     _check_obs_keys(ds)
+    for role in ds.spec.label_order:
+        if role not in ds.spec.extra_keys:
+            msg = f"dataset {ds.name!r}: label_order names role {role!r}, which extra_keys does not map"
+            raise DatasetError(msg)
+        ds.role(role)  # every value must be in the declared order
     _check_gene_ids(ds)
     _check_values(ds)
     _check_empty_cells(ds)

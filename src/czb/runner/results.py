@@ -56,11 +56,16 @@ class HostRecord(_Record):
 
 
 class DatasetRecord(_Record):
+    """The dataset scored; for a task over several datasets (cross-species), their group:
+    ``name`` joins the members' names with ``+``, ``n_cells``/``n_genes`` are totals and
+    ``members`` lists each one."""
+
     name: str
     uri: str
     sha256: str | None
     n_cells: int
     n_genes: int
+    members: list[DatasetRecord] = Field(default_factory=list)
 
 
 class ModelRecord(_Record):

@@ -5,7 +5,9 @@ Order of work, so bad input fails before anything heavy runs:
 1. resolve every name and build every task (unknown names, bad parameters);
 2. per dataset: load and validate it;
 3. per embedding source (the models asked for, plus the PCA baseline): embed,
-   then score every task on that embedding with one shared neighbour graph.
+   then score every task on that embedding with one shared neighbour graph;
+4. tasks over several datasets (``TaskInfo.kind == "multi_dataset"``, e.g.
+   cross-species) run last, on each source's embeddings of all datasets stacked.
 
 A source that fails to embed, or a task that fails, becomes a ``failed`` record;
 it is never dropped.
@@ -58,9 +60,13 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
     return roles
 
 
+def dataset_record(ds: Dataset) -> R.DatasetRecord:
+    return R.DatasetRecord(name=ds.name, uri=ds.spec.uri, sha256=ds.sha256, n_cells=ds.n_cells, n_genes=ds.n_genes)
+
+
 def _record(
     *,
-    ds: Dataset,
+    dataset: R.DatasetRecord,
     model: dict[str, Any],
     planned: PlannedTask,
     result: TaskResult,
@@ -72,9 +78,7 @@ def _record(
         created_at=R.now_utc(),
         command=command,
         host=R.host_record(),
-        dataset=R.DatasetRecord(
-            name=ds.name, uri=ds.spec.uri, sha256=ds.sha256, n_cells=ds.n_cells, n_genes=ds.n_genes
-        ),
+        dataset=dataset,
         model=R.ModelRecord(
             name=model["name"],
             kind=model["kind"],
@@ -106,9 +110,56 @@ def _record(
     )
 
 
-def score_source(
-    source: Any,
-    ds: Dataset,
+@dataclass
+class Embedded:
+    """The outcome of embedding one dataset with one source: an embedding, or why not."""
+
+    model: dict[str, Any]
+    embedding: Any = None
+    status: str = "ok"
+    error: str | None = None
+    runtime_s: float = 0.0
+
+
+def embed_dataset(source: Any, ds: Dataset, *, seed: int, raise_errors: bool = False) -> Embedded:
+    """Embed ``ds`` with ``source``; a failure or a not-applicable model is returned, not raised
+    (unless ``raise_errors``, for debugging)."""
+    info: dict[str, Any] = {}
+    with measure() as usage:
+        try:
+            embedding = source.embed(ds, seed=seed)
+        except NotApplicableError as e:
+            embedding, status, error = None, "not_applicable", str(e)
+        except Exception as e:  # noqa: BLE001 - a crashing model is a failed run, recorded
+            if raise_errors:
+                raise
+            embedding, status = None, "failed"
+            error = str(e) if isinstance(e, CzbError) else f"{type(e).__name__}: {e}"
+            if getattr(e, "log_tail", None):
+                info["log_tail"] = e.log_tail[-50:]
+        else:
+            status, error = "ok", None
+    model = source.describe()
+    info.update(embedding.info if embedding is not None else {})
+    return Embedded({**model, "info": info}, embedding, status, error, usage.runtime_s)
+
+
+def _unscored(embedded: Embedded, dataset: R.DatasetRecord, planned: Sequence[PlannedTask], *,
+              seeds: Sequence[int], command: str) -> list[R.ResultRecord]:
+    """One failed / not-applicable record per task, for an embedding that does not exist."""
+    prefix = "embedding failed: " if embedded.status == "failed" else ""
+    result = TaskResult(task="", status=embedded.status, seeds=list(seeds), error=f"{prefix}{embedded.error}")
+    return [
+        _record(dataset=dataset, model=embedded.model, planned=p, result=result, command=command,
+                embedding_runtime_s=embedded.runtime_s)
+        for p in planned
+    ]
+
+
+def score_embedding(
+    embedded: Embedded,
+    dataset: R.DatasetRecord,
+    roles: dict[str, np.ndarray | None],
     planned: Sequence[PlannedTask],
     *,
     seeds: Sequence[int],
@@ -117,54 +168,113 @@ def score_source(
     progress: Progress | None = None,
     raise_errors: bool = False,
 ) -> list[R.ResultRecord]:
-    """Embed ``ds`` with ``source`` and score every task; failures become records
-    (or propagate, with ``raise_errors``, for debugging)."""
+    """Score every task on one embedding, sharing one neighbour graph.
+
+    ``roles`` holds per-cell annotations aligned with the embedding's rows: ``labels``,
+    ``batch`` (or ``None``) and any extra role.
+    """
+    if embedded.embedding is None:
+        return _unscored(embedded, dataset, planned, seeds=seeds, command=command)
     say = progress or (lambda _msg: None)
-    model = source.describe()
-    say(f"{ds.name}: embedding with {model['name']}")
-    status = "failed"
-    with measure() as usage:
-        try:
-            embedding = source.embed(ds, seed=seeds[0])
-            error = None
-        except NotApplicableError as e:
-            embedding, status, error = None, "not_applicable", str(e)
-        except Exception as e:  # noqa: BLE001 - a crashing model is a failed run, recorded
-            if raise_errors:
-                raise
-            embedding = None
-            error = str(e) if isinstance(e, CzbError) else f"{type(e).__name__}: {e}"
-            log_tail = getattr(e, "log_tail", None)
-            if log_tail:
-                model = {**model, "info": {**model.get("info", {}), "log_tail": log_tail[-50:]}}
-    if embedding is None:
-        model = {**source.describe(), "info": model.get("info", {})}
-        prefix = "embedding failed: " if status == "failed" else ""
-        failed = TaskResult(task="", status=status, seeds=list(seeds), error=f"{prefix}{error}")
-        return [
-            _record(ds=ds, model=model, planned=p, result=failed, command=command,
-                    embedding_runtime_s=usage.runtime_s)
-            for p in planned
-        ]
-    model = {**source.describe(), "info": {**model.get("info", {}), **embedding.info}}
-    roles = dataset_roles(ds, embedding.cell_index)
+    roles = dict(roles)
     context = EvaluationContext(
-        embedding.values,
+        embedded.embedding.values,
         labels=roles.pop("labels"),
         batches=roles.pop("batch", None),
-        roles=roles,
+        roles={k: v for k, v in roles.items() if v is not None},
         n_jobs=n_jobs,
     )
     context.plan(p.task for p in planned)
     records = []
     for p in planned:
-        say(f"{ds.name}: {model['name']}: {p.spec.name}")
+        say(f"{dataset.name}: {embedded.model['name']}: {p.spec.name}")
         result = run_task(p.task, context, seeds, raise_errors=raise_errors)
-        records.append(
-            _record(ds=ds, model=model, planned=p, result=result, command=command,
-                    embedding_runtime_s=usage.runtime_s)
-        )
+        records.append(_record(dataset=dataset, model=embedded.model, planned=p, result=result,
+                               command=command, embedding_runtime_s=embedded.runtime_s))
     return records
+
+
+@dataclass
+class GroupMember:
+    """What a task over several datasets keeps of one member: its record, its embedding
+    and its roles (the AnnData itself is released)."""
+
+    record: R.DatasetRecord
+    embedded: Embedded
+    roles: dict[str, np.ndarray]
+
+
+def group_member(ds: Dataset, embedded: Embedded) -> GroupMember:
+    cell_index = embedded.embedding.cell_index if embedded.embedding is not None else None
+    roles = dataset_roles(ds, cell_index)
+    roles["species"] = ds.role("species") if cell_index is None else ds.role("species")[cell_index]
+    return GroupMember(dataset_record(ds), embedded, roles)
+
+
+def score_group(
+    members: Sequence[GroupMember],
+    planned: Sequence[PlannedTask],
+    *,
+    seeds: Sequence[int],
+    n_jobs: int,
+    command: str,
+    progress: Progress | None = None,
+    raise_errors: bool = False,
+) -> list[R.ResultRecord]:
+    """Score tasks over several datasets (cross-species) on their stacked embeddings.
+
+    Rows are stacked in member order. Roles passed on: ``labels``, ``species``,
+    ``dataset`` (member name), ``batch`` (``member|batch``, when every member has
+    batches) and each extra role every member has (``donor``, ``sample``,
+    ``time_point``...; donor and sample IDs prefixed with the member name so IDs of
+    different datasets never merge).
+    """
+    group = R.DatasetRecord(
+        name="+".join(m.record.name for m in members),
+        uri=" ".join(m.record.uri for m in members),
+        sha256=None,
+        n_cells=sum(m.record.n_cells for m in members),
+        n_genes=sum(m.record.n_genes for m in members),
+        members=[m.record for m in members],
+    )
+    first = members[0].embedded
+    model = {**first.model, "info": {"members": {m.record.name: m.embedded.model.get("info", {})
+                                                 for m in members}}}
+    runtime = sum(m.embedded.runtime_s for m in members)
+    problems = [m for m in members if m.embedded.embedding is None]
+    if problems:
+        status = "failed" if any(m.embedded.status == "failed" for m in problems) else "not_applicable"
+        error = "; ".join(f"{m.record.name}: {m.embedded.error}" for m in problems)
+        return _unscored(Embedded(model, None, status, error, runtime), group, planned,
+                         seeds=seeds, command=command)
+    dims = {m.record.name: m.embedded.embedding.dim for m in members}
+    if len(set(dims.values())) > 1:
+        error = "embeddings differ in dimension across datasets: " + ", ".join(f"{k} {v}" for k, v in dims.items())
+        return _unscored(Embedded(model, None, "failed", error, runtime), group, planned,
+                         seeds=seeds, command=command)
+
+    values = np.concatenate([m.embedded.embedding.values for m in members])
+    names = [np.full(len(m.roles["labels"]), m.record.name, dtype=object) for m in members]
+    roles: dict[str, np.ndarray | None] = {
+        "labels": np.concatenate([m.roles["labels"] for m in members]).astype(object),
+        "species": np.concatenate([m.roles["species"] for m in members]).astype(object),
+        "dataset": np.concatenate(names),
+    }
+    if all(m.roles.get("batch") is not None for m in members):
+        roles["batch"] = np.concatenate([n + "|" + m.roles["batch"].astype(str).astype(object)
+                                         for n, m in zip(names, members)])
+    shared = set.intersection(*(set(m.roles) for m in members)) - set(roles) - {"batch"}
+    for role in sorted(shared):
+        parts = [m.roles[role] for m in members]
+        if role in ("donor", "sample"):
+            parts = [n + ":" + p.astype(str).astype(object) for n, p in zip(names, parts)]
+        roles[role] = np.concatenate(parts)
+    from czb.runner.embeddings import Embedding
+
+    stacked = Embedded(model, Embedding(values=values, model=first.model["name"], kind="stacked"),
+                       runtime_s=runtime)
+    return score_embedding(stacked, group, roles, planned, seeds=seeds, n_jobs=n_jobs, command=command,
+                           progress=progress, raise_errors=raise_errors)
 
 
 def run_benchmark(
@@ -235,18 +345,42 @@ def run_benchmark(
     if embedding is not None:
         sources.insert(0, source_for_file(embedding, key=embedding_key))
 
+    single = [p for p in planned if p.task.info.kind != "multi_dataset"]
+    multi = [p for p in planned if p.task.info.kind == "multi_dataset"]
+    if multi and len(dataset_specs) < 2:
+        names = ", ".join(p.spec.name for p in multi)
+        msg = f"{names} compare(s) several datasets (e.g. one per species): give two or more --dataset"
+        raise CzbError(msg)
+
+    say = progress or (lambda _m: None)
     records: list[R.ResultRecord] = []
+
+    def keep(new: list[R.ResultRecord]) -> None:
+        if output_dir is not None:
+            for record in new:
+                R.write_result(record, output_dir)
+        records.extend(new)
+
+    members: list[list[GroupMember]] = [[] for _ in sources]
     for spec in dataset_specs:
-        (progress or (lambda _m: None))(f"{spec.name}: loading")
+        say(f"{spec.name}: loading")
         ds = load_dataset(spec, offline=offline, progress=progress is not None)
         validate_dataset(ds)
-        for source in sources:
-            new = score_source(source, ds, planned, seeds=seeds, n_jobs=n_jobs, command=command,
-                               progress=progress, raise_errors=raise_errors)
-            if output_dir is not None:
-                for record in new:
-                    R.write_result(record, output_dir)
-            records += new
+        for i, source in enumerate(sources):
+            say(f"{ds.name}: embedding with {source.describe()['name']}")
+            embedded = embed_dataset(source, ds, seed=seeds[0], raise_errors=raise_errors)
+            if single:
+                cell_index = embedded.embedding.cell_index if embedded.embedding is not None else None
+                keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, cell_index), single,
+                                     seeds=seeds, n_jobs=n_jobs, command=command, progress=progress,
+                                     raise_errors=raise_errors))
+            if multi:
+                members[i].append(group_member(ds, embedded))
+        del ds
+    if multi:
+        for group in members:
+            keep(score_group(group, multi, seeds=seeds, n_jobs=n_jobs, command=command,
+                             progress=progress, raise_errors=raise_errors))
     return records
 
 

@@ -96,7 +96,28 @@ def score_fold(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray, n_clas
     }
 
 
-def _fit_and_score(name, X, y, train, test, n_classes, seed) -> dict:
+def fit_and_score(
+    name: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    n_classes: int,
+    seed: int,
+) -> dict:
+    """Fit classifier ``name`` on rows ``train`` and score it on rows ``test``.
+
+    Parameters
+    ----------
+    X, y
+        ``(n, dim)`` features and ``(n,)`` integer labels in ``0..n_classes-1``.
+    train, test
+        Row indices.
+
+    Returns
+    -------
+    :func:`score_fold`'s scores; a class absent from ``train`` gets probability 0.
+    """
     clf = make_classifier(name, seed=seed)
     clf.fit(X[train], y[train])
     proba = np.zeros((len(test), n_classes))
@@ -163,7 +184,7 @@ def cross_validate_classifiers(
     splits = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X, y))
     jobs = [(name, fold, train, test) for name in classifiers for fold, (train, test) in enumerate(splits)]
     scores = Parallel(n_jobs=min(n_jobs, len(jobs)))(
-        delayed(_fit_and_score)(name, X, y, train, test, n_classes, seed) for name, _, train, test in jobs
+        delayed(fit_and_score)(name, X, y, train, test, n_classes, seed) for name, _, train, test in jobs
     )
     rows = [{"classifier": name, "fold": fold, **s} for (name, fold, _, _), s in zip(jobs, scores)]
     return CrossValidation(folds=pd.DataFrame(rows), dropped_labels=dropped, n_cells=int(keep.sum()))

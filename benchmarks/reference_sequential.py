@@ -1,0 +1,86 @@
+"""Reference sequential-organization values from cz-benchmarks 0.15.1, for tests/data.
+
+Run in the cz-benchmarks virtual environment (see reference_label_prediction.py)::
+
+    /tmp/czbref/bin/python benchmarks/reference_sequential.py > tests/data/cz_benchmarks_0.15.1_sequential.json
+
+cz-benchmarks draws the random baseline of ``sequential_alignment`` from numpy's
+global random state without seeding it, so the normalised score differs call by
+call. Recorded per case: the deterministic part (``normalize=False``, the mean time
+distance to the k nearest neighbours), ``REPEATS`` normalised scores and baselines
+from repeated calls (their spread sets the test tolerance), and the exact
+expectation of the baseline (mean |t_i - t_j| over all pairs i != j, brute force).
+The cases are rebuilt by ``make_cases`` in tests/test_sequential.py; the checksums
+let the test confirm it has the same data.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+from czbenchmarks.metrics.utils import _compute_random_baseline, sequential_alignment
+from czbenchmarks.tasks.sequential import SequentialOrganizationTask, SequentialOrganizationTaskInput
+
+REPEATS = 20
+
+
+def make_cases():
+    """Seeded embeddings with time points (keep identical to tests/test_sequential.py)."""
+    cases = {}
+    rng = np.random.default_rng(7)
+    # A planted time axis: cells along a curve ordered by time, plus noise, in 10-D.
+    t = rng.integers(0, 6, 600)
+    tau = (t + rng.uniform(0, 1, 600)) / 6
+    curve = np.stack([np.cos(3 * tau), np.sin(3 * tau), 2 * tau], axis=1)
+    rotation = np.linalg.qr(rng.normal(size=(10, 10)))[0][:3]
+    cases["curve"] = (curve @ rotation + 0.15 * rng.normal(size=(600, 10)), t)
+    # No structure: Gaussian noise, continuous time points.
+    cases["random"] = (rng.normal(size=(500, 10)), rng.uniform(0, 10, 500))
+    # Weak structure, float time points with ties, numeric strings as cz-benchmarks accepts.
+    t = rng.integers(0, 4, 400).astype(float) * 0.5
+    X = rng.normal(size=(400, 8))
+    X[:, 0] += 0.8 * t
+    cases["weak"] = (X, t)
+    cases["numeric_strings"] = (X, np.array([f"{v:g}" for v in t]))
+    return cases
+
+
+def exact_baseline(t):
+    d = np.abs(t[:, None] - t[None, :])
+    return float(d.sum() / (len(t) * (len(t) - 1)))
+
+
+out = {
+    "_source": "cz-benchmarks 0.15.1 czbenchmarks.metrics.utils.sequential_alignment and "
+    "SequentialOrganizationTask (silhouette_score) on benchmarks/reference_sequential.py:make_cases()",
+    "repeats": REPEATS,
+    "cases": {},
+}
+for name, (X, labels) in make_cases().items():
+    t = np.asarray(labels).astype(float)
+    task = SequentialOrganizationTask(random_seed=42)
+    results = task.run(
+        cell_representation=X,
+        task_input=SequentialOrganizationTaskInput(obs=pd.DataFrame({"t": labels}), input_labels=labels),
+    )
+    task_values = {r.metric_type.value: float(r.value) for r in results}
+    variants = []
+    for k, adaptive in ((5, False), (15, False), (15, True)):
+        kw = dict(k=k, adaptive_k=adaptive)
+        variants.append({
+            "k": k,
+            "adaptive_k": adaptive,
+            "distance": float(sequential_alignment(X, labels, normalize=False, **kw)),
+            "normalized": [float(sequential_alignment(X, labels, normalize=True, **kw)) for _ in range(REPEATS)],
+            "baselines": [float(_compute_random_baseline(t, k)) for _ in range(REPEATS)],
+        })
+    out["cases"][name] = {
+        "n_cells": len(t),
+        "checksum_X": float(np.sum(X)),
+        "checksum_t": float(np.sum(t)),
+        "exact_baseline": exact_baseline(t),
+        "silhouette_score": task_values["silhouette_score"],
+        "task_sequential_alignment": task_values["sequential_alignment"],
+        "variants": variants,
+    }
+print(json.dumps(out, indent=1))

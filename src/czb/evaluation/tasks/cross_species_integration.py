@@ -1,0 +1,191 @@
+"""Cross-species integration: are species mixed while cell types stay apart?
+
+The task receives one :class:`~czb.evaluation.context.EvaluationContext` holding the
+embeddings of several datasets stacked, with the roles ``labels`` (cell types, in one
+vocabulary across species) and ``species`` (organism per cell).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from czb.errors import NotApplicableError
+from czb.evaluation.context import EvaluationContext
+from czb.evaluation.metrics import aggregate as agg
+from czb.evaluation.metrics import clustering as clu
+from czb.evaluation.metrics import mixing as mix
+from czb.evaluation.metrics import silhouette as sil
+from czb.evaluation.registry import TaskInfo, register_task
+from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+
+
+class CrossSpeciesIntegrationParams(TaskParams):
+    #: cz-benchmarks' fixed neighbourhood for entropy_per_cell (self included).
+    entropy_neighbors: int = 200
+    #: scib-metrics' neighbourhood for LISI (perplexity = k // 3).
+    lisi_neighbors: int = 90
+    #: Leiden graph of the bio-conservation ARI/NMI.
+    n_neighbors: int = 15
+    #: A cell type is "shared" when at least two species have this many cells of it.
+    min_cells_per_species: int = 10
+
+
+def species_names(species: np.ndarray) -> list[str]:
+    """Distinct species, in order of first appearance (the datasets' stacking order)."""
+    return [str(s) for s in pd.unique(np.asarray(species).astype(str))]
+
+
+def require_species(context: EvaluationContext, task: str) -> np.ndarray:
+    """The ``species`` role as strings; :class:`NotApplicableError` unless it names >= 2 species."""
+    species = np.asarray(context.require("species")).astype(str)
+    names = species_names(species)
+    if len(names) < 2:
+        found = f"only {names[0]!r}" if names else "none"
+        msg = (
+            f"task {task!r} compares species and needs datasets of at least 2 organisms; "
+            f"found {found} (add datasets of another organism to the run)"
+        )
+        raise NotApplicableError(msg)
+    return species
+
+
+def shared_cell_types(labels: np.ndarray, species: np.ndarray, min_cells: int) -> tuple[list[str], list[str]]:
+    """Cell types with at least ``min_cells`` cells in two or more species, and all the others.
+
+    Returns
+    -------
+    ``(shared, unshared)``, both sorted label names.
+    """
+    counts = pd.crosstab(np.asarray(labels).astype(str), np.asarray(species).astype(str))
+    n_species_with_type = (counts >= min_cells).sum(axis=1)
+    shared = sorted(counts.index[n_species_with_type >= 2])
+    unshared = sorted(counts.index[n_species_with_type < 2])
+    return shared, unshared
+
+
+@register_task
+class CrossSpeciesIntegration(Task):
+    """cz-benchmarks' ``entropy_per_cell`` and ``batch_silhouette`` with species as the batch,
+    plus the bio conservation that keeps them honest.
+
+    Mixing alone rewards destroying structure (random noise mixes species perfectly),
+    so the result also holds bio conservation and scIB's weighted total
+    ``0.6 bio + 0.4 mixing``, as in ``batch_integration``:
+
+    * mixing (species as batch): ``entropy_per_cell`` (k = 200, cz-benchmarks' value;
+      reported but, being size-dependent, left out of the total), ``batch_silhouette``
+      (cz-benchmarks' value: per cell type over all cells, types seen in one species
+      skipped) and ``ilisi_normalized``;
+    * bio conservation on the cells of *shared* cell types (``params.cell_types =
+      "shared"``: types with at least ``min_cells_per_species`` cells in two or more
+      species): label ``silhouette_score`` and Leiden (resolution 1.0, 15 neighbours,
+      on the whole embedding) ``adjusted_rand_index`` / ``normalized_mutual_info``.
+      Species-specific types cannot be mixed, so they are left out of these scores and
+      named in ``params.unshared_labels``;
+    * ``silhouette_score`` with ``params.cell_types = "within_species"``: the label
+      silhouette computed inside each species (all its types), mean over species. Not
+      in the total; it tells "species kept apart but each well structured" from
+      "structure destroyed";
+    * ``scib_bio_conservation`` (mean of the three shared-type bio scores),
+      ``scib_batch_correction`` (mean of ``batch_silhouette`` and ``ilisi_normalized``)
+      and ``scib_overall`` = 0.6 bio + 0.4 mixing.
+
+    The weighting keeps noise below a well-integrated embedding, but not necessarily
+    below one that leaves the species wholly apart (both fail integration; noise keeps
+    its near-perfect mixing scores): compare bio conservation and the within-species
+    silhouette, not the total alone.
+    """
+
+    info = TaskInfo(
+        name="cross_species_integration",
+        description="Species mixing (entropy, batch silhouette, iLISI; species as batch) with "
+        "bio conservation on species-shared cell types and an scIB total.",
+        metrics=(
+            mix.ENTROPY_PER_CELL.name, sil.BATCH_SILHOUETTE.name, mix.ILISI_NORMALIZED.name,
+            sil.SILHOUETTE_SCORE.name, clu.ADJUSTED_RAND_INDEX.name, clu.NORMALIZED_MUTUAL_INFO.name,
+            agg.SCIB_BIO_CONSERVATION.name, agg.SCIB_BATCH_CORRECTION.name, agg.SCIB_OVERALL.name,
+        ),
+        requires=("labels", "species"),
+        stochastic=True,
+        reference="doi:10.1038/s41592-021-01336-8",
+        kind="multi_dataset",
+    )
+    Params = CrossSpeciesIntegrationParams
+
+    def neighbors_needed(self, n_cells: int) -> int:
+        p = self.params
+        return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
+
+    def check(self, context: EvaluationContext) -> None:
+        super().check(context)
+        species = require_species(context, self.info.name)
+        self._shared(context.require("labels"), species)
+
+    def _shared(self, labels: np.ndarray, species: np.ndarray) -> tuple[list[str], list[str]]:
+        shared, unshared = shared_cell_types(labels, species, self.params.min_cells_per_species)
+        if not shared:
+            msg = (
+                f"task {self.info.name!r}: no cell type has >= {self.params.min_cells_per_species} cells "
+                f"in two species ({', '.join(species_names(species))}), so conservation across species "
+                "cannot be measured; are the datasets' labels in one vocabulary (e.g. Cell Ontology)?"
+            )
+            raise NotApplicableError(msg)
+        return shared, unshared
+
+    def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
+        p = self.params
+        labels = np.asarray(context.require("labels")).astype(str)
+        species = require_species(context, self.info.name)
+        shared, unshared = self._shared(labels, species)
+        in_shared = np.isin(labels, shared)
+
+        graph = context.neighbors(max(p.entropy_neighbors, p.lisi_neighbors))
+        entropy_idx, _ = graph.knn(min(p.entropy_neighbors, graph.k))
+        lisi_idx, lisi_dist = graph.knn(min(p.lisi_neighbors, graph.k))
+        X = context.X
+        # Seed-independent values: computed once per embedding, repeated for every seed.
+        # Memo keys name the species so they never collide with batch-based values.
+        mixing = {
+            mix.ENTROPY_PER_CELL.name: context.memo(
+                ("entropy_per_cell", p.entropy_neighbors, "species"),
+                lambda: mix.entropy_per_cell(entropy_idx, species),
+            ),
+            sil.BATCH_SILHOUETTE.name: context.memo(
+                ("silhouette_batch", "species"), lambda: sil.silhouette_batch(X, labels, species)
+            ),
+            mix.ILISI_NORMALIZED.name: context.memo(
+                ("ilisi_normalized", p.lisi_neighbors, "species"),
+                lambda: mix.ilisi_normalized(lisi_idx, lisi_dist, species),
+            ),
+        }
+        sil_shared = context.memo(
+            ("silhouette_label", "shared", p.min_cells_per_species),
+            lambda: sil.silhouette_label(X[in_shared], labels[in_shared]),
+        )
+        sil_within = context.memo(
+            ("silhouette_label", "within_species"),
+            lambda: float(np.mean([
+                sil.silhouette_label(X[species == s], labels[species == s]) for s in species_names(species)
+            ])),
+        )
+        clusters = context.leiden(1.0, seed=seed, k=p.n_neighbors)
+        ari = clu.adjusted_rand_index(labels[in_shared], clusters[in_shared])
+        nmi = clu.normalized_mutual_info(labels[in_shared], clusters[in_shared])
+        totals = agg.scib_scores(
+            bio=[sil_shared, ari, nmi],
+            batch=[mixing[sil.BATCH_SILHOUETTE.name], mixing[mix.ILISI_NORMALIZED.name]],
+        )
+        shared_params = {
+            "cell_types": "shared",
+            "n_cell_types": len(shared),
+            "unshared_labels": ",".join(unshared),
+        }
+        return [
+            *(MetricValue(name, value) for name, value in mixing.items()),
+            MetricValue(sil.SILHOUETTE_SCORE.name, sil_shared, shared_params),
+            MetricValue(clu.ADJUSTED_RAND_INDEX.name, ari, shared_params),
+            MetricValue(clu.NORMALIZED_MUTUAL_INFO.name, nmi, shared_params),
+            MetricValue(sil.SILHOUETTE_SCORE.name, sil_within, {"cell_types": "within_species"}),
+            *(MetricValue(name, value) for name, value in totals.items()),
+        ]
