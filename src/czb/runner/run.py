@@ -49,8 +49,11 @@ def build_tasks(specs: Sequence[TaskSpec]) -> list[PlannedTask]:
 
 
 def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-cell annotations of a dataset by role, restricted to ``cell_index`` when given."""
-    roles: dict[str, np.ndarray] = {"labels": ds.labels}
+    """Per-cell annotations of a dataset by role, restricted to ``cell_index`` when given.
+
+    ``species`` is always there (the spec's organism unless an obs column holds it).
+    """
+    roles: dict[str, np.ndarray] = {"labels": ds.labels, "species": ds.role("species")}
     if ds.batches is not None:
         roles["batch"] = ds.batches
     for role in ds.spec.extra_keys:
@@ -119,6 +122,11 @@ class Embedded:
     status: str = "ok"
     error: str | None = None
     runtime_s: float = 0.0
+
+    @property
+    def cell_index(self) -> np.ndarray | None:
+        """The dataset cells the embedding's rows belong to (``None``: all, or no embedding)."""
+        return self.embedding.cell_index if self.embedding is not None else None
 
 
 def embed_dataset(source: Any, ds: Dataset, *, seed: int, raise_errors: bool = False) -> Embedded:
@@ -205,10 +213,7 @@ class GroupMember:
 
 
 def group_member(ds: Dataset, embedded: Embedded) -> GroupMember:
-    cell_index = embedded.embedding.cell_index if embedded.embedding is not None else None
-    roles = dataset_roles(ds, cell_index)
-    roles["species"] = ds.role("species") if cell_index is None else ds.role("species")[cell_index]
-    return GroupMember(dataset_record(ds), embedded, roles)
+    return GroupMember(dataset_record(ds), embedded, dataset_roles(ds, embedded.cell_index))
 
 
 def score_group(
@@ -370,8 +375,7 @@ def run_benchmark(
             say(f"{ds.name}: embedding with {source.describe()['name']}")
             embedded = embed_dataset(source, ds, seed=seeds[0], raise_errors=raise_errors)
             if single:
-                cell_index = embedded.embedding.cell_index if embedded.embedding is not None else None
-                keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, cell_index), single,
+                keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, embedded.cell_index), single,
                                      seeds=seeds, n_jobs=n_jobs, command=command, progress=progress,
                                      raise_errors=raise_errors))
             if multi:
