@@ -252,8 +252,9 @@ def test_run_no_baseline(tmp_path):
 def test_run_table_shows_difference_to_pca(tmp_path):
     result = invoke("run", "--model", "random", "--task", "embedding", *TINY, "--output-dir", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "Δ pca" in result.stdout
+    assert "Δ = model - pca" in result.stdout
     assert "random" in result.stdout and "pca" in result.stdout
+    assert "-0." in result.stdout  # random's silhouette is below PCA's on planted types
 
 
 def test_run_output_dir_defaults_to_czb_output_dir(tmp_path, monkeypatch):

@@ -221,7 +221,7 @@ def test_killed_container_is_a_failure_and_nothing_is_kept(engine, catalog, tiny
 def test_memory_limit_kills_and_says_so(engine, catalog, tiny_image, weights, dataset):
     spec = _with_parameters(catalog, allocate_mb=1024)
     source = DockerModelSource(spec, RunOptions(weights_dir=weights, memory_gb=0.2, use_cache=False, log=lambda _l: None))
-    with pytest.raises(ModelRunError, match=r"exceeding its 0.2 GB memory limit \(raise --memory-gb\)") as excinfo:
+    with pytest.raises(ModelRunError, match=r"0.2 GB memory limit \(raise --memory-gb\)") as excinfo:
         source.embed(dataset)
     assert "allocating 1024 MB" in excinfo.value.log_tail
     assert _containers(engine) == []

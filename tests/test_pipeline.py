@@ -182,3 +182,67 @@ def test_ordered_string_time_points_run_through_the_declared_order(tmp_path):
     wrong = spec.model_copy(update={"label_order": {"time_point": ["young", "old"]}})
     with pytest.raises(DatasetError, match=r"values \['middle'\] that are not in label_order"):
         validate_dataset(load_dataset(wrong))
+
+
+# ----------------------------------------------------------------------------- perturbation predictors
+
+
+def test_perturbation_tasks_score_predictors_beside_both_baselines():
+    from czb.runner.run import baseline_differences
+
+    catalog = Catalog.load()
+    out = run_benchmark(
+        catalog,
+        datasets=["synthetic_perturbations"],
+        tasks=["perturbation_expression_shift", "clustering"],
+        models=["additive_linear", "random"],
+        seeds=(0,),
+        n_jobs=2,
+    )
+    by_key = {(r.model.name, r.task.name): r for r in out}
+    # Both perturbation baselines and PCA are added; each model gets every task, and the
+    # ones it cannot serve are not_applicable rather than missing.
+    assert set(by_key) == {(m, t) for m in ("additive_linear", "random", "pca", "control_mean")
+                           for t in ("perturbation_expression_shift", "clustering")}
+    assert by_key[("additive_linear", "clustering")].status == "not_applicable"
+    assert by_key[("random", "perturbation_expression_shift")].status == "not_applicable"
+    additive = by_key[("additive_linear", "perturbation_expression_shift")]
+    control = by_key[("control_mean", "perturbation_expression_shift")]
+    assert additive.status == control.status == "ok", (additive.error, control.error)
+    assert additive.model.image_digest == "in-process"
+    # Planted additive effects: the additive baseline clearly beats "no change".
+    assert additive.metric("mse_top20_de").value < 0.2 * control.metric("mse_top20_de").value
+    assert additive.metric("pearson_delta_top20_de").value > 0.9
+    diffs = baseline_differences(out)
+    delta = [v for k, v in diffs.items() if k[1] == "perturbation_expression_shift" and k[2] == "pearson_delta_top20_de"]
+    assert len(delta) == 1 and delta[0] > 0.9  # compared with control_mean, not pca
+
+
+def test_perturbation_dataset_needs_conditions_and_a_control_label():
+    from czb.errors import DatasetError
+    from czb.runner.datasets import load_dataset
+    from czb.runner.predictors import perturbation_data
+
+    spec = Catalog.load().dataset("synthetic_perturbations")
+    with pytest.raises(DatasetError, match="need control_label"):
+        perturbation_data(load_dataset(spec.model_copy(update={"control_label": None})))
+    with pytest.raises(DatasetError, match="no cell has condition 'control'"):
+        perturbation_data(load_dataset(spec.model_copy(update={"control_label": "control"})))
+    with pytest.raises(DatasetError, match=r"extra_keys: \{condition: <obs column>\}"):
+        perturbation_data(load_dataset(spec.model_copy(update={"extra_keys": {}})))
+
+
+def test_predictor_specs_are_checked():
+    from czb.errors import SpecError
+    from czb.runner.predictors import predictor_for_model
+    from czb.runner.specs import ModelSpec
+
+    spec = Catalog.load().model("additive_linear")
+    assert predictor_for_model(spec).describe()["implementation"] == "additive_linear"
+    with pytest.raises(SpecError, match="unknown predictor implementation 'gears'"):
+        predictor_for_model(spec.model_copy(update={"implementation": "gears"}))
+    with pytest.raises(SpecError, match="takes no parameters"):
+        predictor_for_model(spec.model_copy(update={"parameters": {"k": 1}}))
+    docker = ModelSpec(name="scgenept", kind="docker", image="x:1", container="scgenept", output="predictions")
+    with pytest.raises(SpecError, match="in-process baselines only"):
+        predictor_for_model(docker)

@@ -325,12 +325,12 @@ def _metric_qualifier(params: dict) -> str:
 def _print_results(records) -> None:
     from rich.table import Table
 
-    from czb.runner.run import BASELINE_MODEL, baseline_differences
+    from czb.runner.run import baseline_differences
 
     diffs = baseline_differences(records)
-    table = Table(title="czb results (mean ± sd over seeds; Δ = model - pca)")
-    for column in ("dataset", "task", "model", "metric", "value", f"Δ {BASELINE_MODEL}", "status"):
-        numeric = column in ("value", f"Δ {BASELINE_MODEL}")
+    table = Table(title="czb results (mean ± sd over seeds; Δ = model - pca; for perturbations, model - control_mean)")
+    for column in ("dataset", "task", "model", "metric", "value", "Δ", "status"):
+        numeric = column in ("value", "Δ")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "status")
     for r in records:
         if r.status != "ok":

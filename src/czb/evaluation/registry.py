@@ -71,7 +71,7 @@ class TaskInfo:
     requires: tuple[str, ...] = ("labels",)
     stochastic: bool = True
     reference: str = ""
-    kind: Literal["cell", "multi_dataset"] = "cell"
+    kind: Literal["cell", "multi_dataset", "perturbation"] = "cell"
     extra: dict = field(default_factory=dict)
 
 
@@ -94,6 +94,7 @@ _MODULES = (
     "czb.evaluation.tasks.batch_integration",
     "czb.evaluation.tasks.cross_species_integration",
     "czb.evaluation.tasks.cross_species_label_prediction",
+    "czb.evaluation.tasks.genetic_perturbation_prediction",
 )
 
 

@@ -504,10 +504,14 @@ class DockerModelSource:
         if run.exit_code == EXIT_NOT_APPLICABLE:
             msg = f"{self.name}: not applicable: {reason or 'the container exited 99'}"
             raise NotApplicableError(msg)
+        limit = self.limits().memory_gb
         if run.oom_killed:
-            why = f"killed for exceeding its {self.limits().memory_gb} GB memory limit (raise --memory-gb)"
+            why = f"killed for exceeding its {limit} GB memory limit (raise --memory-gb)"
         elif run.exit_code == 137:
-            why = "killed (exit 137: SIGKILL, e.g. `docker kill` or the kernel's OOM killer)"
+            # Docker does not always flag an OOM kill; say what else a SIGKILL can be.
+            cause = f"`docker kill`, or exceeding its {limit} GB memory limit (raise --memory-gb)" if limit else (
+                "`docker kill` or the kernel's OOM killer")
+            why = f"killed (exit 137: SIGKILL, by {cause})"
         else:
             why = f"exit code {run.exit_code}"
         detail = f": {reason}" if reason else ""

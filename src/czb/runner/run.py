@@ -7,7 +7,12 @@ Order of work, so bad input fails before anything heavy runs:
 3. per embedding source (the models asked for, plus the PCA baseline): embed,
    then score every task on that embedding with one shared neighbour graph;
 4. tasks over several datasets (``TaskInfo.kind == "multi_dataset"``, e.g.
-   cross-species) run last, on each source's embeddings of all datasets stacked.
+   cross-species) run last, on each source's embeddings of all datasets stacked;
+5. perturbation tasks (``kind == "perturbation"``) score predictors (models with
+   ``output: predictions``) instead of embeddings, beside the control-mean and
+   additive-linear baselines.
+
+A model that does not produce what a task scores gets a ``not_applicable`` record.
 
 A source that fails to embed, or a task that fails, becomes a ``failed`` record;
 it is never dropped.
@@ -30,9 +35,12 @@ from czb.evaluation.resources import measure
 from czb.evaluation.tasks.base import Task
 from czb.runner import results as R
 from czb.runner.datasets import Dataset
+from czb.runner.predictors import InProcessPredictor, perturbation_data
 from czb.runner.specs import Catalog, DatasetSpec, TaskSpec
 
 BASELINE_MODEL = "pca"
+#: What perturbation predictors are compared with in tables (both baselines are scored).
+BASELINE_PREDICTOR = "control_mean"
 
 Progress = Callable[[str], None]
 
@@ -202,6 +210,33 @@ def score_embedding(
     return records
 
 
+def score_predictor(
+    source: InProcessPredictor,
+    ds: Dataset,
+    data: Any,
+    planned: Sequence[PlannedTask],
+    *,
+    seeds: Sequence[int],
+    n_jobs: int,
+    command: str,
+    progress: Progress | None = None,
+    raise_errors: bool = False,
+) -> list[R.ResultRecord]:
+    """Score a perturbation predictor on every perturbation task of one dataset."""
+    from czb.evaluation.tasks.genetic_perturbation_prediction import PerturbationContext
+
+    say = progress or (lambda _msg: None)
+    model = {**source.describe(), "info": {}}
+    context = PerturbationContext(data, source, n_jobs=n_jobs)
+    records = []
+    for p in planned:
+        say(f"{ds.name}: {source.name}: {p.spec.name}")
+        result = run_task(p.task, context, seeds, raise_errors=raise_errors)
+        records.append(_record(dataset=dataset_record(ds), model=model, planned=p, result=result,
+                               command=command, embedding_runtime_s=0.0))
+    return records
+
+
 @dataclass
 class GroupMember:
     """What a task over several datasets keeps of one member: its record, its embedding
@@ -328,6 +363,7 @@ def run_benchmark(
     """
     from czb.runner.datasets import load_dataset, validate_dataset
     from czb.runner.embeddings import source_for_file, source_for_model
+    from czb.runner.predictors import BASELINE_PREDICTORS, predictor_for_model
     from czb.settings import get_settings
 
     settings = get_settings()
@@ -344,18 +380,26 @@ def run_benchmark(
     if embedding is None and not model_specs:
         msg = "nothing to score: give --model or --embedding"
         raise CzbError(msg)
-    if baseline and BASELINE_MODEL not in {m.name for m in model_specs}:
-        model_specs.append(catalog.model(BASELINE_MODEL))
-    sources = [source_for_model(m, model_options) for m in model_specs]
-    if embedding is not None:
-        sources.insert(0, source_for_file(embedding, key=embedding_key))
-
-    single = [p for p in planned if p.task.info.kind != "multi_dataset"]
+    cell_level = [p for p in planned if p.task.info.kind == "cell"]
     multi = [p for p in planned if p.task.info.kind == "multi_dataset"]
+    perturbation = [p for p in planned if p.task.info.kind == "perturbation"]
     if multi and len(dataset_specs) < 2:
         names = ", ".join(p.spec.name for p in multi)
         msg = f"{names} compare(s) several datasets (e.g. one per species): give two or more --dataset"
         raise CzbError(msg)
+    if baseline:
+        # The baselines every comparison needs: PCA for embeddings, the simple
+        # predictors for perturbation responses.
+        wanted = ([BASELINE_MODEL] if cell_level or multi else []) + (
+            list(BASELINE_PREDICTORS) if perturbation else [])
+        present = {m.name for m in model_specs}
+        model_specs += [catalog.model(name) for name in wanted if name not in present]
+    sources = [
+        predictor_for_model(m) if m.output == "predictions" else source_for_model(m, model_options)
+        for m in model_specs
+    ]
+    if embedding is not None:
+        sources.insert(0, source_for_file(embedding, key=embedding_key))
 
     say = progress or (lambda _m: None)
     records: list[R.ResultRecord] = []
@@ -371,16 +415,32 @@ def run_benchmark(
         say(f"{spec.name}: loading")
         ds = load_dataset(spec, offline=offline, progress=progress is not None)
         validate_dataset(ds)
+        data = None  # the dataset as perturbation tasks read it, built on first use
         for i, source in enumerate(sources):
-            say(f"{ds.name}: embedding with {source.describe()['name']}")
+            model = source.describe()
+            if isinstance(source, InProcessPredictor):
+                if perturbation:
+                    data = data if data is not None else perturbation_data(ds)
+                    keep(score_predictor(source, ds, data, perturbation, seeds=seeds, n_jobs=n_jobs,
+                                         command=command, progress=progress, raise_errors=raise_errors))
+                why = f"{model['name']} predicts perturbation responses; this task scores embeddings"
+                keep(_unscored(Embedded({**model, "info": {}}, None, "not_applicable", why),
+                               dataset_record(ds), cell_level, seeds=seeds, command=command))
+                if multi:
+                    members[i].append(group_member(ds, Embedded({**model, "info": {}}, None, "not_applicable", why)))
+                continue
+            say(f"{ds.name}: embedding with {model['name']}")
             embedded = embed_dataset(source, ds, seed=seeds[0], raise_errors=raise_errors)
-            if single:
-                keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, embedded.cell_index), single,
-                                     seeds=seeds, n_jobs=n_jobs, command=command, progress=progress,
-                                     raise_errors=raise_errors))
+            if cell_level:
+                keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, embedded.cell_index),
+                                     cell_level, seeds=seeds, n_jobs=n_jobs, command=command,
+                                     progress=progress, raise_errors=raise_errors))
             if multi:
                 members[i].append(group_member(ds, embedded))
-        del ds
+            why = f"{model['name']} produces embeddings; this task scores perturbation predictions"
+            keep(_unscored(Embedded({**embedded.model}, None, "not_applicable", why), dataset_record(ds),
+                           perturbation, seeds=seeds, command=command))
+        del ds, data
     if multi:
         for group in members:
             keep(score_group(group, multi, seeds=seeds, n_jobs=n_jobs, command=command,
@@ -388,20 +448,36 @@ def run_benchmark(
     return records
 
 
-def baseline_differences(records: Sequence[R.ResultRecord], baseline: str = BASELINE_MODEL) -> dict:
-    """``{(dataset, task, metric, params-key, model): model value - baseline value}`` for ok records."""
+def reference_baseline(record: R.ResultRecord) -> str:
+    """The baseline a record is compared with: ``pca`` for embeddings, ``control_mean``
+    for perturbation predictions."""
+    try:
+        kind = get_task(record.task.implementation).info.kind
+    except CzbError:
+        kind = "cell"
+    return BASELINE_PREDICTOR if kind == "perturbation" else BASELINE_MODEL
+
+
+def baseline_differences(records: Sequence[R.ResultRecord], baseline: str | None = None) -> dict:
+    """``{(dataset, task, metric, params-key, model): model value - baseline value}`` for ok records.
+
+    The baseline is ``baseline`` when given, else each record's :func:`reference_baseline`.
+    """
     def key(r: R.ResultRecord, m: R.MetricRecord) -> tuple:
         return (r.dataset.name, r.task.name, m.name, tuple(sorted((k, str(v)) for k, v in m.params.items())))
+
+    def reference(r: R.ResultRecord) -> str:
+        return baseline or reference_baseline(r)
 
     base = {
         key(r, m): m.value
         for r in records
-        if r.model.name == baseline and r.status == "ok"
+        if r.model.name == reference(r) and r.status == "ok"
         for m in r.metrics
     }
     out = {}
     for r in records:
-        if r.model.name == baseline or r.status != "ok":
+        if r.model.name == reference(r) or r.status != "ok":
             continue
         for m in r.metrics:
             b = base.get(key(r, m))

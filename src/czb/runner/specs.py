@@ -108,6 +108,8 @@ class DatasetSpec(_Spec):
     extra_keys: dict[str, str] = Field(default_factory=dict)
     #: Declared order of string labels for ordered roles, e.g. ``{time_point: [young, old]}``.
     label_order: dict[str, list[str]] = Field(default_factory=dict)
+    #: Perturbation screens: the value of the ``condition`` role that marks control cells.
+    control_label: str | None = None
     expression: ExpressionKind = "raw_counts"
     #: Where the expression matrix lives: ``X`` (default), ``raw`` or a layer name.
     layer: str = "X"
@@ -205,6 +207,9 @@ class ModelSpec(_Spec):
     container: str | None = None
     #: Run with a read-only root filesystem (``/tmp`` and ``/output`` stay writable).
     read_only_rootfs: bool = True
+    #: What the model produces: cell ``embedding``\ s (cell-level and cross-species tasks)
+    #: or expression ``predictions`` (perturbation tasks).
+    output: Literal["embedding", "predictions"] = "embedding"
     gene_id_type: GeneIdType | Literal["any"] = "any"
     input: ExpressionKind | Literal["any"] = "any"
     output_dim: int | None = None

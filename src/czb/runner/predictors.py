@@ -1,0 +1,137 @@
+"""Perturbation predictors: what perturbation tasks score instead of embeddings.
+
+A model whose spec says ``output: predictions`` predicts expression after genetic
+perturbations (see :mod:`czb.evaluation.tasks.genetic_perturbation_prediction` for the
+two formulations and the :class:`~czb.evaluation.tasks.genetic_perturbation_prediction.Predictor`
+protocol). The in-process baselines (``control_mean``, ``additive_linear``) are scored
+beside every such model, as PCA is beside every embedding.
+
+This module turns specs into predictors and datasets into the task's
+:class:`~czb.evaluation.tasks.genetic_perturbation_prediction.PerturbationData`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from czb.errors import DatasetError, SpecError
+
+if TYPE_CHECKING:
+    from czb.runner.datasets import Dataset
+    from czb.runner.specs import ModelSpec
+
+#: The role that holds each cell's perturbation condition.
+CONDITION_ROLE = "condition"
+#: Predictors added to every perturbation comparison (unless ``--no-baseline``).
+BASELINE_PREDICTORS = ("control_mean", "additive_linear")
+
+
+class InProcessPredictor:
+    """A baseline predictor computed here, with the ``describe`` every source has."""
+
+    kind = "in-process"
+
+    def __init__(self, spec: ModelSpec, implementation: Any):
+        self.spec = spec
+        self.name = spec.name
+        self.implementation = implementation
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "image": "in-process",
+            "implementation": self.spec.implementation,
+            "parameters": dict(self.spec.parameters),
+        }
+
+    def predict_expression_shift(self, train: Any, test_conditions: Any, *, seed: int) -> np.ndarray:
+        return self.implementation.predict_expression_shift(train, test_conditions, seed=seed)
+
+    def predict_masked_genes(self, data: Any, cells: np.ndarray, masked: np.ndarray, *, seed: int) -> np.ndarray:
+        return self.implementation.predict_masked_genes(data, cells, masked, seed=seed)
+
+    def __repr__(self) -> str:
+        return f"InProcessPredictor({self.name!r})"
+
+
+def predictor_for_model(spec: ModelSpec) -> InProcessPredictor:
+    """The predictor a ``output: predictions`` model spec names.
+
+    Raises
+    ------
+    SpecError
+        Unknown baseline implementation, parameters given to a baseline that takes
+        none, or a docker model (perturbation predictors in containers are not part of
+        the container contract yet).
+    """
+    from czb.evaluation.tasks.genetic_perturbation_prediction import PREDICTORS
+
+    if spec.kind == "docker":
+        msg = (
+            f"model {spec.name!r}: output 'predictions' is supported for in-process "
+            f"baselines only; the container contract carries embeddings"
+        )
+        raise SpecError(msg)
+    if spec.implementation not in PREDICTORS:
+        msg = (
+            f"model {spec.name!r}: unknown predictor implementation {spec.implementation!r}; "
+            f"known: {', '.join(sorted(PREDICTORS))}"
+        )
+        raise SpecError(msg)
+    if spec.parameters:
+        msg = f"model {spec.name!r}: predictor {spec.implementation!r} takes no parameters"
+        raise SpecError(msg)
+    return InProcessPredictor(spec, PREDICTORS[spec.implementation]())
+
+
+def perturbation_data(ds: Dataset) -> Any:
+    """A dataset as perturbation tasks read it: raw counts, conditions, gene symbols.
+
+    Genes are named by symbol (conditions name their target genes by symbol); datasets
+    keyed by Ensembl ID need a symbol column (see :mod:`czb.runner.genes`).
+
+    Raises
+    ------
+    DatasetError
+        No ``condition`` role, no ``control_label``, the control label absent from the
+        conditions, or expression that is not raw counts.
+    """
+    from czb.evaluation.tasks.genetic_perturbation_prediction import PerturbationData
+    from czb.runner.genes import model_genes
+
+    spec = ds.spec
+    if CONDITION_ROLE not in spec.extra_keys:
+        msg = (
+            f"dataset {ds.name!r}: perturbation tasks need the condition of each cell; map it "
+            f"with extra_keys: {{{CONDITION_ROLE}: <obs column>}}"
+        )
+        raise DatasetError(msg)
+    if spec.control_label is None:
+        msg = f"dataset {ds.name!r}: perturbation tasks need control_label (the condition of control cells)"
+        raise DatasetError(msg)
+    if spec.expression != "raw_counts":
+        msg = f"dataset {ds.name!r}: perturbation tasks read raw counts; the spec declares {spec.expression}"
+        raise DatasetError(msg)
+    conditions = np.asarray(ds.role(CONDITION_ROLE)).astype(str)
+    if not np.any(conditions == spec.control_label):
+        shown = ", ".join(sorted(set(conditions))[:5])
+        msg = (
+            f"dataset {ds.name!r}: no cell has condition {spec.control_label!r} (control_label); "
+            f"conditions include {shown}"
+        )
+        raise DatasetError(msg)
+    genes = model_genes(ds, "symbol")
+    counts = ds.adata.X
+    if len(genes.keep) != ds.n_genes:
+        counts = counts[:, genes.keep]
+    return PerturbationData(
+        counts=counts,
+        conditions=conditions.astype(object),
+        control_label=spec.control_label,
+        genes=np.asarray(genes.ids, dtype=object),
+        batches=ds.batches,
+        cell_ids=np.asarray(ds.adata.obs_names, dtype=object),
+    )
