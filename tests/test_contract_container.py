@@ -302,3 +302,44 @@ def test_write_outputs_writes_float32_and_no_partial_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cell_ids.json", "embeddings.npy", "meta.json"]
     assert np.load(tmp_path / "embeddings.npy").dtype == np.float32
     assert json.loads((tmp_path / "meta.json").read_text()) == {"note": "/weights"}
+
+
+# ----------------------------------------------------------------------------- perturbation predictions
+
+
+def test_prediction_output_round_trips_through_the_host_reader(folders):
+    from czb.runner.containers import read_predictions
+
+    def predict(job):
+        adata = job.read_dataset()
+        rows = ["B+ctrl", "A+B"]
+        return cc.PredictionOutput(np.arange(2 * adata.n_vars, dtype=float).reshape(2, -1), rows,
+                                   list(adata.var_names), n_weight_tensors=0)
+
+    assert run(predict, folders) == cc.EXIT_OK
+    output = folders[2]
+    meta = json.loads((output / cc.META_FILE).read_text())
+    assert meta["n_rows_out"] == 2 and meta["task"] == "embedding"
+    genes = list(ad.read_h5ad(output / cc.PREDICTIONS_FILE).var_names)
+    # The host asks for its own row and gene order.
+    values = read_predictions(output, name="m", rows=["A+B", "B+ctrl"], genes=genes[::-1])
+    np.testing.assert_array_equal(values[0], np.arange(5, 10)[::-1])
+    with pytest.raises(Exception, match="has 2 rows where 3 were asked"):
+        read_predictions(output, name="m", rows=["A+B", "B+ctrl", "C"], genes=genes)
+
+
+def test_prediction_output_of_the_wrong_shape_leaves_no_meta(folders):
+    def predict(job):
+        return cc.PredictionOutput(np.zeros((2, 3)), ["a", "b"], ["g1", "g2"], n_weight_tensors=0)
+
+    assert run(predict, folders) == cc.EXIT_FAILED
+    assert not (folders[2] / cc.META_FILE).exists()
+
+
+def test_perturbation_request_fields(tmp_path):
+    path = write_request(tmp_path, task="perturbation_expression_shift", control_label="ctrl",
+                         test_conditions=["A+B"])
+    request = Request.from_file(path)
+    assert request.test_conditions == ("A+B",) and request.condition_key == "condition"
+    with pytest.raises(ContractError, match="unknown task 'cluster'"):
+        Request.from_file(write_request(tmp_path / "b", task="cluster"))

@@ -340,3 +340,36 @@ def test_scvi_image_builds_and_maps_a_query_through_docker(engine, tmp_path):
     assert ari > 0.5  # the planted cell types, through a reference trained on these cells
     assert records[("pca", "clustering")]["status"] == "ok"  # the baseline beside it
     assert _containers(engine) == []
+
+
+# ----------------------------------------------------------------------------- perturbation predictions
+
+
+def test_docker_predictor_answers_perturbation_requests(engine, catalog, tiny_image, tmp_path):
+    """The tiny image predicts "no change" through predictions.h5ad: its scores must equal
+    the in-process control_mean baseline's, on both formulations."""
+    predictor = catalog.model("tiny").model_copy(update={"name": "tiny_predictor", "output": "predictions"})
+    catalog.models["tiny_predictor"] = predictor
+    small = catalog.dataset("synthetic_perturbations").model_copy(update={
+        "name": "small_screen",
+        "params": {"n_genes": 300, "n_targets": 8, "n_doubles": 8, "n_control_cells": 200,
+                   "n_cells_per_condition": 60, "seed": 0},
+    })
+    catalog.datasets["small_screen"] = small
+    try:
+        out = run_benchmark(
+            catalog, datasets=["small_screen"],
+            tasks=["perturbation_expression_shift", "perturbation_masked_gene"],
+            models=["tiny_predictor"], seeds=[0], output_dir=tmp_path / "out",
+            model_options=RunOptions(weights_dir=tmp_path, log=lambda _l: None),
+        )
+    finally:
+        del catalog.models["tiny_predictor"], catalog.datasets["small_screen"]
+    by_key = {(r.model.name, r.task.name): r for r in out}
+    for task in ("perturbation_expression_shift", "perturbation_masked_gene"):
+        docker, baseline = by_key[("tiny_predictor", task)], by_key[("control_mean", task)]
+        assert docker.status == "ok", docker.error
+        assert docker.model.image_digest == tiny_image.id
+        for metric in baseline.metrics:
+            assert docker.metric(metric.name).value == pytest.approx(metric.value, abs=1e-4), metric.name
+    assert _containers(engine) == []

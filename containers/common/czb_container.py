@@ -56,6 +56,12 @@ EMBEDDINGS_FILE = "embeddings.npy"
 CELL_IDS_FILE = "cell_ids.json"
 META_FILE = "meta.json"
 REASON_FILE = "reason.json"
+PREDICTIONS_FILE = "predictions.h5ad"
+
+#: What a request asks for: cell embeddings, or one of the perturbation formulations.
+TASK_EMBEDDING = "embedding"
+TASK_EXPRESSION_SHIFT = "perturbation_expression_shift"
+TASK_MASKED_GENE = "perturbation_masked_gene"
 
 log = logging.getLogger("czb_container")
 
@@ -112,6 +118,13 @@ class Request:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     dataset_file: str = DATASET_FILE
     contract_version: int = CONTRACT_VERSION
+    #: ``embedding`` (default), ``perturbation_expression_shift`` or ``perturbation_masked_gene``.
+    task: str = TASK_EMBEDDING
+    #: Perturbation requests: the obs column of conditions and the control condition.
+    condition_key: str = "condition"
+    control_label: str | None = None
+    #: Expression shift: the conditions whose mean expression to predict.
+    test_conditions: tuple[str, ...] = ()
 
     @classmethod
     def from_file(cls, path: Path) -> Request:
@@ -139,8 +152,12 @@ class Request:
             msg = f"{path}: request has no 'model'"
             raise ContractError(msg)
         raw["batch_keys"] = tuple(raw.get("batch_keys") or ())
+        raw["test_conditions"] = tuple(raw.get("test_conditions") or ())
         raw["parameters"] = dict(raw.get("parameters") or {})
         request = cls(**raw)
+        if request.task not in (TASK_EMBEDDING, TASK_EXPRESSION_SHIFT, TASK_MASKED_GENE):
+            msg = f"{path}: unknown task {request.task!r}"
+            raise ContractError(msg)
         if request.device not in ("cpu", "cuda"):
             msg = f"{path}: device must be 'cpu' or 'cuda', got {request.device!r}"
             raise ContractError(msg)
@@ -152,6 +169,7 @@ class Request:
     def to_json(self) -> str:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["batch_keys"] = list(self.batch_keys)
+        d["test_conditions"] = list(self.test_conditions)
         d["parameters"] = dict(self.parameters)
         return json.dumps(d, indent=2, sort_keys=True)
 
@@ -226,6 +244,32 @@ class ModelOutput:
 
     embeddings: Any
     cell_ids: Sequence[str]
+    n_weight_tensors: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PredictionOutput:
+    """What a perturbation entrypoint returns.
+
+    Attributes
+    ----------
+    predictions
+        Array of shape ``(n_rows, n_genes)``: predicted log-normalised expression
+        (``log1p(counts / total * 1e4)``). Rows are the request's ``test_conditions``
+        (expression shift: each condition's mean) or the input cells with
+        ``obs['selected']`` (masked genes: each cell).
+    row_names
+        Condition names or cell IDs of the rows, in row order.
+    gene_names
+        The input's ``var_names`` the columns belong to, in column order.
+    n_weight_tensors, info
+        As in :class:`ModelOutput`.
+    """
+
+    predictions: Any
+    row_names: Sequence[str]
+    gene_names: Sequence[str]
     n_weight_tensors: int
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -385,11 +429,33 @@ def write_outputs(output_dir: Path, output: ModelOutput, meta: Mapping[str, Any]
     atomic(META_FILE, lambda f: json.dump(dict(meta), f, indent=2, sort_keys=True, default=str), "w")
 
 
+def write_predictions(output_dir: Path, output: PredictionOutput, meta: Mapping[str, Any]) -> None:
+    """Write ``predictions.h5ad`` (rows × genes, float32), then ``meta.json``; atomically."""
+    import anndata as ad
+    import pandas as pd
+
+    output_dir = Path(output_dir)
+    values = np.ascontiguousarray(np.asarray(output.predictions), dtype=np.float32)
+    rows, genes = [str(r) for r in output.row_names], [str(g) for g in output.gene_names]
+    if values.ndim != 2 or values.shape != (len(rows), len(genes)):
+        msg = f"predictions of shape {values.shape} for {len(rows)} rows × {len(genes)} genes"
+        raise ContractError(msg)
+    if not np.isfinite(values).all():
+        msg = "predictions hold NaN or infinite values"
+        raise ContractError(msg)
+    tmp = output_dir / f".{PREDICTIONS_FILE}.partial"
+    ad.AnnData(X=values, obs=pd.DataFrame(index=pd.Index(rows)), var=pd.DataFrame(index=pd.Index(genes))).write_h5ad(tmp)
+    tmp.replace(output_dir / PREDICTIONS_FILE)
+    meta_tmp = output_dir / f".{META_FILE}.partial"
+    meta_tmp.write_text(json.dumps(dict(meta), indent=2, sort_keys=True, default=str))
+    meta_tmp.replace(output_dir / META_FILE)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def run(
-    embed: Callable[[Job], ModelOutput],
+    embed: Callable[[Job], ModelOutput | PredictionOutput],
     *,
     model: str,
     package: str | None = None,
@@ -427,8 +493,9 @@ def run(
             "n_weight_tensors_loaded": int(output.n_weight_tensors),
             "device": request.device,
             "seed": request.seed,
-            "n_cells_out": int(np.shape(output.embeddings)[0]),
-            "dim": int(np.shape(output.embeddings)[1]) if np.ndim(output.embeddings) == 2 else None,
+            "task": request.task,
+            ("n_rows_out" if isinstance(output, PredictionOutput) else "n_cells_out"): int(np.shape(_values(output))[0]),
+            "dim": int(np.shape(_values(output))[1]) if np.ndim(_values(output)) == 2 else None,
             "python": platform.python_version(),
             "torch_version": package_version("torch"),
             "timings": {
@@ -438,7 +505,10 @@ def run(
             **output.info,
         }
         meta["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-        write_outputs(output_dir, output, meta)
+        if isinstance(output, PredictionOutput):
+            write_predictions(output_dir, output, meta)
+        else:
+            write_outputs(output_dir, output, meta)
     except NotApplicable as e:
         log.error("not applicable: %s", e)
         _write_reason(output_dir, "not_applicable", str(e))
@@ -447,11 +517,15 @@ def run(
         log.error("failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
         _write_reason(output_dir, "failed", f"{type(e).__name__}: {e}")
         return EXIT_FAILED
-    log.info("%s: %d cells embedded in %.1f s", model, meta["n_cells_out"], meta["timings"]["total_s"])
+    log.info("%s: done in %.1f s", model, meta["timings"]["total_s"])
     return EXIT_OK
 
 
-def main(embed: Callable[[Job], ModelOutput], *, model: str, package: str | None = None) -> None:
+def _values(output: ModelOutput | PredictionOutput) -> Any:
+    return output.predictions if isinstance(output, PredictionOutput) else output.embeddings
+
+
+def main(embed: Callable[[Job], ModelOutput | PredictionOutput], *, model: str, package: str | None = None) -> None:
     """Entrypoint ``__main__``: run and exit with the contract's exit code."""
     sys.exit(run(embed, model=model, package=package))
 

@@ -49,6 +49,9 @@ EMBEDDINGS_FILE = "embeddings.npy"
 CELL_IDS_FILE = "cell_ids.json"
 META_FILE = "meta.json"
 REASON_FILE = "reason.json"
+PREDICTIONS_FILE = "predictions.h5ad"
+PREDICT_EXPRESSION_SHIFT = "perturbation_expression_shift"
+PREDICT_MASKED_GENE = "perturbation_masked_gene"
 LOG_FILE = "container.log"
 #: Log lines kept in a result's provenance, and shown in a failure's message.
 RESULT_LOG_LINES = 50
@@ -257,6 +260,86 @@ def read_output(output_dir: Path, *, name: str) -> ModelOutput:
     return ModelOutput(values=values, cell_ids=cell_ids, meta=meta)
 
 
+def _cell_ids(data: Any) -> list[str]:
+    if data.cell_ids is not None:
+        return [str(i) for i in data.cell_ids]
+    return [f"cell{i}" for i in range(len(data.conditions))]
+
+
+def _write_screen(
+    data: Any,
+    input_dir: Path,
+    request: Mapping[str, Any],
+    *,
+    selected: np.ndarray | None = None,
+    masked: np.ndarray | None = None,
+) -> None:
+    """``dataset.h5ad`` and ``request.json`` of a perturbation request.
+
+    ``X`` raw counts (CSR float32), ``var_names`` gene symbols, obs ``condition`` and
+    ``batch``; for masked genes also obs ``selected`` and layer ``masked`` (CSR, 1 where
+    an entry of a selected cell is hidden).
+    """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    counts = data.counts if sp.issparse(data.counts) else sp.csr_matrix(data.counts)
+    obs = pd.DataFrame({"condition": np.asarray(data.conditions).astype(str)},
+                       index=pd.Index(_cell_ids(data)))
+    if data.batches is not None:
+        obs["batch"] = np.asarray(data.batches).astype(str)
+    genes = [str(g) for g in data.genes]
+    adata = ad.AnnData(X=counts.tocsr().astype(np.float32),
+                       obs=obs, var=pd.DataFrame({"gene_symbol": genes}, index=pd.Index(genes)))
+    if selected is not None:
+        flag = np.zeros(adata.n_obs, dtype=bool)
+        flag[selected] = True
+        adata.obs["selected"] = flag
+        hidden = sp.lil_matrix(adata.shape, dtype=np.uint8)
+        rows, cols = np.nonzero(masked)
+        hidden[np.asarray(selected)[rows], cols] = 1
+        adata.layers["masked"] = hidden.tocsr()
+    adata.write_h5ad(input_dir / DATASET_FILE)
+    (input_dir / REQUEST_FILE).write_text(json.dumps(dict(request), indent=2, sort_keys=True))
+
+
+def read_predictions(output_dir: Path, *, name: str, rows: list[str], genes: Any) -> np.ndarray:
+    """Read ``predictions.h5ad`` and put its rows and columns in the asked order.
+
+    Raises
+    ------
+    EmbeddingError
+        No ``meta.json`` (the run did not finish), an unreadable file, missing or extra
+        rows or genes, or values that are not finite.
+    """
+    import anndata as ad
+
+    if not (output_dir / META_FILE).is_file():
+        msg = f"{name}: the container exited 0 but wrote no {META_FILE} (the run did not finish)"
+        raise EmbeddingError(msg)
+    try:
+        predicted = ad.read_h5ad(output_dir / PREDICTIONS_FILE)
+    except (OSError, ValueError, KeyError) as e:
+        msg = f"{name}: cannot read {PREDICTIONS_FILE} ({e})"
+        raise EmbeddingError(msg) from None
+    genes = [str(g) for g in genes]
+    for what, want, have in (("rows", rows, predicted.obs_names), ("genes", genes, predicted.var_names)):
+        missing = sorted(set(want) - set(map(str, have)))
+        if missing or len(have) != len(want):
+            msg = (
+                f"{name}: {PREDICTIONS_FILE} has {len(have)} {what} where {len(want)} were asked"
+                + (f" (missing e.g. {', '.join(missing[:3])})" if missing else "")
+            )
+            raise EmbeddingError(msg)
+    values = predicted[rows, genes].X
+    values = np.asarray(values.toarray() if hasattr(values, "toarray") else values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        msg = f"{name}: {PREDICTIONS_FILE} holds NaN or infinite values"
+        raise EmbeddingError(msg)
+    return values
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -343,6 +426,8 @@ class DockerModelSource:
         self.cache_dir = Path(cache_dir)
         self.cache = EmbeddingCache(self.cache_dir)
         self._image: ImageInfo | None = None
+        #: ``embedding`` or ``predictions``: which tasks this source serves.
+        self.produces = spec.output
 
     # What runs -----------------------------------------------------------------
 
@@ -459,6 +544,31 @@ class DockerModelSource:
         key: str,
         parts: Mapping[str, Any],
     ) -> tuple[ModelOutput, Path | None, dict[str, Any]]:
+        genes: dict[str, Any] = {}
+
+        def write(input_dir: Path) -> None:
+            genes.update(write_input(dataset, input_dir, request))
+
+        def read(output_dir: Path, log_file: Path) -> tuple[ModelOutput, Path | None]:
+            output = read_output(output_dir, name=self.name)  # in memory: the folder may move
+            if not dataset.sha256:
+                return output, None  # no checksum, no key: nothing to cache under
+            shutil.copy2(log_file, output_dir / LOG_FILE)
+            return output, self.cache.put(key, output_dir, parts)
+
+        (output, entry), run_info = self._execute(write, read, weights, image, engine)
+        return output, entry, {"genes": genes, **run_info}
+
+    def _execute(
+        self,
+        write: Callable[[Path], None],
+        read: Callable[[Path, Path], Any],
+        weights: Any,
+        image: ImageInfo,
+        engine: Any,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Run the image once: ``write(input_dir)``, the container, then
+        ``read(output_dir, log_file)``; the work folder is always removed."""
         from czb.runner import docker_engine
 
         runs = self.cache_dir / "runs"
@@ -466,7 +576,11 @@ class DockerModelSource:
         work = Path(tempfile.mkdtemp(dir=runs, prefix=f"{self.name}-"))
         try:
             input_dir, output_dir = work / "input", work / "output"
-            genes = write_input(dataset, input_dir, request)
+            input_dir.mkdir()
+            write(input_dir)
+            for path in input_dir.iterdir():
+                path.chmod(0o644)
+            input_dir.chmod(0o755)
             output_dir.mkdir()
             output_dir.chmod(0o777)  # the container's non-root user writes here
             mounts = {"/input": (input_dir, "ro"), "/output": (output_dir, "rw")}
@@ -478,19 +592,90 @@ class DockerModelSource:
                 log=self.options.log, log_file=log_file, on_start=self.options.on_start,
             )
             run_info = {
-                "genes": genes,
                 "container_runtime_s": round(run.runtime_s, 3),
                 "log_tail": run.log_tail[-RESULT_LOG_LINES:],
                 "gpus": self.gpus,
             }
             self._check_exit(run, output_dir)
-            output = read_output(output_dir, name=self.name)  # in memory: the folder may move
-            if not dataset.sha256:
-                return output, None, run_info  # no checksum, no key: nothing to cache under
-            shutil.copy2(log_file, output_dir / LOG_FILE)
-            return output, self.cache.put(key, output_dir, parts), run_info
+            return read(output_dir, log_file), run_info
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    # Perturbation predictions (models with ``output: predictions``) ------------------
+
+    def bind(self, dataset: Dataset) -> None:
+        """Check the model can take ``dataset`` and remember its organism for requests.
+
+        Raises
+        ------
+        NotApplicableError
+            As :func:`check_applicable`.
+        """
+        check_applicable(self.spec, dataset, self.variant)
+        self._bound = dataset
+
+    def predict_expression_shift(self, train: Any, test_conditions: Any, *, seed: int) -> np.ndarray:
+        """Predicted mean log-normalised expression of each test condition, by the image.
+
+        Input: ``dataset.h5ad`` holds the training cells (raw counts; obs ``condition``
+        and ``batch``); ``request.test_conditions`` the conditions to predict.
+
+        Returns
+        -------
+        Array of shape ``(len(test_conditions), n_genes)``, rows in ``test_conditions`` order.
+        """
+        conditions = [str(c) for c in test_conditions]
+        request = self._prediction_request(PREDICT_EXPRESSION_SHIFT, seed, train, test_conditions=conditions)
+
+        def write(input_dir: Path) -> None:
+            _write_screen(train, input_dir, request)
+
+        return self._predict(write, rows=conditions, genes=train.genes)
+
+    def predict_masked_genes(self, data: Any, cells: np.ndarray, masked: np.ndarray, *, seed: int) -> np.ndarray:
+        """Predicted log-normalised expression of the selected cells, by the image.
+
+        Input: ``dataset.h5ad`` holds the screen with the hidden entries zeroed, obs
+        ``selected`` marking the cells to predict and layer ``masked`` (the hidden entries
+        of those cells).
+
+        Returns
+        -------
+        Array of shape ``(len(cells), n_genes)``.
+        """
+        request = self._prediction_request(PREDICT_MASKED_GENE, seed, data)
+        ids = _cell_ids(data)
+
+        def write(input_dir: Path) -> None:
+            _write_screen(data, input_dir, request, selected=cells, masked=masked)
+
+        return self._predict(write, rows=[ids[i] for i in cells], genes=data.genes)
+
+    def _prediction_request(self, task: str, seed: int, data: Any, **fields: Any) -> dict[str, Any]:
+        bound = getattr(self, "_bound", None)
+        if bound is None:
+            msg = f"{self.name}: bind(dataset) before predicting"
+            raise EmbeddingError(msg)
+        request = build_request(
+            self.spec, bound, seed=seed, device="cpu" if self.gpus == "none" else "cuda",
+            variant=self.variant, gene_id_type="symbol", batch_size=self.options.batch_size,
+        )
+        request["batch_keys"] = ["batch"] if data.batches is not None else []
+        return {**request, "task": task, "condition_key": "condition",
+                "control_label": data.control_label, **fields}
+
+    def _predict(self, write: Callable[[Path], None], *, rows: list[str], genes: Any) -> np.ndarray:
+        from czb.runner import docker_engine
+        from czb.runner.weights import resolve_weights
+
+        weights = resolve_weights(self.spec, self.variant, weights_dir=self.options.weights_dir,
+                                  cache_dir=self.cache_dir)
+        engine = docker_engine.client()
+        self._image = image = docker_engine.image_info(engine, self.spec.image, model=self.name)
+        predicted, _ = self._execute(write, lambda out, _log: read_predictions(out, name=self.name, rows=rows,
+                                                                              genes=genes),
+                                     weights, image, engine)
+        return predicted
 
     def _check_exit(self, run: Any, output_dir: Path) -> None:
         last = run.log_tail[-ERROR_LOG_LINES:]

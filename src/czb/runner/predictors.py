@@ -32,6 +32,7 @@ class InProcessPredictor:
     """A baseline predictor computed here, with the ``describe`` every source has."""
 
     kind = "in-process"
+    produces = "predictions"
 
     def __init__(self, spec: ModelSpec, implementation: Any):
         self.spec = spec
@@ -57,24 +58,22 @@ class InProcessPredictor:
         return f"InProcessPredictor({self.name!r})"
 
 
-def predictor_for_model(spec: ModelSpec) -> InProcessPredictor:
-    """The predictor a ``output: predictions`` model spec names.
+def predictor_for_model(spec: ModelSpec, options: Any = None) -> Any:
+    """The predictor a ``output: predictions`` model spec names: an in-process baseline,
+    or a docker model (:class:`czb.runner.containers.DockerModelSource`, which runs its
+    image under the contract's perturbation requests).
 
     Raises
     ------
     SpecError
-        Unknown baseline implementation, parameters given to a baseline that takes
-        none, or a docker model (perturbation predictors in containers are not part of
-        the container contract yet).
+        Unknown baseline implementation, or parameters given to a baseline that takes none.
     """
     from czb.evaluation.tasks.genetic_perturbation_prediction import PREDICTORS
 
     if spec.kind == "docker":
-        msg = (
-            f"model {spec.name!r}: output 'predictions' is supported for in-process "
-            f"baselines only; the container contract carries embeddings"
-        )
-        raise SpecError(msg)
+        from czb.runner.containers import DockerModelSource
+
+        return DockerModelSource(spec, options)
     if spec.implementation not in PREDICTORS:
         msg = (
             f"model {spec.name!r}: unknown predictor implementation {spec.implementation!r}; "

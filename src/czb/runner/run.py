@@ -35,7 +35,7 @@ from czb.evaluation.resources import measure
 from czb.evaluation.tasks.base import Task
 from czb.runner import results as R
 from czb.runner.datasets import Dataset
-from czb.runner.predictors import InProcessPredictor, perturbation_data
+from czb.runner.predictors import perturbation_data
 from czb.runner.specs import Catalog, DatasetSpec, TaskSpec
 
 BASELINE_MODEL = "pca"
@@ -211,7 +211,7 @@ def score_embedding(
 
 
 def score_predictor(
-    source: InProcessPredictor,
+    source: Any,
     ds: Dataset,
     data: Any,
     planned: Sequence[PlannedTask],
@@ -226,12 +226,18 @@ def score_predictor(
     from czb.evaluation.tasks.genetic_perturbation_prediction import PerturbationContext
 
     say = progress or (lambda _msg: None)
-    model = {**source.describe(), "info": {}}
+    if hasattr(source, "bind"):  # a docker predictor: organism and input checks first
+        try:
+            source.bind(ds)
+        except NotApplicableError as e:
+            skipped = Embedded({**source.describe(), "info": {}}, None, "not_applicable", str(e))
+            return _unscored(skipped, dataset_record(ds), planned, seeds=seeds, command=command)
     context = PerturbationContext(data, source, n_jobs=n_jobs)
     records = []
     for p in planned:
         say(f"{ds.name}: {source.name}: {p.spec.name}")
         result = run_task(p.task, context, seeds, raise_errors=raise_errors)
+        model = {**source.describe(), "info": {}}  # a docker predictor knows its image now
         records.append(_record(dataset=dataset_record(ds), model=model, planned=p, result=result,
                                command=command, embedding_runtime_s=0.0))
     return records
@@ -395,7 +401,7 @@ def run_benchmark(
         present = {m.name for m in model_specs}
         model_specs += [catalog.model(name) for name in wanted if name not in present]
     sources = [
-        predictor_for_model(m) if m.output == "predictions" else source_for_model(m, model_options)
+        predictor_for_model(m, model_options) if m.output == "predictions" else source_for_model(m, model_options)
         for m in model_specs
     ]
     if embedding is not None:
@@ -418,7 +424,7 @@ def run_benchmark(
         data = None  # the dataset as perturbation tasks read it, built on first use
         for i, source in enumerate(sources):
             model = source.describe()
-            if isinstance(source, InProcessPredictor):
+            if getattr(source, "produces", "embedding") == "predictions":
                 if perturbation:
                     data = data if data is not None else perturbation_data(ds)
                     keep(score_predictor(source, ds, data, perturbation, seeds=seeds, n_jobs=n_jobs,

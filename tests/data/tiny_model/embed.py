@@ -7,6 +7,11 @@ parameters.min_genes expressed genes, and writes /output/embeddings.npy,
 in parameters.organisms. Test hooks: parameters.sleep_s (sleep midway, after writing a
 partial file), parameters.allocate_mb (allocate that much memory) and parameters.probe
 (report the sandbox it runs in).
+
+Perturbation requests (request.task) are answered with "no change": the mean
+log-normalised expression of the control cells, for every test condition
+(perturbation_expression_shift) or every selected cell (perturbation_masked_gene),
+written to /output/predictions.h5ad with anndata.
 """
 
 import json
@@ -60,10 +65,41 @@ def probe():
     }
 
 
+def log_normalize(counts):
+    totals = np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return np.log1p(counts / totals * 1e4)
+
+
+def predict_perturbations(request, started):
+    import anndata as ad
+    import pandas as pd
+
+    adata = ad.read_h5ad("/input/" + request.get("dataset_file", "dataset.h5ad"))
+    counts = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    conditions = adata.obs[request["condition_key"]].astype(str).to_numpy()
+    control = log_normalize(counts[conditions == request["control_label"]]).mean(axis=0)
+    if request["task"] == "perturbation_expression_shift":
+        rows = list(request["test_conditions"])
+    else:
+        rows = list(adata.obs_names[adata.obs["selected"].to_numpy()])
+    predictions = np.tile(control, (len(rows), 1)).astype(np.float32)
+    out = ad.AnnData(X=predictions, obs=pd.DataFrame(index=pd.Index(rows)),
+                     var=pd.DataFrame(index=adata.var_names.copy()))
+    out.write_h5ad("/output/predictions.h5ad")
+    meta = {"model": request["model"], "version": "1.0", "weights_checksum": None,
+            "n_weight_tensors_loaded": 0, "device": request["device"], "task": request["task"],
+            "timings": {"total_s": time.time() - started}}
+    json.dump(meta, open("/output/meta.json", "w"))
+    print(f"predicted {len(rows)} rows", flush=True)
+    return 0
+
+
 def main():
     started = time.time()
     request = json.load(open("/input/request.json"))
     params = request.get("parameters", {})
+    if request.get("task", "embedding") != "embedding":
+        return predict_perturbations(request, started)
     if request["organism"] not in params.get("organisms", ["human"]):
         json.dump({"status": "not_applicable", "reason": f"no {request['organism']} support"},
                   open("/output/reason.json", "w"))

@@ -573,6 +573,11 @@ def top_de_genes(scores: np.ndarray, k: int = 20) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
+#: Size (relative to max(1, |control|), in log1p units) below which a predicted change
+#: counts as none: float32 normalisation and averaging leave errors of ~1e-6.
+CHANGE_RESOLUTION = 1e-5
+
+
 def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson correlation of matching rows; NaN where a row is constant."""
     a = a - a.mean(axis=1, keepdims=True)
@@ -620,6 +625,9 @@ def expression_shift_scores(
     - ``jaccard_de_genes``: Jaccard of the ``k_jaccard`` genes with the largest nonzero
       ``|p - c|`` and those with the largest nonzero ``|o - c|``.
 
+    Predicted changes smaller than :data:`CHANGE_RESOLUTION` × max(1, |c|) (float32
+    rounding of normalisation and averaging) count as zero.
+
     Parameters
     ----------
     predicted, observed
@@ -650,6 +658,10 @@ def expression_shift_scores(
     rows = np.arange(o.shape[0])[:, None]
     err = (p - o) ** 2
     dp, do = p - c, o - c
+    # A change at the level of float32 rounding is no change: a model that returns the
+    # control profile (normalised and averaged in float32, written to a float32 file) must
+    # score as "no change", not correlate rounding noise.
+    dp[np.abs(dp) <= CHANGE_RESOLUTION * np.maximum(1.0, np.abs(c))] = 0.0
     r_top = _row_pearson(dp[rows, top_de], do[rows, top_de])
     r_all = _row_pearson(dp, do)
     pred_sets, obs_sets = top_changed(dp, k_jaccard), top_changed(do, k_jaccard)
