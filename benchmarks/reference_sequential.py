@@ -10,8 +10,8 @@ call. Recorded per case: the deterministic part (``normalize=False``, the mean t
 distance to the k nearest neighbours), ``REPEATS`` normalised scores and baselines
 from repeated calls (their spread sets the test tolerance), and the exact
 expectation of the baseline (mean |t_i - t_j| over all pairs i != j, brute force).
-The cases are rebuilt by ``make_cases`` in tests/test_sequential.py; the checksums
-let the test confirm it has the same data.
+The cases come from ``sequential_cases.make_cases``, which the test imports too; the
+checksums let the test confirm it has the same data.
 """
 
 import json
@@ -21,28 +21,9 @@ import pandas as pd
 from czbenchmarks.metrics.utils import _compute_random_baseline, sequential_alignment
 from czbenchmarks.tasks.sequential import SequentialOrganizationTask, SequentialOrganizationTaskInput
 
+from sequential_cases import make_cases  # beside this script
+
 REPEATS = 20
-
-
-def make_cases():
-    """Seeded embeddings with time points (keep identical to tests/test_sequential.py)."""
-    cases = {}
-    rng = np.random.default_rng(7)
-    # A planted time axis: cells along a curve ordered by time, plus noise, in 10-D.
-    t = rng.integers(0, 6, 600)
-    tau = (t + rng.uniform(0, 1, 600)) / 6
-    curve = np.stack([np.cos(3 * tau), np.sin(3 * tau), 2 * tau], axis=1)
-    rotation = np.linalg.qr(rng.normal(size=(10, 10)))[0][:3]
-    cases["curve"] = (curve @ rotation + 0.15 * rng.normal(size=(600, 10)), t)
-    # No structure: Gaussian noise, continuous time points.
-    cases["random"] = (rng.normal(size=(500, 10)), rng.uniform(0, 10, 500))
-    # Weak structure, float time points with ties, numeric strings as cz-benchmarks accepts.
-    t = rng.integers(0, 4, 400).astype(float) * 0.5
-    X = rng.normal(size=(400, 8))
-    X[:, 0] += 0.8 * t
-    cases["weak"] = (X, t)
-    cases["numeric_strings"] = (X, np.array([f"{v:g}" for v in t]))
-    return cases
 
 
 def exact_baseline(t):
@@ -52,7 +33,7 @@ def exact_baseline(t):
 
 out = {
     "_source": "cz-benchmarks 0.15.1 czbenchmarks.metrics.utils.sequential_alignment and "
-    "SequentialOrganizationTask (silhouette_score) on benchmarks/reference_sequential.py:make_cases()",
+    "SequentialOrganizationTask (silhouette_score) on benchmarks/sequential_cases.py:make_cases()",
     "repeats": REPEATS,
     "cases": {},
 }

@@ -2,6 +2,7 @@
 planted structure, and the errors a user sees."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +19,8 @@ from czb.evaluation.tasks.sequential_organization import ordered_time_points
 
 load_all()
 DATA = Path(__file__).parent / "data"
-
-
-def make_cases():
-    """Seeded embeddings with time points (identical to benchmarks/reference_sequential.py)."""
-    cases = {}
-    rng = np.random.default_rng(7)
-    t = rng.integers(0, 6, 600)
-    tau = (t + rng.uniform(0, 1, 600)) / 6
-    curve = np.stack([np.cos(3 * tau), np.sin(3 * tau), 2 * tau], axis=1)
-    rotation = np.linalg.qr(rng.normal(size=(10, 10)))[0][:3]
-    cases["curve"] = (curve @ rotation + 0.15 * rng.normal(size=(600, 10)), t)
-    cases["random"] = (rng.normal(size=(500, 10)), rng.uniform(0, 10, 500))
-    t = rng.integers(0, 4, 400).astype(float) * 0.5
-    X = rng.normal(size=(400, 8))
-    X[:, 0] += 0.8 * t
-    cases["weak"] = (X, t)
-    cases["numeric_strings"] = (X, np.array([f"{v:g}" for v in t]))
-    return cases
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from sequential_cases import make_cases  # noqa: E402 - the cases the reference was computed on
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,40 @@ Status = Literal["ok", "failed", "not_applicable"]
 DEFAULT_SEEDS = (0, 1, 2)
 
 
-class EvaluationContext:
+class TaskContext:
+    """What every task reads besides its data: per-cell roles, :meth:`require`, and
+    :meth:`memo` for values several tasks or seeds share.
+
+    Subclasses fill ``_roles`` (role name → ``(n_cells,)`` array) and ``n_jobs``.
+    """
+
+    _roles: dict[str, np.ndarray]
+    _memo: dict[tuple, Any]
+    n_jobs: int
+
+    def role(self, role: str) -> np.ndarray | None:
+        """Per-cell values of a role (``labels``, ``batch``, ``condition``...), or ``None``."""
+        return self._roles.get(role)
+
+    def require(self, role: str) -> np.ndarray:
+        values = self.role(role)
+        if values is None:
+            msg = f"the data have no {role}"
+            raise NotApplicableError(msg)
+        return values
+
+    def plan(self, tasks: Iterable[Task]) -> None:
+        """Prepare shared work for ``tasks`` (nothing by default)."""
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per key for this context, so tasks (and seeds) share
+        expensive values (e.g. the label silhouette of ``embedding`` and ``batch_integration``)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+class EvaluationContext(TaskContext):
     """One embedding with its cell annotations, and everything tasks share.
 
     The neighbour graph is computed once, with the largest ``k`` any planned task
@@ -78,17 +111,6 @@ class EvaluationContext:
     def n_cells(self) -> int:
         return self.X.shape[0]
 
-    def role(self, role: str) -> np.ndarray | None:
-        """Per-cell values of a role (``labels``, ``batch``, ...), or ``None``."""
-        return self._roles.get(role)
-
-    def require(self, role: str) -> np.ndarray:
-        values = self.role(role)
-        if values is None:
-            msg = f"the data have no {role}"
-            raise NotApplicableError(msg)
-        return values
-
     def plan(self, tasks: Iterable[Task]) -> None:
         """Note the largest neighbourhood the tasks will ask for, so the graph is built once."""
         self._k_planned = max([self._k_planned, *(t.neighbors_needed(self.n_cells) for t in tasks)])
@@ -108,13 +130,6 @@ class EvaluationContext:
             ("leiden", k, float(resolution), seed),
             lambda: leiden(self.neighbors(k).connectivities(k), resolution, seed=seed),
         )
-
-    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per key for this embedding, so tasks share expensive values
-        (e.g. the label silhouette of ``embedding`` and ``batch_integration``)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
 
 
 @dataclass

@@ -200,14 +200,9 @@ def score_embedding(
         roles={k: v for k, v in roles.items() if v is not None},
         n_jobs=n_jobs,
     )
-    context.plan(p.task for p in planned)
-    records = []
-    for p in planned:
-        say(f"{dataset.name}: {embedded.model['name']}: {p.spec.name}")
-        result = run_task(p.task, context, seeds, raise_errors=raise_errors)
-        records.append(_record(dataset=dataset, model=embedded.model, planned=p, result=result,
-                               command=command, embedding_runtime_s=embedded.runtime_s))
-    return records
+    return _score_tasks(context, planned, dataset=dataset, model=lambda: embedded.model, seeds=seeds,
+                        command=command, embedding_runtime_s=embedded.runtime_s, say=say,
+                        raise_errors=raise_errors)
 
 
 def score_predictor(
@@ -233,13 +228,33 @@ def score_predictor(
             skipped = Embedded({**source.describe(), "info": {}}, None, "not_applicable", str(e))
             return _unscored(skipped, dataset_record(ds), planned, seeds=seeds, command=command)
     context = PerturbationContext(data, source, n_jobs=n_jobs)
+    # Described after each task: a docker predictor knows its image once it has run.
+    return _score_tasks(context, planned, dataset=dataset_record(ds),
+                        model=lambda: {**source.describe(), "info": {}}, seeds=seeds, command=command,
+                        embedding_runtime_s=0.0, say=say, raise_errors=raise_errors)
+
+
+def _score_tasks(
+    context: Any,
+    planned: Sequence[PlannedTask],
+    *,
+    dataset: R.DatasetRecord,
+    model: Callable[[], dict[str, Any]],
+    seeds: Sequence[int],
+    command: str,
+    embedding_runtime_s: float,
+    say: Progress,
+    raise_errors: bool,
+) -> list[R.ResultRecord]:
+    """Run every planned task on one context, one record each (``model()`` read after the task)."""
+    context.plan(p.task for p in planned)
     records = []
     for p in planned:
-        say(f"{ds.name}: {source.name}: {p.spec.name}")
+        described = model()
+        say(f"{dataset.name}: {described['name']}: {p.spec.name}")
         result = run_task(p.task, context, seeds, raise_errors=raise_errors)
-        model = {**source.describe(), "info": {}}  # a docker predictor knows its image now
-        records.append(_record(dataset=dataset_record(ds), model=model, planned=p, result=result,
-                               command=command, embedding_runtime_s=0.0))
+        records.append(_record(dataset=dataset, model=model(), planned=p, result=result,
+                               command=command, embedding_runtime_s=embedding_runtime_s))
     return records
 
 

@@ -38,7 +38,7 @@ Both formulations are seeded (split, masks), so the task runs once per seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -50,6 +50,7 @@ from pydantic import Field
 from czb.errors import NotApplicableError, TaskError
 from czb.evaluation import perturbation_baselines as pb
 from czb.evaluation.metrics import perturbation as pm
+from czb.evaluation.context import TaskContext
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
 
@@ -188,7 +189,7 @@ class Predictor(Protocol):
         ...
 
 
-class PerturbationContext:
+class PerturbationContext(TaskContext):
     """What the runner hands a perturbation task: the screen and the predictor.
 
     Offers :meth:`role` / :meth:`require` like
@@ -206,34 +207,12 @@ class PerturbationContext:
         self.predictor = predictor
         self.n_jobs = n_jobs
         self._memo: dict[tuple, Any] = {}
+        roles = {"condition": data.conditions, "batch": data.batches}
+        self._roles = {name: values for name, values in roles.items() if values is not None}
 
     @property
     def n_cells(self) -> int:
         return self.data.n_cells
-
-    def role(self, role: str) -> np.ndarray | None:
-        """Per-cell values of a role (``condition``, ``batch``), or ``None``."""
-        if role == "condition":
-            return self.data.conditions
-        if role == "batch":
-            return self.data.batches
-        return None
-
-    def require(self, role: str) -> np.ndarray:
-        values = self.role(role)
-        if values is None:
-            msg = f"the data have no {role}"
-            raise NotApplicableError(msg)
-        return values
-
-    def plan(self, tasks: Any) -> None:
-        """Nothing to plan (no neighbour graph); here so the runner can treat contexts alike."""
-
-    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per key for this screen."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
 
 
 # --------------------------------------------------------------------------- #
