@@ -196,6 +196,13 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
 
     rows = []
     for t in sorted(catalog.tasks.values(), key=lambda t: t.name):
+        if t.includes:  # a suite: list what it runs
+            members = [get_task(m.implementation).info for m in catalog.resolve("task", [t.name])]
+            rows.append({"name": t.name, "implementation": "suite: " + ", ".join(t.includes),
+                         "requires": sorted({r for i in members for r in i.requires}),
+                         "metrics": list(dict.fromkeys(m for i in members for m in i.metrics)),
+                         "parameters": {}, "description": t.description})
+            continue
         impl = get_task(t.implementation)
         rows.append({"name": t.name, "implementation": t.implementation, "requires": list(impl.info.requires),
                      "metrics": list(impl.info.metrics), "parameters": t.parameters,
@@ -291,6 +298,7 @@ def run(
             typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         else:
             _print_results(records)
+            _print_hierarchy(records)
             err.print(f"results written to {out}", soft_wrap=True)
         failed = [r for r in records if r.status == "failed"]
         # The table cell may be too narrow to read; each distinct failure gets its own line.
@@ -316,13 +324,14 @@ def _metric_qualifier(params: dict) -> str:
     parts = []
     if "train_species" in params:
         parts.append(f"{params['train_species']}→{params.get('test_species')}")
-    for key in ("classifier", "cell_types"):
+    for key in ("postprocessing", "source", "classifier", "cell_types"):
         if key in params:
             parts.append(str(params[key]))
     return f" [{', '.join(parts)}]" if parts else ""
 
 
 def _print_results(records) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from czb.runner.run import baseline_differences
@@ -337,7 +346,7 @@ def _print_results(records) -> None:
             table.add_row(r.dataset.name, r.task.name, r.model.name, "", "", "", f"{r.status}: {r.error}")
             continue
         for m in r.metrics:
-            label = m.name + _metric_qualifier(m.params)
+            label = escape(m.name + _metric_qualifier(m.params))
             value = "n/a" if m.value is None else f"{m.value:.4f}"
             if m.value_std_dev is not None:
                 value += f" ± {m.value_std_dev:.4f}"
@@ -346,6 +355,35 @@ def _print_results(records) -> None:
             d = diffs.get(key)
             table.add_row(r.dataset.name, r.task.name, r.model.name, label, value,
                           "" if d is None else f"{d:+.4f}", r.status)
+    _console().print(table)
+
+
+def _print_hierarchy(records) -> None:
+    """Table 2 of Bendidi et al. (2024): best post-processing per model and metric."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from czb.runner.summary import hierarchy_table
+
+    rows = hierarchy_table(records)
+    if not rows:
+        return
+    models = list(dict.fromkeys(m for row in rows for m in row.cells))
+    table = Table(title="perturbation-analysis hierarchy (best post-processing per model; * best model)")
+    table.add_column("dataset")
+    table.add_column("metric")
+    for model in models:
+        table.add_column(model, justify="right")
+    for row in rows:
+        values = []
+        for model in models:
+            cell = row.cells.get(model)
+            if cell is None:
+                values.append("")
+                continue
+            text = f"{cell.value:.3f} ({cell.postprocessing})"
+            values.append(f"[bold]{text} *[/bold]" if model == row.best_model and len(row.cells) > 1 else text)
+        table.add_row(row.dataset, escape(row.label + ("" if row.higher_is_better else " ↓")), *values)
     _console().print(table)
 
 

@@ -67,7 +67,12 @@ class EvaluationContext(TaskContext):
     batches
         ``(n_cells,)`` batch labels, or ``None``.
     roles
-        Further per-cell annotations by role (``time_point``, ``donor``...).
+        Further per-cell annotations by role (``time_point``, ``donor``, ``control``...).
+    expression
+        The cells' expression (:class:`~czb.evaluation.perturbation_analysis.Expression`,
+        rows aligned with ``X``) for tasks that read it, or ``None``.
+    relationship_sources
+        Known-relationship sources the dataset declares (perturbation recall), or ``None``.
     n_jobs
         Processes/threads tasks may use.
     """
@@ -79,6 +84,8 @@ class EvaluationContext(TaskContext):
         labels: np.ndarray | None = None,
         batches: np.ndarray | None = None,
         roles: Mapping[str, np.ndarray] | None = None,
+        expression: Any = None,
+        relationship_sources: Sequence[str] | None = None,
         n_jobs: int = 1,
     ):
         X = np.asarray(X)
@@ -102,6 +109,11 @@ class EvaluationContext(TaskContext):
                 msg = f"{role} has shape {values.shape}, expected ({X.shape[0]},) to match the embedding"
                 raise EmbeddingError(msg)
             self._roles[role] = values
+        if expression is not None and expression.X.shape[0] != X.shape[0]:
+            msg = f"expression has {expression.X.shape[0]} rows, expected {X.shape[0]} to match the embedding"
+            raise EmbeddingError(msg)
+        self.expression = expression
+        self.relationship_sources = list(relationship_sources) if relationship_sources else None
         self.n_jobs = n_jobs
         self._k_planned = 0
         self._graph: NeighborGraph | None = None

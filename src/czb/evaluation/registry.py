@@ -87,6 +87,7 @@ _MODULES = (
     "czb.evaluation.metrics.aggregate",
     "czb.evaluation.metrics.perturbation",
     "czb.evaluation.metrics.sequential",
+    "czb.evaluation.metrics.perturbation_analysis",
     "czb.evaluation.tasks.clustering",
     "czb.evaluation.tasks.sequential_organization",
     "czb.evaluation.tasks.embedding",
@@ -95,6 +96,12 @@ _MODULES = (
     "czb.evaluation.tasks.cross_species_integration",
     "czb.evaluation.tasks.cross_species_label_prediction",
     "czb.evaluation.tasks.genetic_perturbation_prediction",
+    "czb.evaluation.tasks.perturbation_ilisi",
+    "czb.evaluation.tasks.perturbation_linear_probe",
+    "czb.evaluation.tasks.perturbation_consistency",
+    "czb.evaluation.tasks.perturbation_knn",
+    "czb.evaluation.tasks.perturbation_recall",
+    "czb.evaluation.tasks.perturbation_reconstruction",
 )
 
 

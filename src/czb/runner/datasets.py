@@ -97,6 +97,35 @@ class Dataset:
             out = np.char.add(np.char.add(out, "|"), c)
         return out.astype(object)
 
+    @cached_property
+    def controls(self) -> np.ndarray | None:
+        """``(n_cells,)`` bool control flags of a perturbation screen, or ``None``.
+
+        From ``obs[control_key]`` when the spec names it (bool, 0/1, or
+        ``true``/``false`` strings in any case; anything else is an error), else cells
+        whose label (``condition`` role when mapped, else ``label_key``) equals
+        ``control_label``.
+        """
+        spec = self.spec
+        if spec.control_key is not None:
+            return parse_control_flags(self.adata.obs[spec.control_key], name=self.name, key=spec.control_key)
+        if spec.control_label is not None:
+            key = spec.extra_keys.get("condition", spec.label_key)
+            return self.adata.obs[key].astype(str).to_numpy() == spec.control_label
+        return None
+
+    def gene_symbols(self) -> np.ndarray | None:
+        """Gene symbols of the var axis: ``var_names`` for symbol datasets, else a symbol
+        var column (:data:`czb.runner.genes.SYMBOL_COLUMNS`), else ``None``."""
+        from czb.runner.genes import SYMBOL_COLUMNS
+
+        if self.spec.gene_id_type == "symbol" and self.spec.gene_key is None:
+            return self.adata.var_names.astype(str).to_numpy()
+        for column in ((self.spec.gene_key,) if self.spec.gene_id_type == "symbol" else ()) + SYMBOL_COLUMNS:
+            if column is not None and column in self.adata.var.columns:
+                return self.adata.var[column].astype(str).to_numpy()
+        return None
+
     def role(self, role: str) -> np.ndarray | None:
         """Values of an extra role (``time_point``, ``donor``, ``species``...) or ``None``.
 
@@ -125,6 +154,37 @@ class Dataset:
             )
             raise DatasetError(msg)
         return np.array([rank[t] for t in text], dtype=np.int64)
+
+
+_TRUE = {"true", "1", "yes", "t"}
+_FALSE = {"false", "0", "no", "f"}
+
+
+def parse_control_flags(column: pd.Series, *, name: str, key: str) -> np.ndarray:
+    """A control-flag obs column as bool: real booleans, 0/1, or true/false strings.
+
+    Strings are compared case-insensitively to both spellings, so a bool column is
+    never compared to the string "true" (Tx-Evaluation's recall let every control
+    through that way).
+    """
+    if column.isna().any():
+        msg = f"dataset {name!r}: control_key {key!r} has {int(column.isna().sum())} missing values"
+        raise DatasetError(msg)
+    values = column.to_numpy()
+    if values.dtype == bool:
+        return values
+    if np.issubdtype(values.dtype, np.number):
+        bad = sorted(set(np.unique(values).tolist()) - {0, 1})
+        if bad:
+            msg = f"dataset {name!r}: control_key {key!r} must hold 0/1 or true/false; found {bad[:5]}"
+            raise DatasetError(msg)
+        return values.astype(bool)
+    text = np.char.lower(values.astype(str))
+    bad = sorted(set(np.unique(text).tolist()) - _TRUE - _FALSE)
+    if bad:
+        msg = f"dataset {name!r}: control_key {key!r} must hold booleans or true/false; found {bad[:5]}"
+        raise DatasetError(msg)
+    return np.isin(text, list(_TRUE))
 
 
 # --------------------------------------------------------------------------- #
@@ -607,6 +667,8 @@ def _check_obs_keys(ds: Dataset) -> None:
     wanted = [("label_key", spec.label_key)]
     wanted += [("batch_key", k) for k in spec.batch_keys]
     wanted += [(f"extra_keys.{role}", k) for role, k in spec.extra_keys.items()]
+    if spec.control_key is not None:
+        wanted.append(("control_key", spec.control_key))
     for what, key in wanted:
         if key not in obs.columns:
             msg = (
@@ -765,6 +827,11 @@ def _check_roles(ds: Dataset, require: Iterable[str]) -> None:
         if role == "batch" and not spec.batch_keys:
             msg = f"dataset {ds.name!r}: the task needs batches, but the spec has no batch_key"
             raise DatasetError(msg)
+        if role == "control":
+            if spec.control_key is None and spec.control_label is None:
+                msg = f"dataset {ds.name!r}: the task needs control cells, but the spec has no control_key or control_label"
+                raise DatasetError(msg)
+            continue
         if role not in _BUILTIN_ROLES and role not in spec.extra_keys:
             have = ", ".join(sorted(spec.extra_keys)) or "none"
             msg = (
@@ -810,6 +877,13 @@ def validate_dataset(ds: Dataset, *, require: Iterable[str] = ()) -> None:
             msg = f"dataset {ds.name!r}: label_order names role {role!r}, which extra_keys does not map"
             raise DatasetError(msg)
         ds.role(role)  # every value must be in the declared order
+    if ds.spec.control_key is not None or ds.spec.control_label is not None:
+        controls = ds.controls  # the flag parses
+        if not controls.any():
+            how = (f"control_key {ds.spec.control_key!r}" if ds.spec.control_key
+                   else f"control_label {ds.spec.control_label!r}")
+            msg = f"dataset {ds.name!r}: no cell is a control by {how}"
+            raise DatasetError(msg)
     _check_gene_ids(ds)
     _check_values(ds)
     _check_empty_cells(ds)

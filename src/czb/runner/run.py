@@ -64,11 +64,21 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
     roles: dict[str, np.ndarray] = {"labels": ds.labels, "species": ds.role("species")}
     if ds.batches is not None:
         roles["batch"] = ds.batches
+    if ds.controls is not None:
+        roles["control"] = ds.controls
     for role in ds.spec.extra_keys:
         roles[role] = ds.role(role)
     if cell_index is not None:
         roles = {k: v[cell_index] for k, v in roles.items()}
     return roles
+
+
+def dataset_expression(ds: Dataset, cell_index: np.ndarray | None = None) -> Any:
+    """The dataset's expression for tasks that read it (rows restricted to ``cell_index``)."""
+    from czb.evaluation.perturbation_analysis import Expression
+
+    X = ds.adata.X if cell_index is None else ds.adata.X[cell_index]
+    return Expression(X, ds.gene_symbols(), kind=ds.spec.expression)
 
 
 def dataset_record(ds: Dataset) -> R.DatasetRecord:
@@ -183,11 +193,14 @@ def score_embedding(
     command: str,
     progress: Progress | None = None,
     raise_errors: bool = False,
+    expression: Any = None,
+    relationship_sources: Sequence[str] | None = None,
 ) -> list[R.ResultRecord]:
     """Score every task on one embedding, sharing one neighbour graph.
 
     ``roles`` holds per-cell annotations aligned with the embedding's rows: ``labels``,
-    ``batch`` (or ``None``) and any extra role.
+    ``batch`` (or ``None``) and any extra role; ``expression`` the cells' expression
+    for tasks that read it (rows aligned likewise).
     """
     if embedded.embedding is None:
         return _unscored(embedded, dataset, planned, seeds=seeds, command=command)
@@ -198,6 +211,8 @@ def score_embedding(
         labels=roles.pop("labels"),
         batches=roles.pop("batch", None),
         roles={k: v for k, v in roles.items() if v is not None},
+        expression=expression,
+        relationship_sources=relationship_sources,
         n_jobs=n_jobs,
     )
     return _score_tasks(context, planned, dataset=dataset, model=lambda: embedded.model, seeds=seeds,
@@ -453,9 +468,12 @@ def run_benchmark(
             say(f"{ds.name}: embedding with {model['name']}")
             embedded = embed_dataset(source, ds, seed=seeds[0], raise_errors=raise_errors)
             if cell_level:
+                reads_expression = any("expression" in p.task.info.requires for p in cell_level)
+                expression = dataset_expression(ds, embedded.cell_index) if reads_expression else None
                 keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, embedded.cell_index),
                                      cell_level, seeds=seeds, n_jobs=n_jobs, command=command,
-                                     progress=progress, raise_errors=raise_errors))
+                                     progress=progress, raise_errors=raise_errors, expression=expression,
+                                     relationship_sources=ds.spec.relationship_sources))
             if multi:
                 members[i].append(group_member(ds, embedded))
             why = f"{model['name']} produces embeddings; this task scores perturbation predictions"

@@ -108,8 +108,15 @@ class DatasetSpec(_Spec):
     extra_keys: dict[str, str] = Field(default_factory=dict)
     #: Declared order of string labels for ordered roles, e.g. ``{time_point: [young, old]}``.
     label_order: dict[str, list[str]] = Field(default_factory=dict)
-    #: Perturbation screens: the value of the ``condition`` role that marks control cells.
+    #: Perturbation screens: the label value (of ``condition`` when mapped, else of
+    #: ``label_key``) that marks control cells, e.g. ``non-targeting``.
     control_label: str | None = None
+    #: Perturbation screens: an obs column flagging control cells (bool, 0/1 or
+    #: true/false strings); takes precedence over ``control_label``.
+    control_key: str | None = None
+    #: Known-relationship sources for perturbation recall (EFAAR database names,
+    #: ``known_complexes`` or CSV paths); ``None``: the task's default.
+    relationship_sources: list[str] | None = None
     expression: ExpressionKind = "raw_counts"
     #: Where the expression matrix lives: ``X`` (default), ``raw`` or a layer name.
     layer: str = "X"
@@ -272,10 +279,22 @@ class ModelSpec(_Spec):
 
 
 class TaskSpec(_Spec):
-    """A task: a registered implementation plus its default parameters."""
+    """A task: a registered implementation plus its default parameters, or a suite
+    (``includes``: names of other task specs run together, e.g. ``perturbation_hierarchy``)."""
 
-    implementation: str
+    implementation: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    includes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TaskSpec:
+        if (self.implementation is None) == (not self.includes):
+            msg = "a task spec needs exactly one of implementation (a task) or includes (a suite of task specs)"
+            raise ValueError(msg)
+        if self.includes and self.parameters:
+            msg = "a suite (includes) takes no parameters; set them on the included task specs"
+            raise ValueError(msg)
+        return self
 
 
 _SECTIONS: dict[str, type[_Spec]] = {"datasets": DatasetSpec, "models": ModelSpec, "tasks": TaskSpec}
@@ -394,5 +413,24 @@ class Catalog:
         """Look up several names of one kind; ``"all"`` expands to every entry."""
         table = {"dataset": self.datasets, "model": self.models, "task": self.tasks}[kind]
         if list(names) == ["all"]:
-            return list(table.values())
-        return [self._get(table, kind, n) for n in names]
+            specs = list(table.values())
+        else:
+            specs = [self._get(table, kind, n) for n in names]
+        if kind != "task":
+            return specs
+        return self._expand_suites(specs)
+
+    def _expand_suites(self, specs: Sequence[TaskSpec], seen: tuple[str, ...] = ()) -> list[TaskSpec]:
+        """Replace each suite by the task specs it includes (recursively, each task once)."""
+        out: dict[str, TaskSpec] = {}
+        for spec in specs:
+            if not spec.includes:
+                out.setdefault(spec.name, spec)
+                continue
+            if spec.name in seen:
+                msg = f"task suite {spec.name!r} includes itself (via {' -> '.join(seen)})"
+                raise SpecError(msg)
+            members = [self._get(self.tasks, "task", n) for n in spec.includes]
+            for member in self._expand_suites(members, (*seen, spec.name)):
+                out.setdefault(member.name, member)
+        return list(out.values())

@@ -402,8 +402,212 @@ def planted_perturbations(
     return adata
 
 
+#: Well-known protein complexes (a few members each) used to plant shared gene
+#: programs in :func:`planted_screen`. Memberships are textbook facts; every pair of
+#: members is among CORUM's relationships (efaar-benchmarking 1.0), so a good embedding
+#: of the screen recalls CORUM links.
+KNOWN_COMPLEXES: dict[str, tuple[str, ...]] = {
+    "20S proteasome (alpha ring)": ("PSMA1", "PSMA2", "PSMA3", "PSMA4", "PSMA5", "PSMA6", "PSMA7"),
+    "MCM complex": ("MCM2", "MCM3", "MCM4", "MCM5", "MCM6", "MCM7"),
+    "CCT (TRiC) chaperonin": ("TCP1", "CCT2", "CCT3", "CCT4", "CCT5", "CCT6A", "CCT7", "CCT8"),
+    "RNA exosome": ("EXOSC2", "EXOSC3", "EXOSC4", "EXOSC5", "EXOSC7", "EXOSC8", "EXOSC9"),
+    "RNA polymerase II": ("POLR2A", "POLR2B", "POLR2C", "POLR2D", "POLR2E", "POLR2G"),
+    "eIF3": ("EIF3A", "EIF3B", "EIF3C", "EIF3D", "EIF3E", "EIF3G"),
+    "THO complex": ("THOC1", "THOC2", "THOC3", "THOC5", "THOC6", "THOC7"),
+    "Arp2/3 complex": ("ACTR2", "ACTR3", "ARPC2", "ARPC3", "ARPC4", "ARPC5"),
+    "COP9 signalosome": ("GPS1", "COPS2", "COPS3", "COPS4", "COPS5", "COPS6", "COPS8"),
+    "Origin recognition complex": ("ORC1", "ORC2", "ORC3", "ORC4", "ORC5", "ORC6"),
+    "GINS complex": ("GINS1", "GINS2", "GINS3", "GINS4"),
+    "Replication factor C": ("RFC1", "RFC2", "RFC3", "RFC4", "RFC5"),
+    "SF3b complex": ("SF3B1", "SF3B2", "SF3B3", "SF3B4", "SF3B5", "PHF5A"),
+    "TFIIH core": ("ERCC2", "ERCC3", "GTF2H1", "GTF2H2", "GTF2H3", "GTF2H4"),
+    "Cohesin": ("SMC1A", "SMC3", "RAD21", "STAG2"),
+    "PAF1 complex": ("PAF1", "CTR9", "LEO1", "CDC73"),
+}
+
+
+def planted_screen(
+    n_genes: int = 1000,
+    n_unexpressed: int = 24,
+    n_singletons: int = 16,
+    *,
+    n_complexes: int = 16,
+    n_batches: int = 10,
+    n_cells_per_perturbation: int = 24,
+    n_control_cells_per_batch: int = 60,
+    program_size: int = 40,
+    effect_strength: float = 1.0,
+    knockdown: float = 2.0,
+    batch_effect: float = 0.3,
+    mean_counts: float = 4000.0,
+    dispersion: float = 10.0,
+    control_label: str = "non-targeting",
+    seed: int = 0,
+) -> anndata.AnnData:
+    """Raw counts of a genome-wide-like CRISPR screen with planted complex programs.
+
+    The data behind the perturbation-analysis hierarchy (Bendidi et al. 2024):
+    single-gene knock-downs spread over experimental batches, controls in every
+    batch, and three kinds of perturbed gene:
+
+    - members of :data:`KNOWN_COMPLEXES` (the first ``n_complexes``): every member
+      of a complex moves the complex's own program of ``program_size`` genes, scaled
+      by a strength drawn per member in [0.6, 1.4] (times ``effect_strength``), plus a
+      few genes of its own; members of one complex therefore have similar profiles,
+      and a good embedding recalls their (CORUM) relationships;
+    - ``n_singletons`` expressed genes (``SOLO001`` ...) each with a program of its own;
+    - ``n_unexpressed`` genes (``UNEXP001`` ...) that are (almost) not expressed and
+      whose knock-down changes nothing: the null of perturbation consistency.
+
+    Expected expression is log-linear::
+
+        log mu[c, g] = base[g] + shift[batch[c], g] + noise[c] @ loadings[:, g] + effect[p(c), g]
+
+    where the target itself drops by ``knockdown``; counts are negative binomial
+    around ``mu`` scaled by a log-normal library size.
+
+    Parameters
+    ----------
+    n_genes
+        Genes measured (symbols; complex members, singleton and unexpressed targets
+        among them, fillers ``GENE0000`` ...).
+    n_unexpressed, n_singletons, n_complexes
+        Perturbed genes of each kind.
+    n_batches
+        Experimental batches (like 10x GEM groups); cells are dealt to batches at random.
+    n_cells_per_perturbation
+        Cells per perturbed gene.
+    n_control_cells_per_batch
+        Control cells in each batch.
+    program_size
+        Genes moved by each complex's (and singleton's) program.
+    effect_strength
+        Scale of every program; ``0`` leaves only the knock-down of the target.
+    knockdown
+        Drop of the target gene's log expression.
+    batch_effect
+        Standard deviation of each batch's log shift per gene.
+    mean_counts
+        Median total counts per cell.
+    dispersion
+        Negative-binomial inverse dispersion.
+    control_label
+        Perturbation label of control cells.
+    seed
+        Seed of everything random.
+
+    Returns
+    -------
+    AnnData with
+
+    - ``X``: ``scipy.sparse.csr_matrix`` ``(n_cells, n_genes)``, ``float32`` counts;
+    - ``obs``: ``gene`` (perturbed gene symbol or ``control_label``), ``is_control``
+      (bool), ``gem_group`` (batch, categorical), ``target_kind`` (``complex``,
+      ``singleton``, ``unexpressed``, ``control``) and ``complex`` (name or "");
+    - ``var_names``: gene symbols; ``var['ensembl_id']``: Ensembl-like IDs;
+    - ``uns['synthetic']``: the generator's name and arguments.
+    """
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    if n_complexes > len(KNOWN_COMPLEXES):
+        msg = f"planted_screen: at most {len(KNOWN_COMPLEXES)} complexes are known, asked for {n_complexes}"
+        raise ValueError(msg)
+    if min(n_batches, n_cells_per_perturbation, n_control_cells_per_batch) < 1:
+        msg = "planted_screen: batches and cell counts must be at least 1"
+        raise ValueError(msg)
+    complexes = list(KNOWN_COMPLEXES.items())[:n_complexes]
+    members = [g for _, genes in complexes for g in genes]
+    singletons = [f"SOLO{i + 1:03d}" for i in range(n_singletons)]
+    unexpressed = [f"UNEXP{i + 1:03d}" for i in range(n_unexpressed)]
+    targets = members + singletons + unexpressed
+    n_fillers = n_genes - len(targets)
+    if n_fillers < program_size:
+        msg = f"planted_screen: n_genes ({n_genes}) leaves fewer than program_size genes besides the targets"
+        raise ValueError(msg)
+    symbols = np.array(targets + [f"GENE{i:04d}" for i in range(n_fillers)])
+    rng = np.random.default_rng(seed)
+
+    base = rng.normal(0.0, 1.0, size=n_genes).clip(-3.0, 3.0)
+    base[: len(members) + n_singletons] = rng.uniform(0.5, 2.0, size=len(members) + n_singletons)
+    unexpressed_idx = np.arange(len(members) + n_singletons, len(targets))
+    base[unexpressed_idx] = -12.0  # essentially never detected
+
+    def program() -> np.ndarray:
+        genes = rng.choice(n_genes, size=program_size, replace=False)
+        out = np.zeros(n_genes)
+        out[genes] = rng.normal(0.0, 1.0, size=program_size)
+        return out * effect_strength
+
+    effects: list[np.ndarray] = []
+    kinds: list[str] = []
+    complex_of: list[str] = []
+    for name, genes in complexes:
+        shared = program()
+        for _ in genes:
+            own = np.zeros(n_genes)
+            own[rng.choice(n_genes, size=5, replace=False)] = rng.normal(0.0, 0.5, size=5)
+            effects.append(rng.uniform(0.6, 1.4) * shared + own * effect_strength)
+            kinds.append("complex")
+            complex_of.append(name)
+    for _ in singletons:
+        effects.append(program())
+        kinds.append("singleton")
+        complex_of.append("")
+    for _ in unexpressed:
+        effects.append(np.zeros(n_genes))
+        kinds.append("unexpressed")
+        complex_of.append("")
+    effect = np.stack(effects)
+    effect[np.arange(len(targets)), np.arange(len(targets))] -= knockdown
+
+    # Cells: controls in every batch, perturbed cells dealt to batches at random.
+    pert = np.concatenate([np.full(n_control_cells_per_batch * n_batches, -1),
+                           np.repeat(np.arange(len(targets)), n_cells_per_perturbation)])
+    batch = np.concatenate([np.repeat(np.arange(n_batches), n_control_cells_per_batch),
+                            rng.integers(0, n_batches, size=len(targets) * n_cells_per_perturbation)])
+    n_cells = len(pert)
+    shift = rng.normal(0.0, batch_effect, size=(n_batches, n_genes))
+    loadings = rng.normal(0.0, 0.2, size=(3, n_genes))
+    noise = rng.normal(0.0, 1.0, size=(n_cells, 3))
+    log_mu = base[None, :] + shift[batch] + noise @ loadings
+    perturbed = pert >= 0
+    log_mu[perturbed] += effect[pert[perturbed]]
+    library = mean_counts * rng.lognormal(0.0, 0.3, size=n_cells)
+    mu = np.exp(log_mu) * (library / np.exp(base).sum())[:, None]
+    counts = rng.poisson(rng.gamma(dispersion, mu / dispersion)).astype(np.float32)
+    empty = counts.sum(axis=1) == 0
+    counts[empty, mu[empty].argmax(axis=1)] = 1.0
+
+    labels = np.where(perturbed, symbols[np.maximum(pert, 0)], control_label)
+    obs = pd.DataFrame(
+        {
+            "gene": pd.Categorical(labels),
+            "is_control": ~perturbed,
+            "gem_group": pd.Categorical([f"gem_{b:02d}" for b in batch]),
+            "target_kind": pd.Categorical(np.where(perturbed, np.asarray(kinds)[np.maximum(pert, 0)], "control")),
+            "complex": np.where(perturbed, np.asarray(complex_of, dtype=object)[np.maximum(pert, 0)], ""),
+        },
+        index=pd.Index([f"cell_{i:05d}" for i in range(n_cells)], name=None),
+    )
+    var = pd.DataFrame({"ensembl_id": ensembl_like_ids(n_genes)}, index=pd.Index(symbols, name=None))
+    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+    adata.uns["synthetic"] = {
+        "generator": "planted_screen",
+        "n_genes": n_genes, "n_unexpressed": n_unexpressed, "n_singletons": n_singletons,
+        "n_complexes": n_complexes, "n_batches": n_batches,
+        "n_cells_per_perturbation": n_cells_per_perturbation,
+        "n_control_cells_per_batch": n_control_cells_per_batch, "program_size": program_size,
+        "effect_strength": effect_strength, "knockdown": knockdown, "batch_effect": batch_effect,
+        "mean_counts": mean_counts, "dispersion": dispersion, "control_label": control_label, "seed": seed,
+    }
+    return adata
+
+
 #: Generators that ``uri: synthetic:NAME`` specs can name.
 GENERATORS: dict[str, Callable[..., anndata.AnnData]] = {
     "planted_cells": planted_cells,
     "planted_perturbations": planted_perturbations,
+    "planted_screen": planted_screen,
 }

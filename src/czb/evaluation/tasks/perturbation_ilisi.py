@@ -1,0 +1,51 @@
+"""Level 1 of the perturbation-analysis hierarchy: are batches mixed in test1?"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from czb.evaluation.context import EvaluationContext
+from czb.evaluation.metrics import perturbation_analysis as pa
+from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, stratified_subsample
+from czb.evaluation.registry import TaskInfo, register_task
+from czb.evaluation.tasks.base import MetricValue
+from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
+
+
+class PerturbationIlisiParams(ScreenParams):
+    #: Harmony's perplexity; neighbours = 3 x perplexity. 83 is the reference runs'
+    #: value (k = 251, perplexity = k // 3).
+    perplexity: float = Field(83.0, gt=1.0)
+    #: Cap on test1 cells (a batch-stratified subsample); ``None`` scores them all.
+    max_cells: int | None = Field(None, ge=10)
+
+
+@register_task
+class PerturbationIlisi(ScreenTask):
+    """iLISI of batches on test1 with its controls (Bendidi et al. 2024, task 1).
+
+    Reports the raw mean LISI (in [1, #batches]) and its normalised value
+    ``1 + (mean - 1) / (#batches - 1)`` in [1, 2], each under its own name (the
+    reference code logs the raw mean as "normalised"). Computed on the post-processed
+    embedding itself (the reference optionally projects onto 32+ PCs first).
+    """
+
+    info = TaskInfo(
+        name="perturbation_ilisi",
+        description="Batch mixing of test1 cells (iLISI, raw mean and normalised) per post-processing.",
+        metrics=(pa.ILISI_MEAN.name, pa.ILISI_MEAN_NORMALIZED.name),
+        requires=("labels", "control", "batch"),
+        stochastic=True,
+        reference="arXiv:2410.13956",
+    )
+    Params = PerturbationIlisiParams
+
+    def score(self, X: np.ndarray, design: ScreenDesign, split: ScreenSplit | None,
+              context: EvaluationContext, *, seed: int) -> list[MetricValue]:
+        rows = split.test1
+        if self.params.max_cells is not None and len(rows) > self.params.max_cells:
+            rows = rows[stratified_subsample(design.batches[rows], self.params.max_cells, seed=seed)]
+        mean, normalized = pa.ilisi(X[rows], design.batches[rows], perplexity=self.params.perplexity)
+        # Sizes vary with the split's seed, so they stay out of params (which key aggregation).
+        return [MetricValue(pa.ILISI_MEAN.name, mean), MetricValue(pa.ILISI_MEAN_NORMALIZED.name, normalized)]

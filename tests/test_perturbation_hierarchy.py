@@ -1,0 +1,295 @@
+"""The perturbation-analysis hierarchy on a planted screen: PCA of log-normalised counts
+must beat a random embedding on every task, and the random embedding must sit at the
+paper's chance levels."""
+
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from czb.errors import DatasetError
+from czb.evaluation.context import EvaluationContext, run_task
+from czb.evaluation.metrics.perturbation import log_normalize
+from czb.evaluation.perturbation_analysis import Expression
+from czb.evaluation.registry import TASKS, get_task, load_all
+from czb.evaluation.tasks.screen_task import ScreenTask
+from czb.runner.datasets import parse_control_flags
+from czb.runner.synthetic import KNOWN_COMPLEXES, planted_screen
+
+load_all()
+SCREEN_TASKS = sorted(n for n, t in TASKS.items() if issubclass(t, ScreenTask))
+FAST = ("none", "center")
+
+
+def pca(X, n=50):
+    from sklearn.decomposition import PCA
+
+    return PCA(n, random_state=0).fit_transform(X)
+
+
+def context(adata, X, sources=("known_complexes",)):
+    return EvaluationContext(
+        X,
+        labels=adata.obs["gene"].astype(str).to_numpy(),
+        batches=adata.obs["gem_group"].astype(str).to_numpy(),
+        roles={"control": adata.obs["is_control"].to_numpy()},
+        expression=Expression(adata.X, adata.var_names.to_numpy()),
+        relationship_sources=list(sources),
+    )
+
+
+@pytest.fixture(scope="module")
+def screen():
+    return planted_screen(seed=0)
+
+
+@pytest.fixture(scope="module")
+def contexts(screen):
+    good = pca(log_normalize(screen.X).toarray())
+    random = np.random.default_rng(1).normal(size=good.shape)
+    return {"pca": context(screen, good), "random": context(screen, random)}
+
+
+def score(ctx, name, postprocessing=FAST, seeds=(0,), **params):
+    result = run_task(get_task(name)(postprocessing=postprocessing, **params), ctx, seeds, raise_errors=True)
+    assert result.status == "ok", result.error
+    return result
+
+
+def n_train_perturbations(screen):
+    perts = screen.obs.loc[~screen.obs["is_control"], "gene"].nunique()
+    return int(0.7 * perts)
+
+
+def test_every_hierarchy_task_runs_on_the_tiny_screen():
+    """Each registered hierarchy task scores every post-processing, with finite values."""
+    adata = planted_screen(n_genes=400, n_unexpressed=20, n_singletons=6, n_complexes=8, n_batches=6,
+                           n_cells_per_perturbation=9, n_control_cells_per_batch=24)
+    ctx = context(adata, pca(log_normalize(adata.X).toarray(), 20))
+    for name in SCREEN_TASKS:
+        task = get_task(name)()
+        result = run_task(task, ctx, (0, 1), raise_errors=True)
+        assert result.status == "ok", (name, result.error)
+        assert {m.name for m in result.metrics} == set(task.info.metrics)
+        assert {m.params["postprocessing"] for m in result.metrics} == {"none", "center", "center_scale", "tvn"}
+        for m in result.metrics:
+            assert np.isfinite(m.value), (name, m)
+            assert len(m.values_raw) == (2 if task.info.stochastic else 1)
+
+
+def test_linear_probe_and_knn_beat_chance(screen, contexts):
+    """Random: top-1 ≈ 1/#train perturbations, top-5 ≈ 5/#; PCA far above."""
+    chance = 1 / n_train_perturbations(screen)
+    for name, top1, top5 in (("perturbation_linear_probe", "linear_probe_top1", "linear_probe_top5"),
+                             ("perturbation_knn", "knn_top1", "knn_top5")):
+        good = score(contexts["pca"], name)
+        rnd = score(contexts["random"], name)
+        assert rnd.metric(top1, postprocessing="none").value == pytest.approx(chance, abs=2.5 * chance)
+        assert rnd.metric(top5, postprocessing="none").value == pytest.approx(5 * chance, abs=3 * chance)
+        assert good.metric(top1, postprocessing="center").value > 10 * chance
+        assert good.metric(top5, postprocessing="center").value > 0.3
+
+
+def test_consistency_random_is_at_alpha_and_pca_is_near_one(screen, contexts):
+    """Without signal about 5% of perturbations pass p < 0.05; with planted effects nearly all do."""
+    rnd = score(contexts["random"], "perturbation_consistency").metric("perturbation_consistency",
+                                                                        postprocessing="none")
+    good = score(contexts["pca"], "perturbation_consistency").metric("perturbation_consistency",
+                                                                      postprocessing="none")
+    assert rnd.value < 0.2
+    assert good.value > 0.8
+    kinds = screen.obs.drop_duplicates("gene")["target_kind"].value_counts()
+    assert good.params["n_null"] == kinds["unexpressed"]  # the planted unexpressed targets, and only them
+    assert good.params["n_scored"] == kinds["complex"] + kinds["singleton"]
+
+
+def test_recall_random_near_ten_and_pca_far_above(contexts):
+    """EFAAR's recall: 10% of pairs are predicted, so a random embedding recalls ~10."""
+    rnd = score(contexts["random"], "perturbation_recall")
+    good = score(contexts["pca"], "perturbation_recall")
+    r = rnd.metric("relationship_recall", postprocessing="none", source="known_complexes")
+    g = good.metric("relationship_recall", postprocessing="none", source="known_complexes")
+    assert 3 < r.value < 20
+    assert g.value > 60
+    n_pairs = sum(len(m) * (len(m) - 1) // 2 for m in KNOWN_COMPLEXES.values())
+    assert g.params["n_pairs"] == n_pairs
+    assert good.metric("relationship_map", postprocessing="none").value > 0.8
+    assert rnd.metric("relationship_map", postprocessing="none").value < 0.2
+
+
+def test_recall_map_excludes_controls_whatever_the_flag_type(screen):
+    """Reference bug: a bool control column compared to the string "true" let controls into
+    the map. Here every spelling of the flag drops them: the map has only perturbed genes."""
+    X = pca(log_normalize(screen.X).toarray(), 20)
+    n_perturbed = screen.obs.loc[~screen.obs["is_control"], "gene"].nunique()
+    for flags in (screen.obs["is_control"], screen.obs["is_control"].map({True: "true", False: "false"}),
+                  screen.obs["is_control"].map({True: "True", False: "False"}), screen.obs["is_control"].astype(int)):
+        controls = parse_control_flags(flags, name="screen", key="is_control")
+        assert controls.sum() == screen.obs["is_control"].sum()
+        ctx = EvaluationContext(X, labels=screen.obs["gene"].astype(str).to_numpy(),
+                                batches=screen.obs["gem_group"].astype(str).to_numpy(),
+                                roles={"control": controls}, relationship_sources=["known_complexes"])
+        m = score(ctx, "perturbation_recall", ("none",)).metric("relationship_recall")
+        assert m.params["n_genes"] == n_perturbed
+
+
+def test_control_flags_reject_unknown_values():
+    with pytest.raises(DatasetError, match="maybe"):
+        parse_control_flags(pd.Series(["true", "maybe"]), name="d", key="ctrl")
+    with pytest.raises(DatasetError, match="0/1"):
+        parse_control_flags(pd.Series([0, 2]), name="d", key="ctrl")
+
+
+def test_reconstruction_pca_decodes_and_random_does_not(contexts):
+    good = score(contexts["pca"], "perturbation_reconstruction", ("none",))
+    rnd = score(contexts["random"], "perturbation_reconstruction", ("none",))
+    assert abs(rnd.metric("reconstruction_spearman").value) < 0.05
+    assert good.metric("reconstruction_spearman").value > 0.3
+    # Predicting no perturbation effect gives structural integrity 0.5; random is about there.
+    assert rnd.metric("structural_integrity").value == pytest.approx(0.5, abs=0.08)
+    assert good.metric("structural_integrity").value > rnd.metric("structural_integrity").value + 0.03
+
+
+def test_ilisi_random_mixes_and_centering_mixes_pca(contexts):
+    """A random embedding mixes batches (normalised iLISI near 2); centring each batch on its
+    controls removes the planted batch shift, so PCA's mixing improves."""
+    rnd = score(contexts["random"], "perturbation_ilisi")
+    good = score(contexts["pca"], "perturbation_ilisi")
+    assert rnd.metric("ilisi_mean_normalized", postprocessing="none").value > 1.85
+    none = good.metric("ilisi_mean_normalized", postprocessing="none").value
+    centred = good.metric("ilisi_mean_normalized", postprocessing="center").value
+    assert centred > none + 0.1
+    # The raw mean is on [1, #batches]; normalised = 1 + (raw - 1) / (B - 1) with B = 3 test batches.
+    raw = good.metric("ilisi_mean", postprocessing="none").value
+    assert none == pytest.approx(1 + (raw - 1) / 2)
+
+
+def test_split_tasks_share_one_split_per_seed_and_vary_with_it(contexts):
+    result = score(contexts["pca"], "perturbation_knn", ("none",), seeds=(0, 1, 2))
+    values = result.metric("knn_top1").values_raw
+    assert len(values) == 3 and len(set(values)) > 1
+
+
+def test_gene_means_never_densify_the_expression_matrix():
+    """Reference bug: consistency densified the genes × cells matrix. Mean expression is read
+    in row chunks: peak memory stays far below one dense copy (160 MB here)."""
+    X = sp.random(20_000, 1_000, density=0.01, format="csr", random_state=0, dtype=np.float64) * 10
+    expression = Expression(X.astype(np.float32), None, chunk_rows=1000)
+    dense_bytes = X.shape[0] * X.shape[1] * 8
+    tracemalloc.start()
+    means = expression.gene_means()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < dense_bytes / 8
+    assert means.shape == (1_000,)
+
+
+# --------------------------------------------------------------------------- CLI, specs, table
+
+
+def test_cli_runs_the_hierarchy_offline_and_prints_table_2(tmp_path, monkeypatch):
+    """`czb run --task perturbation_hierarchy` expands the suite into its six tasks, scores
+    PCA and random on the bundled screen without network, and prints the paper's layout."""
+    from typer.testing import CliRunner
+
+    from czb.cli import app
+    from czb.runner.results import read_result
+
+    monkeypatch.setenv("CZB_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "--task", "perturbation_hierarchy", "--model", "random",
+                                      "--dataset", "synthetic_screen_tiny", "--seeds", "0", "--n-jobs", "1",
+                                      "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [read_result(p) for p in sorted(out.rglob("*.json"))]
+    assert {(r.model.name, r.task.name) for r in records} == {
+        (m, t) for m in ("random", "pca") for t in SCREEN_TASKS}
+    assert all(r.status == "ok" for r in records), [(r.task.name, r.error) for r in records if r.status != "ok"]
+    assert "perturbation-analysis hierarchy" in result.stdout
+    table = result.stdout.split("perturbation-analysis hierarchy")[1]
+    assert "relationship_recall [known_complexes]" in table
+    # PCA is the best model on the linear probe row, with its best post-processing named.
+    header = [c.strip() for c in next(line for line in table.splitlines() if "metric" in line).split("┃")]
+    probe = next(line for line in table.splitlines() if "linear_probe_top1" in line).split("│")
+    assert "*" in probe[header.index("pca")] and "(" in probe[header.index("pca")]
+    assert "*" not in probe[header.index("random")]
+
+
+def test_hierarchy_table_picks_the_best_postprocessing():
+    from czb.runner import results as R
+    from czb.runner.summary import hierarchy_table
+
+    def record(model, values):
+        return R.ResultRecord.model_construct(
+            dataset=R.DatasetRecord(name="d", uri="", sha256=None, n_cells=1, n_genes=1),
+            model=R.ModelRecord(name=model, kind="baseline", image_digest="in-process"),
+            task=R.TaskRecord(name="perturbation_knn", implementation="perturbation_knn", parameters={}),
+            status="ok",
+            metrics=[R.MetricRecord(name="knn_top1", value=v, value_std_dev=None, values_raw=[v],
+                                    params={"postprocessing": pp}) for pp, v in values.items()])
+
+    (row,) = hierarchy_table([record("pca", {"none": 0.2, "tvn": 0.4}), record("random", {"none": 0.01})])
+    assert row.cells["pca"].postprocessing == "tvn" and row.cells["pca"].value == 0.4
+    assert row.cells["pca"].every == {"none": 0.2, "tvn": 0.4}
+    assert row.best_model == "pca"
+
+
+def test_suites_expand_and_reject_bad_definitions(tmp_path):
+    from czb.errors import SpecError
+    from czb.runner.specs import Catalog, load_spec_file
+
+    catalog = Catalog.load()
+    names = [t.name for t in catalog.resolve("task", ["perturbation_hierarchy", "perturbation_knn"])]
+    assert names == SCREEN_TASKS_IN_PAPER_ORDER
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks:\n  s:\n    implementation: clustering\n    includes: [embedding]\n")
+    with pytest.raises(SpecError, match="exactly one of"):
+        load_spec_file(bad)
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "t.yaml").write_text("tasks:\n  a:\n    includes: [b]\n  b:\n    includes: [a]\n")
+    with pytest.raises(SpecError, match="includes itself"):
+        Catalog.load([loop]).resolve("task", ["a"])
+
+
+SCREEN_TASKS_IN_PAPER_ORDER = [
+    "perturbation_ilisi", "perturbation_linear_probe", "perturbation_consistency", "perturbation_knn",
+    "perturbation_recall", "perturbation_reconstruction",
+]
+
+
+def test_screen_spec_without_controls_is_reported_before_work():
+    from czb.runner.datasets import Dataset, validate_dataset
+    from czb.runner.specs import DatasetSpec
+
+    adata = planted_screen(n_genes=400, n_unexpressed=20, n_singletons=6, n_complexes=8, n_batches=6,
+                           n_cells_per_perturbation=9, n_control_cells_per_batch=24)
+    spec = DatasetSpec(name="s", uri="x", organism="human", label_key="gene", batch_key="gem_group",
+                       control_key="not_a_column", gene_id_type="symbol")
+    with pytest.raises(DatasetError, match="control_key 'not_a_column' is not an obs column"):
+        validate_dataset(Dataset(spec, adata))
+    spec = spec.model_copy(update={"control_key": None, "control_label": "nobody"})
+    with pytest.raises(DatasetError, match="no cell is a control"):
+        validate_dataset(Dataset(spec, adata))
+
+
+@pytest.mark.internet
+def test_pca_recalls_real_corum_far_above_random(contexts, tmp_path, monkeypatch):
+    """With the real CORUM file (efaar-benchmarking 1.0, fetched from PyPI), PCA of the planted
+    screen recalls CORUM links far above a random embedding, which sits near 10."""
+    import socket
+
+    try:
+        socket.create_connection(("files.pythonhosted.org", 443), timeout=5).close()
+    except OSError:
+        pytest.skip("files.pythonhosted.org is not reachable")
+    monkeypatch.setenv("CZB_CACHE_DIR", str(tmp_path))
+    good = score(contexts["pca"], "perturbation_recall", ("none",), sources=("CORUM",))
+    rnd = score(contexts["random"], "perturbation_recall", ("none",), sources=("CORUM",))
+    g, r = good.metric("relationship_recall"), rnd.metric("relationship_recall")
+    assert g.params["n_pairs"] > 200  # the planted complexes' pairs, plus any CORUM links among them
+    assert g.value > 50 and 3 < r.value < 20
+    assert (tmp_path / "annotations" / "efaar-benchmarking-1.0" / "manifest.json").is_file()
