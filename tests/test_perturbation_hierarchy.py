@@ -293,3 +293,11 @@ def test_pca_recalls_real_corum_far_above_random(contexts, tmp_path, monkeypatch
     assert g.params["n_pairs"] > 200  # the planted complexes' pairs, plus any CORUM links among them
     assert g.value > 50 and 3 < r.value < 20
     assert (tmp_path / "annotations" / "efaar-benchmarking-1.0" / "manifest.json").is_file()
+
+
+def test_unavailable_relationship_source_fails_only_the_recall_task(contexts):
+    """A source that cannot be read is a failed recall record naming it, not a crashed run."""
+    result = run_task(get_task("perturbation_recall")(postprocessing=("none",), sources=("/no/such/pairs.csv",)),
+                      contexts["pca"], (0,))
+    assert result.status == "failed"
+    assert "/no/such/pairs.csv" in result.error

@@ -204,6 +204,10 @@ def run_task(
         task.check(context)
     except NotApplicableError as e:
         return TaskResult(name, "not_applicable", seeds=seeds, error=str(e))
+    except Exception as e:  # noqa: BLE001 - e.g. a resource the task reads cannot be fetched
+        if raise_errors:
+            raise
+        return TaskResult(name, "failed", seeds=seeds, error=f"{type(e).__name__}: {e}")
     values: list[MetricValue] = []
     error: str | None = None
     with measure() as usage:

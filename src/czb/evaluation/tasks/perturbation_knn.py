@@ -7,6 +7,7 @@ import math
 import numpy as np
 from pydantic import Field
 
+from czb.errors import NotApplicableError
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
 from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, stratified_subsample
@@ -46,6 +47,9 @@ class PerturbationKnn(ScreenTask):
             keep = stratified_subsample(design.perturbations[reference], self.params.max_reference_cells, seed=seed)
             reference = reference[keep]
         query = split.test1[~design.controls[split.test1]]
+        if len(reference) == 0 or len(query) == 0:
+            msg = f"the split left {len(reference)} train and {len(query)} test1 perturbed cells; no neighbours to vote"
+            raise NotApplicableError(msg)
         classes, ref_codes = np.unique(design.perturbations[reference], return_inverse=True)
         lookup = {c: i for i, c in enumerate(classes)}
         query_codes = np.array([lookup.get(p, -1) for p in design.perturbations[query]])

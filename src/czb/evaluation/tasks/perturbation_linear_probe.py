@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from czb.errors import NotApplicableError
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
 from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit
@@ -46,6 +47,9 @@ class PerturbationLinearProbe(ScreenTask):
 
         train = split.train[~design.controls[split.train]]
         test = split.test1[~design.controls[split.test1]]
+        if len(train) == 0 or len(test) == 0:
+            msg = f"the split left {len(train)} train and {len(test)} test1 perturbed cells; nothing to probe"
+            raise NotApplicableError(msg)
         scaler = StandardScaler().fit(X[train])
         model = LogisticRegression(C=self.params.C, max_iter=self.params.max_iter, random_state=seed)
         model.fit(scaler.transform(X[train]), design.perturbations[train])
