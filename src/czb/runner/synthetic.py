@@ -43,6 +43,16 @@ def ensembl_like_ids(n_genes: int, *, prefix: str = "ENSG") -> list[str]:
     return [f"{prefix}{n:011d}" for n in np.sort(numbers)]
 
 
+def negative_binomial_counts(rng: np.random.Generator, mu: np.ndarray, dispersion: float) -> np.ndarray:
+    """Counts drawn around ``mu`` (gamma-Poisson = negative binomial with inverse dispersion
+    ``dispersion``), as ``float32``; a cell left with no counts gets one read in its most
+    expected gene, since an empty cell would fail validation (rare: only with tiny depth)."""
+    counts = rng.poisson(rng.gamma(dispersion, mu / dispersion)).astype(np.float32)
+    empty = counts.sum(axis=1) == 0
+    counts[empty, mu[empty].argmax(axis=1)] = 1.0
+    return counts
+
+
 def planted_cells(
     n_cells: int = 1500,
     n_genes: int = 2000,
@@ -169,12 +179,7 @@ def planted_cells(
     library = mean_counts * rng.lognormal(0.0, 0.35, size=n_cells)
     mu = proportions_per_gene * library[:, None]
 
-    # Gamma-Poisson = negative binomial with mean mu and inverse dispersion theta.
-    counts = rng.poisson(rng.gamma(dispersion, mu / dispersion)).astype(np.float32)
-    # A cell with no counts at all would fail validation; give it one read in
-    # its most expected gene (rare: only with tiny mean_counts).
-    empty = counts.sum(axis=1) == 0
-    counts[empty, mu[empty].argmax(axis=1)] = 1.0
+    counts = negative_binomial_counts(rng, mu, dispersion)
 
     obs = pd.DataFrame(
         {
@@ -366,9 +371,7 @@ def planted_perturbations(
     log_mu = base[None, :] + shift[batch] + noise @ loadings + condition_effects[condition]
     library = mean_counts * rng.lognormal(0.0, 0.3, size=n_cells)
     mu = np.exp(log_mu) * (library / np.exp(base).sum())[:, None]
-    counts = rng.poisson(rng.gamma(dispersion, mu / dispersion)).astype(np.float32)
-    empty = counts.sum(axis=1) == 0
-    counts[empty, mu[empty].argmax(axis=1)] = 1.0
+    counts = negative_binomial_counts(rng, mu, dispersion)
 
     obs = pd.DataFrame(
         {
@@ -576,9 +579,7 @@ def planted_screen(
     log_mu[perturbed] += effect[pert[perturbed]]
     library = mean_counts * rng.lognormal(0.0, 0.3, size=n_cells)
     mu = np.exp(log_mu) * (library / np.exp(base).sum())[:, None]
-    counts = rng.poisson(rng.gamma(dispersion, mu / dispersion)).astype(np.float32)
-    empty = counts.sum(axis=1) == 0
-    counts[empty, mu[empty].argmax(axis=1)] = 1.0
+    counts = negative_binomial_counts(rng, mu, dispersion)
 
     labels = np.where(perturbed, symbols[np.maximum(pert, 0)], control_label)
     obs = pd.DataFrame(
