@@ -86,9 +86,8 @@ class Relationships:
 
     def restricted_to(self, genes) -> np.ndarray:
         """The pairs whose two genes are both in ``genes``, shape ``(m, 2)``."""
-        present = set(map(str, genes))
-        mask = np.fromiter((x in present and y in present for x, y in self.pairs), bool, len(self.pairs))
-        return self.pairs[mask]
+        present = np.asarray(genes).astype(str)
+        return self.pairs[np.isin(self.pairs.astype(str), present).all(axis=1)]
 
 
 def known_complex_relationships() -> Relationships:

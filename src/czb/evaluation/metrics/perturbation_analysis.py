@@ -166,6 +166,16 @@ def topk_hits(scores: np.ndarray, true_codes: np.ndarray, k: int) -> np.ndarray:
     return hits
 
 
+def class_codes(classes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of each value in the sorted array ``classes``; ``-1`` where it is not a class."""
+    classes = np.asarray(classes)
+    values = np.asarray(values)
+    if len(classes) == 0:
+        return np.full(len(values), -1)
+    pos = np.minimum(np.searchsorted(classes, values), len(classes) - 1)
+    return np.where(classes[pos] == values, pos, -1)
+
+
 def knn_votes(
     reference: np.ndarray,
     reference_codes: np.ndarray,
@@ -281,10 +291,23 @@ def tail_recall_upper_bound(null_sorted: np.ndarray, n_query: int, *, low: float
     n = len(null_sorted)
     if n_query == 0 or n == 0:
         return float("nan")
-    ranks_right = np.arange(1, n + 1) / n  # share <= each sorted value (no ties assumed)
-    ranks_left = np.arange(n) / n
-    in_tails = int(np.sum((ranks_right <= low) | (ranks_left >= high)))
-    return min(1.0, in_tails / n_query)
+    # Without ties the i-th smallest value (0-based) has right rank (i + 1) / n and left
+    # rank i / n: count the i meeting each tail's test, with the same float comparisons.
+    n_low = _count_below(lambda i: (i + 1) / n <= low, n)
+    n_high = n - _count_below(lambda i: not i / n >= high, n)
+    return min(1.0, (n_low + n_high) / n_query)
+
+
+def _count_below(holds, n: int) -> int:
+    """How many of ``i = 0 .. n-1`` satisfy ``holds``, a predicate true on a prefix."""
+    lo, hi = 0, n  # bisection for the first i where it fails
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def upper_triangle(S: np.ndarray) -> np.ndarray:

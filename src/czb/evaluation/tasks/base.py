@@ -52,11 +52,17 @@ class Task(ABC):
         return 0
 
     def check(self, context: EvaluationContext) -> None:
-        """Raise :class:`NotApplicableError` when the data lack a role this task needs.
+        """Raise :class:`NotApplicableError` when the data lack a role this task needs
+        (``expression``: the context's expression matrix).
 
         Runs before any heavy work.
         """
-        missing = [role for role in self.info.requires if context.role(role) is None]
+        def lacks(need: str) -> bool:
+            if need == "expression":
+                return getattr(context, "expression", None) is None
+            return context.role(need) is None
+
+        missing = [need for need in self.info.requires if lacks(need)]
         if missing:
             msg = f"task {self.info.name!r} needs {', '.join(missing)} but the data have none"
             raise NotApplicableError(msg)

@@ -51,8 +51,7 @@ class PerturbationKnn(ScreenTask):
             msg = f"the split left {len(reference)} train and {len(query)} test1 perturbed cells; no neighbours to vote"
             raise NotApplicableError(msg)
         classes, ref_codes = np.unique(design.perturbations[reference], return_inverse=True)
-        lookup = {c: i for i, c in enumerate(classes)}
-        query_codes = np.array([lookup.get(p, -1) for p in design.perturbations[query]])
+        query_codes = pa.class_codes(classes, design.perturbations[query])
         k = self.params.k or max(1, math.isqrt(len(reference)))
         hits = np.zeros((2, len(query)), dtype=bool)
 

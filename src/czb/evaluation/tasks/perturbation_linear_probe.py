@@ -53,8 +53,7 @@ class PerturbationLinearProbe(ScreenTask):
         scaler = StandardScaler().fit(X[train])
         model = LogisticRegression(C=self.params.C, max_iter=self.params.max_iter, random_state=seed)
         model.fit(scaler.transform(X[train]), design.perturbations[train])
-        lookup = {c: i for i, c in enumerate(model.classes_)}
-        codes = np.array([lookup.get(p, -1) for p in design.perturbations[test]])
+        codes = pa.class_codes(model.classes_, design.perturbations[test])
         top1 = top5 = 0
         for start in range(0, len(test), 4096):
             rows = test[start:start + 4096]

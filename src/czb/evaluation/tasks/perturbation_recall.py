@@ -74,7 +74,6 @@ class PerturbationRecall(ScreenTask):
         means = sums / np.bincount(codes)[:, None]
         S = pa.cosine_matrix(means)
         null = np.sort(pa.upper_triangle(S))
-        index = {g: i for i, g in enumerate(genes)}
         low, high = self.params.low_quantile, self.params.high_quantile
         out = []
         for rel in self._sources(context):
@@ -85,8 +84,7 @@ class PerturbationRecall(ScreenTask):
                 out += [MetricValue(m.name, nan, params) for m in
                         (pa.RELATIONSHIP_RECALL, pa.RELATIONSHIP_RECALL_BOUND, pa.RELATIONSHIP_MAP)]
                 continue
-            i = np.array([index[a] for a in pairs[:, 0]])
-            j = np.array([index[b] for b in pairs[:, 1]])
+            i, j = pa.class_codes(genes, pairs[:, 0]), pa.class_codes(genes, pairs[:, 1])
             recall = pa.tail_recall(null, S[i, j].astype(np.float64), low=low, high=high)
             bound = pa.tail_recall_upper_bound(null, len(pairs), low=low, high=high)
             adjacency = sp.coo_matrix((np.ones(2 * len(i), bool), (np.r_[i, j], np.r_[j, i])),

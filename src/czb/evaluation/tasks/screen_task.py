@@ -73,13 +73,11 @@ class ScreenTask(Task):
     uses_split: ClassVar[bool] = True
 
     def check(self, context: EvaluationContext) -> None:
-        missing = [r for r in self.info.requires if r != "expression" and context.role(r) is None]
-        if "expression" in self.info.requires and getattr(context, "expression", None) is None:
-            missing.append("expression")
-        if missing:
-            msg = (f"task {self.info.name!r} needs {', '.join(missing)} but the data have none "
-                   f"(a screen declares label_key, batch_key and control_key or control_label)")
-            raise NotApplicableError(msg)
+        try:
+            super().check(context)
+        except NotApplicableError as e:
+            msg = f"{e} (a screen declares label_key, batch_key and control_key or control_label)"
+            raise NotApplicableError(msg) from None
 
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         design = screen_design(context)
