@@ -94,15 +94,16 @@ def test_silhouette_samples_matches_sklearn():
     X, labels, _ = planted_embedding(700, separation=1.0)
     labels = labels.copy()
     labels[3] = "singleton"  # sklearn gives 0 to clusters of one cell
-    np.testing.assert_allclose(silhouette.silhouette_samples(X, labels), silhouette_samples(X, labels), atol=1e-10)
+    # Distances come from float32 GEMMs (float64 sums): agreement to ~1e-7 per cell.
+    np.testing.assert_allclose(silhouette.silhouette_samples(X, labels), silhouette_samples(X, labels), atol=1e-6)
 
 
 def test_silhouette_score_equals_scib_metrics_silhouette_label():
     import scib_metrics
 
     X, labels, _ = planted_embedding(1200, separation=1.5, seed=4)
-    assert abs(silhouette.silhouette_label(X, labels) - scib_metrics.silhouette_label(X, labels)) < 1e-6
-    assert abs(silhouette.silhouette_label(X, labels, rescale=False)
+    assert abs(silhouette.silhouette_label(X, labels).value - scib_metrics.silhouette_label(X, labels)) < 1e-6
+    assert abs(silhouette.silhouette_label(X, labels, rescale=False).value
                - scib_metrics.silhouette_label(X, labels, rescale=False)) < 1e-6
 
 
@@ -110,7 +111,7 @@ def test_batch_silhouette_equals_scib_metrics():
     import scib_metrics
 
     X, labels, batches = planted_embedding(1200, batch_shift=1.5, seed=5)
-    ours = silhouette.silhouette_batch(X, labels, batches)
+    ours = silhouette.silhouette_batch(X, labels, batches).value
     assert abs(ours - scib_metrics.silhouette_batch(X, labels, batches)) < 1e-6
 
 

@@ -74,7 +74,7 @@ def test_write_result_writes_strict_json_and_read_round_trips(tmp_path):
     assert data["model"]["name"] == "random"
     assert data["metrics"][0] == {
         "name": "adjusted_rand_index", "value": 0.5, "value_std_dev": 0.01,
-        "values_raw": [0.5, 0.5], "params": {},
+        "values_raw": [0.5, 0.5], "params": {}, "ci95": None,
     }
     assert R.read_result(path) == record
 

@@ -217,7 +217,7 @@ def test_registered_and_shares_the_graph(monkeypatch):
 
     builds = []
     real = ctx.compute_neighbors
-    monkeypatch.setattr(ctx, "compute_neighbors", lambda X, k: builds.append(k) or real(X, k))
+    monkeypatch.setattr(ctx, "compute_neighbors", lambda X, k, **kw: builds.append(k) or real(X, k, **kw))
     tasks = [task_cls(k=15), task_cls(k=10, adaptive_k=True), get_task("clustering")()]
     context = EvaluationContext(X, labels=t.astype(str), roles={"time_point": t})
     context.plan(tasks)

@@ -129,7 +129,7 @@ def test_neighbour_graph_is_computed_once_for_all_tasks(monkeypatch):
 
     calls = []
     real = ctx_module.compute_neighbors
-    monkeypatch.setattr(ctx_module, "compute_neighbors", lambda X, k: calls.append(k) or real(X, k))
+    monkeypatch.setattr(ctx_module, "compute_neighbors", lambda X, k, **kw: calls.append(k) or real(X, k, **kw))
     X, labels, batches = planted_embedding(400)
     results = evaluate(X, labels=labels, batches=batches, seeds=(0,))
     assert all(r.status == "ok" for r in results)

@@ -28,6 +28,8 @@ class TaskContext:
     _roles: dict[str, np.ndarray]
     _memo: dict[tuple, Any]
     n_jobs: int
+    #: How estimable values used by the running task were computed (see :meth:`note`).
+    notes: dict[str, Any]
 
     def role(self, role: str) -> np.ndarray | None:
         """Per-cell values of a role (``labels``, ``batch``, ``condition``...), or ``None``."""
@@ -42,6 +44,11 @@ class TaskContext:
 
     def plan(self, tasks: Iterable[Task]) -> None:
         """Prepare shared work for ``tasks`` (nothing by default)."""
+
+    def note(self, what: str, how: dict[str, Any]) -> None:
+        """Record how ``what`` (e.g. ``neighbors``, ``silhouette_label``) was computed
+        for the task now running (exact, or approximate with its measured error)."""
+        self.notes[what] = how
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per key for this context, so tasks (and seeds) share
@@ -75,6 +82,11 @@ class EvaluationContext(TaskContext):
         Known-relationship sources the dataset declares (perturbation recall), or ``None``.
     n_jobs
         Processes/threads tasks may use.
+    exact
+        ``True``: exact neighbour graph and silhouettes at any size; ``False``: the
+        approximate/estimated ones at any size; ``None``: by size
+        (:data:`czb.evaluation.neighbors.EXACT_MAX_CELLS`,
+        :data:`czb.evaluation.metrics.silhouette.EXACT_MAX_CELLS`).
     """
 
     def __init__(
@@ -87,6 +99,7 @@ class EvaluationContext(TaskContext):
         expression: Any = None,
         relationship_sources: Sequence[str] | None = None,
         n_jobs: int = 1,
+        exact: bool | None = None,
     ):
         X = np.asarray(X)
         if X.ndim != 2:
@@ -115,6 +128,8 @@ class EvaluationContext(TaskContext):
         self.expression = expression
         self.relationship_sources = list(relationship_sources) if relationship_sources else None
         self.n_jobs = n_jobs
+        self.exact = exact
+        self.notes = {}
         self._k_planned = 0
         self._graph: NeighborGraph | None = None
         self._memo: dict[tuple, Any] = {}
@@ -131,8 +146,49 @@ class EvaluationContext(TaskContext):
         """The shared graph with at least ``min(k, n_cells)`` neighbours per cell."""
         k = min(k, self.n_cells)
         if self._graph is None or self._graph.k < k:
-            self._graph = compute_neighbors(self.X, max(k, min(self._k_planned, self.n_cells)))
+            self._graph = compute_neighbors(self.X, max(k, min(self._k_planned, self.n_cells)), exact=self.exact)
+        self.note("neighbors", self._graph.describe())
         return self._graph
+
+    def silhouette(
+        self,
+        name: str,
+        labels: np.ndarray,
+        *,
+        batches: np.ndarray | None = None,
+        cells: np.ndarray | None = None,
+    ) -> Any:
+        """A silhouette of this embedding, memoised and noted under ``name``.
+
+        Exact or estimated by size (:attr:`exact`). ``name`` identifies the value (e.g.
+        ``silhouette_label``, ``silhouette_batch[species]``), so tasks asking for the same
+        one share it.
+
+        Parameters
+        ----------
+        labels
+            ``(n_cells,)`` labels (or ``(len(cells),)`` with ``cells``).
+        batches
+            Batch labels aligned with ``labels``: scIB's batch silhouette within labels;
+            ``None``: the rescaled [0, 1] label silhouette.
+        cells
+            Restrict to these cells (index or boolean mask of the embedding's rows).
+
+        Returns
+        -------
+        :class:`~czb.evaluation.metrics.silhouette.Estimate`.
+        """
+        from czb.evaluation.metrics import silhouette as sil
+
+        def compute():
+            X = self.X if cells is None else self.X[cells]
+            if batches is None:
+                return sil.silhouette_label(X, labels, exact=self.exact)
+            return sil.silhouette_batch(X, labels, batches, exact=self.exact)
+
+        estimate = self.memo(("silhouette", name), compute)
+        self.note(name, estimate.describe())
+        return estimate
 
     def leiden(self, resolution: float, *, seed: int, k: int = 15) -> np.ndarray:
         """Leiden clusters of the ``k``-neighbour UMAP graph (cached)."""
@@ -146,13 +202,17 @@ class EvaluationContext(TaskContext):
 
 @dataclass
 class AggregatedMetric:
-    """A metric over seeds: mean, sample standard deviation, and every value."""
+    """A metric over seeds: mean, sample standard deviation, and every value.
+
+    ``ci95`` is the confidence interval of an estimated value; kept only when every seed
+    reports the same estimate (a seed-independent value, computed once)."""
 
     name: str
     value: float
     value_std_dev: float | None
     values_raw: list[float]
     params: dict[str, Any] = field(default_factory=dict)
+    ci95: tuple[float, float] | None = None
 
 
 @dataclass
@@ -166,6 +226,8 @@ class TaskResult:
     error: str | None = None
     runtime_s: float = 0.0
     peak_memory_mb: float = 0.0
+    #: How estimable values were computed (neighbour graph, silhouettes): see ``TaskContext.note``.
+    computation: dict[str, Any] = field(default_factory=dict)
 
     def metric(self, name: str, **params: Any) -> AggregatedMetric:
         """The metric called ``name`` whose params include ``params``."""
@@ -187,7 +249,9 @@ def aggregate(values: Iterable[MetricValue]) -> list[AggregatedMetric]:
         finite = [x for x in raw if np.isfinite(x)]
         mean = statistics.fmean(finite) if finite else float("nan")
         std = statistics.stdev(finite) if len(finite) > 1 else None
-        out.append(AggregatedMetric(name, mean, std, raw, dict(params)))
+        cis = {(v.value, v.ci95) for v in group}
+        ci95 = group[0].ci95 if len(cis) == 1 else None
+        out.append(AggregatedMetric(name, mean, std, raw, dict(params), ci95))
     return out
 
 
@@ -200,6 +264,7 @@ def run_task(
     """
     seeds = list(seeds) if task.info.stochastic else list(seeds)[:1]
     name = task.info.name
+    context.notes = {}
     try:
         task.check(context)
     except NotApplicableError as e:
@@ -221,9 +286,10 @@ def run_task(
                 raise
             error = f"{type(e).__name__}: {e}"
     if error is not None:
-        return TaskResult(name, "failed", seeds=seeds, error=error,
-                          runtime_s=usage.runtime_s, peak_memory_mb=usage.peak_memory_mb)
-    return TaskResult(name, "ok", aggregate(values), seeds, None, usage.runtime_s, usage.peak_memory_mb)
+        return TaskResult(name, "failed", seeds=seeds, error=error, runtime_s=usage.runtime_s,
+                          peak_memory_mb=usage.peak_memory_mb, computation=dict(context.notes))
+    return TaskResult(name, "ok", aggregate(values), seeds, None, usage.runtime_s, usage.peak_memory_mb,
+                      computation=dict(context.notes))
 
 
 def evaluate(
@@ -235,6 +301,7 @@ def evaluate(
     tasks: Sequence[str | Task] = ("clustering", "embedding", "label_prediction", "batch_integration"),
     seeds: Sequence[int] = DEFAULT_SEEDS,
     n_jobs: int = 1,
+    exact: bool | None = None,
 ) -> list[TaskResult]:
     """Score an embedding on several tasks, sharing one neighbour graph.
 
@@ -252,6 +319,9 @@ def evaluate(
         Seeds of stochastic steps; deterministic tasks use the first only.
     n_jobs
         Worker processes for tasks that parallelise.
+    exact
+        Exact neighbour graph and silhouettes at any size (``True``), approximate ones at
+        any size (``False``), or by size (``None``); see :class:`EvaluationContext`.
 
     Returns
     -------
@@ -260,6 +330,6 @@ def evaluate(
     from czb.evaluation.registry import get_task
 
     task_objs = [get_task(t)() if isinstance(t, str) else t for t in tasks]
-    context = EvaluationContext(X, labels=labels, batches=batches, roles=roles, n_jobs=n_jobs)
+    context = EvaluationContext(X, labels=labels, batches=batches, roles=roles, n_jobs=n_jobs, exact=exact)
     context.plan(task_objs)
     return [run_task(t, context, seeds) for t in task_objs]

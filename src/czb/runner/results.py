@@ -37,6 +37,8 @@ class MetricRecord(_Record):
     value_std_dev: float | None = None
     values_raw: list[float | None] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
+    #: 95% confidence interval of a value estimated from sampled cells; ``None`` when exact.
+    ci95: list[float] | None = None
 
     @field_validator("value", "value_std_dev", mode="after")
     @classmethod
@@ -102,6 +104,9 @@ class ResultRecord(_Record):
     runtime_s: float = 0.0
     embedding_runtime_s: float = 0.0
     peak_memory_mb: float = 0.0
+    #: How estimable intermediates were computed: ``neighbors`` (exact, or approximate
+    #: with its measured recall) and silhouettes (exact, or sampled with a CI).
+    computation: dict[str, Any] = Field(default_factory=dict)
 
     def metric(self, name: str, **params: Any) -> MetricRecord | None:
         """The first metric called ``name`` whose params include ``params``."""

@@ -17,11 +17,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class MetricValue:
-    """One metric value from one seed. ``params`` distinguishes variants (e.g. classifier)."""
+    """One metric value from one seed. ``params`` distinguishes variants (e.g. classifier);
+    ``ci95`` is the 95% confidence interval of a value estimated from sampled cells."""
 
     name: str
     value: float
     params: dict[str, Any] = field(default_factory=dict)
+    ci95: tuple[float, float] | None = None
 
 
 class TaskParams(BaseModel):

@@ -61,16 +61,14 @@ class BatchIntegration(Task):
             mix.ENTROPY_PER_CELL.name: context.memo(
                 ("entropy_per_cell", p.entropy_neighbors), lambda: mix.entropy_per_cell(entropy_idx, batches)
             ),
-            sil.BATCH_SILHOUETTE.name: context.memo(
-                ("silhouette_batch",), lambda: sil.silhouette_batch(context.X, labels, batches)
-            ),
+            sil.BATCH_SILHOUETTE.name: context.silhouette("silhouette_batch", labels, batches=batches),
             mix.ILISI_NORMALIZED.name: context.memo(
                 ("ilisi_normalized", p.lisi_neighbors), lambda: mix.ilisi_normalized(lisi_idx, lisi_dist, batches)
             ),
-            sil.SILHOUETTE_SCORE.name: context.memo(
-                ("silhouette_label",), lambda: sil.silhouette_label(context.X, labels)
-            ),
+            sil.SILHOUETTE_SCORE.name: context.silhouette("silhouette_label", labels),
         }
+        estimates = {name: v for name, v in fixed.items() if isinstance(v, sil.Estimate)}
+        fixed = {name: v.value if isinstance(v, sil.Estimate) else v for name, v in fixed.items()}
         clusters = context.leiden(1.0, seed=seed, k=p.n_neighbors)
         ari = clu.adjusted_rand_index(labels, clusters)
         nmi = clu.normalized_mutual_info(labels, clusters)
@@ -79,4 +77,7 @@ class BatchIntegration(Task):
             batch=[fixed[sil.BATCH_SILHOUETTE.name], fixed[mix.ILISI_NORMALIZED.name]],
         )
         values = {**fixed, clu.ADJUSTED_RAND_INDEX.name: ari, clu.NORMALIZED_MUTUAL_INFO.name: nmi, **totals}
-        return [MetricValue(name, value) for name, value in values.items()]
+        return [
+            MetricValue(name, value, ci95=estimates[name].ci95 if name in estimates else None)
+            for name, value in values.items()
+        ]

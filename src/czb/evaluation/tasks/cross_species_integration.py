@@ -143,7 +143,6 @@ class CrossSpeciesIntegration(Task):
         graph = context.neighbors(max(p.entropy_neighbors, p.lisi_neighbors))
         entropy_idx, _ = graph.knn(min(p.entropy_neighbors, graph.k))
         lisi_idx, lisi_dist = graph.knn(min(p.lisi_neighbors, graph.k))
-        X = context.X
         # Seed-independent values: computed once per embedding, repeated for every seed.
         # Memo keys name the species so they never collide with batch-based values.
         mixing = {
@@ -151,24 +150,22 @@ class CrossSpeciesIntegration(Task):
                 ("entropy_per_cell", p.entropy_neighbors, "species"),
                 lambda: mix.entropy_per_cell(entropy_idx, species),
             ),
-            sil.BATCH_SILHOUETTE.name: context.memo(
-                ("silhouette_batch", "species"), lambda: sil.silhouette_batch(X, labels, species)
-            ),
+            sil.BATCH_SILHOUETTE.name: context.silhouette(
+                "silhouette_batch[species]", labels, batches=species
+            ).value,
             mix.ILISI_NORMALIZED.name: context.memo(
                 ("ilisi_normalized", p.lisi_neighbors, "species"),
                 lambda: mix.ilisi_normalized(lisi_idx, lisi_dist, species),
             ),
         }
-        sil_shared = context.memo(
-            ("silhouette_label", "shared", p.min_cells_per_species),
-            lambda: sil.silhouette_label(X[in_shared], labels[in_shared]),
-        )
-        sil_within = context.memo(
-            ("silhouette_label", "within_species"),
-            lambda: float(np.mean([
-                sil.silhouette_label(X[species == s], labels[species == s]) for s in species_names(species)
-            ])),
-        )
+        sil_shared = context.silhouette(
+            f"silhouette_label[shared cell types, min {p.min_cells_per_species} per species]",
+            labels[in_shared], cells=in_shared,
+        ).value
+        sil_within = float(np.mean([
+            context.silhouette(f"silhouette_label[{s}]", labels[species == s], cells=species == s).value
+            for s in species_names(species)
+        ]))
         clusters = context.leiden(1.0, seed=seed, k=p.n_neighbors)
         ari = clu.adjusted_rand_index(labels[in_shared], clusters[in_shared])
         nmi = clu.normalized_mutual_info(labels[in_shared], clusters[in_shared])

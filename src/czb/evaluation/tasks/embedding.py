@@ -22,6 +22,5 @@ class Embedding(Task):
     )
 
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
-        labels = context.require("labels")
-        value = context.memo(("silhouette_label",), lambda: m.silhouette_label(context.X, labels))
-        return [MetricValue(m.SILHOUETTE_SCORE.name, value)]
+        estimate = context.silhouette("silhouette_label", context.require("labels"))
+        return [MetricValue(m.SILHOUETTE_SCORE.name, estimate.value, ci95=estimate.ci95)]

@@ -95,15 +95,13 @@ class SequentialOrganization(Task):
                 f"the data have {context.n_cells}"
             )
             raise NotApplicableError(msg)
-        silhouette = context.memo(
-            ("silhouette_label", "time_point"), lambda: sil.silhouette_label(context.X, t)
-        )
+        silhouette = context.silhouette("silhouette_label[time_point]", t)
         graph = context.neighbors(needed)
         idx, dist = graph.knn(needed)
         alignment = seq.sequential_alignment(
             idx, t, p.k, seed=seed, adaptive_k=p.adaptive_k, knn_distances=dist, baseline=p.baseline
         )
         return [
-            MetricValue(sil.SILHOUETTE_SCORE.name, silhouette),
+            MetricValue(sil.SILHOUETTE_SCORE.name, silhouette.value, ci95=silhouette.ci95),
             MetricValue(seq.SEQUENTIAL_ALIGNMENT.name, alignment),
         ]
