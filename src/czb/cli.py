@@ -238,6 +238,14 @@ def run(
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also score the PCA baseline.")] = True,
     offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
     n_jobs: Annotated[Optional[int], typer.Option(help="Worker processes [default: all cores].")] = None,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="Exact neighbour graph and silhouettes at any size (slow on atlases) [default: exact up to "
+            "50k cells (graph) and 200k cells (silhouettes), approximate above, with the error recorded].",
+        ),
+    ] = False,
     gpus: Annotated[
         Optional[str], typer.Option(help="GPUs for model containers: all, none or a number [default: from the model spec].")
     ] = None,
@@ -293,6 +301,7 @@ def run(
                 progress=lambda message: status.update(message),
                 raise_errors=_State.debug,
                 model_options=options,
+                exact=True if exact else None,
             )
         if fmt is Format.json:
             typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))

@@ -194,9 +194,16 @@ class EvaluationContext(TaskContext):
         """Leiden clusters of the ``k``-neighbour UMAP graph (cached)."""
         from czb.evaluation.metrics.clustering import leiden
 
+        from czb.evaluation.metrics.clustering import igraph_from_adjacency
+
+        graph = self.neighbors(k)  # noted for every task that clusters, even from the memo
         return self.memo(
             ("leiden", k, float(resolution), seed),
-            lambda: leiden(self.neighbors(k).connectivities(k), resolution, seed=seed),
+            lambda: leiden(
+                self.memo(("igraph", k), lambda: igraph_from_adjacency(graph.connectivities(k))),
+                resolution,
+                seed=seed,
+            ),
         )
 
 

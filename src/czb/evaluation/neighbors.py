@@ -21,10 +21,12 @@ from czb.evaluation.distances import squared_norms  # noqa: F401 - re-exported
 EXACT_MAX_CELLS = 50_000
 #: Cells whose exact neighbours are computed to measure an approximate graph's recall.
 RECALL_SAMPLE = 1000
-#: Probed inverted lists of the approximate search. With ~4·√n lists this scans
-#: about 32 / (4√n) of the cells per query; recall@200 on planted 50-dim embeddings is
-#: ≥ 0.99 up to 10^6 cells (benchmarks/atlas_scale.py measures it).
-IVF_NPROBE = 32
+#: Inverted lists of the approximate search (≈ 4√n of ≈ √n/4 cells each) and the lists
+#: each query scans: ~12√n candidates per query (12k at 10^6 cells). On planted atlases
+#: of intrinsic dimension ~16 this finds ~99% of the 15 nearest neighbours and ~95% of
+#: the 200 nearest (benchmarks/atlas_scale.py reports the measured recall).
+IVF_LISTS_PER_SQRT_N = 4.0
+IVF_NPROBE = 48
 
 
 def euclidean_block(X_block: np.ndarray, X: np.ndarray, norms_block, norms) -> np.ndarray:
@@ -130,9 +132,9 @@ def approximate_knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate k nearest neighbours with a faiss inverted-file index (IVF-Flat).
 
-    The cells are split into ``≈ 4√n`` k-means lists (trained on a seeded sample of at
-    most 64 cells per list); each query scans its ``nprobe`` nearest lists exactly. Runs
-    on all cores; the result is deterministic for a given ``seed``.
+    The cells are split into ``≈ 4√n`` k-means lists (trained on a seeded sample of 64
+    cells per list); each query scans its ``nprobe`` nearest lists exactly. Runs on all
+    cores; the result is deterministic for a given ``seed``.
 
     Parameters
     ----------
@@ -150,8 +152,8 @@ def approximate_knn(
     Returns
     -------
     ``(indices, distances)`` as :func:`exact_knn`: int64 and float64, nearest first. A
-    query with fewer than ``k`` cells in its lists gets the missing slots filled with its
-    nearest found neighbour repeated (never happens with ``nprobe`` lists of ≥ 40 cells).
+    query whose lists hold fewer than ``k`` cells gets its nearest found neighbour
+    repeated in the missing slots.
 
     References
     ----------
@@ -160,42 +162,40 @@ def approximate_knn(
     """
     import faiss
 
-    X32 = distances.as_float32(X)
+    X64 = np.asarray(X, dtype=np.float64)
+    centre = X64.mean(axis=0)
+    R = distances.as_float32(X64 - centre)
     self_join = queries is None
-    Q32 = X32 if self_join else distances.as_float32(queries)
-    n, dim = X32.shape
+    Q = R if self_join else distances.as_float32(np.asarray(queries, dtype=np.float64) - centre)
+    n, dim = R.shape
     k = min(n_neighbors, n)
-    n_lists = int(np.clip(4 * np.sqrt(n), 1, max(n // 40, 1)))
+    n_lists = int(np.clip(round(IVF_LISTS_PER_SQRT_N * np.sqrt(n)), 1, max(n // 64, 1)))
     rng = np.random.default_rng(seed)
-    train = X32[np.sort(rng.choice(n, size=min(n, 64 * n_lists), replace=False))]
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, n_lists)
     index.cp.seed = int(seed)
-    index.train(train)
-    index.add(X32)
+    index.train(R[np.sort(rng.choice(n, size=min(n, 64 * n_lists), replace=False))])
+    index.add(R)
     index.nprobe = min(nprobe, n_lists)
-    d2, indices = index.search(Q32, k)
+    d2, indices = index.search(Q, k)
     missing = indices < 0
     if missing.any():
-        # Short lists: repeat the nearest found neighbour rather than return a bogus index.
         indices = np.where(missing, indices[:, :1], indices)
         d2 = np.where(missing, d2[:, :1], d2)
-    dist = np.sqrt(np.maximum(d2, 0.0)).astype(np.float64)
     indices = indices.astype(np.int64)
+    dist = np.sqrt(np.maximum(d2, 0.0)).astype(np.float64)
     if self_join:
         indices, dist = _self_first(indices, dist)
     return indices, dist
 
 
 def _self_first(indices: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Put each cell first in its own neighbour list (distance 0), dropping the last
-    neighbour when the search did not return the cell itself."""
+    """Each cell first in its own neighbour list (distance 0); the last neighbour drops
+    when the search did not return the cell itself (duplicates, or a missed list)."""
     n, k = indices.shape
     own = np.arange(n)[:, None]
-    is_self = indices == own
-    # Each row: self, then the other neighbours in order (the last one drops if self was absent).
-    others_order = np.argsort(is_self, axis=1, kind="stable")[:, : k - 1]
-    idx = np.concatenate([own, np.take_along_axis(indices, others_order, axis=1)], axis=1)
-    d = np.concatenate([np.zeros((n, 1)), np.take_along_axis(dist, others_order, axis=1)], axis=1)
+    others = np.argsort(indices == own, axis=1, kind="stable")[:, : k - 1]  # non-self, in order
+    idx = np.concatenate([own, np.take_along_axis(indices, others, axis=1)], axis=1)
+    d = np.concatenate([np.zeros((n, 1)), np.take_along_axis(dist, others, axis=1)], axis=1)
     return idx, d
 
 
@@ -234,9 +234,14 @@ def knn_search(
 
 
 def neighbor_recall(
-    X: np.ndarray, indices: np.ndarray, *, sample: int = RECALL_SAMPLE, seed: int = 0
-) -> float:
-    """Share of true k nearest neighbours an approximate graph found, on sampled cells.
+    X: np.ndarray,
+    indices: np.ndarray,
+    *,
+    ks: tuple[int, ...] | None = None,
+    sample: int = RECALL_SAMPLE,
+    seed: int = 0,
+) -> dict[int, float]:
+    """Share of the true k nearest neighbours an approximate graph found, on sampled cells.
 
     Parameters
     ----------
@@ -244,25 +249,32 @@ def neighbor_recall(
         ``(n_cells, n_dims)`` embedding the graph was built on.
     indices
         ``(n_cells, k)`` approximate neighbour lists (self in column 0).
+    ks
+        Neighbourhood sizes to score (self included), each ≤ ``k``; default ``(k,)``.
     sample
-        Cells whose exact neighbours are computed (``k`` × ``sample`` × ``n_cells`` work).
+        Cells whose exact neighbours are computed (``sample × n_cells`` distances).
 
     Returns
     -------
-    Mean over sampled cells of ``|found ∩ true| / k`` (self excluded from both).
+    For each size ``j``: mean over sampled cells of ``|found ∩ true| / (j - 1)`` among
+    the first ``j`` neighbours, self excluded from both.
     """
     n, k = indices.shape
-    if k < 2:
-        return 1.0
+    ks = ks or (k,)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     X64 = np.asarray(X, dtype=np.float64)
     true_idx, _ = exact_knn(X64, k, queries=X64[rows])
-    hits = [
-        len(np.intersect1d(np.setdiff1d(true_idx[j], [r]), np.setdiff1d(indices[r], [r])))
-        / (k - 1)
-        for j, r in enumerate(rows)
-    ]
-    return float(np.mean(hits))
+    out = {}
+    for j in ks:
+        if j < 2:
+            out[j] = 1.0
+            continue
+        hits = [
+            len(np.intersect1d(np.setdiff1d(true_idx[i, :j], [r]), np.setdiff1d(indices[r, :j], [r]))) / (j - 1)
+            for i, r in enumerate(rows)
+        ]
+        out[j] = float(np.mean(hits))
+    return out
 
 
 def _smooth_knn_sigmas(distances: np.ndarray, n_iter: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -349,14 +361,15 @@ class NeighborGraph:
     method
         ``"exact"`` or ``"faiss_ivf_flat"``.
     recall
-        For an approximate graph, the measured share of true neighbours found
-        (:func:`neighbor_recall` on :data:`RECALL_SAMPLE` cells); ``None`` when exact.
+        For an approximate graph, the measured share of true neighbours found among
+        the first 15 and all ``k`` (:func:`neighbor_recall` on :data:`RECALL_SAMPLE`
+        cells); ``None`` when exact.
     """
 
     indices: np.ndarray
     distances: np.ndarray
     method: str = "exact"
-    recall: float | None = None
+    recall: dict[int, float] | None = None
     _connectivities: dict[int, sparse.csr_matrix] = field(default_factory=dict, repr=False)
 
     @property
@@ -375,7 +388,11 @@ class NeighborGraph:
         """How the graph was computed, for result records."""
         out: dict[str, Any] = {"method": self.method, "k": self.k}
         if not self.exact:
-            out.update(nprobe=IVF_NPROBE, recall_at_k=self.recall, recall_sample=min(RECALL_SAMPLE, self.n_cells))
+            out.update(
+                lists=int(round(IVF_LISTS_PER_SQRT_N * np.sqrt(self.n_cells))), nprobe=IVF_NPROBE,
+                recall={str(j): r for j, r in (self.recall or {}).items()},
+                recall_sample=min(RECALL_SAMPLE, self.n_cells),
+            )
         return out
 
     def knn(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -396,7 +413,7 @@ class NeighborGraph:
 def compute_neighbors(X: np.ndarray, n_neighbors: int, *, exact: bool | None = None) -> NeighborGraph:
     """Build the shared graph of an embedding.
 
-    Exact up to :data:`EXACT_MAX_CELLS` cells; above, approximate (faiss IVF-Flat) with
+    Exact up to :data:`EXACT_MAX_CELLS` cells; above, approximate (:func:`approximate_knn`) with
     its recall measured against exact neighbours of :data:`RECALL_SAMPLE` cells.
 
     Parameters
@@ -414,5 +431,5 @@ def compute_neighbors(X: np.ndarray, n_neighbors: int, *, exact: bool | None = N
         indices, dist = exact_knn(X, n_neighbors)
         return NeighborGraph(indices=indices, distances=dist, method="exact")
     indices, dist = approximate_knn(X, n_neighbors)
-    recall = neighbor_recall(X, indices)
+    recall = neighbor_recall(X, indices, ks=tuple(sorted({min(15, indices.shape[1]), indices.shape[1]})))
     return NeighborGraph(indices=indices, distances=dist, method="faiss_ivf_flat", recall=recall)

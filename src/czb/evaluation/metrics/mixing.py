@@ -28,6 +28,30 @@ ILISI_NORMALIZED = register_metric(
 )
 
 
+#: Cells per chunk of the neighbourhood computations (memory O(chunk × k)).
+CHUNK_ROWS = 65_536
+
+
+def _per_row_label_sums(neighbour_codes: np.ndarray, n_labels: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Per row, the count (or summed ``weights``) of each label code among its neighbours.
+
+    Parameters
+    ----------
+    neighbour_codes
+        ``(n_rows, k)`` label codes of each row's neighbours.
+    weights
+        ``(n_rows, k)`` weights, or ``None`` for counts.
+
+    Returns
+    -------
+    ``(n_rows, n_labels)`` float64.
+    """
+    n = neighbour_codes.shape[0]
+    flat = (np.arange(n)[:, None] * n_labels + neighbour_codes).ravel()
+    sums = np.bincount(flat, weights=None if weights is None else weights.ravel(), minlength=n * n_labels)
+    return sums.reshape(n, n_labels).astype(np.float64, copy=False)
+
+
 def entropy_per_cell(knn_indices: np.ndarray, batches: np.ndarray) -> float:
     """cz-benchmarks' ``entropy_per_cell``: normalised batch entropy of kNN neighbourhoods.
 
@@ -47,14 +71,15 @@ def entropy_per_cell(knn_indices: np.ndarray, batches: np.ndarray) -> float:
     n_batches = len(uniques)
     if n_batches < 2:
         return 0.0
-    neighbour_codes = codes[knn_indices]
-    n, k = neighbour_codes.shape
-    counts = np.zeros((n, n_batches))
-    np.add.at(counts, (np.repeat(np.arange(n), k), neighbour_codes.ravel()), 1.0)
-    p = counts / k
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(p > 0, p * np.log(p), 0.0)
-    return float(np.mean(-plogp.sum(axis=1) / np.log(n_batches)))
+    n, k = knn_indices.shape
+    total = 0.0
+    for start in range(0, n, CHUNK_ROWS):
+        counts = _per_row_label_sums(codes[knn_indices[start : start + CHUNK_ROWS]], n_batches)
+        p = counts / k
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plogp = np.where(p > 0, p * np.log(p), 0.0)
+        total += float(np.sum(-plogp.sum(axis=1) / np.log(n_batches)))
+    return total / n
 
 
 def lisi(
@@ -89,9 +114,23 @@ def lisi(
     n, k = knn_indices.shape
     if perplexity is None:
         perplexity = np.floor(k / 3)
-    d = np.asarray(knn_distances, dtype=np.float64)
-    not_self = knn_indices != np.arange(n)[:, None]
-    log_perp = np.log(perplexity)
+    out = np.empty(n)
+    for start in range(0, n, CHUNK_ROWS):
+        rows = slice(start, min(start + CHUNK_ROWS, n))
+        out[rows] = _lisi_rows(
+            knn_indices[rows], np.asarray(knn_distances[rows], dtype=np.float64), codes, len(uniques),
+            first_row=start, log_perplexity=np.log(perplexity), tol=tol, max_iter=max_iter,
+        )
+    return out
+
+
+def _lisi_rows(
+    idx: np.ndarray, d: np.ndarray, codes: np.ndarray, n_labels: int, *,
+    first_row: int, log_perplexity: float, tol: float, max_iter: int,
+) -> np.ndarray:
+    """:func:`lisi` of the cells ``first_row .. first_row + len(idx)``."""
+    n, k = idx.shape
+    not_self = idx != np.arange(first_row, first_row + n)[:, None]
 
     def entropy_and_p(beta: np.ndarray, rows: np.ndarray):
         P = np.where(not_self[rows], np.exp(-d[rows] * beta[:, None]), 0.0)
@@ -106,7 +145,7 @@ def lisi(
     betamin = np.full(n, -np.inf)
     betamax = np.full(n, np.inf)
     H, P = entropy_and_p(beta, all_rows)
-    Hdiff = H - log_perp
+    Hdiff = H - log_perplexity
     active = np.abs(Hdiff) >= tol
     for _ in range(max_iter):
         if not active.any():
@@ -121,14 +160,12 @@ def lisi(
             np.where(np.isinf(betamin[r]), beta[r] / 2, (beta[r] + betamin[r]) / 2),
         )
         H[r], P[r] = entropy_and_p(beta[r], r)
-        Hdiff[r] = H[r] - log_perp
+        Hdiff[r] = H[r] - log_perplexity
         active[r] = np.abs(Hdiff[r]) >= tol
-    weight_per_label = np.zeros((n, len(uniques)))
-    np.add.at(weight_per_label, (np.repeat(all_rows, k), codes[knn_indices].ravel()), P.ravel())
+    weight_per_label = _per_row_label_sums(codes[idx], n_labels, P)
     simpson = (weight_per_label**2).sum(axis=1)
     with np.errstate(divide="ignore"):
-        out = np.where(H == 0, np.nan, 1.0 / simpson)
-    return out
+        return np.where(H == 0, np.nan, 1.0 / simpson)
 
 
 def ilisi_normalized(knn_indices: np.ndarray, knn_distances: np.ndarray, batches: np.ndarray) -> float:

@@ -42,7 +42,12 @@ class LabelPrediction(Task):
             min_class_size=p.min_class_size,
             classifiers=p.classifiers,
             n_jobs=context.n_jobs,
+            exact=context.exact,
         )
+        context.note("label_prediction", {
+            "protocol": "atlas_scale" if cv.atlas_scale else "cz-benchmarks",
+            **({"knn": "czb neighbour search", "rf_max_samples": m.RF_MAX_SAMPLES} if cv.atlas_scale else {}),
+        })
         mean_name = f"MEAN({','.join(sorted(p.classifiers))})"
         extra = {"n_cells_used": cv.n_cells, "dropped_labels": ",".join(cv.dropped_labels)}
         out = []

@@ -1,0 +1,165 @@
+"""The atlas-scale paths (approximate neighbours, sampled silhouettes, scalable label
+prediction), forced on small seeded data and checked against the exact ones."""
+
+import numpy as np
+import pytest
+from conftest import planted_embedding
+
+from czb.evaluation import distances, neighbors
+from czb.evaluation.context import EvaluationContext, evaluate, run_task
+from czb.evaluation.metrics import classification, clustering, mixing, silhouette
+from czb.evaluation.registry import get_task
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_embedding(3000, separation=2.0, batch_shift=0.5, seed=11)
+
+
+def test_map_row_blocks_covers_every_row_once_across_threads():
+    seen = np.zeros(1000, dtype=int)
+
+    def work(rows):
+        seen[rows] += 1
+
+    distances.map_row_blocks(work, np.arange(1000), n_jobs=2, block=37)
+    assert (seen == 1).all()
+
+
+def test_map_row_blocks_reraises_a_worker_error():
+    def work(rows):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        distances.map_row_blocks(work, np.arange(100), n_jobs=2, block=10)
+
+
+def test_exact_knn_of_separate_queries_matches_sklearn():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(2)
+    X, Q = rng.normal(size=(900, 12)), rng.normal(size=(150, 12))
+    idx, dist = neighbors.exact_knn(X, 7, queries=Q)
+    ref_dist, ref_idx = NearestNeighbors(n_neighbors=7).fit(X).kneighbors(Q)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-9)
+    assert (idx == ref_idx).all()
+
+
+def test_approximate_graph_finds_most_neighbours_and_puts_self_first(planted):
+    X, _, _ = planted
+    idx, dist = neighbors.approximate_knn(X, 30)
+    assert (idx[:, 0] == np.arange(len(X))).all() and (dist[:, 0] == 0).all()
+    assert (np.diff(dist, axis=1) >= 0).all()
+    recall = neighbors.neighbor_recall(X, idx, ks=(15, 30), sample=300)
+    assert recall[15] > 0.95 and recall[30] > 0.9
+    again, _ = neighbors.approximate_knn(X, 30)
+    assert (again == idx).all()  # deterministic for a seed
+
+
+def test_neighbor_recall_hand_checked():
+    X = np.arange(10, dtype=float)[:, None]  # points on a line: neighbours are known
+    exact, _ = neighbors.exact_knn(X, 3)
+    assert neighbors.neighbor_recall(X, exact, sample=10) == {3: 1.0}
+    wrong = exact.copy()
+    wrong[:, 2] = (wrong[:, 0] + 5) % 10  # one of the two non-self neighbours is wrong
+    assert neighbors.neighbor_recall(X, wrong, sample=10)[3] == pytest.approx(0.5)
+
+
+def test_knn_search_switches_to_approximate_above_the_limit(monkeypatch, planted):
+    X, _, _ = planted
+    calls = []
+    real = neighbors.approximate_knn
+    monkeypatch.setattr(neighbors, "approximate_knn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(neighbors, "EXACT_MAX_CELLS", 1000)
+    neighbors.knn_search(X, X[:50], 5)
+    assert calls == [1]
+    neighbors.knn_search(X, X[:50], 5, exact=True)
+    assert calls == [1]
+
+
+def test_graph_records_how_it_was_computed(planted):
+    X, labels, batches = planted
+    exact = evaluate(X, labels=labels, batches=batches, tasks=["batch_integration"], seeds=(0,))[0]
+    approx = evaluate(X, labels=labels, batches=batches, tasks=["batch_integration"], seeds=(0,), exact=False)[0]
+    assert exact.computation["neighbors"] == {"method": "exact", "k": 200}
+    graph = approx.computation["neighbors"]
+    assert graph["method"] == "faiss_ivf_flat" and set(graph["recall"]) == {"15", "200"}
+    assert approx.computation["silhouette_label"]["method"] == "stratified_sample"
+    # The approximate values stay close to the exact ones on the same embedding.
+    for m in exact.metrics:
+        assert approx.metric(m.name).value == pytest.approx(m.value, abs=0.03), m.name
+
+
+def test_sampled_silhouette_ci_covers_the_exact_value(planted):
+    X, labels, batches = planted
+    exact = silhouette.silhouette_label(X, labels)
+    assert exact.exact and exact.ci95 is None
+    est = silhouette.silhouette_label(X, labels, exact=False, sample_size=600, seed=3)
+    assert est.n_sampled >= 600 and est.ci95[0] <= exact.value <= est.ci95[1]
+    assert est.ci95[1] - est.ci95[0] < 0.05
+    exact_b = silhouette.silhouette_batch(X, labels, batches)
+    est_b = silhouette.silhouette_batch(X, labels, batches, exact=False, sample_size=600, seed=3)
+    assert est_b.ci95[0] <= exact_b.value <= est_b.ci95[1]
+
+
+def test_sampled_silhouette_of_a_whole_sample_is_exact(planted):
+    X, labels, _ = planted
+    whole = silhouette.silhouette_label(X, labels, exact=False, sample_size=len(X))
+    assert whole.value == pytest.approx(silhouette.silhouette_label(X, labels).value, abs=1e-9)
+    assert whole.ci95[0] == pytest.approx(whole.ci95[1])  # finite-population correction: no error
+
+
+def test_stratified_sample_keeps_rare_labels():
+    strata = np.r_[np.zeros(10_000, int), np.ones(20, int)]
+    picked = silhouette.stratified_sample(strata, 500, seed=0)
+    assert len(picked[0]) == round(500 * 10_000 / 10_020) and len(picked[1]) == 20  # the rare label whole
+
+
+def test_chunked_mixing_metrics_equal_one_chunk(monkeypatch, planted):
+    X, _, batches = planted
+    idx, dist = neighbors.exact_knn(X, 90)
+    whole = mixing.lisi(idx, dist, batches), mixing.entropy_per_cell(idx, batches)
+    monkeypatch.setattr(mixing, "CHUNK_ROWS", 257)
+    chunked = mixing.lisi(idx, dist, batches), mixing.entropy_per_cell(idx, batches)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=0)
+    assert chunked[1] == pytest.approx(whole[1], abs=1e-12)
+
+
+def test_leiden_on_a_prebuilt_graph_equals_leiden_on_the_matrix(planted):
+    X, _, _ = planted
+    conn = neighbors.compute_neighbors(X, 15).connectivities(15)
+    graph = clustering.igraph_from_adjacency(conn)
+    assert (clustering.leiden(graph, 0.8, seed=4) == clustering.leiden(conn, 0.8, seed=4)).all()
+
+
+def test_scaled_knn_classifier_equals_the_sklearn_pipeline(planted):
+    X, labels, _ = planted
+    X = X * np.linspace(0.5, 3.0, X.shape[1])  # unequal scales: the scaler matters
+    train, test = np.arange(2400), np.arange(2400, 3000)
+    ours = classification.ScaledKnnClassifier(5).fit(X[train], labels[train])
+    ref = classification.make_classifier("knn", seed=0).fit(X[train], labels[train])
+    np.testing.assert_allclose(ours.predict_proba(X[test]), ref.predict_proba(X[test]))
+    assert (ours.predict(X[test]) == ref.predict(X[test])).all()
+
+
+def test_atlas_scale_forest_caps_bootstrap_samples_only_for_large_folds():
+    big = classification.make_classifier("rf", seed=0, atlas_scale=True, n_train=10 * classification.RF_MAX_SAMPLES)
+    small = classification.make_classifier("rf", seed=0, atlas_scale=True, n_train=1000)
+    assert big.named_steps["rf"].max_samples == classification.RF_MAX_SAMPLES
+    assert small.named_steps["rf"].max_samples is None
+
+
+@pytest.mark.parametrize("task", ["clustering", "embedding", "label_prediction", "batch_integration"])
+def test_atlas_paths_keep_planted_structure_apart_from_noise(task):
+    X, labels, batches = planted_embedding(2500, separation=3.0, batch_shift=0.0, seed=12)
+    noise = np.random.default_rng(0).normal(size=X.shape)
+    score = {}
+    for name, emb in (("planted", X), ("noise", noise)):
+        ctx = EvaluationContext(emb, labels=labels, batches=batches, exact=False, n_jobs=1)
+        t = get_task(task)()
+        ctx.plan([t])
+        result = run_task(t, ctx, [0], raise_errors=True)
+        metric = {"clustering": "adjusted_rand_index", "embedding": "silhouette_score",
+                  "label_prediction": "mean_fold_accuracy", "batch_integration": "scib_overall"}[task]
+        score[name] = result.metrics[[m.name for m in result.metrics].index(metric)].value
+    assert score["planted"] > score["noise"] + 0.2, score
