@@ -260,7 +260,7 @@ def test_classifiers_are_label_predictions_and_deterministic_ones_fit_once(monke
     built = []
     real = classification.make_classifier
     monkeypatch.setattr(classification, "make_classifier",
-                        lambda name, *, seed: built.append((name, seed, real(name, seed=seed))) or built[-1][2])
+                        lambda name, *, seed, **kw: built.append((name, seed, real(name, seed=seed, **kw))) or built[-1][2])
 
     def settings(est):
         out = {}

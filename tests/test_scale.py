@@ -163,3 +163,30 @@ def test_atlas_paths_keep_planted_structure_apart_from_noise(task):
                   "label_prediction": "mean_fold_accuracy", "batch_integration": "scib_overall"}[task]
         score[name] = result.metrics[[m.name for m in result.metrics].index(metric)].value
     assert score["planted"] > score["noise"] + 0.2, score
+
+
+def test_sampled_neighbourhoods_estimate_entropy_and_ilisi_within_their_ci(monkeypatch, planted):
+    X, labels, batches = planted
+    exact = evaluate(X, labels=labels, batches=batches, tasks=["batch_integration"], seeds=(0,))[0]
+    monkeypatch.setattr(mixing, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(mixing, "SAMPLE_SIZE", 1200)
+    ctx = EvaluationContext(X, labels=labels, batches=batches)
+    task = get_task("batch_integration")()
+    ctx.plan([task])
+    sampled = run_task(task, ctx, [0], raise_errors=True)
+    assert ctx.neighbors(1).k == 15  # the all-cell graph stays small
+    assert sampled.computation["neighborhoods"] == {"method": "exact, of sampled cells", "k": 200, "n_sampled": 1200}
+    for name in ("entropy_per_cell", "ilisi_normalized"):
+        m = sampled.metric(name)
+        assert m.ci95[0] <= exact.metric(name).value <= m.ci95[1], name
+
+
+def test_median_estimate_hand_checked():
+    from czb.evaluation.estimates import median_estimate
+
+    whole = median_estimate(np.array([3.0, 1.0, np.nan, 2.0]), n_total=4)
+    assert whole.value == 2.0 and whole.ci95 is None  # every cell: exact (NaN left out)
+    values = np.arange(100, dtype=float)
+    est = median_estimate(values, n_total=10_000)
+    # 95% order-statistic interval around rank 50 of 100: ranks 50 ± 1.96·√100/2 ≈ 40..60.
+    assert est.value == 49.5 and est.ci95 == (40.0, 60.0)

@@ -150,6 +150,41 @@ class EvaluationContext(TaskContext):
         self.note("neighbors", self._graph.describe())
         return self._graph
 
+    def cell_neighborhoods(self, k: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """``k``-neighbourhoods (self included) for metrics that average over cells
+        (entropy, LISI).
+
+        Up to :data:`czb.evaluation.metrics.mixing.EXACT_MAX_CELLS` cells (or with
+        ``exact=True``): every cell's, from the shared graph. Above: the exact
+        neighbourhoods of a seeded random sample of ``mixing.SAMPLE_SIZE`` cells, so a
+        10^6-cell embedding needs a 15-neighbour graph for all cells, not a 200-neighbour one.
+
+        Returns
+        -------
+        rows
+            The sampled cells ``(n_sampled,)``, or ``None`` for all cells in order.
+        indices, distances
+            ``(n_rows, k)`` neighbours, nearest first.
+        """
+        from czb.evaluation.metrics import mixing
+        from czb.evaluation.neighbors import exact_knn
+
+        n = self.n_cells
+        if (n <= mixing.EXACT_MAX_CELLS) if self.exact is None else self.exact:
+            graph = self.neighbors(k)
+            idx, dist = graph.knn(min(k, graph.k))
+            return None, idx, dist
+
+        def sample():
+            rng = np.random.default_rng(0)
+            rows = np.sort(rng.choice(n, size=min(mixing.SAMPLE_SIZE, n), replace=False))
+            idx, dist = exact_knn(self.X, k, queries=self.X[rows], n_jobs=None)
+            return rows, idx, dist
+
+        rows, idx, dist = self.memo(("cell_neighborhoods", k), sample)
+        self.note("neighborhoods", {"method": "exact, of sampled cells", "k": k, "n_sampled": len(rows)})
+        return rows, idx, dist
+
     def silhouette(
         self,
         name: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from czb.evaluation.estimates import Z95, Estimate, median_estimate
 from czb.evaluation.registry import MetricInfo, register_metric
 
 ENTROPY_PER_CELL = register_metric(
@@ -30,6 +31,10 @@ ILISI_NORMALIZED = register_metric(
 
 #: Cells per chunk of the neighbourhood computations (memory O(chunk × k)).
 CHUNK_ROWS = 65_536
+#: Up to this many cells entropy and iLISI average every cell's neighbourhood; above,
+#: the exact neighbourhoods of SAMPLE_SIZE random cells (95% CI recorded).
+EXACT_MAX_CELLS = 200_000
+SAMPLE_SIZE = 20_000
 
 
 def _per_row_label_sums(neighbour_codes: np.ndarray, n_labels: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -67,19 +72,26 @@ def entropy_per_cell(knn_indices: np.ndarray, batches: np.ndarray) -> float:
     -------
     Mean over cells of ``H(batch | neighbourhood) / log(n_batches)``; 0 with one batch.
     """
+    return float(np.mean(neighborhood_entropy(knn_indices, batches))) if len(knn_indices) else 0.0
+
+
+def neighborhood_entropy(knn_indices: np.ndarray, batches: np.ndarray) -> np.ndarray:
+    """Per row of ``knn_indices`` (any subset of cells' neighbourhoods, shape
+    ``(n_rows, k)``), the entropy of batch labels among its ``k`` neighbours divided by
+    ``log(n_batches)``; zeros with one batch. ``batches`` covers all cells."""
     codes, uniques = pd.factorize(np.asarray(batches))
     n_batches = len(uniques)
-    if n_batches < 2:
-        return 0.0
     n, k = knn_indices.shape
-    total = 0.0
+    out = np.zeros(n)
+    if n_batches < 2:
+        return out
     for start in range(0, n, CHUNK_ROWS):
         counts = _per_row_label_sums(codes[knn_indices[start : start + CHUNK_ROWS]], n_batches)
         p = counts / k
         with np.errstate(divide="ignore", invalid="ignore"):
             plogp = np.where(p > 0, p * np.log(p), 0.0)
-        total += float(np.sum(-plogp.sum(axis=1) / np.log(n_batches)))
-    return total / n
+        out[start : start + CHUNK_ROWS] = -plogp.sum(axis=1) / np.log(n_batches)
+    return out
 
 
 def lisi(
@@ -90,6 +102,7 @@ def lisi(
     perplexity: float | None = None,
     tol: float = 1e-5,
     max_iter: int = 50,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Local inverse Simpson index of every cell (Korsunsky et al. 2019).
 
@@ -105,6 +118,9 @@ def lisi(
         ``(n_cells,)`` labels (batches for iLISI).
     perplexity
         Effective neighbourhood size; default ``floor(k / 3)`` as scib-metrics.
+    rows
+        The cells whose neighbourhoods ``knn_indices`` holds, when not all cells in
+        order (``(n_rows,)``; used to recognise each cell itself among its neighbours).
 
     Returns
     -------
@@ -114,23 +130,24 @@ def lisi(
     n, k = knn_indices.shape
     if perplexity is None:
         perplexity = np.floor(k / 3)
+    cells = np.arange(n) if rows is None else np.asarray(rows)
     out = np.empty(n)
     for start in range(0, n, CHUNK_ROWS):
-        rows = slice(start, min(start + CHUNK_ROWS, n))
-        out[rows] = _lisi_rows(
-            knn_indices[rows], np.asarray(knn_distances[rows], dtype=np.float64), codes, len(uniques),
-            first_row=start, log_perplexity=np.log(perplexity), tol=tol, max_iter=max_iter,
+        chunk = slice(start, min(start + CHUNK_ROWS, n))
+        out[chunk] = _lisi_rows(
+            knn_indices[chunk], np.asarray(knn_distances[chunk], dtype=np.float64), codes, len(uniques),
+            cells=cells[chunk], log_perplexity=np.log(perplexity), tol=tol, max_iter=max_iter,
         )
     return out
 
 
 def _lisi_rows(
     idx: np.ndarray, d: np.ndarray, codes: np.ndarray, n_labels: int, *,
-    first_row: int, log_perplexity: float, tol: float, max_iter: int,
+    cells: np.ndarray, log_perplexity: float, tol: float, max_iter: int,
 ) -> np.ndarray:
-    """:func:`lisi` of the cells ``first_row .. first_row + len(idx)``."""
+    """:func:`lisi` of ``cells``, whose neighbourhoods are the rows of ``idx``."""
     n, k = idx.shape
-    not_self = idx != np.arange(first_row, first_row + n)[:, None]
+    not_self = idx != cells[:, None]
 
     def entropy_and_p(beta: np.ndarray, rows: np.ndarray):
         P = np.where(not_self[rows], np.exp(-d[rows] * beta[:, None]), 0.0)
@@ -175,3 +192,30 @@ def ilisi_normalized(knn_indices: np.ndarray, knn_distances: np.ndarray, batches
         return float("nan")
     values = lisi(knn_indices, knn_distances, batches)
     return float((np.nanmedian(values) - 1.0) / (n_batches - 1))
+
+
+def entropy_estimate(knn_indices: np.ndarray, batches: np.ndarray, *, n_cells: int) -> Estimate:
+    """:func:`entropy_per_cell` of the cells whose neighbourhoods ``knn_indices`` holds:
+    exact when that is all ``n_cells`` cells, else the mean of a simple random sample
+    with its 95% CI (finite-population corrected)."""
+    values = neighborhood_entropy(knn_indices, batches)
+    m = len(values)
+    value = float(values.mean()) if m else 0.0
+    if m >= n_cells or m < 2:
+        return Estimate(value, None, m)
+    half = Z95 * float(values.std(ddof=1)) * np.sqrt((1 - m / n_cells) / m)
+    return Estimate(value, (value - half, value + half), m)
+
+
+def ilisi_estimate(
+    knn_indices: np.ndarray, knn_distances: np.ndarray, batches: np.ndarray, *,
+    n_cells: int, rows: np.ndarray | None = None,
+) -> Estimate:
+    """:func:`ilisi_normalized` of the cells whose neighbourhoods are given (``rows``,
+    default all): exact when that is all ``n_cells``, else the sample median with its
+    order-statistic 95% CI, mapped to ``(median - 1) / (n_batches - 1)``."""
+    n_batches = len(pd.unique(np.asarray(batches)))
+    if n_batches < 2:
+        return Estimate(float("nan"), None, 0)
+    median = median_estimate(lisi(knn_indices, knn_distances, batches, rows=rows), n_cells)
+    return median.map(lambda v: (v - 1.0) / (n_batches - 1))

@@ -9,20 +9,17 @@ against every cell, with a 95% confidence interval (``exact=True`` forces the fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
 from czb.evaluation import distances
+from czb.evaluation.estimates import MIN_PER_STRATUM, Estimate, stratified_mean, stratified_sample  # noqa: F401
 from czb.evaluation.registry import MetricInfo, register_metric
 
 #: Up to this many cells silhouettes are exact (200k cells: ~1 min on 2 cores).
 EXACT_MAX_CELLS = 200_000
 #: Cells sampled by the estimator: its 95% CI is typically ±0.003 on the [-1, 1] scale.
 SAMPLE_SIZE = 20_000
-#: Smaller strata (labels) are sampled whole, so rare labels are always represented.
-MIN_PER_STRATUM = 50
 
 SILHOUETTE_SCORE = register_metric(
     MetricInfo(
@@ -127,73 +124,6 @@ def silhouette_samples(
     return np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """A mean computed exactly, or estimated from sampled cells.
-
-    Attributes
-    ----------
-    value
-        The mean (or its estimate).
-    ci95
-        95% confidence interval of an estimate (normal approximation); ``None`` when exact.
-    n_sampled
-        Cells whose values entered the mean (all of them when exact).
-    """
-
-    value: float
-    ci95: tuple[float, float] | None = None
-    n_sampled: int | None = None
-
-    @property
-    def exact(self) -> bool:
-        return self.ci95 is None
-
-    def map(self, f) -> Estimate:
-        """The estimate under an increasing affine map ``f`` (e.g. rescaling to [0, 1])."""
-        ci = None if self.ci95 is None else (f(self.ci95[0]), f(self.ci95[1]))
-        return Estimate(f(self.value), ci, self.n_sampled)
-
-    def describe(self) -> dict:
-        """How it was computed, for result records."""
-        if self.exact:
-            return {"method": "exact"}
-        return {"method": "stratified_sample", "n_sampled": self.n_sampled, "ci95": list(self.ci95)}
-
-
-def stratified_sample(strata: np.ndarray, size: int, *, seed: int) -> list[np.ndarray]:
-    """Rows of each stratum to sample: proportional allocation of ``size`` cells, at
-    least :data:`MIN_PER_STRATUM` per stratum (all of a smaller one), without replacement.
-
-    Returns
-    -------
-    One sorted index array per stratum code ``0..strata.max()``.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(strata)
-    out = []
-    for code in range(int(strata.max()) + 1 if n else 0):
-        members = np.flatnonzero(strata == code)
-        take = min(len(members), max(MIN_PER_STRATUM, round(size * len(members) / n)))
-        out.append(np.sort(rng.choice(members, size=take, replace=False)))
-    return out
-
-
-def _stratified_mean(values: list[np.ndarray], totals: np.ndarray, weights: np.ndarray) -> Estimate:
-    """Stratified estimate of ``sum_h weights_h * mean_h`` with its normal 95% CI.
-
-    ``values[h]`` are the sampled values of stratum ``h`` of ``totals[h]`` cells; the
-    variance carries the finite-population correction, so a stratum sampled whole adds none.
-    """
-    means = np.array([v.mean() for v in values])
-    variances = np.array([
-        (1 - len(v) / N) * v.var(ddof=1) / len(v) if len(v) > 1 else 0.0 for v, N in zip(values, totals)
-    ])
-    value = float(weights @ means)
-    half = 1.959963984540054 * float(np.sqrt(weights**2 @ variances))
-    return Estimate(value, (value - half, value + half), int(sum(len(v) for v in values)))
-
-
 def _use_exact(n_cells: int, exact: bool | None) -> bool:
     return n_cells <= EXACT_MAX_CELLS if exact is None else exact
 
@@ -230,7 +160,7 @@ def silhouette_label(
         s = silhouette_samples(X, codes, rows=np.concatenate(picked), n_jobs=n_jobs)
         bounds = np.cumsum([len(p) for p in picked])[:-1]
         totals = np.bincount(codes).astype(np.float64)
-        result = _stratified_mean(np.split(s, bounds), totals, totals / n)
+        result = stratified_mean(np.split(s, bounds), totals, totals / n)
     return result.map(lambda s: (s + 1.0) / 2.0) if rescale else result
 
 
@@ -279,4 +209,4 @@ def silhouette_batch(
         return Estimate(float("nan"), None, 0)
     if use_exact:
         return Estimate(float(np.mean([v.mean() for v in scores])), None, int(sum(totals)))
-    return _stratified_mean(scores, np.asarray(totals, dtype=np.float64), np.full(len(scores), 1 / len(scores)))
+    return stratified_mean(scores, np.asarray(totals, dtype=np.float64), np.full(len(scores), 1 / len(scores)))

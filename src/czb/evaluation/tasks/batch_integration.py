@@ -48,27 +48,31 @@ class BatchIntegration(Task):
 
     def neighbors_needed(self, n_cells: int) -> int:
         p = self.params
+        if n_cells > mix.EXACT_MAX_CELLS:  # entropy and iLISI use sampled neighbourhoods
+            return p.n_neighbors
         return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
 
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         p = self.params
         labels, batches = context.require("labels"), context.require("batch")
-        graph = context.neighbors(max(p.entropy_neighbors, p.lisi_neighbors))
-        entropy_idx, _ = graph.knn(min(p.entropy_neighbors, graph.k))
-        lisi_idx, lisi_dist = graph.knn(min(p.lisi_neighbors, graph.k))
+        rows, idx, dist = context.cell_neighborhoods(max(p.entropy_neighbors, p.lisi_neighbors))
+        n = context.n_cells
         # Seed-independent values: computed once per embedding, repeated for every seed.
         fixed = {
             mix.ENTROPY_PER_CELL.name: context.memo(
-                ("entropy_per_cell", p.entropy_neighbors), lambda: mix.entropy_per_cell(entropy_idx, batches)
+                ("entropy_per_cell", p.entropy_neighbors),
+                lambda: mix.entropy_estimate(idx[:, : p.entropy_neighbors], batches, n_cells=n),
             ),
             sil.BATCH_SILHOUETTE.name: context.silhouette("silhouette_batch", labels, batches=batches),
             mix.ILISI_NORMALIZED.name: context.memo(
-                ("ilisi_normalized", p.lisi_neighbors), lambda: mix.ilisi_normalized(lisi_idx, lisi_dist, batches)
+                ("ilisi_normalized", p.lisi_neighbors),
+                lambda: mix.ilisi_estimate(idx[:, : p.lisi_neighbors], dist[:, : p.lisi_neighbors], batches,
+                                           n_cells=n, rows=rows),
             ),
             sil.SILHOUETTE_SCORE.name: context.silhouette("silhouette_label", labels),
         }
-        estimates = {name: v for name, v in fixed.items() if isinstance(v, sil.Estimate)}
-        fixed = {name: v.value if isinstance(v, sil.Estimate) else v for name, v in fixed.items()}
+        estimates = fixed
+        fixed = {name: v.value for name, v in fixed.items()}
         clusters = context.leiden(1.0, seed=seed, k=p.n_neighbors)
         ari = clu.adjusted_rand_index(labels, clusters)
         nmi = clu.normalized_mutual_info(labels, clusters)

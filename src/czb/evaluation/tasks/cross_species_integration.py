@@ -115,6 +115,8 @@ class CrossSpeciesIntegration(Task):
 
     def neighbors_needed(self, n_cells: int) -> int:
         p = self.params
+        if n_cells > mix.EXACT_MAX_CELLS:  # entropy and iLISI use sampled neighbourhoods
+            return p.n_neighbors
         return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
 
     def check(self, context: EvaluationContext) -> None:
@@ -140,23 +142,23 @@ class CrossSpeciesIntegration(Task):
         shared, unshared = self._shared(labels, species)
         in_shared = np.isin(labels, shared)
 
-        graph = context.neighbors(max(p.entropy_neighbors, p.lisi_neighbors))
-        entropy_idx, _ = graph.knn(min(p.entropy_neighbors, graph.k))
-        lisi_idx, lisi_dist = graph.knn(min(p.lisi_neighbors, graph.k))
+        rows, idx, dist = context.cell_neighborhoods(max(p.entropy_neighbors, p.lisi_neighbors))
+        n = context.n_cells
         # Seed-independent values: computed once per embedding, repeated for every seed.
         # Memo keys name the species so they never collide with batch-based values.
         mixing = {
             mix.ENTROPY_PER_CELL.name: context.memo(
                 ("entropy_per_cell", p.entropy_neighbors, "species"),
-                lambda: mix.entropy_per_cell(entropy_idx, species),
-            ),
+                lambda: mix.entropy_estimate(idx[:, : p.entropy_neighbors], species, n_cells=n),
+            ).value,
             sil.BATCH_SILHOUETTE.name: context.silhouette(
                 "silhouette_batch[species]", labels, batches=species
             ).value,
             mix.ILISI_NORMALIZED.name: context.memo(
                 ("ilisi_normalized", p.lisi_neighbors, "species"),
-                lambda: mix.ilisi_normalized(lisi_idx, lisi_dist, species),
-            ),
+                lambda: mix.ilisi_estimate(idx[:, : p.lisi_neighbors], dist[:, : p.lisi_neighbors], species,
+                                           n_cells=n, rows=rows),
+            ).value,
         }
         sil_shared = context.silhouette(
             f"silhouette_label[shared cell types, min {p.min_cells_per_species} per species]",
