@@ -160,22 +160,24 @@ def write_input(
     (empty strings where unknown), ``obs_names`` the cell IDs, ``obs`` the batch columns
     as strings.
 
+    ``X`` is written row chunk by row chunk (:func:`_write_csr_rows`), so the dataset's
+    matrix, in memory or on disk, is read once and never copied whole.
+
     Returns
     -------
     The gene-mapping summary (genes passed on, unmapped, ambiguous, mapping source).
     """
     import anndata as ad
+    import h5py
     import pandas as pd
-    import scipy.sparse as sp
 
+    from czb.runner.datasets import iter_row_chunks
     from czb.runner.genes import model_genes
 
     genes = model_genes(dataset, request["gene_id_type"], gene_map=gene_map)
     x = dataset.adata.X
-    x = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
-    if len(genes.keep) != x.shape[1] or np.any(genes.keep != np.arange(x.shape[1])):
-        x = x[:, genes.keep]
-    x = x.astype(np.float32, copy=False)
+    keep = np.asarray(genes.keep)
+    cols = None if np.array_equal(keep, np.arange(x.shape[1])) else keep
     obs = pd.DataFrame(index=pd.Index(dataset.adata.obs_names.astype(str), name=None))
     for key in request.get("batch_keys", []):
         obs[key] = dataset.adata.obs[key].astype(str).to_numpy()
@@ -187,12 +189,79 @@ def write_input(
         index=pd.Index([str(i) for i in genes.ids], name=None),
     )
     input_dir.mkdir(parents=True, exist_ok=True)
-    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(input_dir / DATASET_FILE)
+    # obs and var first (anndata writes them), then X appended chunk by chunk.
+    ad.AnnData(obs=obs, var=var).write_h5ad(input_dir / DATASET_FILE)
+    with h5py.File(input_dir / DATASET_FILE, "a") as f:
+        blocks = (block for _, block in iter_row_chunks(x))
+        _write_csr_rows(f, "X", blocks, n_cols=len(var), cols=cols)
     (input_dir / REQUEST_FILE).write_text(json.dumps(dict(request), indent=2, sort_keys=True))
     for path in (input_dir / DATASET_FILE, input_dir / REQUEST_FILE):
         path.chmod(0o644)
     input_dir.chmod(0o755)
     return genes.summary
+
+
+def _write_csr_rows(
+    f: Any,
+    name: str,
+    blocks: Any,
+    *,
+    n_cols: int,
+    cols: np.ndarray | None = None,
+    chunk_values: int = 1 << 18,
+) -> None:
+    """Write row blocks as one float32 CSR matrix ``f[name]`` in anndata's on-disk format.
+
+    The group carries ``encoding-type: csr_matrix`` (anndata's spec, read by anndata
+    >= 0.7); ``data`` and ``indices`` grow with each block, ``indptr`` (int64) is
+    written at the end. Memory: one block plus the row pointers.
+
+    Parameters
+    ----------
+    f
+        An h5py file or group open for writing.
+    name
+        Name of the new group.
+    blocks
+        Iterable of consecutive row blocks (sparse or dense), each ``(n_b, n)``.
+    n_cols
+        Columns of the written matrix (``len(cols)`` when ``cols`` is given).
+    cols
+        Columns of each block to keep, in this order (``None``: all).
+    chunk_values
+        HDF5 chunk length of ``data`` and ``indices``.
+    """
+    import scipy.sparse as sp
+
+    group = f.create_group(name)
+    group.attrs["encoding-type"] = "csr_matrix"
+    group.attrs["encoding-version"] = "0.1.0"
+    index_dtype = np.int32 if n_cols < 2**31 else np.int64
+    data = group.create_dataset(
+        "data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(chunk_values,)
+    )
+    indices = group.create_dataset(
+        "indices", shape=(0,), maxshape=(None,), dtype=index_dtype, chunks=(chunk_values,)
+    )
+    pointers, nnz, n_rows = [np.zeros(1, dtype=np.int64)], 0, 0
+    for block in blocks:
+        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+        if cols is not None:
+            block = block[:, cols]
+        if block.shape[1] != n_cols:
+            msg = f"_write_csr_rows: a block has {block.shape[1]} columns, expected {n_cols}"
+            raise ValueError(msg)
+        k = int(block.indptr[-1])
+        if k:
+            data.resize((nnz + k,))
+            data[nnz:] = block.data[:k].astype(np.float32, copy=False)
+            indices.resize((nnz + k,))
+            indices[nnz:] = block.indices[:k]
+        pointers.append(block.indptr[1:].astype(np.int64) + nnz)
+        nnz += k
+        n_rows += block.shape[0]
+    group.create_dataset("indptr", data=np.concatenate(pointers))
+    group.attrs["shape"] = np.array([n_rows, n_cols], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- output

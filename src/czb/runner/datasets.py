@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import hashlib
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -30,12 +31,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "BACKED_MIN_VALUES",
     "BUILTINS",
+    "BackedMatrix",
     "Dataset",
     "ensembl_share",
     "iter_row_chunks",
     "load_dataset",
     "row_sums",
+    "stored_values",
+    "to_memory",
     "validate_dataset",
 ]
 
@@ -44,15 +49,30 @@ __all__ = [
 class Dataset:
     """A dataset ready for a model and the tasks.
 
+    What is in memory: ``obs`` and ``var`` always. The expression matrix is in memory
+    for generated data and for files whose matrix stores at most
+    :data:`BACKED_MIN_VALUES` values (20M: ~160 MB as CSR); larger ones (or any file
+    loaded with ``backed=True``) stay on disk as a :class:`BackedMatrix`, which opens
+    the file for each read and closes it after (no handle is held between reads, so
+    nothing needs closing). Everything that reads it goes through row chunks
+    (:func:`iter_row_chunks`, ``X[rows]``): validation, the PCA baselines (streamed
+    above a size, see :mod:`czb.runner.embeddings`), model input files, task
+    expression; only perturbation-prediction data (``perturbation_data``) and
+    :meth:`BackedMatrix.to_memory` read the whole matrix. A CSR or dense matrix on
+    disk is read as it is; a large CSC (column-major) matrix, whose rows cannot be
+    read without reading all of it, is rewritten once as CSR into the cache with a
+    :class:`~czb.errors.DatasetWarning` (small ones are read into memory and
+    converted, as before).
+
     Attributes
     ----------
     spec
         The spec it was loaded from.
     adata
         ``AnnData`` whose ``X`` is the expression matrix of shape ``(n_cells, n_genes)``
-        (sparse CSR where the file is sparse; never densified here), of the kind
-        ``spec.expression`` says, with ``var_names`` the gene IDs of ``spec.gene_id_type``
-        and ``obs_names`` the cell IDs.
+        (sparse CSR where the file is sparse, never densified here; or a
+        :class:`BackedMatrix`, see above), of the kind ``spec.expression`` says, with
+        ``var_names`` the gene IDs of ``spec.gene_id_type`` and ``obs_names`` the cell IDs.
     path
         The local file it was read from (``None`` for generated data).
     sha256
@@ -75,6 +95,11 @@ class Dataset:
     @property
     def n_cells(self) -> int:
         return self.adata.n_obs
+
+    @property
+    def backed(self) -> bool:
+        """Whether the expression matrix is on disk (a :class:`BackedMatrix`)."""
+        return isinstance(self.adata.X, BackedMatrix)
 
     @property
     def n_genes(self) -> int:
@@ -188,48 +213,90 @@ def parse_control_flags(column: pd.Series, *, name: str, key: str) -> np.ndarray
 
 
 # --------------------------------------------------------------------------- #
-# Chunked access to an expression matrix (sparse or dense)
+# Chunked access to an expression matrix (sparse or dense, in memory or on disk)
 # --------------------------------------------------------------------------- #
 
-#: Rows per chunk for dense matrices: bounds the size of temporaries
-#: (10,000 rows x 30,000 genes of float32 is 1.2 GB, so go lower).
+#: Rows per chunk when a caller asks for a fixed number (kept for callers that pass it).
 DEFAULT_CHUNK_ROWS = 2048
+#: Stored values per chunk when the rows per chunk are left to :func:`default_chunk_rows`:
+#: 4M values are 32 MB as float64, whatever the number of genes.
+CHUNK_VALUES = 1 << 22
+#: Matrices of files on disk storing more values than this (non-zeros of sparse matrices,
+#: every entry of dense ones) are left on disk by :func:`load_dataset`: 20M values are
+#: about 160 MB as float32 CSR in memory.
+BACKED_MIN_VALUES = 20_000_000
+#: Stored values per band when a column-major (CSC) file is rewritten row-major: the
+#: conversion holds one band in memory (about 12 bytes per value) and reads the file
+#: once per band.
+CSC_BAND_VALUES = 1 << 26
+# Requested rows further apart than this many stored values are read separately.
+_GAP_VALUES = 1 << 16
 
 
-def iter_row_chunks(X: Any, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[tuple[int, Any]]:
+def stored_values(X: Any) -> int:
+    """Values a matrix stores: non-zeros of a sparse (or backed sparse) matrix, every
+    entry of a dense one."""
+    nnz = getattr(X, "nnz", None)
+    if nnz is not None:
+        return int(nnz)
+    return int(X.shape[0]) * int(X.shape[1])
+
+
+def default_chunk_rows(X: Any, *, values: int | None = None) -> int:
+    """Rows per chunk so that a chunk stores about ``values`` values (default
+    :data:`CHUNK_VALUES`; at least 1 row).
+
+    Depends only on the matrix's shape and number of stored values, so a matrix in
+    memory and the same matrix on disk are cut into the same chunks.
+    """
+    values = values or CHUNK_VALUES
+    n_rows = max(int(X.shape[0]), 1)
+    per_row = max(stored_values(X) / n_rows, 1.0)
+    return int(max(1, min(n_rows, values // per_row)))
+
+
+def iter_row_chunks(X: Any, *, chunk_rows: int | None = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(start, block)`` for consecutive row blocks of ``X``.
 
     Parameters
     ----------
     X
-        Matrix of shape ``(n_rows, n_cols)``: dense array, ``scipy.sparse`` matrix
-        or an h5py/backed dataset that supports row slicing.
+        Matrix of shape ``(n_rows, n_cols)``: dense array, ``scipy.sparse`` matrix,
+        a :class:`BackedMatrix` (read with one open file handle for the whole
+        iteration; blocks come back as CSR), or an h5py dataset.
     chunk_rows
-        Rows per block.
+        Rows per block (default: :func:`default_chunk_rows`).
 
     Yields
     ------
     start
         Index of the block's first row.
     block
-        ``X[start:start + chunk_rows]``, same kind as ``X``.
+        ``X[start:start + chunk_rows]``, same kind as ``X`` (CSR for a backed matrix).
     """
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(X)
+    if isinstance(X, BackedMatrix):
+        yield from X.iter_rows(chunk_rows)
+        return
     n = X.shape[0]
     for start in range(0, n, chunk_rows):
         yield start, X[start : start + chunk_rows]
 
 
-def row_sums(X: Any, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+def row_sums(X: Any, *, chunk_rows: int | None = None) -> np.ndarray:
     """Sum of each row of a sparse or dense matrix, without densifying it.
 
     Parameters
     ----------
     X
         Matrix of shape ``(n_rows, n_cols)``: ``scipy.sparse`` (CSR is fastest),
-        dense array, or a row-sliceable on-disk dataset (read in chunks).
+        dense array, or a :class:`BackedMatrix` / row-sliceable on-disk dataset (read
+        in chunks).
     chunk_rows
-        Rows per chunk for dense input, so at most ``chunk_rows x n_cols``
-        values are converted to float64 at once.
+        Rows per chunk for dense and on-disk input (default:
+        :func:`default_chunk_rows`), so at most a chunk of values is converted to
+        float64 at once.
 
     Returns
     -------
@@ -242,8 +309,286 @@ def row_sums(X: Any, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
         return np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
     out = np.empty(X.shape[0], dtype=np.float64)
     for start, block in iter_row_chunks(X, chunk_rows=chunk_rows):
-        out[start : start + block.shape[0]] = np.asarray(block).sum(axis=1, dtype=np.float64)
+        if sp.issparse(block):
+            sums = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+        else:
+            sums = np.asarray(block).sum(axis=1, dtype=np.float64)
+        out[start : start + block.shape[0]] = sums
     return out
+
+
+def to_memory(X: Any) -> Any:
+    """``X`` as an in-memory matrix: a :class:`BackedMatrix` is read whole (as CSR),
+    anything else is returned as it is."""
+    return X.to_memory() if isinstance(X, BackedMatrix) else X
+
+
+def _unreadable(dataset: str, path: Path, e: BaseException) -> DatasetError:
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = (
+        f"dataset {dataset!r}: cannot read {path} as .h5ad ({type(e).__name__}: {detail}); "
+        "the file may be corrupt or truncated"
+    )
+    return DatasetError(msg)
+
+
+class BackedMatrix:
+    """An expression matrix left in its .h5ad file and read in row blocks on demand.
+
+    What :func:`load_dataset` puts in ``Dataset.adata.X`` for large files (see
+    :class:`Dataset`). The file is opened for each read (about 0.3 ms) and closed right
+    after, or once for a whole :meth:`iter_rows` pass, so no file handle outlives a
+    read; the object holds the path, the shape, and the row pointers (``indptr``,
+    ``n_rows + 1`` int64, read on first use).
+
+    Row blocks always come back as ``scipy.sparse`` CSR matrices of the file's dtype,
+    whatever the storage: a CSR group is sliced (``data``/``indices`` between two row
+    pointers), a dense dataset's rows are read and sparsified block by block. Reading
+    errors (a corrupt or truncated file) raise :class:`~czb.errors.DatasetError`.
+
+    AnnData accepts it as ``X`` (it is registered as an ``anndata.abc.CSRDataset``);
+    like anndata's own backed matrices it supports ``shape``, ``dtype``, row indexing
+    (``X[i]``, ``X[a:b]``, ``X[index_array]``, ``X[bool_mask]``, optionally with a
+    column index ``X[rows, cols]``), and :meth:`to_memory`. It refuses ``np.asarray``.
+
+    Parameters
+    ----------
+    path
+        The .h5ad file.
+    element
+        Path of the matrix inside the file: ``"X"``, ``"raw/X"`` or ``"layers/NAME"``.
+    dataset
+        Name of the dataset, for error messages.
+    shape, dtype
+        The matrix's shape ``(n_cells, n_genes)`` and value dtype.
+    storage
+        ``"csr"`` (a CSR group) or ``"dense"`` (a 2-D dataset).
+    nnz
+        Stored values: non-zeros for CSR, ``n_cells * n_genes`` for dense.
+    """
+
+    format = "csr"
+    backend = "hdf5"
+    ndim = 2
+
+    def __init__(
+        self,
+        path: Path,
+        element: str,
+        *,
+        dataset: str,
+        shape: tuple[int, int],
+        dtype: Any,
+        storage: str,
+        nnz: int,
+    ):
+        if storage not in ("csr", "dense"):
+            msg = f"BackedMatrix: storage must be 'csr' or 'dense', not {storage!r}"
+            raise ValueError(msg)
+        self.path = Path(path)
+        self.element = element
+        self.dataset = dataset
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.storage = storage
+        self.nnz = int(nnz)
+        self._indptr: np.ndarray | None = None
+        _register_with_anndata()
+
+    def __repr__(self) -> str:
+        return (
+            f"BackedMatrix({str(self.path)!r}, {self.element!r}, shape={self.shape}, "
+            f"dtype={self.dtype}, storage={self.storage!r}, nnz={self.nnz})"
+        )
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        msg = (
+            f"dataset {self.dataset!r}: the expression matrix is on disk ({self.path}); read "
+            "row blocks (czb.runner.datasets.iter_row_chunks, X[rows]) or call to_memory()"
+        )
+        raise TypeError(msg)
+
+    def copy(self) -> BackedMatrix:
+        """Another handle on the same (read-only) matrix; nothing is read."""
+        other = BackedMatrix(
+            self.path, self.element, dataset=self.dataset, shape=self.shape,
+            dtype=self.dtype, storage=self.storage, nnz=self.nnz,
+        )
+        other._indptr = self._indptr
+        return other
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[Any]:
+        """The matrix's h5py group or dataset, in a file open for this block only."""
+        import h5py
+
+        try:
+            with h5py.File(self.path, "r") as f:
+                yield f[self.element]
+        except (DatasetError, MemoryError):
+            raise
+        except Exception as e:  # h5py raises OSError, KeyError, ValueError... on bad files
+            raise _unreadable(self.dataset, self.path, e) from e
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """Row pointers (``n_rows + 1`` int64; for dense storage ``i * n_cols``), read once."""
+        if self._indptr is None:
+            if self.storage == "csr":
+                with self._open() as group:
+                    self._indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+            else:  # dense rows: n_cols values each
+                self._indptr = np.arange(self.shape[0] + 1, dtype=np.int64) * self.shape[1]
+        return self._indptr
+
+    # -- reading ------------------------------------------------------------
+
+    def _span(self, node: Any, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` (``0 <= start <= stop <= n_rows``) as CSR, from an open node."""
+        import scipy.sparse as sp
+
+        n_cols = self.shape[1]
+        if self.storage == "dense":
+            if stop <= start:
+                return sp.csr_matrix((0, n_cols), dtype=self.dtype)
+            return sp.csr_matrix(np.asarray(node[start:stop]))
+        indptr = self.indptr
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        data = node["data"][lo:hi]
+        indices = node["indices"][lo:hi]
+        return sp.csr_matrix(
+            (data, indices, indptr[start : stop + 1] - lo), shape=(stop - start, n_cols)
+        )
+
+    def iter_rows(self, chunk_rows: int | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(start, CSR block)`` over all rows, with one file handle for the pass.
+
+        The file is closed when the iteration ends or the generator is closed.
+        """
+        if chunk_rows is None:
+            chunk_rows = default_chunk_rows(self)
+        n = self.shape[0]
+        if self.storage == "csr":
+            self.indptr  # noqa: B018 - read before the pass opens the file
+        with self._open() as node:
+            for start in range(0, n, chunk_rows):
+                yield start, self._span(node, start, min(start + chunk_rows, n))
+
+    def _row_positions(self, rows: Any) -> np.ndarray | slice:
+        """``rows`` (int, slice, int array or bool mask) as a slice of step 1 or int64 positions."""
+        n = self.shape[0]
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step == 1:
+                return slice(start, max(start, stop))
+            return np.arange(start, stop, step, dtype=np.int64)
+        if isinstance(rows, (int, np.integer)):
+            row = int(rows) + n if rows < 0 else int(rows)
+            if not 0 <= row < n:
+                msg = f"row {rows} out of range for {n} rows"
+                raise IndexError(msg)
+            return slice(row, row + 1)
+        index = np.asarray(rows)
+        if index.dtype == bool:
+            if index.shape != (n,):
+                msg = f"boolean row mask of shape {index.shape} for {n} rows"
+                raise IndexError(msg)
+            return np.flatnonzero(index)
+        if index.dtype.kind not in "iu" and index.size:
+            msg = f"rows must be integers, a slice or a boolean mask, not {index.dtype}"
+            raise IndexError(msg)
+        index = index.astype(np.int64, copy=False).ravel()
+        index = np.where(index < 0, index + n, index)
+        if index.size and (index.min() < 0 or index.max() >= n):
+            msg = f"row index out of range for {n} rows"
+            raise IndexError(msg)
+        return index
+
+    def _read_rows(self, rows: Any) -> Any:
+        import scipy.sparse as sp
+
+        positions = self._row_positions(rows)
+        if isinstance(positions, slice):
+            with self._open() as node:
+                return self._span(node, positions.start, positions.stop)
+        if positions.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        unique, inverse = np.unique(positions, return_inverse=True)
+        # Runs of requested rows with little in between are read in one go.
+        indptr = self.indptr
+        skipped = indptr[unique[1:]] - indptr[unique[:-1] + 1]
+        breaks = np.flatnonzero(skipped > _GAP_VALUES) + 1
+        parts = []
+        with self._open() as node:
+            for run in np.split(unique, breaks):
+                first, last = int(run[0]), int(run[-1])
+                span = self._span(node, first, last + 1)
+                parts.append(span if run.size == last - first + 1 else span[run - first])
+        block = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+        if unique.size != positions.size or np.any(unique != positions):
+            block = block[inverse.ravel()]
+        return block
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, tuple):
+            if len(index) != 2:
+                msg = f"a matrix takes at most 2 indices, got {len(index)}"
+                raise IndexError(msg)
+            rows, cols = index
+        else:
+            rows, cols = index, slice(None)
+        block = self._read_rows(rows)
+        if not (isinstance(cols, slice) and cols == slice(None)):
+            block = block[:, cols]
+        return block
+
+    def to_memory(self) -> Any:
+        """The whole matrix in memory as ``scipy.sparse`` CSR."""
+        import scipy.sparse as sp
+
+        if self.storage == "dense":
+            parts = [block for _, block in self.iter_rows()]
+            return sp.vstack(parts, format="csr") if parts else sp.csr_matrix(self.shape)
+        indptr = self.indptr
+        with self._open() as group:
+            data, indices = group["data"][:], group["indices"][:]
+        return sp.csr_matrix((data, indices, indptr), shape=self.shape)
+
+
+def _register_with_anndata() -> None:
+    """Let AnnData accept :class:`BackedMatrix` as ``X`` (a virtual ``CSRDataset``)."""
+    try:
+        from anndata.abc import CSRDataset  # anndata >= 0.11
+    except ImportError:  # pragma: no cover - anndata 0.10
+        from anndata.experimental import CSRDataset
+    if not issubclass(BackedMatrix, CSRDataset):
+        CSRDataset.register(BackedMatrix)
+
+
+class RowSubset:
+    """Rows ``index`` of a matrix, read only when asked for (``shape`` and ``X[rows]``).
+
+    What :func:`czb.runner.run.dataset_expression` hands the tasks for a
+    :class:`BackedMatrix` when an embedding covers only some cells, so that the subset
+    is never copied into memory.
+    """
+
+    ndim = 2
+
+    def __init__(self, X: Any, index: np.ndarray):
+        self.X = X
+        self.index = np.asarray(index, dtype=np.int64)
+        self.shape = (len(self.index), X.shape[1])
+        self.dtype = X.dtype
+
+    def __getitem__(self, rows: Any) -> Any:
+        if isinstance(rows, tuple):
+            rows, cols = rows
+            return self.X[self.index[rows], cols]
+        return self.X[self.index[rows]]
 
 
 # --------------------------------------------------------------------------- #
@@ -400,27 +745,28 @@ def _quiet_anndata() -> Iterator[None]:
         yield
 
 
-def _read_h5ad(path: Path, layer: str, dataset: str) -> anndata.AnnData:
-    """Read an .h5ad file, loading only obs, var and the matrix that ``layer`` names.
+def _read_elem_function() -> Any:
+    try:
+        from anndata.io import read_elem  # anndata >= 0.11
+    except ImportError:  # pragma: no cover - anndata 0.10
+        from anndata.experimental import read_elem
+    return read_elem
+
+
+def _read_h5ad(
+    path: Path, layer: str, dataset: str, *, backed: bool | None = None, digest: str | None = None
+) -> anndata.AnnData:
+    """Read an .h5ad file: obs, var and the matrix that ``layer`` names (in memory or backed).
 
     Files written by anndata >= 0.7 are read element by element so that unused
-    layers, ``obsm`` and ``uns`` never reach memory; older files are read whole.
+    layers, ``obsm`` and ``uns`` never reach memory; the matrix itself is read into
+    memory or left on disk as a :class:`BackedMatrix` (see :func:`load_dataset` for the
+    policy). Older files are read whole.
     """
     import anndata
     import h5py
 
-    def fail(e: BaseException) -> DatasetError:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        msg = (
-            f"dataset {dataset!r}: cannot read {path} as .h5ad ({type(e).__name__}: {detail}); "
-            "the file may be corrupt or truncated"
-        )
-        return DatasetError(msg)
-
-    try:
-        read_elem = anndata.io.read_elem  # anndata >= 0.11
-    except AttributeError:
-        from anndata.experimental import read_elem
+    read_elem = _read_elem_function()
     try:
         with h5py.File(path, "r") as f, _quiet_anndata():
             if f.attrs.get("encoding-type") != "anndata":
@@ -432,20 +778,204 @@ def _read_h5ad(path: Path, layer: str, dataset: str) -> anndata.AnnData:
             adata = anndata.AnnData(obs=obs, var=read_elem(f["var"]))
             adata.uns["_czb_available"] = available
             if layer == "raw" and "raw" in f:
-                adata.raw = anndata.AnnData(
-                    X=read_elem(f["raw/X"]), obs=obs, var=read_elem(f["raw/var"])
-                )
+                matrix = _read_matrix(f, "raw/X", path, dataset, backed=backed, digest=digest)
+                adata.raw = anndata.AnnData(X=matrix, obs=obs, var=read_elem(f["raw/var"]))
             elif layer == "X" and "X" in f:
-                adata.X = read_elem(f["X"])
+                adata.X = _read_matrix(f, "X", path, dataset, backed=backed, digest=digest)
             elif layer in layers:
-                adata.layers[layer] = read_elem(layers[layer])
+                adata.layers[layer] = _read_matrix(
+                    f, f"layers/{layer}", path, dataset, backed=backed, digest=digest
+                )
             return adata
-    except DatasetError:
-        raise
-    except (MemoryError, KeyboardInterrupt):
+    except (DatasetError, MemoryError):
         raise
     except Exception as e:  # h5py/anndata raise OSError, KeyError, ValueError... on bad files
-        raise fail(e) from e
+        raise _unreadable(dataset, path, e) from e
+
+
+def _read_matrix(
+    f: Any, element: str, path: Path, dataset: str, *, backed: bool | None, digest: str | None
+) -> Any:
+    """The matrix at ``element``: read into memory, or a :class:`BackedMatrix`."""
+    import h5py
+
+    read_elem = _read_elem_function()
+    node = f[element]
+    encoding = node.attrs.get("encoding-type")
+    if isinstance(node, h5py.Group) and encoding in ("csr_matrix", "csc_matrix"):
+        storage = encoding[:3]
+        shape = tuple(int(s) for s in node.attrs["shape"])
+        nnz, dtype = int(node["data"].shape[0]), node["data"].dtype
+    elif isinstance(node, h5py.Dataset) and node.ndim == 2:
+        storage, shape, dtype = "dense", node.shape, node.dtype
+        nnz = int(shape[0]) * int(shape[1])
+    else:  # anything else (a 1-D array, an unknown encoding): anndata reads it or says why
+        return read_elem(node)
+    lazy = backed if backed is not None else nnz > BACKED_MIN_VALUES
+    if not lazy:
+        return read_elem(node)
+    if storage == "csc":
+        path, element = _row_major_copy(node, path, element, dataset, shape=shape, digest=digest)
+        storage = "csr"
+    matrix = BackedMatrix(
+        path, element, dataset=dataset, shape=shape, dtype=dtype, storage=storage, nnz=nnz
+    )
+    if storage == "csr":
+        _check_csr_structure(matrix)
+    return matrix
+
+
+def _check_csr_structure(matrix: BackedMatrix) -> None:
+    """Row pointers of the right length, starting at 0, non-decreasing, ending at nnz."""
+    indptr = matrix.indptr
+    with matrix._open() as group:
+        n_indices = int(group["indices"].shape[0])
+    problem = None
+    if indptr.shape != (matrix.shape[0] + 1,):
+        problem = f"indptr has {indptr.size} entries for {matrix.shape[0]} rows"
+    elif indptr[0] != 0 or indptr[-1] != matrix.nnz or n_indices != matrix.nnz:
+        problem = (
+            f"indptr runs from {indptr[0]} to {indptr[-1]}, with {matrix.nnz} values "
+            f"and {n_indices} indices"
+        )
+    elif np.any(np.diff(indptr) < 0):
+        problem = "indptr decreases"
+    if problem:
+        msg = (
+            f"dataset {matrix.dataset!r}: {matrix.path} holds a malformed sparse matrix at "
+            f"{matrix.element!r} ({problem}); the file may be corrupt or truncated"
+        )
+        raise DatasetError(msg)
+
+
+def _row_major_copy(
+    node: Any, path: Path, element: str, dataset: str, *, shape: tuple[int, int], digest: str | None
+) -> tuple[Path, str]:
+    """A row-major (CSR) copy of a CSC matrix in the cache, made once; its path and element.
+
+    Reading rows of a column-major matrix means reading all of it, so a large CSC
+    matrix is rewritten once into ``<cache>/row_major/<sha256>-<element>.h5`` (same
+    values, CSR) with a :class:`~czb.errors.DatasetWarning`; later loads of the same
+    file reuse the copy.
+    """
+    import h5py
+
+    from czb.settings import get_settings
+
+    key = digest or hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()
+    out = get_settings().cache_dir / "row_major" / f"{key}-{element.replace('/', '_')}.h5"
+    nnz = int(node["data"].shape[0])
+    if out.is_file():
+        try:
+            with h5py.File(out, "r") as f:
+                group = f["X"]
+                if tuple(group.attrs["shape"]) == tuple(shape) and group["data"].shape[0] == nnz:
+                    return out, "X"
+        except Exception:  # noqa: S110 - an unusable copy is made again below
+            pass
+    warnings.warn(
+        f"dataset {dataset!r}: the matrix {element!r} of {path} is stored column-major (CSC), "
+        f"which cannot be read by rows; rewriting it row-major once into {out} "
+        f"({nnz} values, about {nnz * 8 / 1e9:.2g} GB); later loads reuse it. "
+        "Store the matrix as CSR to skip this",
+        DatasetWarning,
+        stacklevel=5,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        _csc_to_csr(node, tmp, shape=shape)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = (
+            f"dataset {dataset!r}: cannot rewrite {element!r} of {path} row-major into {out} "
+            f"({detail})"
+        )
+        raise DatasetError(msg) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out, "X"
+
+
+def _csc_to_csr(
+    node: Any,
+    out_path: Path,
+    *,
+    shape: tuple[int, int],
+    band_values: int | None = None,
+    chunk_values: int | None = None,
+) -> None:
+    """Write the CSC group ``node`` as a CSR group ``X`` of a new HDF5 file, out of core.
+
+    One pass counts the values of each row; the rows are then cut into bands of at
+    most ``band_values`` values (:data:`CSC_BAND_VALUES`), and for each band the whole
+    matrix is read once, column block by column block, placing the band's values at
+    their row-major positions (columns come in increasing order, so every row ends up
+    sorted). Memory: one band plus one column block.
+    """
+    import h5py
+
+    band_values = band_values or CSC_BAND_VALUES
+    chunk_values = chunk_values or CHUNK_VALUES
+    n_rows, n_cols = shape
+    col_ptr = np.asarray(node["indptr"][:], dtype=np.int64)
+    data_in, rows_in = node["data"], node["indices"]
+    nnz = int(col_ptr[-1])
+    counts = np.zeros(n_rows, dtype=np.int64)
+    for lo in range(0, nnz, chunk_values):
+        counts += np.bincount(rows_in[lo : lo + chunk_values], minlength=n_rows)
+    row_ptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+
+    def cuts(ptr: np.ndarray, size: int) -> list[tuple[int, int]]:
+        """Consecutive ranges of ptr's slots holding about ``size`` values (at least one slot)."""
+        out, start, n = [], 0, len(ptr) - 1
+        while start < n:
+            stop = int(np.searchsorted(ptr, ptr[start] + size, side="right")) - 1
+            stop = min(max(stop, start + 1), n)
+            out.append((start, stop))
+            start = stop
+        return out
+
+    column_blocks = cuts(col_ptr, chunk_values)
+    index_dtype = np.int32 if n_cols < 2**31 else np.int64
+    with h5py.File(out_path, "w") as f:
+        group = f.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        group.attrs["shape"] = np.asarray(shape, dtype=np.int64)
+        group.create_dataset("indptr", data=row_ptr)
+        data_out = group.create_dataset("data", shape=(nnz,), dtype=data_in.dtype)
+        cols_out = group.create_dataset("indices", shape=(nnz,), dtype=index_dtype)
+        for r0, r1 in cuts(row_ptr, band_values):
+            base, size = int(row_ptr[r0]), int(row_ptr[r1] - row_ptr[r0])
+            if size == 0:
+                continue
+            band_data = np.empty(size, dtype=data_in.dtype)
+            band_cols = np.empty(size, dtype=index_dtype)
+            fill = row_ptr[r0:r1] - base  # next free slot of each row of the band
+            for c0, c1 in column_blocks:
+                lo, hi = int(col_ptr[c0]), int(col_ptr[c1])
+                rows = rows_in[lo:hi]
+                mask = (rows >= r0) & (rows < r1)
+                if not mask.any():
+                    continue
+                local = rows[mask].astype(np.int64) - r0
+                values = data_in[lo:hi][mask]
+                per_column = np.diff(col_ptr[c0 : c1 + 1])
+                cols = np.repeat(np.arange(c0, c1, dtype=np.int64), per_column)[mask]
+                order = np.argsort(local, kind="stable")  # column order kept within a row
+                local, values, cols = local[order], values[order], cols[order]
+                rank = np.arange(local.size) - np.searchsorted(local, local, side="left")
+                where = fill[local] + rank
+                band_data[where] = values
+                band_cols[where] = cols
+                fill += np.bincount(local, minlength=r1 - r0)
+            data_out[base : base + size] = band_data
+            cols_out[base : base + size] = band_cols
 
 
 def _select(adata: anndata.AnnData, spec: DatasetSpec) -> tuple[anndata.AnnData, str]:
@@ -480,7 +1010,9 @@ def _select(adata: anndata.AnnData, spec: DatasetSpec) -> tuple[anndata.AnnData,
             raise DatasetError(msg)
         X, var = adata.layers[layer], adata.var
 
-    if sp.issparse(X) and X.format != "csr":
+    if isinstance(X, BackedMatrix):
+        pass  # stays on disk
+    elif sp.issparse(X) and X.format != "csr":
         X = sp.csr_matrix(X)  # CSR: fast row access for chunked checks and models
     elif not sp.issparse(X):
         X = np.asarray(X)
@@ -546,7 +1078,11 @@ def _gene_ids(var: pd.DataFrame, spec: DatasetSpec) -> tuple[list[str], str]:
 
 
 def load_dataset(
-    spec: DatasetSpec, *, offline: bool | None = None, progress: bool = False
+    spec: DatasetSpec,
+    *,
+    offline: bool | None = None,
+    progress: bool = False,
+    backed: bool | None = None,
 ) -> Dataset:
     """Load the dataset a spec describes.
 
@@ -568,6 +1104,10 @@ def load_dataset(
     that column is used. Duplicated gene IDs are made unique with a
     :class:`~czb.errors.DatasetWarning`.
 
+    obs and var are always read into memory. The matrix of a file stays on disk (a
+    :class:`BackedMatrix`, read in row chunks when needed) when it stores more than
+    :data:`BACKED_MIN_VALUES` values, or whenever ``backed=True``; see :class:`Dataset`.
+
     Parameters
     ----------
     spec
@@ -576,6 +1116,11 @@ def load_dataset(
         Never touch the network (default: the ``CZB_OFFLINE`` setting).
     progress
         Show a download progress bar.
+    backed
+        ``None`` (default): leave large matrices on disk, read small ones;
+        ``True``: always leave the matrix on disk; ``False``: always read it into
+        memory. Generated (``synthetic:``) data and files in anndata's pre-0.7 format
+        are always in memory.
 
     Returns
     -------
@@ -584,7 +1129,8 @@ def load_dataset(
     Raises
     ------
     DatasetError
-        Unknown builtin or generator, unreadable file (corrupt or truncated),
+        Unknown builtin or generator, unreadable file (corrupt or truncated; for a
+        backed matrix also a malformed sparse structure, or a read error later),
         missing layer or gene_key, duplicated cell IDs.
     FetchError
         The file cannot be downloaded, or is not cached while offline.
@@ -610,7 +1156,7 @@ def load_dataset(
                 fetch_module.fetch(uri, sha256=spec.sha256, offline=offline, progress=progress)
             )
             digest = spec.sha256 or fetch_module.known_sha256(path)
-        adata = _read_h5ad(path, spec.layer, spec.name)
+        adata = _read_h5ad(path, spec.layer, spec.name, backed=backed, digest=digest)
 
     selected, gene_source = _select(adata, spec)
     del adata  # drop unused layers before anything else allocates
@@ -854,9 +1400,12 @@ def validate_dataset(ds: Dataset, *, require: Iterable[str] = ()) -> None:
        90% must carry the organism's Ensembl prefix; for ``symbol``, most must not
        look like Ensembl IDs;
     4. expression values are finite and non-negative (stored values only for
-       sparse matrices, row chunks for dense ones), and integers on a sample of
-       rows when the spec declares ``raw_counts``;
+       sparse matrices, row chunks for dense ones and for matrices on disk), and
+       integers on a sample of rows when the spec declares ``raw_counts``;
     5. no cell has a zero total.
+
+    A matrix on disk (:class:`BackedMatrix`) is read in row chunks, so memory stays
+    at one chunk; the checks and messages are the same as in memory.
 
     Parameters
     ----------

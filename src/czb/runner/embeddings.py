@@ -46,6 +46,16 @@ _SHOW = 5
 # Rows per block when scanning values for NaN/inf, so the scan needs little extra memory.
 _BLOCK_ROWS = 65_536
 
+#: The PCA baselines stream (:mod:`czb.runner.streaming_pca`) when the expression matrix
+#: stores more values than this (non-zeros; every entry of a dense matrix): 100M values
+#: are ~0.8 GB as float32 CSR, and scanpy's path holds several copies. At or below it
+#: they run scanpy's exact path (ARPACK) on an in-memory copy.
+STREAMED_PCA_MIN_VALUES = 100_000_000
+#: Randomized PCA of the streamed path: test vectors beyond n_comps, and power
+#: iterations (each costs two passes over the matrix; 2 * 3 + 2 = 8 passes in all).
+STREAMED_PCA_OVERSAMPLES = 20
+STREAMED_PCA_POWER_ITERATIONS = 3
+
 
 @dataclass
 class Embedding:
@@ -310,13 +320,7 @@ def _sparse_pca(
     import scanpy as sc
 
     n_cells, n_genes = x.shape
-    most = min(n_cells, n_genes) - 1
-    if most < 1:
-        msg = f"{name}: PCA needs at least 2 cells and 2 genes, got {n_cells} × {n_genes}"
-        raise EmbeddingError(msg)
-    if n_comps > most:
-        _warn(info, f"{name}: n_comps={n_comps} capped to {most} (min(n_cells, n_genes) - 1)")
-        n_comps = most
+    n_comps = _cap_n_comps(n_comps, n_cells, n_genes, name=name, info=info)
     x_pca, _, variance_ratio, _ = sc.pp.pca(
         x,
         n_comps=n_comps,
@@ -327,7 +331,151 @@ def _sparse_pca(
     )
     info["n_comps"] = n_comps
     info["explained_variance_ratio"] = float(np.sum(variance_ratio))
+    info["solver"] = "arpack"
     return x_pca
+
+
+def _cap_n_comps(
+    n_comps: int, n_cells: int, n_genes: int, *, name: str, info: dict[str, Any]
+) -> int:
+    """``n_comps`` capped to ``min(n_cells, n_genes) - 1`` (as ARPACK needs), with a warning."""
+    most = min(n_cells, n_genes) - 1
+    if most < 1:
+        msg = f"{name}: PCA needs at least 2 cells and 2 genes, got {n_cells} × {n_genes}"
+        raise EmbeddingError(msg)
+    if n_comps > most:
+        _warn(info, f"{name}: n_comps={n_comps} capped to {most} (min(n_cells, n_genes) - 1)")
+        n_comps = most
+    return n_comps
+
+
+def _streams(x: Any) -> bool:
+    """Whether a PCA baseline streams ``x`` rather than copying it (see STREAMED_PCA_MIN_VALUES)."""
+    from czb.runner.datasets import stored_values
+
+    return stored_values(x) > STREAMED_PCA_MIN_VALUES
+
+
+def _float64_block(block: Any, cols: np.ndarray | None = None) -> Any:
+    """A row block as a fresh float64 CSR matrix (columns ``cols`` only when given)."""
+    import scipy.sparse as sp
+
+    if not sp.issparse(block):
+        block = sp.csr_matrix(np.asarray(block))
+    block = block.tocsr()
+    if cols is not None:
+        block = block[:, cols]
+    return sp.csr_matrix(
+        (block.data.astype(np.float64), block.indices, block.indptr), shape=block.shape
+    )
+
+
+def _streamed_pca(
+    x: Any,
+    *,
+    n_comps: int,
+    seed: int,
+    name: str,
+    info: dict[str, Any],
+    normalize: bool = False,
+    n_top_genes: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """PCA of ``x`` (cells × genes; in memory or a backed matrix) in passes over row chunks.
+
+    With ``normalize``, each chunk is scaled to the median cell total and ``log1p``-ed
+    as it is read (``sc.pp.normalize_total`` + ``sc.pp.log1p``); the cell totals are one
+    pass. With ``n_top_genes``, one pass collects per-gene moments of the normalised
+    values and of their logarithm, :func:`~czb.runner.streaming_pca.highly_variable_seurat`
+    selects the genes, and the PCA reads those columns only. The PCA itself is
+    :func:`~czb.runner.streaming_pca.randomized_pca` (implicitly centred,
+    ``2 * STREAMED_PCA_POWER_ITERATIONS + 2`` passes).
+
+    Returns
+    -------
+    The embedding, ``(n_cells, n_comps)`` float32, and the number of genes used.
+    """
+    from czb.runner.datasets import default_chunk_rows, iter_row_chunks, row_sums
+    from czb.runner.streaming_pca import ColumnMoments, highly_variable_seurat, randomized_pca
+
+    n_cells, n_genes = x.shape
+    chunk_rows = default_chunk_rows(x)
+    passes = 0
+    scale = None
+    if normalize:
+        totals = row_sums(x, chunk_rows=chunk_rows)
+        passes += 1
+        target = float(np.median(totals))
+        scale = np.divide(target, totals, out=np.zeros_like(totals), where=totals > 0)
+
+    def scaled(start: int, block: Any, cols: np.ndarray | None = None) -> Any:
+        block = _float64_block(block, cols)
+        if scale is not None:
+            block.data *= np.repeat(scale[start : start + block.shape[0]], np.diff(block.indptr))
+        return block
+
+    def transformed(start: int, block: Any, cols: np.ndarray | None = None) -> Any:
+        block = scaled(start, block, cols)
+        if scale is not None:
+            np.log1p(block.data, out=block.data)
+        return block
+
+    if n_top_genes is not None:
+        # Gene moments of the log values (centering, total variance) and of the values
+        # before the log (what the seurat flavor's dispersions use), in one pass.
+        raw_moments, log_moments = ColumnMoments(n_genes), ColumnMoments(n_genes)
+        for start, block in iter_row_chunks(x, chunk_rows=chunk_rows):
+            block = scaled(start, block)
+            if scale is not None:
+                raw_moments.add(block)
+                np.log1p(block.data, out=block.data)
+                log_moments.add(block)
+            else:  # log-normalised input: scanpy takes expm1 of it
+                log_moments.add(block)
+                block.data = np.expm1(block.data)
+                raw_moments.add(block)
+        passes += 1
+        hvg, _ = highly_variable_seurat(raw_moments.mean, raw_moments.var, n_top_genes)
+        cols = np.flatnonzero(hvg)
+        if cols.size == 0:
+            msg = f"{name}: no gene has a defined dispersion (is any gene detected?)"
+            raise EmbeddingError(msg)
+        mean, variance = log_moments.mean[cols], log_moments.var[cols]
+    else:
+        moments = ColumnMoments(n_genes)
+        for start, block in iter_row_chunks(x, chunk_rows=chunk_rows):
+            moments.add(transformed(start, block))
+        passes += 1
+        cols = None
+        mean, variance = moments.mean, moments.var
+
+    n_used = n_genes if cols is None else int(cols.size)
+    n_comps = _cap_n_comps(n_comps, n_cells, n_used, name=name, info=info)
+
+    def blocks() -> Any:
+        for start, block in iter_row_chunks(x, chunk_rows=chunk_rows):
+            yield start, transformed(start, block, cols)
+
+    result = randomized_pca(
+        blocks,
+        n_rows=n_cells,
+        n_cols=n_used,
+        mean=mean,
+        n_comps=n_comps,
+        seed=seed,
+        n_oversamples=STREAMED_PCA_OVERSAMPLES,
+        n_power_iterations=STREAMED_PCA_POWER_ITERATIONS,
+        total_variance=float(np.sum(variance)),
+    )
+    info["n_comps"] = n_comps
+    info["explained_variance_ratio"] = float(np.sum(result.explained_variance_ratio))
+    info["solver"] = "streamed_randomized"
+    info["streaming"] = {
+        "chunk_rows": chunk_rows,
+        "n_passes": passes + result.n_passes,
+        "n_oversamples": STREAMED_PCA_OVERSAMPLES,
+        "n_power_iterations": STREAMED_PCA_POWER_ITERATIONS,
+    }
+    return result.scores, n_used
 
 
 class PCABaseline(_Baseline):
@@ -341,6 +489,16 @@ class PCABaseline(_Baseline):
 
     Unlike cz-benchmarks, ``n_top_genes`` is capped to the number of genes (with an
     :class:`~czb.errors.EmbeddingWarning`) rather than failing on small gene panels.
+
+    Matrices storing more than :data:`STREAMED_PCA_MIN_VALUES` values (in memory or on
+    disk) are never copied: the same steps run streamed over row chunks
+    (:mod:`czb.runner.streaming_pca`): cell totals (one pass), per-gene moments and the
+    same ``seurat`` gene selection (one pass), then randomized PCA of the selected genes
+    with implicit centering (Halko et al. 2011; 8 passes), with scikit-learn's sign
+    convention. Memory: one chunk plus ``n_cells × (n_comps + 20)`` floats. The genes
+    are scanpy's; the leading components agree with ARPACK's to |cosine| > 0.999,
+    trailing ones among near-equal eigenvalues less (``info['solver']`` says which
+    path ran).
 
     Parameters
     ----------
@@ -390,9 +548,29 @@ class PCABaseline(_Baseline):
             )
             raise EmbeddingError(msg)
 
+        info.update(expression=expression, normalized=expression == "raw_counts")
+        x = dataset.adata.X
+        if _streams(x):
+            values, n_used = _streamed_pca(
+                x,
+                n_comps=self.parameters["n_comps"],
+                seed=seed,
+                name=self.name,
+                info=info,
+                normalize=expression == "raw_counts",
+                n_top_genes=n_top,
+            )
+            self._check_n_used(n_used, n_top, ds, info)
+            info["n_genes_used"] = n_used
+            info["effective_parameters"] = {"n_top_genes": n_top, "n_comps": info["n_comps"]}
+            return self._embedding(values, info)
+
+        from czb.runner.datasets import to_memory
+
         # A bare AnnData around a copy of X: normalisation works in place, and obs/var
         # (which may be large or have duplicated gene symbols) are not needed.
-        adata = ad.AnnData(X=_float_copy(dataset.adata.X))
+        adata = ad.AnnData(X=_float_copy(to_memory(x)))
+        del x
         if expression == "raw_counts":
             sc.pp.normalize_total(adata)
             sc.pp.log1p(adata)
@@ -403,20 +581,22 @@ class PCABaseline(_Baseline):
             sc.pp.highly_variable_genes(adata, n_top_genes=n_top)
         hvg = adata.var["highly_variable"].to_numpy()
         n_used = int(hvg.sum())
+        self._check_n_used(n_used, n_top, ds, info)
+        x = adata.X[:, hvg]
+        del adata
+
+        info["n_genes_used"] = n_used
+        values = _sparse_pca(x, self.parameters["n_comps"], seed=seed, name=self.name, info=info)
+        info["effective_parameters"] = {"n_top_genes": n_top, "n_comps": info["n_comps"]}
+        return self._embedding(values, info)
+
+    def _check_n_used(self, n_used: int, n_top: int, ds: str, info: dict[str, Any]) -> None:
         if n_used < n_top:
             msg = (
                 f"{self.name}: only {n_used} genes of {ds} have a defined dispersion (are "
                 f"detected); using those instead of n_top_genes={n_top}"
             )
             _warn(info, msg)
-        x = adata.X[:, hvg]
-        del adata
-
-        info.update(expression=expression, normalized=expression == "raw_counts")
-        info["n_genes_used"] = n_used
-        values = _sparse_pca(x, self.parameters["n_comps"], seed=seed, name=self.name, info=info)
-        info["effective_parameters"] = {"n_top_genes": n_top, "n_comps": info["n_comps"]}
-        return self._embedding(values, info)
 
 
 class RawPCABaseline(_Baseline):
@@ -425,7 +605,9 @@ class RawPCABaseline(_Baseline):
     Zero-centred PCA of ``dataset.adata.X`` as given, computed sparse (the matrix is
     never densified or copied, except to turn integer counts into float32). Bendidi et al.
     found that this simple baseline is hard to beat on perturbation tasks. On a
-    log-normalised dataset it is PCA of the log-normalised values.
+    log-normalised dataset it is PCA of the log-normalised values. Above
+    :data:`STREAMED_PCA_MIN_VALUES` stored values it is streamed over row chunks, as
+    :class:`PCABaseline` is.
 
     Parameters
     ----------
@@ -450,10 +632,19 @@ class RawPCABaseline(_Baseline):
         -------
         Embedding of shape ``(dataset.n_cells, n_comps)`` for all cells.
         """
+        from czb.runner.datasets import to_memory
+
         x = dataset.adata.X
+        info: dict[str, Any] = {"expression": dataset.spec.expression, "normalized": False}
+        if _streams(x):
+            values, _ = _streamed_pca(
+                x, n_comps=self.parameters["n_comps"], seed=seed, name=self.name, info=info
+            )
+            info["effective_parameters"] = {"n_comps": info["n_comps"]}
+            return self._embedding(values, info)
+        x = to_memory(x)
         if x.dtype.kind in "iub":
             x = x.astype(np.float32)
-        info: dict[str, Any] = {"expression": dataset.spec.expression, "normalized": False}
         values = _sparse_pca(x, self.parameters["n_comps"], seed=seed, name=self.name, info=info)
         info["effective_parameters"] = {"n_comps": info["n_comps"]}
         return self._embedding(values, info)

@@ -90,7 +90,8 @@ def perturbation_data(ds: Dataset) -> Any:
     """A dataset as perturbation tasks read it: raw counts, conditions, gene symbols.
 
     Genes are named by symbol (conditions name their target genes by symbol); datasets
-    keyed by Ensembl ID need a symbol column (see :mod:`czb.runner.genes`).
+    keyed by Ensembl ID need a symbol column (see :mod:`czb.runner.genes`). The counts
+    are in memory (a matrix on disk is read once, in row chunks).
 
     Raises
     ------
@@ -99,6 +100,7 @@ def perturbation_data(ds: Dataset) -> Any:
         conditions, or expression that is not raw counts.
     """
     from czb.evaluation.tasks.genetic_perturbation_prediction import PerturbationData
+    from czb.runner.datasets import BackedMatrix, iter_row_chunks
     from czb.runner.genes import model_genes
 
     spec = ds.spec
@@ -124,8 +126,16 @@ def perturbation_data(ds: Dataset) -> Any:
         raise DatasetError(msg)
     genes = model_genes(ds, "symbol")
     counts = ds.adata.X
-    if len(genes.keep) != ds.n_genes:
-        counts = counts[:, genes.keep]
+    keep = genes.keep if len(genes.keep) != ds.n_genes else None
+    if isinstance(counts, BackedMatrix):
+        # The tasks hold the counts in memory; read them once, chunk by chunk, keeping
+        # only the symbol-mapped genes.
+        import scipy.sparse as sp
+
+        parts = [b if keep is None else b[:, keep] for _, b in iter_row_chunks(counts)]
+        counts = sp.vstack(parts, format="csr")
+    elif keep is not None:
+        counts = counts[:, keep]
     return PerturbationData(
         counts=counts,
         conditions=conditions.astype(object),

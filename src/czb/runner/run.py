@@ -74,10 +74,17 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
 
 
 def dataset_expression(ds: Dataset, cell_index: np.ndarray | None = None) -> Any:
-    """The dataset's expression for tasks that read it (rows restricted to ``cell_index``)."""
-    from czb.evaluation.perturbation_analysis import Expression
+    """The dataset's expression for tasks that read it (rows restricted to ``cell_index``).
 
-    X = ds.adata.X if cell_index is None else ds.adata.X[cell_index]
+    A matrix on disk stays there (the tasks read it in row chunks); its rows are
+    restricted lazily (:class:`~czb.runner.datasets.RowSubset`), never copied.
+    """
+    from czb.evaluation.perturbation_analysis import Expression
+    from czb.runner.datasets import BackedMatrix, RowSubset
+
+    X = ds.adata.X
+    if cell_index is not None:
+        X = RowSubset(X, cell_index) if isinstance(X, BackedMatrix) else X[cell_index]
     return Expression(X, ds.gene_symbols(), kind=ds.spec.expression)
 
 
@@ -122,12 +129,14 @@ def _record(
                 value_std_dev=m.value_std_dev,
                 values_raw=m.values_raw,
                 params=m.params,
+                ci95=list(m.ci95) if m.ci95 is not None else None,
             )
             for m in result.metrics
         ],
         runtime_s=result.runtime_s,
         embedding_runtime_s=embedding_runtime_s,
         peak_memory_mb=result.peak_memory_mb,
+        computation=result.computation,
     )
 
 
@@ -195,6 +204,7 @@ def score_embedding(
     raise_errors: bool = False,
     expression: Any = None,
     relationship_sources: Sequence[str] | None = None,
+    exact: bool | None = None,
 ) -> list[R.ResultRecord]:
     """Score every task on one embedding, sharing one neighbour graph.
 
@@ -214,6 +224,7 @@ def score_embedding(
         expression=expression,
         relationship_sources=relationship_sources,
         n_jobs=n_jobs,
+        exact=exact,
     )
     return _score_tasks(context, planned, dataset=dataset, model=lambda: embedded.model, seeds=seeds,
                         command=command, embedding_runtime_s=embedded.runtime_s, say=say,
@@ -296,6 +307,7 @@ def score_group(
     command: str,
     progress: Progress | None = None,
     raise_errors: bool = False,
+    exact: bool | None = None,
 ) -> list[R.ResultRecord]:
     """Score tasks over several datasets (cross-species) on their stacked embeddings.
 
@@ -350,7 +362,7 @@ def score_group(
     stacked = Embedded(model, Embedding(values=values, model=first.model["name"], kind="stacked"),
                        runtime_s=runtime)
     return score_embedding(stacked, group, roles, planned, seeds=seeds, n_jobs=n_jobs, command=command,
-                           progress=progress, raise_errors=raise_errors)
+                           progress=progress, raise_errors=raise_errors, exact=exact)
 
 
 def run_benchmark(
@@ -370,6 +382,7 @@ def run_benchmark(
     progress: Progress | None = None,
     raise_errors: bool = False,
     model_options: Any = None,
+    exact: bool | None = None,
 ) -> list[R.ResultRecord]:
     """Score models (or a user's embedding file) on datasets and tasks.
 
@@ -392,6 +405,10 @@ def run_benchmark(
     model_options
         :class:`czb.runner.containers.RunOptions` for docker models (GPUs, weights,
         limits, cache).
+    exact
+        Exact neighbour graphs and silhouettes at any size (``True``); ``None``: exact
+        up to the documented sizes, approximate/estimated above (recorded in each
+        result's ``computation``).
 
     Returns
     -------
@@ -473,7 +490,7 @@ def run_benchmark(
                 keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, embedded.cell_index),
                                      cell_level, seeds=seeds, n_jobs=n_jobs, command=command,
                                      progress=progress, raise_errors=raise_errors, expression=expression,
-                                     relationship_sources=ds.spec.relationship_sources))
+                                     relationship_sources=ds.spec.relationship_sources, exact=exact))
             if multi:
                 members[i].append(group_member(ds, embedded))
             why = f"{model['name']} produces embeddings; this task scores perturbation predictions"
@@ -483,7 +500,7 @@ def run_benchmark(
     if multi:
         for group in members:
             keep(score_group(group, multi, seeds=seeds, n_jobs=n_jobs, command=command,
-                             progress=progress, raise_errors=raise_errors))
+                             progress=progress, raise_errors=raise_errors, exact=exact))
     return records
 
 
