@@ -225,7 +225,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(CELL_TASKS), choices=CELL_TASKS)
     parser.add_argument("--czbench-python", help="python of a virtual environment with cz-benchmarks 0.15.1")
     parser.add_argument("--czbench-max-cells", type=int, default=200_000)
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    parser.add_argument("--per-task-max-cells", type=int, default=200_000,
+                        help="above this size only the four-task process runs")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per czb process")
+    parser.add_argument("--czbench-timeout", type=float, default=900.0, help="seconds per cz-benchmarks process")
     parser.add_argument("--workdir", type=Path, default=Path("atlas-scale-data"))
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args()
@@ -239,11 +242,11 @@ def main() -> None:
         path = args.workdir / f"atlas_{n}.npz"
         if not path.exists():
             np.savez(path, **planted_atlas(n))
-        for task in args.tasks:
+        for task in args.tasks if n <= args.per_task_max_cells else ():
             ours = run_worker(sys.executable, "czb", task, path, args.timeout)
             theirs = None
             if args.czbench_python and n <= args.czbench_max_cells:
-                theirs = run_worker(args.czbench_python, "czbench", task, path, args.timeout)
+                theirs = run_worker(args.czbench_python, "czbench", task, path, args.czbench_timeout)
             rows.append({"cells": n, "task": task, "czb": ours, "czbench": theirs})
             _print_task(n, task, ours, theirs)
         together = run_worker(sys.executable, "czb", "together", path, args.timeout)
@@ -256,13 +259,16 @@ def main() -> None:
         how = together.get("computation", {})
         graph = how.get("neighbors", {})
         sil = how.get("silhouette_label", {})
+        mixing = how.get("neighborhoods", {})
         graph_text = graph.get("method", "?") + "".join(
             f", recall@{j} {r:.4f}" for j, r in graph.get("recall", {}).items()
         ) + (f" (on {graph['recall_sample']} cells)" if graph.get("recall") else "")
         sil_text = sil.get("method", "?") + (
             f", n = {sil['n_sampled']}, 95% CI [{sil['ci95'][0]:.4f}, {sil['ci95'][1]:.4f}]" if "ci95" in sil else ""
         )
-        print(f"{'':>8} neighbour graph: {graph_text}; label silhouette: {sil_text}", flush=True)
+        mixing_text = (f"; entropy/iLISI: exact {mixing['k']}-neighbourhoods of {mixing['n_sampled']} sampled cells"
+                       if mixing else "")
+        print(f"{'':>8} neighbour graph: {graph_text}; label silhouette: {sil_text}{mixing_text}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"tasks": rows, "together": extra}, indent=1))
 
