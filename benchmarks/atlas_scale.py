@@ -100,15 +100,16 @@ def _czb_worker(task: str, data: dict[str, np.ndarray], seed: int) -> dict:
         seeds=(seed,),
         n_jobs=len(os.sched_getaffinity(0)),
     )
-    metrics, computation, errors = {}, {}, {}
+    metrics, computation, errors, seconds = {}, {}, {}, {}
     for r in results:
+        seconds[r.task] = round(r.runtime_s, 1)
         if r.status != "ok":
             errors[r.task] = r.error
         for m in r.metrics:
             key = m.name + (f"[{m.params['classifier']}]" if "classifier" in m.params else "")
             metrics[f"{r.task}:{key}"] = m.value
         computation.update(r.computation)
-    return {"metrics": metrics, "computation": computation, "errors": errors}
+    return {"metrics": metrics, "computation": computation, "errors": errors, "task_seconds": seconds}
 
 
 def _czbench_worker(task: str, data: dict[str, np.ndarray], seed: int) -> dict:
@@ -254,6 +255,7 @@ def main() -> None:
         print(f"{n:>8} {'four tasks, one process':<24} {'':<34} {'':>8} {'':>8} {'':>8} "
               f"{_fmt_time(together):>7} {'':>7} {'':>8} {_fmt(together.get('peak_rss_gib'), '.2f'):>7}",
               flush=True)
+        print(f"{'':>8} seconds per task: {together.get('task_seconds')}", flush=True)
         if together.get("error") or together.get("errors"):
             print(f"{'':>8} errors: {together.get('error') or together.get('errors')}", flush=True)
         how = together.get("computation", {})
