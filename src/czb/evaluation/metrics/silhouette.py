@@ -16,7 +16,7 @@ from czb.evaluation import distances
 from czb.evaluation.estimates import MIN_PER_STRATUM, Estimate, stratified_mean, stratified_sample  # noqa: F401
 from czb.evaluation.registry import MetricInfo, register_metric
 
-#: Up to this many cells silhouettes are exact (200k cells: ~1 min on 2 cores).
+#: Up to this many cells silhouettes are exact (200k cells: 1–2 min on 2 cores).
 EXACT_MAX_CELLS = 200_000
 #: Cells sampled by the estimator: its 95% CI is typically ±0.003 on the [-1, 1] scale.
 SAMPLE_SIZE = 20_000
