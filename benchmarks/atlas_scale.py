@@ -100,7 +100,7 @@ def _czb_worker(task: str, data: dict[str, np.ndarray], seed: int) -> dict:
         seeds=(seed,),
         n_jobs=len(os.sched_getaffinity(0)),
     )
-    metrics, computation, errors, seconds = {}, {}, {}, {}
+    metrics, cis, computation, errors, seconds = {}, {}, {}, {}, {}
     for r in results:
         seconds[r.task] = round(r.runtime_s, 1)
         if r.status != "ok":
@@ -108,8 +108,10 @@ def _czb_worker(task: str, data: dict[str, np.ndarray], seed: int) -> dict:
         for m in r.metrics:
             key = m.name + (f"[{m.params['classifier']}]" if "classifier" in m.params else "")
             metrics[f"{r.task}:{key}"] = m.value
+            if m.ci95 is not None:
+                cis[f"{r.task}:{key}"] = [float(x) for x in m.ci95]
         computation.update(r.computation)
-    return {"metrics": metrics, "computation": computation, "errors": errors, "task_seconds": seconds}
+    return {"metrics": metrics, "ci95": cis, "computation": computation, "errors": errors, "task_seconds": seconds}
 
 
 def _czbench_worker(task: str, data: dict[str, np.ndarray], seed: int) -> dict:
@@ -236,7 +238,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     rows, extra = [], []
-    header = (f"{'cells':>8} {'task':<24} {'metric':<34} {'czb':>8} {'cz-bench':>8} {'|diff|':>8} "
+    header = (f"{'cells':>8} {'task':<24} {'metric':<34} {'czb':>8} {'cz-bench':>8} {'|diff|':>14} "
               f"{'czb s':>7} {'cz s':>7} {'speed-up':>8} {'czb GiB':>7} {'cz GiB':>6}")
     print(header, flush=True)
     for n in args.sizes:
@@ -252,7 +254,7 @@ def main() -> None:
             _print_task(n, task, ours, theirs)
         together = run_worker(sys.executable, "czb", "together", path, args.timeout)
         extra.append({"cells": n, "together": together})
-        print(f"{n:>8} {'four tasks, one process':<24} {'':<34} {'':>8} {'':>8} {'':>8} "
+        print(f"{n:>8} {'four tasks, one process':<24} {'':<34} {'':>8} {'':>8} {'':>14} "
               f"{_fmt_time(together):>7} {'':>7} {'':>8} {_fmt(together.get('peak_rss_gib'), '.2f'):>7}",
               flush=True)
         print(f"{'':>8} seconds per task: {together.get('task_seconds')}", flush=True)
@@ -289,10 +291,13 @@ def _print_task(n: int, task: str, ours: dict, theirs: dict | None) -> None:
         a = ours.get("metrics", {}).get(name) if name else None
         b = (theirs or {}).get("metrics", {}).get(SAME_METRIC.get(name, "")) if name else None
         diff = abs(a - b) if a is not None and b is not None else None
+        ci = ours.get("ci95", {}).get(name) if name else None
+        # An estimated value: does cz-benchmarks' (exact) value fall inside czb's 95% CI?
+        in_ci = "" if ci is None or b is None else (" in CI" if ci[0] <= b <= ci[1] else " out CI")
         first = i == 0
         label = name.split(":", 1)[1] if name else ""
         print(
-            f"{n:>8} {task:<24} {label:<34} {_fmt(a):>8} {_fmt(b):>8} {_fmt(diff, '.1e'):>8} "
+            f"{n:>8} {task:<24} {label:<34} {_fmt(a):>8} {_fmt(b):>8} {_fmt(diff, '.1e') + in_ci:>14} "
             f"{_fmt_time(ours) if first else '':>7} {_fmt_time(theirs) if first else '':>7} "
             f"{(ratio or '-') if first else '':>8} "
             f"{_fmt(ours.get('peak_rss_gib'), '.2f') if first else '':>7} "

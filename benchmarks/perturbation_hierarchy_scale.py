@@ -1,86 +1,157 @@
-"""Time and peak memory of the perturbation hierarchy's scalable steps on large screens.
+"""Time and peak memory of every task of the perturbation-analysis hierarchy on large screens.
 
 Usage::
 
-    python benchmarks/perturbation_hierarchy_scale.py [--sizes 100000x1000 1000000x10000] [--dims 64]
+    python benchmarks/perturbation_hierarchy_scale.py [--sizes 1000000x10000] [--dims 64]
+        [--genes 2000] [--density 1.0] [--postprocessing tvn] [--tasks ...]
 
-For each size (cells x perturbed genes) a random embedding is drawn with a planted
-per-perturbation offset, and these steps are timed: post-processing (center_scale,
-TVN), consistency (mean pairwise cosine of every perturbation's cells), and
-known-relationship recall (perturbation means, all-pairs cosine, sorted null, tail
-recall and mAP against 50,000 random known pairs). The reference code's versions
-densify the genes x cells matrix (consistency) and build a P x P DataFrame with a
-per-pair Python loop (recall). Prints one table row per step and size.
+For each size (cells x perturbed genes) a synthetic screen is drawn: 100 batches, 5%
+controls, an embedding with a planted per-perturbation offset and a per-batch shift,
+sparse raw counts (cells x ``--genes``, about 13% non-zero, never densified, independent
+of the embedding) whose first 200 genes are nearly unexpressed (their perturbations have
+no effect: the consistency null), and ``--pairs`` random known
+gene pairs (the recall source, a CSV). Then:
+
+- the design and the seeded split, and the post-processings ``center_scale`` and
+  ``tvn`` on their own;
+- every hierarchy task end to end through :class:`~czb.evaluation.context.EvaluationContext`
+  and :func:`~czb.evaluation.context.run_task` (seed 0) on the ``--postprocessing`` variants
+  (default ``tvn`` only; each further variant repeats a task's scoring), in one context
+  as a run shares it (the design, split, post-processed copies and gene means are
+  memoised by the first task that needs them).
+
+Prints one row per step: wall seconds and the peak RSS sampled during the step
+(:func:`czb.evaluation.resources.measure`, whole process), then each task's metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from czb.evaluation.metrics import perturbation_analysis as pa
-from czb.evaluation.perturbation_analysis import ScreenDesign, postprocess
+from czb.evaluation.context import EvaluationContext, run_task
+from czb.evaluation.perturbation_analysis import Expression, ScreenDesign, postprocess, split_screen
+from czb.evaluation.registry import get_task, load_all
+from czb.evaluation.resources import measure
+
+TASKS = ("perturbation_ilisi", "perturbation_linear_probe", "perturbation_consistency", "perturbation_knn",
+         "perturbation_recall", "perturbation_reconstruction")
+N_BATCHES = 100
+N_UNEXPRESSED = 200
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def screen(n_cells: int, n_perts: int, dims: int, seed: int = 0):
+def screen(n_cells: int, n_perts: int, dims: int, signal: float, seed: int = 0):
+    """Labels, control flags, batches and a planted float32 embedding."""
     rng = np.random.default_rng(seed)
     # 5% controls (code n_perts), the rest spread over the perturbations.
     perts = np.where(rng.random(n_cells) < 0.05, n_perts, rng.integers(0, n_perts, size=n_cells))
-    offsets = rng.normal(size=(n_perts + 1, dims)).astype(np.float32)
+    batches = rng.integers(0, N_BATCHES, size=n_cells)
+    offsets = (signal * rng.normal(size=(n_perts + 1, dims))).astype(np.float32)
     offsets[n_perts] = 0
-    X = rng.normal(size=(n_cells, dims)).astype(np.float32) + offsets[perts]
-    batches = rng.integers(0, 100, size=n_cells).astype(str)
-    labels = np.where(perts == n_perts, "ctrl", np.char.add("G", perts.astype(str)))
-    return X, ScreenDesign.from_roles(labels, perts == n_perts, batches)
+    offsets[:N_UNEXPRESSED] = 0  # knocking down an unexpressed gene does nothing (the consistency null)
+    shifts = (0.3 * rng.normal(size=(N_BATCHES, dims))).astype(np.float32)
+    X = rng.normal(size=(n_cells, dims)).astype(np.float32)
+    X += offsets[perts]
+    X += shifts[batches]
+    labels = np.where(perts == n_perts, "non-targeting", np.char.add("G", perts.astype(str)))
+    return X, labels, perts == n_perts, batches.astype(str)
+
+
+def counts(n_cells: int, n_genes: int, seed: int = 1, chunk: int = 8192, density: float = 1.0) -> sp.csr_matrix:
+    """Sparse raw counts: gene g non-zero with probability p_g (0.002 for the first
+    N_UNEXPRESSED genes, log-uniform in [0.05, 0.3] times ``density`` otherwise), counts
+    1 + Poisson(1)."""
+    rng = np.random.default_rng(seed)
+    p = (density * np.exp(rng.uniform(np.log(0.05), np.log(0.3), n_genes))).astype(np.float32)
+    p[:N_UNEXPRESSED] = 0.002
+    indices, data, indptr = [], [], [np.zeros(1, np.int64)]
+    nnz = 0
+    for start in range(0, n_cells, chunk):
+        m = min(chunk, n_cells - start)
+        flat = np.flatnonzero(rng.random((m, n_genes), dtype=np.float32) < p)
+        rows, cols = np.divmod(flat, n_genes)
+        indices.append(cols.astype(np.int32))
+        data.append((1 + rng.poisson(1.0, size=len(flat))).astype(np.float32))
+        indptr.append(nnz + np.cumsum(np.bincount(rows, minlength=m)))
+        nnz += len(flat)
+    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)),
+                         shape=(n_cells, n_genes))
+
+
+def relationship_file(n_perts: int, n_pairs: int, folder: Path) -> str:
+    rng = np.random.default_rng(2)
+    i, j = rng.integers(0, n_perts, size=(2, n_pairs))
+    keep = i != j
+    path = folder / "random_pairs.csv"
+    lines = ["entity1,entity2", *(f"G{a},G{b}" for a, b in zip(i[keep], j[keep]))]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["100000x1000", "1000000x10000"])
+    parser.add_argument("--sizes", nargs="+", default=["1000000x10000"])
     parser.add_argument("--dims", type=int, default=64)
+    parser.add_argument("--genes", type=int, default=2000)
+    parser.add_argument("--density", type=float, default=1.0,
+                        help="scales the genes' non-zero probabilities (1: about 13%% non-zeros)")
+    parser.add_argument("--signal", type=float, default=0.5, help="scale of the planted perturbation offsets")
+    parser.add_argument("--pairs", type=int, default=50_000, help="random known pairs (recall)")
+    parser.add_argument("--postprocessing", nargs="+", default=["tvn"],
+                        choices=["none", "center", "center_scale", "tvn"])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     args = parser.parse_args()
-    print(f"{'cells':>9} {'perts':>6} {'step':<28} {'seconds':>8} {'peak RSS GB':>12}")
+    load_all()
+    print(f"{'cells':>9} {'perts':>6} {'step':<34} {'seconds':>8} {'peak RSS GB':>12}", flush=True)
+    results = []
     for size in args.sizes:
         n_cells, n_perts = map(int, size.split("x"))
-        X, design = screen(n_cells, n_perts, args.dims)
+
+        def row(step: str, seconds: float, peak_gb: float) -> None:
+            print(f"{n_cells:>9} {n_perts:>6} {step:<34} {seconds:>8.1f} {peak_gb:>12.2f}", flush=True)
 
         def timed(step, fn):
-            t = time.perf_counter()
-            out = fn()
-            print(f"{n_cells:>9} {n_perts:>6} {step:<28} {time.perf_counter() - t:>8.1f} {peak_rss_gb():>12.2f}",
-                  flush=True)
+            with measure() as usage:
+                out = fn()
+            row(step, usage.runtime_s, usage.peak_memory_mb / 1024)
             return out
 
-        timed("postprocess center_scale", lambda: postprocess(X, design, "center_scale"))
-        Xt = timed("postprocess tvn", lambda: postprocess(X, design, "tvn"))
-        perturbed = np.flatnonzero(~design.controls)
-        genes, codes = np.unique(design.perturbations[perturbed], return_inverse=True)
-        timed("consistency (all perts)", lambda: pa.mean_pairwise_cosine(Xt[perturbed], codes, len(genes)))
-
-        def recall():
-            sums = np.zeros((len(genes), Xt.shape[1]))
-            np.add.at(sums, codes, Xt[perturbed])
-            S = pa.cosine_matrix(sums / np.bincount(codes)[:, None])
-            null = np.sort(pa.upper_triangle(S))
-            rng = np.random.default_rng(1)
-            i, j = rng.integers(0, len(genes), size=(2, 50_000))
-            keep = i != j
-            i, j = i[keep], j[keep]
-            value = pa.tail_recall(null, S[i, j].astype(np.float64))
-            adjacency = sp.coo_matrix((np.ones(2 * len(i), bool), (np.r_[i, j], np.r_[j, i])),
-                                      shape=S.shape).tocsr()
-            return value, pa.mean_average_precision(S, adjacency)
-
-        timed("recall + mAP (50k pairs)", recall)
-        del X, Xt, design
+        X, labels, controls, batches = timed(
+            f"synthetic embedding ({args.dims} dims)", lambda: screen(n_cells, n_perts, args.dims, args.signal))
+        Y = timed(f"synthetic counts ({args.genes} genes)", lambda: counts(n_cells, args.genes, density=args.density))
+        print(f"# counts: {Y.nnz / 1e6:.0f}M non-zeros ({Y.nnz / (n_cells * args.genes):.1%}), "
+              f"{(Y.data.nbytes + Y.indices.nbytes + Y.indptr.nbytes) / 2**30:.2f} GB", flush=True)
+        design = timed("design + split", lambda: (ScreenDesign.from_roles(labels, controls, batches),))[0]
+        split = split_screen(design, 0.7, seed=0)
+        print(f"# split: train {len(split.train)}, test1 {len(split.test1)}, test2 {len(split.test2)} cells",
+              flush=True)
+        timed("postprocess center_scale", lambda: postprocess(X, design, "center_scale").shape)
+        timed("postprocess tvn", lambda: postprocess(X, design, "tvn").shape)
+        with tempfile.TemporaryDirectory() as tmp:
+            context = EvaluationContext(
+                X, labels=labels, batches=batches, roles={"control": controls},
+                expression=Expression(Y, np.char.add("G", np.arange(args.genes).astype(str))),
+                relationship_sources=[relationship_file(n_perts, args.pairs, Path(tmp))],
+            )
+            for name in args.tasks:
+                task = get_task(name)(postprocessing=tuple(args.postprocessing))
+                start = time.perf_counter()
+                result = run_task(task, context, (0,), raise_errors=True)
+                label = f"{name.removeprefix('perturbation_')} ({'+'.join(args.postprocessing)})"
+                row(label, time.perf_counter() - start, result.peak_memory_mb / 1024)
+                results.append((size, result))
+        del context, X, Y, design
+    print(f"# process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    for size, result in results:
+        for m in result.metrics:
+            extra = {k: v for k, v in m.params.items() if k != "postprocessing"}
+            print(f"# {size} {result.task} {m.params.get('postprocessing')} {m.name} = {m.value:.4f} {extra or ''}")
 
 
 if __name__ == "__main__":

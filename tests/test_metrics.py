@@ -79,13 +79,24 @@ def test_leiden_restores_global_igraph_rng():
 
 
 def test_ari_nmi_are_sklearns():
+    """Bit-identical to scikit-learn, special cases included: single clusters, identical
+    partitions, string labels, empty input."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 4, 300), rng.integers(0, 5, 300)
-    assert clustering.adjusted_rand_index(a, b) == adjusted_rand_score(a, b)
-    assert clustering.normalized_mutual_info(a, b) == normalized_mutual_info_score(a, b)
-    assert clustering.adjusted_rand_index(a, a) == 1.0
+    for case in range(120):
+        n = int(rng.integers(1, 300))
+        a, b = rng.integers(0, rng.integers(1, 6), n), rng.integers(0, rng.integers(1, 8), n)
+        if case % 3 == 0:
+            a = np.char.add("type", a.astype(str))
+        if case % 5 == 0:
+            b = a.copy()
+        assert clustering.adjusted_rand_index(a, b) == adjusted_rand_score(a, b), case
+        assert clustering.normalized_mutual_info(a, b) == normalized_mutual_info_score(a, b), case
+    assert clustering.adjusted_rand_index([], []) == adjusted_rand_score([], []) == 1.0
+    assert clustering.normalized_mutual_info([], []) == normalized_mutual_info_score([], []) == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        clustering.adjusted_rand_index([0, 1], [0])
 
 
 def test_silhouette_samples_matches_sklearn():

@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from czb.errors import NotApplicableError
 from czb.evaluation import perturbation_analysis as pa
 from czb.evaluation.metrics import perturbation_analysis as pam
+from czb.evaluation.neighbors import knn_search
 
 # --------------------------------------------------------------------------- helpers
 
@@ -128,6 +129,32 @@ def test_split_screen_controls(design):
     assert {i for i in s.train if design.controls[i]} == train_ctrl
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_split_screen_equals_isin_recipe(seed):
+    """The code-based membership tests give the sets of the direct recipe (np.unique of
+    names, seeded shuffles, np.isin on names)."""
+    d = random_design(n_batches=7, n_perts=25, seed=seed)
+    split = pa.split_screen(d, 0.6, seed=seed)
+    rng = np.random.default_rng(seed)
+    perturbed = ~d.controls
+
+    def cut(values):
+        shuffled = values[rng.permutation(len(values))]
+        n_train = min(max(int(0.6 * len(values)), 1), len(values) - 1)
+        return np.sort(shuffled[:n_train]), np.sort(shuffled[n_train:])
+
+    train_b, _ = cut(np.unique(d.batches[perturbed]))
+    train_p, test_p = cut(np.unique(d.perturbations[perturbed]))
+    in_b, in_p = np.isin(d.batches, train_b), np.isin(d.perturbations, train_p)
+    train = perturbed & in_b & in_p
+    test1 = perturbed & ~in_b & in_p & np.isin(d.perturbations, np.unique(d.perturbations[train]))
+    test2 = perturbed & ~in_b & np.isin(d.perturbations, test_p)
+    np.testing.assert_array_equal(split.train, np.flatnonzero(train | (d.controls & in_b)))
+    np.testing.assert_array_equal(split.test1, np.flatnonzero(test1 | (d.controls & ~in_b)))
+    np.testing.assert_array_equal(split.test2, np.flatnonzero(test2 | (d.controls & ~in_b)))
+    assert split.train_perturbations == tuple(train_p) and split.train_batches == tuple(train_b)
+
+
 def test_split_screen_seeded(design):
     """The same seed gives the same split; another seed a different one."""
     a, b, c = (pa.split_screen(design, seed=s) for s in (5, 5, 6))
@@ -145,6 +172,20 @@ def test_split_screen_needs_two_batches():
 
 
 # --------------------------------------------------------------------------- stratified_subsample
+
+
+@pytest.mark.parametrize("kind", ["object", "str", "int"])
+def test_unique_codes_equals_np_unique(kind):
+    """Hash-based codes give np.unique's sorted values and inverse, for any dtype."""
+    rng = np.random.default_rng(19)
+    values = rng.integers(0, 50, 500)
+    if kind != "int":
+        values = np.char.add("G", values.astype(str)).astype(object if kind == "object" else str)
+    uniques, codes = pa.unique_codes(values)
+    expected_u, expected_c = np.unique(values, return_inverse=True)
+    np.testing.assert_array_equal(uniques, expected_u)
+    np.testing.assert_array_equal(codes, expected_c)
+    assert uniques.dtype == values.dtype
 
 
 def test_stratified_subsample_keeps_requested_size():
@@ -334,6 +375,18 @@ def test_ilisi_matches_harmony_loop():
     assert norm == pytest.approx(1 + (mean - 1) / 2, abs=1e-12)
 
 
+def test_ilisi_approximate_neighbours_small_case():
+    """exact=False searches with faiss; on 200 cells every inverted list is scanned, so it
+    finds the exact neighbours and the same iLISI."""
+    rng = np.random.default_rng(15)
+    X = rng.normal(size=(200, 5))
+    batches = np.array(["p", "q", "r"])[rng.integers(0, 3, 200)]
+    X[batches == "p"] += 0.5
+    exact = pam.ilisi(X, batches, perplexity=10, exact=True)
+    approx = pam.ilisi(X, batches, perplexity=10, exact=False)
+    assert approx == pytest.approx(exact, abs=1e-5)  # faiss returns float32 distances
+
+
 def test_ilisi_extremes():
     """Two far-apart batches give iLISI 1; one shared distribution gives close to B = 3
     (perplexity 30, so the neighbourhood's label proportions are near 1/3 each)."""
@@ -396,33 +449,28 @@ def test_topk_hits_matches_argsort_loop(discrete):
 # --------------------------------------------------------------------------- kNN votes
 
 
-def collect_votes(ref, codes, query, n_classes, k, block_rows):
-    out = np.full((len(query), n_classes), np.nan)
-    seen = []
-
-    def on_block(rows, votes):
-        seen.append(rows)
-        out[rows] = votes
-
-    pam.knn_votes(ref, codes, query, n_classes, k, on_block=on_block, block_rows=block_rows)
-    return out, seen
+def dense_votes(ref, codes, query, n_classes, k):
+    idx, dist = knn_search(ref, query, k, exact=True)
+    rows, classes, votes = pam.weighted_votes(codes[idx], dist)
+    out = np.zeros((len(query), n_classes))
+    out[rows, classes] = votes
+    return out
 
 
 def test_knn_votes_match_sklearn_and_brute_force():
     """Votes equal distance-weighted kNN (1 / (d + 1e-5)) by brute force with cdist; their
-    normalised form equals scikit-learn's predict_proba, argmax its predict."""
+    normalised form equals scikit-learn's predict_proba, argmax its predict; ranks equal
+    topk_ranks on the dense vote matrix (a class without votes never ranks)."""
     rng = np.random.default_rng(5)
     ref = rng.normal(size=(120, 4))
     codes = rng.integers(0, 5, 120)
     query = rng.normal(size=(37, 4))
     k = 7
-    votes, seen = collect_votes(ref, codes, query, 5, k, block_rows=10)
-    assert [(s.start, s.stop) for s in seen] == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    votes = dense_votes(ref, codes, query, 5, k)
     D = cdist(query, ref)
     expected = np.zeros((37, 5))
     for i in range(37):
-        nearest = np.argsort(D[i])[:k]
-        for j in nearest:
+        for j in np.argsort(D[i])[:k]:
             expected[i, codes[j]] += 1.0 / (D[i, j] + 1e-5)
     np.testing.assert_allclose(votes, expected, rtol=1e-9)
     clf = KNeighborsClassifier(n_neighbors=k, weights=lambda d: 1.0 / (d + 1e-5)).fit(ref, codes)
@@ -430,6 +478,12 @@ def test_knn_votes_match_sklearn_and_brute_force():
     np.testing.assert_array_equal(votes.argmax(axis=1), clf.predict(query))
     weight_sum = np.sort(1.0 / (D + 1e-5), axis=1)[:, ::-1][:, :k].sum(axis=1)
     np.testing.assert_allclose(votes.sum(axis=1), weight_sum, rtol=1e-9)
+    true = rng.integers(-1, 5, 37)
+    ranks = pam.knn_vote_ranks(ref, codes, query, true, k, exact=True, chunk_rows=8)
+    dense = pam.topk_ranks(votes, true)
+    voted = (true >= 0) & (votes[np.arange(37), np.maximum(true, 0)] > 0)
+    np.testing.assert_array_equal(ranks[voted], dense[voted])
+    assert np.isinf(ranks[~voted]).all() and (~voted).any()
 
 
 def test_knn_votes_k_larger_than_reference():
@@ -437,11 +491,72 @@ def test_knn_votes_k_larger_than_reference():
     rng = np.random.default_rng(6)
     ref, query = rng.normal(size=(4, 2)), rng.normal(size=(3, 2))
     codes = np.array([0, 1, 1, 2])
-    votes, _ = collect_votes(ref, codes, query, 3, 10, block_rows=1024)
-    D = cdist(query, ref)
-    W = 1.0 / (D + 1e-5)
+    votes = dense_votes(ref, codes, query, 3, 10)
+    W = 1.0 / (cdist(query, ref) + 1e-5)
     expected = np.stack([W[:, 0], W[:, 1] + W[:, 2], W[:, 3]], axis=1)
     np.testing.assert_allclose(votes, expected, rtol=1e-9)
+
+
+def test_vote_ranks_match_dense_topk_with_ties():
+    """Sparse vote ranks equal topk_ranks of the dense matrix, ties (integer weights)
+    broken against the true class; an unvoted or unknown true class is a miss (inf)."""
+    rng = np.random.default_rng(9)
+    n, k, n_classes = 400, 6, 8
+    neighbor_codes = rng.integers(0, n_classes, (n, k))
+    distances = rng.integers(1, 3, (n, k)).astype(float) - 1e-5  # weights exactly 1 or 1/2
+    true = rng.integers(-1, n_classes, n)
+    rows, classes, votes = pam.weighted_votes(neighbor_codes, distances)
+    assert np.all(np.diff(rows * n_classes + classes) > 0)
+    dense = np.zeros((n, n_classes))
+    dense[rows, classes] = votes
+    ranks = pam.vote_ranks(rows, classes, votes, true)
+    voted = (true >= 0) & (dense[np.arange(n), np.maximum(true, 0)] > 0)
+    np.testing.assert_array_equal(ranks[voted], pam.topk_ranks(dense, true)[voted])
+    assert np.isinf(ranks[~voted]).all()
+    for t in (1, 5):  # the previous dense tally: topk_hits & voted
+        np.testing.assert_array_equal(ranks < t, pam.topk_hits(dense, true, t) & voted)
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_softmax_regression_matches_sklearn(n_jobs):
+    """Same objective, start and stopping rule as LogisticRegression(lbfgs): same
+    iterations, probabilities within 1e-4, top-1/top-5 on held-out cells within 0.01,
+    chunked over rows and threads."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(13)
+    n, n_classes, d = 1500, 30, 12
+    offsets = 0.5 * rng.normal(size=(n_classes, d))
+    y, y_test = rng.integers(0, n_classes, n), rng.integers(0, n_classes, 600)
+    X = rng.normal(size=(n, d)) + offsets[y] + 2.0
+    X_test = rng.normal(size=(600, d)) + offsets[y_test] + 2.0
+    scaler = StandardScaler().fit(X)
+    Xs, Xt = scaler.transform(X), scaler.transform(X_test)
+    for C in (1.0, 0.05):
+        sk = LogisticRegression(C=C, max_iter=1000).fit(Xs, y)
+        me = pam.SoftmaxRegression(C, max_iter=1000, chunk_rows=128, n_jobs=n_jobs).fit(Xs, y, n_classes)
+        assert me.n_iter_ == sk.n_iter_[0] and me.converged_
+        np.testing.assert_allclose(me.predict_proba(Xt), sk.predict_proba(Xt), atol=1e-4)
+        np.testing.assert_allclose(me.coef_, sk.coef_, atol=1e-3)
+        for t in (1, 5):
+            mine = (pam.topk_ranks(me.decision_function(Xt), y_test) < t).mean()
+            theirs = pam.topk_hits(sk.predict_proba(Xt), y_test, t).mean()
+            assert mine == pytest.approx(theirs, abs=0.01)
+
+
+def test_softmax_regression_max_iter_and_unseen_class_rows():
+    """max_iter bounds the L-BFGS iterations; a class code with no rows gets a finite,
+    penalised (below-average) intercept rather than breaking the fit."""
+    rng = np.random.default_rng(14)
+    X = rng.normal(size=(200, 3))
+    y = rng.integers(0, 4, 200)
+    me = pam.SoftmaxRegression(1.0, max_iter=2).fit(X, y, 5)
+    assert me.n_iter_ <= 2 and not me.converged_
+    me = pam.SoftmaxRegression(1.0).fit(X, y, 5)
+    assert np.isfinite(me.coef_).all() and me.intercept_[4] < me.intercept_[:4].min()
 
 
 # --------------------------------------------------------------------------- consistency
@@ -608,6 +723,53 @@ def test_per_gene_spearman_matches_scipy():
     for g in range(5):
         assert got[g] == pytest.approx(stats.spearmanr(pred[:, g], truth[:, g]).statistic, abs=1e-12)
     assert np.isnan(got[5])
+
+
+def sparse_truth(rng, n=80, g=9):
+    """Sparse columns with ties, negatives, explicit zeros, an empty and a constant column."""
+    T = np.round(rng.normal(size=(n, g)), 1) * (rng.random((n, g)) < 0.3)
+    T[:, 1] = np.abs(T[:, 1])  # non-negative only
+    T[:, 2] = 0.0  # all zeros: constant
+    T[:, 3] = 0.0
+    T[:5, 3] = 1.5  # few equal positives
+    M = sp.csc_matrix(T)
+    M.data[::7] = 0.0  # explicit zeros stay zeros
+    return M
+
+
+def test_sparse_column_ranks_and_spearman_match_scipy():
+    """Ranks of a sparse matrix's columns equal rankdata of the dense columns; Spearman
+    against sparse truth equals the dense path and scipy (NaN for constant columns)."""
+    rng = np.random.default_rng(17)
+    M = sparse_truth(rng)
+    dense = M.toarray()
+    T, ranks, zero_rank = pam.sparse_column_ranks(M)
+    full = np.repeat(zero_rank[None, :], M.shape[0], axis=0)
+    full[T.indices, np.repeat(np.arange(T.shape[1]), np.diff(T.indptr))] = ranks
+    np.testing.assert_allclose(full, stats.rankdata(dense, axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(pam._column_ranks(dense, block=2, n_jobs=2), stats.rankdata(dense, axis=0))
+    pred = np.round(rng.normal(size=dense.shape), 1)
+    pred[:, 4] = 3.0
+    got = pam.per_gene_spearman(pred, M)
+    np.testing.assert_allclose(got, pam.per_gene_spearman(pred, dense), atol=1e-12, equal_nan=True)
+    for g in (0, 1, 3, 5):
+        assert got[g] == pytest.approx(stats.spearmanr(pred[:, g], dense[:, g]).statistic, abs=1e-12)
+    assert np.isnan(got[2]) and np.isnan(got[4])
+
+
+def test_centred_distance_terms_sparse_equals_dense():
+    """Per-batch structural-integrity terms from sparse truth equal the dense formula."""
+    rng = np.random.default_rng(18)
+    M = sparse_truth(rng).tocsr()
+    P = rng.normal(size=M.shape)
+    rows = np.sort(rng.choice(M.shape[0], 30, replace=False))
+    controls = rows[:6]
+    Pc = P[rows] - P[controls].mean(axis=0)
+    Tc = M.toarray()[rows] - M.toarray()[controls].mean(axis=0)
+    d, t = pam.centred_distance_terms(P, M, rows, controls)
+    assert d == pytest.approx(np.sum((Pc - Tc) ** 2), rel=1e-12)
+    assert t == pytest.approx(np.sum(Tc**2), rel=1e-12)
+    assert pam.centred_distance_terms(P, M.toarray(), rows, controls) == pytest.approx((d, t), rel=1e-12)
 
 
 def test_structural_integrity_hand_case():

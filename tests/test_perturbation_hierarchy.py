@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from sklearn.preprocessing import StandardScaler
 
 from czb.errors import DatasetError
 from czb.evaluation.context import EvaluationContext, run_task
@@ -92,6 +93,59 @@ def test_linear_probe_and_knn_beat_chance(screen, contexts):
         assert good.metric(top5, postprocessing="center").value > 0.3
 
 
+def test_knn_task_equals_scikit_learn_vote(contexts):
+    """The kNN task's top-k accuracies equal scikit-learn's distance-weighted
+    KNeighborsClassifier on the same (capped, perturbation-stratified) reference with
+    k = floor(sqrt(n)) made odd; a true class without votes is a miss."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from czb.evaluation.metrics import perturbation_analysis as pam
+    from czb.evaluation.perturbation_analysis import stratified_subsample
+    from czb.evaluation.tasks.perturbation_knn import default_k
+    from czb.evaluation.tasks.screen_task import postprocessed, screen_design, screen_split
+
+    assert [default_k(n) for n in (1, 4, 99, 100, 121, 100_000)] == [1, 3, 9, 11, 11, 317]
+    ctx = contexts["pca"]
+    result = score(ctx, "perturbation_knn", ("center",), max_reference_cells=400)
+    design, split = screen_design(ctx), screen_split(ctx, 0.7, 0)
+    X = postprocessed(ctx, "center")
+    reference = split.train[~design.controls[split.train]]
+    reference = reference[stratified_subsample(design.perturbations[reference], 400, seed=0)]
+    query = split.test1[~design.controls[split.test1]]
+    k = default_k(len(reference))
+    clf = KNeighborsClassifier(n_neighbors=k, weights=lambda d: 1.0 / (d + 1e-5))
+    clf.fit(X[reference], design.perturbations[reference])
+    proba = clf.predict_proba(X[query])
+    codes = pam.class_codes(clf.classes_, design.perturbations[query])
+    voted = (codes >= 0) & (proba[np.arange(len(query)), np.maximum(codes, 0)] > 0)
+    for t, name in ((1, "knn_top1"), (5, "knn_top5")):
+        expected = np.mean(pam.topk_hits(proba, codes, t) & voted)
+        assert result.metric(name).value == pytest.approx(expected, abs=1e-12)
+
+
+def test_linear_probe_task_equals_scikit_learn(contexts):
+    """The linear probe's top-k accuracies equal scikit-learn's LogisticRegression (lbfgs,
+    C = 1) on standardised train cells, up to the float32 fit (within one test cell in 100)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from czb.evaluation.metrics import perturbation_analysis as pam
+    from czb.evaluation.tasks.screen_task import postprocessed, screen_design, screen_split
+
+    ctx = contexts["pca"]
+    result = score(ctx, "perturbation_linear_probe", ("center",))
+    design, split = screen_design(ctx), screen_split(ctx, 0.7, 0)
+    X = postprocessed(ctx, "center").astype(np.float64)
+    train = split.train[~design.controls[split.train]]
+    test = split.test1[~design.controls[split.test1]]
+    scaler = StandardScaler().fit(X[train])
+    model = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(X[train]), design.perturbations[train])
+    proba = model.predict_proba(scaler.transform(X[test]))
+    codes = pam.class_codes(model.classes_, design.perturbations[test])
+    for t, name in ((1, "linear_probe_top1"), (5, "linear_probe_top5")):
+        expected = np.mean(pam.topk_hits(proba, codes, t))
+        assert result.metric(name).value == pytest.approx(expected, abs=0.01)
+
+
 def test_consistency_random_is_at_alpha_and_pca_is_near_one(screen, contexts):
     """Without signal about 5% of perturbations pass p < 0.05; with planted effects nearly all do."""
     rnd = score(contexts["random"], "perturbation_consistency").metric("perturbation_consistency",
@@ -150,6 +204,35 @@ def test_reconstruction_pca_decodes_and_random_does_not(contexts):
     # Predicting no perturbation effect gives structural integrity 0.5; random is about there.
     assert rnd.metric("structural_integrity").value == pytest.approx(0.5, abs=0.08)
     assert good.metric("structural_integrity").value > rnd.metric("structural_integrity").value + 0.03
+
+
+def test_reconstruction_equals_dense_reference(contexts):
+    """The sparse-truth scoring gives the previous dense computation: scipy's Spearman per
+    gene over test2 and per-batch control-centred Frobenius norms of dense blocks."""
+    from scipy import stats
+
+    from czb.evaluation.tasks.perturbation_reconstruction import RidgeDecoder
+    from czb.evaluation.tasks.screen_task import postprocessed, screen_design, screen_split
+
+    ctx = contexts["pca"]
+    result = score(ctx, "perturbation_reconstruction", ("center",))
+    design, split = screen_design(ctx), screen_split(ctx, 0.7, 0)
+    X = postprocessed(ctx, "center")
+    test = split.test2
+    pred = RidgeDecoder(1.0).fit(X, split.train, ctx.expression).predict(X[test])
+    truth = ctx.expression.rows(test).toarray()
+    rho = [stats.spearmanr(pred[:, g], truth[:, g]).statistic for g in range(truth.shape[1])
+           if np.ptp(truth[:, g]) > 0 and np.ptp(pred[:, g]) > 0]
+    assert result.metric("reconstruction_spearman").value == pytest.approx(np.mean(rho), abs=1e-9)
+    d, m = [], []
+    for b in np.unique(design.batches[test]):
+        rows = np.flatnonzero(design.batches[test] == b)
+        ctrl = rows[design.controls[test][rows]]
+        P, T = pred[rows] - pred[ctrl].mean(axis=0), truth[rows] - truth[ctrl].mean(axis=0)
+        d.append(np.linalg.norm(P - T) / len(rows))
+        m.append(np.linalg.norm(T) / len(rows))
+    expected = 1 - np.mean(d) / (2 * np.mean(m))
+    assert result.metric("structural_integrity").value == pytest.approx(expected, abs=1e-9)
 
 
 def test_ilisi_random_mixes_and_centering_mixes_pca(contexts):

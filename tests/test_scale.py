@@ -142,6 +142,36 @@ def test_scaled_knn_classifier_equals_the_sklearn_pipeline(planted):
     assert (ours.predict(X[test]) == ref.predict(X[test])).all()
 
 
+@pytest.mark.parametrize("n_classes", [2, 3, 7])
+def test_scaled_logistic_regression_equals_the_sklearn_pipeline(n_classes):
+    """Same objective and optimiser as scikit-learn: the same probabilities (to round-off)
+    and the same iteration count, binary and multinomial, a constant column included."""
+    rng = np.random.default_rng(n_classes)
+    centres = rng.normal(size=(n_classes, 12))
+    y = rng.integers(0, n_classes, 1500)
+    X = (centres[y] + 1.5 * rng.normal(size=(1500, 12))) * np.linspace(0.2, 5.0, 12)
+    X[:, 4] = 3.0
+    labels = np.char.add("type", y.astype(str))
+    ours = classification.ScaledLogisticRegression().fit(X[:1200], labels[:1200])
+    ref = classification.make_classifier("lr", seed=0).fit(X[:1200], labels[:1200])
+    np.testing.assert_allclose(ours.predict_proba(X[1200:]), ref.predict_proba(X[1200:]), atol=1e-9)
+    assert (ours.predict(X[1200:]) == ref.predict(X[1200:])).all()
+    assert ours.n_iter_ == ref.named_steps["lr"].n_iter_[0]
+
+
+def test_atlas_scale_logistic_regression_fits_on_at_most_lr_max_samples(monkeypatch, planted):
+    X, labels, _ = planted
+    y = np.unique(labels, return_inverse=True)[1]
+    fitted = []
+    real_fit = classification.ScaledLogisticRegression.fit
+    monkeypatch.setattr(classification.ScaledLogisticRegression, "fit",
+                        lambda self, X, y: fitted.append(len(X)) or real_fit(self, X, y))
+    monkeypatch.setattr(classification, "LR_MAX_SAMPLES", 500)
+    train, test = np.arange(2400), np.arange(2400, 3000)
+    scores = classification.fit_and_score("lr", X, y, train, test, y.max() + 1, seed=0, atlas_scale=True)
+    assert fitted == [500] and scores["accuracy"] > 0.5
+
+
 def test_atlas_scale_forest_caps_bootstrap_samples_only_for_large_folds():
     big = classification.make_classifier("rf", seed=0, atlas_scale=True, n_train=10 * classification.RF_MAX_SAMPLES)
     small = classification.make_classifier("rf", seed=0, atlas_scale=True, n_train=1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from czb.evaluation.registry import MetricInfo, register_metric
@@ -68,19 +69,27 @@ class _IgraphRNG:
 
 
 def igraph_from_adjacency(connectivities: sparse.spmatrix):
-    """Weighted undirected igraph of a symmetric adjacency, as scanpy builds it.
+    """Weighted undirected igraph of a symmetric adjacency, as Leiden sees scanpy's.
 
-    Every stored entry becomes an edge (so each undirected edge appears twice, from
-    both of its stored entries), which is what ``scanpy.tl.leiden`` hands to igraph;
-    the same graph and seed then give the same partition. Building it costs seconds
-    at 10^5 cells, so callers running several resolutions build it once.
+    scanpy adds every stored entry as an edge, so each undirected edge appears twice
+    (once from each of its entries). Here each appears once with twice the weight: Leiden
+    only ever sums edge weights between a node and a community, so the partition for a
+    given seed is the same, from half the edges (and about 30% less Leiden time). Building
+    the graph costs seconds at 10^5 cells, so callers running several resolutions build it once.
     """
     import igraph as ig
 
-    coo = sparse.coo_matrix(connectivities)
-    graph = ig.Graph(n=coo.shape[0], directed=False)
-    graph.add_edges(np.column_stack([coo.row, coo.col]))  # ndarray: no per-edge Python tuples
-    graph.es["weight"] = coo.data.astype(np.float64)
+    upper = sparse.triu(connectivities, k=1, format="coo")
+    lower = sparse.tril(connectivities, k=-1, format="csr")
+    if lower.nnz != upper.nnz or abs(lower.sum() - upper.sum()) > 1e-9 * max(abs(upper.sum()), 1.0):
+        msg = "connectivities must be symmetric"
+        raise ValueError(msg)
+    diagonal = connectivities.diagonal()
+    loops = np.flatnonzero(diagonal)  # self-loops are stored (and added) once
+    graph = ig.Graph(n=upper.shape[0], directed=False)
+    # ndarrays: no per-edge Python tuples
+    graph.add_edges(np.column_stack([np.concatenate([upper.row, loops]), np.concatenate([upper.col, loops])]))
+    graph.es["weight"] = np.concatenate([2.0 * upper.data.astype(np.float64), diagonal[loops]])
     return graph
 
 
@@ -136,15 +145,70 @@ def leiden(
     return np.asarray(part.membership)
 
 
-def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """ARI between two labelings, ``(n_cells,)`` each (scikit-learn's definition)."""
-    from sklearn.metrics import adjusted_rand_score
+def _contingency(labels_true: np.ndarray, labels_pred: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Non-zero cells of the contingency table as ``(row code, column code, count)``, in
+    scikit-learn's order (sorted labels, row-major), and the row and column totals (int64).
+    Labels are hashed; only the distinct ones are sorted."""
+    true_codes, true_names = pd.factorize(np.asarray(labels_true), sort=True)
+    pred_codes, pred_names = pd.factorize(np.asarray(labels_pred), sort=True)
+    if len(true_codes) != len(pred_codes):
+        msg = f"labelings differ in length: {len(true_codes)} and {len(pred_codes)}"
+        raise ValueError(msg)
+    if (true_codes < 0).any() or (pred_codes < 0).any():
+        msg = "labelings must not contain missing values"
+        raise ValueError(msg)
+    pairs, counts = np.unique(true_codes.astype(np.int64) * len(pred_names) + pred_codes, return_counts=True)
+    rows, cols = np.divmod(pairs, max(len(pred_names), 1))
+    row_totals = np.bincount(true_codes, minlength=len(true_names)).astype(np.int64)
+    col_totals = np.bincount(pred_codes, minlength=len(pred_names)).astype(np.int64)
+    return rows, cols, counts.astype(np.int64), row_totals, col_totals
 
-    return float(adjusted_rand_score(labels_true, labels_pred))
+
+def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
+    """ARI between two labelings, ``(n_cells,)`` each.
+
+    scikit-learn's ``adjusted_rand_score`` (from the pair confusion matrix, in Python
+    integers so 10^6 cells cannot overflow), without importing scikit-learn (1.4 s).
+    """
+    rows, cols, counts, row_totals, col_totals = _contingency(labels_true, labels_pred)
+    n = int(counts.sum())
+    sum_squares = int((counts**2).sum())
+    same_both = sum_squares - n
+    same_pred_only = int((counts * col_totals[cols]).sum()) - sum_squares
+    same_true_only = int((counts * row_totals[rows]).sum()) - sum_squares
+    neither = n * n - same_pred_only - same_true_only - sum_squares
+    if same_pred_only == 0 and same_true_only == 0:  # empty, or identical partitions
+        return 1.0
+    tp, tn, fp, fn = same_both, neither, same_pred_only, same_true_only
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+def _entropy(totals: np.ndarray) -> float:
+    totals = totals[totals > 0].astype(np.float64)
+    if totals.size <= 1:
+        return 0.0
+    total = totals.sum()
+    return float(-np.sum((totals / total) * (np.log(totals) - np.log(total))))
 
 
 def normalized_mutual_info(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """NMI with arithmetic normalisation (scikit-learn's default)."""
-    from sklearn.metrics import normalized_mutual_info_score
+    """NMI with arithmetic normalisation.
 
-    return float(normalized_mutual_info_score(labels_true, labels_pred, average_method="arithmetic"))
+    scikit-learn's ``normalized_mutual_info_score`` (the same special cases and
+    round-off handling), without importing scikit-learn.
+    """
+    rows, cols, counts, row_totals, col_totals = _contingency(labels_true, labels_pred)
+    n_true, n_pred = len(row_totals), len(col_totals)
+    if n_true == n_pred == 1 or n_true == n_pred == 0:  # neither labeling splits the cells
+        return 1.0
+    if n_true == 1 or n_pred == 1:
+        return 0.0
+    total = float(counts.sum())
+    p = counts / total
+    # Summed in scikit-learn's order, so results agree to the last bit.
+    log_outer = -np.log(row_totals[rows] * col_totals[cols]) + np.log(total) + np.log(total)
+    mi = p * (np.log(counts) - np.log(total)) + p * log_outer
+    mi = float(np.clip(np.where(np.abs(mi) < np.finfo(np.float64).eps, 0.0, mi).sum(), 0.0, None))
+    if mi == 0:
+        return 0.0
+    return float(mi / np.mean([_entropy(row_totals), _entropy(col_totals)]))

@@ -7,14 +7,13 @@ or per-pair Python work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from czb.evaluation.distances import default_n_jobs, map_row_blocks
 from czb.evaluation.metrics.mixing import lisi
-from czb.evaluation.neighbors import euclidean_block, exact_knn, squared_norms
+from czb.evaluation.neighbors import knn_search
 from czb.evaluation.registry import MetricInfo, register_metric
 
 _PAPER = "arXiv:2410.13956"
@@ -56,7 +55,8 @@ CONSISTENCY = register_metric(MetricInfo(
 KNN_TOP1 = register_metric(MetricInfo(
     name="knn_top1",
     description="Top-1 accuracy on test1 (no controls) of a distance-weighted k-nearest-neighbour vote "
-    "among train cells (k = floor(sqrt(#train cells)) unless set); chance = 1/#perturbations.",
+    "among train cells (at most 100,000, a perturbation-stratified subsample; k = floor(sqrt(#reference "
+    "cells)) made odd unless set, as Tx-Evaluation); chance = 1/#perturbations.",
     reference=_PAPER,
 ))
 KNN_TOP5 = register_metric(MetricInfo(
@@ -104,11 +104,13 @@ STRUCTURAL_INTEGRITY = register_metric(MetricInfo(
 # --------------------------------------------------------------------------- iLISI
 
 
-def ilisi(X: np.ndarray, batches: np.ndarray, *, perplexity: float) -> tuple[float, float]:
+def ilisi(X: np.ndarray, batches: np.ndarray, *, perplexity: float,
+          exact: bool | None = True) -> tuple[float, float]:
     """Mean iLISI and its normalised value ``1 + (mean - 1) / (B - 1)``.
 
     Neighbours: the ``3 * perplexity`` nearest other cells (Euclidean), as Harmony's
-    ``compute_lisi``; kernel ``exp(-beta * distance)`` calibrated per cell to ``perplexity``.
+    ``compute_lisi``; kernel ``exp(-beta * distance)`` calibrated per cell to ``perplexity``
+    (:func:`czb.evaluation.metrics.mixing.lisi`, in row chunks).
 
     Parameters
     ----------
@@ -118,6 +120,9 @@ def ilisi(X: np.ndarray, batches: np.ndarray, *, perplexity: float) -> tuple[flo
         ``(n_cells,)`` batch labels.
     perplexity
         Effective number of neighbours.
+    exact
+        Neighbour search (:func:`czb.evaluation.neighbors.knn_search`): ``True`` exact,
+        ``False`` approximate, ``None`` exact up to its size threshold.
 
     Returns
     -------
@@ -127,13 +132,36 @@ def ilisi(X: np.ndarray, batches: np.ndarray, *, perplexity: float) -> tuple[flo
     if n_batches < 2 or len(X) < 2:
         return float("nan"), float("nan")
     k = int(min(3 * perplexity + 1, len(X)))  # +1: the cell itself, ignored by lisi()
-    idx, dist = exact_knn(X, k)
+    idx, dist = knn_search(X, None, k, exact=exact)
     values = lisi(idx, dist, batches, perplexity=min(perplexity, (k - 1) / 3))
     mean = float(np.nanmean(values))
     return mean, 1.0 + (mean - 1.0) / (n_batches - 1)
 
 
 # --------------------------------------------------------------------------- top-k accuracy
+
+
+def topk_ranks(scores: np.ndarray, true_codes: np.ndarray) -> np.ndarray:
+    """Rank (0 = first) of each row's true class among its scores; see :func:`topk_hits`.
+
+    Returns
+    -------
+    ``(n,)`` float: the number of classes ranked above the true one, ``inf`` where the
+    true code is ``-1``.
+    """
+    n = len(true_codes)
+    ranks = np.full(n, np.inf)
+    rows = np.flatnonzero(true_codes >= 0)
+    if rows.size == 0:
+        return ranks
+    S = scores[rows]
+    t = true_codes[rows]
+    true_score = S[np.arange(len(rows)), t]
+    above = (S > true_score[:, None]).sum(axis=1)
+    left = np.arange(S.shape[1])[None, :] < t[:, None]
+    tied_before = ((S == true_score[:, None]) & left).sum(axis=1)
+    ranks[rows] = above + tied_before
+    return ranks
 
 
 def topk_hits(scores: np.ndarray, true_codes: np.ndarray, k: int) -> np.ndarray:
@@ -152,18 +180,7 @@ def topk_hits(scores: np.ndarray, true_codes: np.ndarray, k: int) -> np.ndarray:
     k
         How many top classes count.
     """
-    n = len(true_codes)
-    hits = np.zeros(n, dtype=bool)
-    known = true_codes >= 0
-    rows = np.flatnonzero(known)
-    if rows.size == 0:
-        return hits
-    true_score = scores[rows, true_codes[rows]]
-    above = (scores[rows] > true_score[:, None]).sum(axis=1)
-    cols = np.arange(scores.shape[1])
-    tied_before = ((scores[rows] == true_score[:, None]) & (cols[None, :] < true_codes[rows, None])).sum(axis=1)
-    hits[rows] = (above + tied_before) < k
-    return hits
+    return topk_ranks(scores, true_codes) < k
 
 
 def class_codes(classes: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -176,37 +193,234 @@ def class_codes(classes: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(classes[pos] == values, pos, -1)
 
 
-def knn_votes(
+# --------------------------------------------------------------------------- kNN vote
+
+
+#: Added to each neighbour's distance before inverting it into a vote weight (Tx-Evaluation).
+KNN_EPSILON = 1e-5
+
+
+def weighted_votes(neighbor_codes: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distance-weighted kNN votes as sparse triplets.
+
+    Each neighbour votes for its class with weight ``1 / (distance + 1e-5)``
+    (Tx-Evaluation's ``WeightedKNNClassifier`` with Euclidean distance).
+
+    Parameters
+    ----------
+    neighbor_codes
+        ``(n_queries, k)`` class of each query's neighbours.
+    distances
+        ``(n_queries, k)`` their distances.
+
+    Returns
+    -------
+    ``(rows, classes, votes)``: one entry per query and class with at least one vote,
+    sorted by query then class.
+    """
+    m, k = neighbor_codes.shape
+    order = np.argsort(neighbor_codes, axis=1, kind="stable")
+    codes = np.take_along_axis(neighbor_codes, order, axis=1).ravel()
+    weights = (1.0 / (np.take_along_axis(np.asarray(distances, dtype=np.float64), order, axis=1)
+                      + KNN_EPSILON)).ravel()
+    row = np.repeat(np.arange(m), k)
+    first = np.ones(len(codes), dtype=bool)
+    first[1:] = (codes[1:] != codes[:-1]) | (row[1:] != row[:-1])
+    starts = np.flatnonzero(first)
+    if starts.size == 0:
+        return row[:0], codes[:0], weights[:0]
+    return row[starts], codes[starts], np.add.reduceat(weights, starts)
+
+
+def vote_ranks(rows: np.ndarray, classes: np.ndarray, votes: np.ndarray, true_codes: np.ndarray) -> np.ndarray:
+    """Rank of each query's true class in its vote, as :func:`topk_ranks` on the dense
+    query × class vote matrix, without building it.
+
+    A true class without votes (or code ``-1``) gets rank ``inf``: a miss however few
+    classes were voted for.
+    """
+    m = len(true_codes)
+    truth = true_codes[rows]
+    is_true = classes == truth
+    true_vote = np.zeros(m)
+    voted = np.zeros(m, dtype=bool)
+    true_vote[rows[is_true]] = votes[is_true]
+    voted[rows[is_true]] = True
+    tv = true_vote[rows]
+    above = ~is_true & ((votes > tv) | ((votes == tv) & (classes < truth)))
+    ranks = np.bincount(rows, weights=above, minlength=m)
+    ranks[~voted] = np.inf
+    return ranks
+
+
+def knn_vote_ranks(
     reference: np.ndarray,
     reference_codes: np.ndarray,
     query: np.ndarray,
-    n_classes: int,
+    query_codes: np.ndarray,
     k: int,
     *,
-    on_block: Callable[[slice, np.ndarray], None],
-    block_rows: int = 1024,
-) -> None:
-    """Distance-weighted k-nearest-neighbour votes of query cells, block by block.
+    exact: bool | None = True,
+    chunk_rows: int = 4096,
+) -> np.ndarray:
+    """Rank of each query's class in the distance-weighted vote of its ``k`` nearest
+    reference cells (:func:`czb.evaluation.neighbors.knn_search`, :func:`weighted_votes`,
+    :func:`vote_ranks`).
 
-    Each of the ``k`` nearest reference cells (Euclidean) votes for its class with
-    weight ``1 / (distance + 1e-5)`` (Tx-Evaluation's weighting). Votes of a block of
-    queries, shape ``(block, n_classes)``, are passed to ``on_block(rows, votes)``,
-    so the full query × class matrix is never held.
+    Top-``t`` accuracy is ``mean(ranks < t)``. Memory: the ``(n_query, k)`` neighbour
+    lists and O(chunk × k) besides; never a query × reference or query × class matrix.
+
+    Parameters
+    ----------
+    reference, reference_codes
+        ``(n_reference, n_dims)`` cells and their class codes.
+    query, query_codes
+        ``(n_query, n_dims)`` cells and their true class codes (``-1``: unknown, a miss).
+    k
+        Neighbours per query (at most ``n_reference`` are used).
+    exact
+        Passed to :func:`~czb.evaluation.neighbors.knn_search`.
     """
-    reference = np.asarray(reference, dtype=np.float64)
-    query = np.asarray(query, dtype=np.float64)
-    k = min(k, len(reference))
-    ref_norms = squared_norms(reference)
-    for start in range(0, len(query), block_rows):
-        block = query[start:start + block_rows]
-        dist = euclidean_block(block, reference, squared_norms(block), ref_norms)
-        nearest = np.argpartition(dist, k - 1, axis=1)[:, :k] if k < dist.shape[1] else np.tile(
-            np.arange(dist.shape[1]), (len(block), 1))
-        weights = 1.0 / (np.take_along_axis(dist, nearest, axis=1) + 1e-5)
-        votes = np.zeros((len(block), n_classes))
-        np.add.at(votes, (np.repeat(np.arange(len(block)), nearest.shape[1]), reference_codes[nearest].ravel()),
-                  weights.ravel())
-        on_block(slice(start, start + len(block)), votes)
+    idx, dist = knn_search(reference, query, k, exact=exact)
+    ranks = np.empty(len(query))
+
+    def chunk(rows: np.ndarray) -> None:
+        r, c, v = weighted_votes(reference_codes[idx[rows]], dist[rows])
+        ranks[rows] = vote_ranks(r, c, v, query_codes[rows])
+
+    map_row_blocks(chunk, np.arange(len(query)), block=chunk_rows)
+    return ranks
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+class SoftmaxRegression:
+    """Multinomial logistic regression with an L2 penalty: scikit-learn's
+    ``LogisticRegression(C=C, solver="lbfgs")`` objective and stopping rule, computed
+    for many cells and classes.
+
+    Minimises ``mean_i(-log p_i[y_i]) + ||W||^2 / (2 C n)`` (the intercept is not
+    penalised) with scipy's L-BFGS-B from zeros, ``gtol=tol``, ``maxls=50`` and
+    ``ftol=64 eps`` as scikit-learn does, so it takes the same steps. The loss and
+    gradient are computed in float32 over row chunks in parallel threads (one BLAS
+    thread each), so memory is O(chunk × classes) per thread and the cells × classes
+    probability matrix never exists. Per chunk: one GEMM for the logits (the intercept
+    as a column of ones), ``exp`` and a row sum, and one GEMM accumulating
+    ``exp(Z)^T (X / rowsum)`` in place; the one-hot part of the gradient (per-class
+    sums of ``X``) is computed once. The logits are shifted by their row maximum only
+    when a norm bound says ``exp`` could overflow.
+
+    Attributes (after :meth:`fit`)
+    ------------------------------
+    coef_
+        ``(n_classes, n_dims)`` float32.
+    intercept_
+        ``(n_classes,)`` float32.
+    n_iter_
+        L-BFGS iterations.
+    converged_
+        Whether L-BFGS met its tolerance before ``max_iter``.
+    """
+
+    #: Logits within +-this are exponentiated unshifted (float32 exp overflows at 88).
+    _SAFE_LOGIT = 60.0
+
+    def __init__(self, C: float = 1.0, *, max_iter: int = 100, tol: float = 1e-4, chunk_rows: int = 256,
+                 n_jobs: int | None = None):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.chunk_rows = chunk_rows
+        self.n_jobs = n_jobs
+
+    def _loss_grad(self, theta: np.ndarray, Xa: np.ndarray, codes: np.ndarray, class_sums: np.ndarray,
+                   row_norms: np.ndarray) -> tuple[float, np.ndarray]:
+        """Objective and gradient at ``theta`` (``(K, d + 1)`` raveled: weights, intercept)
+        for ``Xa = [X, 1]`` (float32)."""
+        from scipy.linalg.blas import sgemm
+
+        n, d1 = Xa.shape
+        n_classes = class_sums.shape[0]
+        Wb = theta.reshape(n_classes, d1)
+        Wt = np.ascontiguousarray(Wb.T, dtype=np.float32)  # (d + 1, K)
+        w_norm = float(np.sqrt(np.einsum("ij,ij->i", Wb, Wb).max()))
+        starts = range(0, n, self.chunk_rows)
+        n_jobs = max(1, min(self.n_jobs or default_n_jobs(), len(starts)))
+
+        def work(worker: int) -> tuple[float, np.ndarray]:
+            G = np.zeros((n_classes, d1), dtype=np.float32, order="F")  # += exp(Z)^T (X / s)
+            Z = np.empty((self.chunk_rows, n_classes), dtype=np.float32)
+            loss = 0.0
+            for start in starts[worker::n_jobs]:
+                Xc = Xa[start:start + self.chunk_rows]
+                m = len(Xc)
+                z = np.matmul(Xc, Wt, out=Z[:m])
+                z_true = z[np.arange(m), codes[start:start + m]].astype(np.float64)
+                if row_norms[start:start + m].max() * w_norm > self._SAFE_LOGIT:
+                    shift = z.max(axis=1, keepdims=True)
+                    z -= shift
+                    loss += float(shift.sum(dtype=np.float64))
+                np.exp(z, out=z)
+                s = z.sum(axis=1)
+                loss += float(np.log(s.astype(np.float64)).sum() - z_true.sum())
+                Xs = Xc / s[:, None]
+                # G += z^T Xs in place (Fortran views: no copies).
+                sgemm(1.0, z.T, Xs.T, beta=1.0, c=G, trans_b=1, overwrite_c=1)
+            return loss, G
+
+        parts: list = [None] * n_jobs
+
+        def run(workers: np.ndarray) -> None:
+            parts[workers[0]] = work(int(workers[0]))
+
+        map_row_blocks(run, np.arange(n_jobs), n_jobs=n_jobs, block=1)
+        loss = sum(p[0] for p in parts) / n
+        G = (sum(p[1].astype(np.float64) for p in parts) - class_sums) / n
+        l2 = 1.0 / (self.C * n)
+        W = Wb[:, :-1]
+        loss += 0.5 * l2 * float(np.sum(W * W))
+        G[:, :-1] += l2 * W
+        return loss, G.ravel()
+
+    def fit(self, X: np.ndarray, codes: np.ndarray, n_classes: int) -> SoftmaxRegression:
+        """Fit on ``X`` ``(n, d)`` with integer classes ``codes`` in ``[0, n_classes)``."""
+        from scipy import optimize
+
+        n, d = X.shape
+        Xa = np.empty((n, d + 1), dtype=np.float32)
+        Xa[:, :d] = X
+        Xa[:, d] = 1.0
+        codes = np.asarray(codes, dtype=np.int64)
+        one_hot = sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_classes, n))
+        class_sums = np.asarray(one_hot @ Xa.astype(np.float64))
+        row_norms = np.sqrt(np.einsum("ij,ij->i", Xa, Xa, dtype=np.float64))
+        result = optimize.minimize(
+            self._loss_grad, np.zeros(n_classes * (d + 1)), args=(Xa, codes, class_sums, row_norms),
+            method="L-BFGS-B", jac=True,
+            options={"maxiter": self.max_iter, "maxls": 50, "gtol": self.tol, "ftol": 64 * np.finfo(float).eps},
+        )
+        Wb = result.x.reshape(n_classes, d + 1)
+        self.coef_ = Wb[:, :d].astype(np.float32)
+        self.intercept_ = Wb[:, d].astype(np.float32)
+        self.n_iter_ = int(result.nit)
+        self.n_evaluations_ = int(result.nfev)
+        self.converged_ = bool(result.success)
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """``(n, n_classes)`` float32 logits (ranked like the probabilities)."""
+        Z = np.asarray(X, dtype=np.float32) @ self.coef_.T
+        Z += self.intercept_
+        return Z
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """``(n, n_classes)`` softmax probabilities (float64)."""
+        Z = self.decision_function(X).astype(np.float64)
+        Z -= Z.max(axis=1, keepdims=True)
+        np.exp(Z, out=Z)
+        Z /= Z.sum(axis=1, keepdims=True)
+        return Z
 
 
 # --------------------------------------------------------------------------- consistency
@@ -227,7 +441,7 @@ def mean_pairwise_cosine(X: np.ndarray, codes: np.ndarray, n_groups: int) -> tup
         ``(n_groups,)`` rows per group.
     """
     X = np.asarray(X, dtype=np.float64)
-    norms = np.sqrt(squared_norms(X))
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
     U = np.divide(X, norms[:, None], out=np.zeros_like(X), where=norms[:, None] > 0)
     sums = np.zeros((n_groups, X.shape[1]))
     np.add.at(sums, codes, U)
@@ -254,7 +468,7 @@ def empirical_pvalues(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
 def cosine_matrix(M: np.ndarray) -> np.ndarray:
     """``(P, P)`` float32 cosine similarities of the rows of ``M`` (zero rows: 0)."""
     M = np.asarray(M, dtype=np.float64)
-    norms = np.sqrt(squared_norms(M))
+    norms = np.sqrt(np.einsum("ij,ij->i", M, M))
     U = np.divide(M, norms[:, None], out=np.zeros_like(M), where=norms[:, None] > 0).astype(np.float32)
     S = U @ U.T
     np.clip(S, -1.0, 1.0, out=S)
@@ -358,20 +572,52 @@ def mean_average_precision(S: np.ndarray, partners: sp.csr_matrix, *, block_rows
 # --------------------------------------------------------------------------- reconstruction
 
 
-def _column_ranks(A: np.ndarray) -> np.ndarray:
-    """Average ranks of each column (ties share their mean rank), as ``scipy.stats.rankdata``."""
-    from scipy.stats import rankdata
+def _column_ranks(A: np.ndarray, *, n_jobs: int | None = None, block: int = 32) -> np.ndarray:
+    """Average ranks of each column (ties share their mean rank, 1-based), as
+    ``scipy.stats.rankdata(A, axis=0)``; columns sorted in parallel threads."""
+    A = np.asarray(A, dtype=np.float64)
+    n, n_cols = A.shape
+    out = np.empty((n, n_cols))
+    if n == 0:
+        return out
 
-    return rankdata(A, axis=0)
+    def ranks(block_cols: np.ndarray) -> None:
+        cols = slice(block_cols[0], block_cols[-1] + 1)
+        B = np.ascontiguousarray(A[:, cols].T)  # one column per row: contiguous sorts
+        order = np.argsort(B, axis=1)
+        v = np.take_along_axis(B, order, axis=1)
+        first = np.ones(v.shape, dtype=bool)
+        first[:, 1:] = v[:, 1:] != v[:, :-1]
+        last = np.ones(v.shape, dtype=bool)
+        last[:, :-1] = first[:, 1:]
+        pos = np.arange(n)
+        start_pos = np.maximum.accumulate(np.where(first, pos, 0), axis=1)
+        end_pos = np.minimum.accumulate(np.where(last, pos, n)[:, ::-1], axis=1)[:, ::-1]
+        R = np.empty(v.shape)
+        np.put_along_axis(R, order, (start_pos + end_pos) / 2.0 + 1.0, axis=1)
+        out[:, cols] = R.T
+
+    map_row_blocks(ranks, np.arange(n_cols), n_jobs=n_jobs, block=block)
+    return out
 
 
-def per_gene_spearman(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+def per_gene_spearman(pred: np.ndarray, truth) -> np.ndarray:
     """Spearman correlation of each column of ``pred`` with the same column of ``truth``.
+
+    Parameters
+    ----------
+    pred
+        ``(n, n_genes)`` dense predictions.
+    truth
+        ``(n, n_genes)`` dense, or sparse: then its ranks are computed from the stored
+        entries (:func:`sparse_column_ranks`) and it is never densified.
 
     Returns
     -------
     ``(n_genes,)``; NaN where either column is constant (no ranking to compare).
     """
+    if sp.issparse(truth):
+        return _spearman_sparse_truth(pred, truth)
     rp = _column_ranks(pred)
     rt = _column_ranks(truth)
     rp -= rp.mean(axis=0)
@@ -380,6 +626,79 @@ def per_gene_spearman(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     den = np.sqrt((rp * rp).sum(axis=0) * (rt * rt).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
+
+
+def sparse_column_ranks(T) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
+    """Per-column average ranks (``scipy.stats.rankdata``, 1-based) of a sparse matrix
+    whose unstored entries are zeros, from one sort of the stored values.
+
+    Returns
+    -------
+    T
+        The matrix as CSC without stored zeros.
+    ranks
+        ``(nnz,)`` rank of each stored entry, aligned with ``T.data``.
+    zero_rank
+        ``(n_genes,)`` the rank every zero of the column shares.
+    """
+    T = sp.csc_matrix(T, dtype=np.float64, copy=True)
+    T.eliminate_zeros()
+    n, n_cols = T.shape
+    stored = np.diff(T.indptr)
+    col = np.repeat(np.arange(n_cols), stored)
+    order = np.lexsort((T.data, col))
+    v, c = T.data[order], col[order]
+    pos = np.arange(len(v)) - T.indptr[c]  # 0-based place among the column's stored values
+    starts = np.ones(len(v), dtype=bool)
+    starts[1:] = (c[1:] != c[:-1]) | (v[1:] != v[:-1])
+    group = np.cumsum(starts) - 1
+    first = pos[starts]
+    last = np.append(pos[np.flatnonzero(starts)[1:] - 1], pos[-1:]) if len(v) else first
+    rank = (first + last)[group] / 2.0 + 1.0
+    zeros = n - stored
+    negative = np.bincount(c[v < 0], minlength=n_cols)
+    rank = np.where(v > 0, rank + zeros[c], rank)  # zeros rank between negatives and positives
+    ranks = np.empty(len(v))
+    ranks[order] = rank
+    return T, ranks, negative + (zeros + 1) / 2.0
+
+
+def _spearman_sparse_truth(pred: np.ndarray, truth) -> np.ndarray:
+    """:func:`per_gene_spearman` with sparse ``truth``: Pearson of the rank columns,
+    using that every zero of a truth column shares one rank."""
+    n = pred.shape[0]
+    T, ranks, zero_rank = sparse_column_ranks(truth)
+    rp = _column_ranks(pred)
+    mean = (n + 1) / 2.0  # average ranks always sum to n (n + 1) / 2
+    stored = np.diff(T.indptr)
+    col = np.repeat(np.arange(T.shape[1]), stored)
+    cross = zero_rank * rp.sum(axis=0) + np.bincount(
+        col, weights=rp[T.indices, col] * (ranks - zero_rank[col]), minlength=T.shape[1])
+    cov = cross - n * mean * mean
+    var_t = (n - stored) * zero_rank**2 + np.bincount(col, weights=ranks**2, minlength=T.shape[1]) - n * mean**2
+    var_p = np.einsum("ij,ij->j", rp, rp) - n * mean**2
+    den = np.sqrt(np.maximum(var_p, 0.0) * np.maximum(var_t, 0.0))
+    # Rank variances are integers/4 or more: below 0.1 they are zero up to rounding.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((var_p > 0.1) & (var_t > 0.1), cov / den, np.nan)
+
+
+def centred_distance_terms(P: np.ndarray, T, rows: np.ndarray, controls: np.ndarray) -> tuple[float, float]:
+    """``||P~ - T~||_F^2`` and ``||T~||_F^2`` over ``rows``, with ``P~``, ``T~`` the rows
+    of ``P`` (dense) and ``T`` (dense or sparse CSR, never densified) minus the mean of
+    their ``controls`` rows (structural integrity's per-batch terms)."""
+    Pc = P[rows] - P[controls].mean(axis=0)
+    if not sp.issparse(T):
+        Tc = T[rows] - T[controls].mean(axis=0)
+        return float(np.sum((Pc - Tc) ** 2)), float(np.sum(Tc**2))
+    T = sp.csr_matrix(T)
+    mu = np.asarray(T[controls].mean(axis=0)).ravel()
+    Tr = T[rows].tocoo()
+    col_sum = np.asarray(Tr.sum(axis=0)).ravel()
+    # <Pc, Tr - 1 mu'> and ||Tr - 1 mu'||^2 from the stored entries and column sums.
+    inner = float(np.dot(Pc[Tr.row, Tr.col], Tr.data) - mu @ Pc.sum(axis=0))
+    truth_sq = float(np.dot(Tr.data, Tr.data) - 2.0 * mu @ col_sum + len(rows) * mu @ mu)
+    return float(np.sum(Pc * Pc)) - 2.0 * inner + truth_sq, truth_sq
 
 
 def structural_integrity(distance_per_batch: np.ndarray, truth_norm_per_batch: np.ndarray) -> float:

@@ -46,7 +46,8 @@ class LabelPrediction(Task):
         )
         context.note("label_prediction", {
             "protocol": "atlas_scale" if cv.atlas_scale else "cz-benchmarks",
-            **({"knn": "czb neighbour search", "rf_max_samples": m.RF_MAX_SAMPLES} if cv.atlas_scale else {}),
+            **({"lr": "czb multinomial L-BFGS", "lr_max_samples": m.LR_MAX_SAMPLES, "knn": "czb neighbour search",
+                "rf_max_samples": m.RF_MAX_SAMPLES} if cv.atlas_scale else {}),
         })
         mean_name = f"MEAN({','.join(sorted(p.classifiers))})"
         extra = {"n_cells_used": cv.n_cells, "dropped_labels": ",".join(cv.dropped_labels)}

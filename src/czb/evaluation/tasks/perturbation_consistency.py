@@ -8,7 +8,7 @@ from pydantic import Field
 from czb.errors import NotApplicableError
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
-from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit
+from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, unique_codes
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
 from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
@@ -69,7 +69,7 @@ class PerturbationConsistency(ScreenTask):
     def score(self, X: np.ndarray, design: ScreenDesign, split: ScreenSplit | None,
               context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         perturbed = np.flatnonzero(~design.controls)
-        perts, codes = np.unique(design.perturbations[perturbed], return_inverse=True)
+        perts, codes = unique_codes(design.perturbations[perturbed])
         means, sizes = pa.mean_pairwise_cosine(X[perturbed], codes, len(perts))
         null_mask, n_unmeasured = self._null_mask(context, perts)
         usable = sizes >= 2

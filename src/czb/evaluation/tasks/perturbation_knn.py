@@ -10,25 +10,47 @@ from pydantic import Field
 from czb.errors import NotApplicableError
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
-from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, stratified_subsample
+from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, stratified_subsample, unique_codes
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
 from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
 
 
+#: Tx-Evaluation subsamples the kNN reference (train) to this many cells, stratified
+#: by perturbation, whenever it has more (``downsample_data``, ``sampled_size``).
+REFERENCE_CELLS = 100_000
+
+
 class KnnParams(ScreenParams):
-    #: Neighbours; ``None``: floor(sqrt(#reference cells)) as the paper states
-    #: (the reference code's configs use 251).
+    #: Neighbours; ``None``: floor(sqrt(#reference cells)), plus one when even
+    #: (Tx-Evaluation's rule; its released configs fix 251).
     k: int | None = Field(None, ge=1)
     #: Cap on reference (train) cells, a perturbation-stratified subsample; ``None``: all.
-    max_reference_cells: int | None = Field(None, ge=10)
+    #: The default is Tx-Evaluation's.
+    max_reference_cells: int | None = Field(REFERENCE_CELLS, ge=10)
+    #: Neighbour search: ``True`` exact (default), ``False`` approximate (faiss), ``None``:
+    #: exact up to :data:`czb.evaluation.neighbors.EXACT_MAX_CELLS` reference cells.
+    exact: bool | None = True
+
+
+def default_k(n_reference: int) -> int:
+    """floor(sqrt(n)), made odd by adding one (Tx-Evaluation's ``main_eval``)."""
+    k = max(1, math.isqrt(n_reference))
+    return k + 1 if k % 2 == 0 else k
 
 
 @register_task
 class PerturbationKnn(ScreenTask):
     """kNN organisation (Bendidi et al. 2024, task 4): reference = train, query = test1,
     controls left out of both; each of the k nearest reference cells (Euclidean) votes
-    for its perturbation with weight 1 / (distance + 1e-5); top-1 and top-5 accuracy."""
+    for its perturbation with weight 1 / (distance + 1e-5); top-1 and top-5 accuracy.
+
+    As in Tx-Evaluation, a reference of more than ``max_reference_cells`` (100,000)
+    cells is subsampled, stratified by perturbation, and ``k`` defaults to
+    floor(sqrt(#reference cells)) made odd (317 at the cap). The votes are computed from
+    each query's neighbour list (:func:`~czb.evaluation.metrics.perturbation_analysis.knn_vote_ranks`),
+    never a query × reference or query × class matrix.
+    """
 
     info = TaskInfo(
         name="perturbation_knn",
@@ -50,17 +72,9 @@ class PerturbationKnn(ScreenTask):
         if len(reference) == 0 or len(query) == 0:
             msg = f"the split left {len(reference)} train and {len(query)} test1 perturbed cells; no neighbours to vote"
             raise NotApplicableError(msg)
-        classes, ref_codes = np.unique(design.perturbations[reference], return_inverse=True)
+        classes, ref_codes = unique_codes(design.perturbations[reference])
         query_codes = pa.class_codes(classes, design.perturbations[query])
-        k = self.params.k or max(1, math.isqrt(len(reference)))
-        hits = np.zeros((2, len(query)), dtype=bool)
-
-        def tally(rows: slice, votes: np.ndarray) -> None:
-            codes = query_codes[rows]
-            # A perturbation no neighbour voted for is a miss, however few classes got votes.
-            voted = votes[np.arange(len(codes)), np.maximum(codes, 0)] > 0
-            hits[0, rows] = pa.topk_hits(votes, codes, 1) & voted
-            hits[1, rows] = pa.topk_hits(votes, codes, 5) & voted
-
-        pa.knn_votes(X[reference], ref_codes, X[query], len(classes), k, on_block=tally)
-        return [MetricValue(pa.KNN_TOP1.name, float(hits[0].mean())), MetricValue(pa.KNN_TOP5.name, float(hits[1].mean()))]
+        k = self.params.k or default_k(len(reference))
+        ranks = pa.knn_vote_ranks(X[reference], ref_codes, X[query], query_codes, k, exact=self.params.exact)
+        return [MetricValue(pa.KNN_TOP1.name, float(np.mean(ranks < 1))),
+                MetricValue(pa.KNN_TOP5.name, float(np.mean(ranks < 5)))]

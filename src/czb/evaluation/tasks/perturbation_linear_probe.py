@@ -8,7 +8,7 @@ from pydantic import Field
 from czb.errors import NotApplicableError
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
-from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit
+from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, standard_scale_params, unique_codes
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
 from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
@@ -18,16 +18,24 @@ class LinearProbeParams(ScreenParams):
     #: Inverse L2 regularisation strength of the logistic regression.
     C: float = Field(1.0, gt=0.0)
     max_iter: int = Field(1000, ge=1)
+    #: L-BFGS stops when every entry of the mean objective's gradient is at most this
+    #: (scikit-learn's ``tol``).
+    tol: float = Field(1e-4, gt=0.0)
 
 
 @register_task
 class PerturbationLinearProbe(ScreenTask):
     """Linear probe of the perturbed gene (Bendidi et al. 2024, task 2).
 
-    A multinomial logistic regression (scikit-learn, lbfgs, L2 with ``C``, inputs
-    standardised on train) is fitted on train cells without controls and scored on
-    test1 without controls: top-1 and top-5 accuracy. The reference trains the same
-    linear model with AdamW for 250 epochs; here it is fitted to convergence instead.
+    A multinomial logistic regression (L2 with ``C``, inputs standardised on train) is
+    fitted on train cells without controls and scored on test1 without controls: top-1
+    and top-5 accuracy. The model, objective and stopping rule are scikit-learn's
+    ``LogisticRegression(solver="lbfgs")``; the fit is
+    :class:`~czb.evaluation.metrics.perturbation_analysis.SoftmaxRegression`, which
+    computes the same L-BFGS steps in float32 row chunks on all cores (a million
+    cells and ten thousand perturbations in minutes). The reference trains the same
+    linear model with AdamW for 250 epochs; here it is fitted to scikit-learn's
+    convergence criterion instead.
     """
 
     info = TaskInfo(
@@ -42,23 +50,24 @@ class PerturbationLinearProbe(ScreenTask):
 
     def score(self, X: np.ndarray, design: ScreenDesign, split: ScreenSplit | None,
               context: EvaluationContext, *, seed: int) -> list[MetricValue]:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
         train = split.train[~design.controls[split.train]]
         test = split.test1[~design.controls[split.test1]]
         if len(train) == 0 or len(test) == 0:
             msg = f"the split left {len(train)} train and {len(test)} test1 perturbed cells; nothing to probe"
             raise NotApplicableError(msg)
-        scaler = StandardScaler().fit(X[train])
-        model = LogisticRegression(C=self.params.C, max_iter=self.params.max_iter, random_state=seed)
-        model.fit(scaler.transform(X[train]), design.perturbations[train])
-        codes = pa.class_codes(model.classes_, design.perturbations[test])
-        top1 = top5 = 0
-        for start in range(0, len(test), 4096):
-            rows = test[start:start + 4096]
-            proba = model.predict_proba(scaler.transform(X[rows]))
-            top1 += int(pa.topk_hits(proba, codes[start:start + 4096], 1).sum())
-            top5 += int(pa.topk_hits(proba, codes[start:start + 4096], 5).sum())
-        n = max(len(test), 1)
-        return [MetricValue(pa.LINEAR_PROBE_TOP1.name, top1 / n), MetricValue(pa.LINEAR_PROBE_TOP5.name, top5 / n)]
+        X_train = np.asarray(X[train], dtype=np.float64)
+        mean, scale = standard_scale_params(X_train)
+        X_train = ((X_train - mean) / scale).astype(np.float32)
+        classes, codes = unique_codes(design.perturbations[train])
+        model = pa.SoftmaxRegression(self.params.C, max_iter=self.params.max_iter, tol=self.params.tol)
+        model.fit(X_train, codes, len(classes))
+        del X_train
+        test_codes = pa.class_codes(classes, design.perturbations[test])
+        ranks = np.empty(len(test))
+        step = 4096
+        for start in range(0, len(test), step):
+            rows = test[start:start + step]
+            logits = model.decision_function(((X[rows] - mean) / scale).astype(np.float32))
+            ranks[start:start + step] = pa.topk_ranks(logits, test_codes[start:start + step])
+        return [MetricValue(pa.LINEAR_PROBE_TOP1.name, float(np.mean(ranks < 1))),
+                MetricValue(pa.LINEAR_PROBE_TOP5.name, float(np.mean(ranks < 5)))]

@@ -9,7 +9,7 @@ from pydantic import Field
 from czb.errors import NotApplicableError
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
-from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit
+from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, unique_codes
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
 from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
@@ -65,7 +65,7 @@ class PerturbationRecall(ScreenTask):
     def score(self, X: np.ndarray, design: ScreenDesign, split: ScreenSplit | None,
               context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         perturbed = np.flatnonzero(~design.controls)
-        genes, codes = np.unique(design.perturbations[perturbed], return_inverse=True)
+        genes, codes = unique_codes(design.perturbations[perturbed])
         if len(genes) < self.params.min_perturbations:
             msg = f"{len(genes)} perturbed genes; known-relationship recall needs at least {self.params.min_perturbations}"
             raise NotApplicableError(msg)

@@ -95,7 +95,7 @@ class PerturbationReconstruction(ScreenTask):
             msg = f"test2 has {len(test)} cells; reconstruction needs at least 3"
             raise NotApplicableError(msg)
         decoder = RidgeDecoder(self.params.alpha).fit(X, split.train, expression)
-        truth_all = sp.csc_matrix(expression.rows(test))
+        truth_all = sp.csc_matrix(expression.rows(test))  # sparse: never densified
         Z_test = X[test]
         batches = design.batches[test]
         is_control = design.controls[test]
@@ -107,16 +107,16 @@ class PerturbationReconstruction(ScreenTask):
         for start in range(0, expression.n_genes, self.params.gene_block):
             genes = slice(start, min(start + self.params.gene_block, expression.n_genes))
             pred = decoder.predict(Z_test, genes)
-            truth = truth_all[:, genes].toarray()
+            truth = truth_all[:, genes]
             rhos.append(pa.per_gene_spearman(pred, truth))
+            truth = truth.tocsr()
             for i, (rows, ctrl) in enumerate(groups):
-                P = pred[rows] - pred[ctrl].mean(axis=0)
-                T = truth[rows] - truth[ctrl].mean(axis=0)
-                diff_sq[i] += np.sum((P - T) ** 2)
-                truth_sq[i] += np.sum(T**2)
+                d, t = pa.centred_distance_terms(pred, truth, rows, ctrl)
+                diff_sq[i] += d
+                truth_sq[i] += t
         rho = np.concatenate(rhos)
         sizes = np.array([len(rows) for rows, _ in groups], dtype=np.float64)
-        integrity = pa.structural_integrity(np.sqrt(diff_sq) / sizes, np.sqrt(truth_sq) / sizes)
+        integrity = pa.structural_integrity(np.sqrt(np.maximum(diff_sq, 0.0)) / sizes, np.sqrt(truth_sq) / sizes)
         finite = np.isfinite(rho)
         spearman = float(rho[finite].mean()) if finite.any() else float("nan")
         return [MetricValue(pa.RECONSTRUCTION_SPEARMAN.name, spearman),
