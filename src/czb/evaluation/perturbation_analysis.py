@@ -157,12 +157,8 @@ def unique_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``(sorted distinct values, code of each value)``, the codes int64 indices into the first.
     """
     values = np.asarray(values)
-    codes, uniques = pd.factorize(values)
-    uniques = np.asarray(uniques, dtype=values.dtype)
-    order = np.argsort(uniques, kind="stable")
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return uniques[order], rank[codes]
+    codes, uniques = pd.factorize(values, sort=True)  # sorts only the distinct values
+    return np.asarray(uniques, dtype=values.dtype), codes.astype(np.int64)
 
 
 def stratified_subsample(labels: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from czb.evaluation import neighbors
 from czb.evaluation.estimates import Z95, Estimate, median_estimate
 from czb.evaluation.registry import MetricInfo, register_metric
 
@@ -37,7 +38,7 @@ CHUNK_ROWS = 65_536
 #: neighbours would come from an approximate graph, 20,000 exact neighbourhoods are both
 #: cheaper (a tenth of the distances at 2×10^5 cells, a fiftieth at 10^6) and free of
 #: search error.
-EXACT_MAX_CELLS = 50_000
+EXACT_MAX_CELLS = neighbors.EXACT_MAX_CELLS
 SAMPLE_SIZE = 20_000
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from czb.evaluation.distances import default_n_jobs, map_row_blocks
+from czb.evaluation.distances import default_n_jobs, map_row_blocks, squared_norms
 from czb.evaluation.metrics.mixing import lisi
 from czb.evaluation.neighbors import knn_search
 from czb.evaluation.registry import MetricInfo, register_metric
@@ -441,7 +441,7 @@ def mean_pairwise_cosine(X: np.ndarray, codes: np.ndarray, n_groups: int) -> tup
         ``(n_groups,)`` rows per group.
     """
     X = np.asarray(X, dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+    norms = np.sqrt(squared_norms(X))
     U = np.divide(X, norms[:, None], out=np.zeros_like(X), where=norms[:, None] > 0)
     sums = np.zeros((n_groups, X.shape[1]))
     np.add.at(sums, codes, U)
@@ -468,7 +468,7 @@ def empirical_pvalues(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
 def cosine_matrix(M: np.ndarray) -> np.ndarray:
     """``(P, P)`` float32 cosine similarities of the rows of ``M`` (zero rows: 0)."""
     M = np.asarray(M, dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", M, M))
+    norms = np.sqrt(squared_norms(M))
     U = np.divide(M, norms[:, None], out=np.zeros_like(M), where=norms[:, None] > 0).astype(np.float32)
     S = U @ U.T
     np.clip(S, -1.0, 1.0, out=S)
