@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import planted_embedding
 
-from czb.evaluation import distances, neighbors
+from czb.evaluation import distances, estimates, neighbors
 from czb.evaluation.context import EvaluationContext, evaluate, run_task
 from czb.evaluation.metrics import classification, clustering, mixing, silhouette
 from czb.evaluation.registry import get_task
@@ -199,7 +199,7 @@ def test_sampled_neighbourhoods_estimate_entropy_and_ilisi_within_their_ci(monke
     X, labels, batches = planted
     exact = evaluate(X, labels=labels, batches=batches, tasks=["batch_integration"], seeds=(0,))[0]
     monkeypatch.setattr(mixing, "EXACT_MAX_CELLS", 1000)
-    monkeypatch.setattr(mixing, "SAMPLE_SIZE", 1200)
+    monkeypatch.setattr(estimates, "SAMPLE_SIZE", 1200)
     ctx = EvaluationContext(X, labels=labels, batches=batches)
     task = get_task("batch_integration")()
     ctx.plan([task])
@@ -220,3 +220,52 @@ def test_median_estimate_hand_checked():
     est = median_estimate(values, n_total=10_000)
     # 95% order-statistic interval around rank 50 of 100: ranks 50 ± 1.96·√100/2 ≈ 40..60.
     assert est.value == 49.5 and est.ci95 == (40.0, 60.0)
+
+
+def test_sample_cells_is_a_simple_random_sample_topped_up_per_stratum():
+    strata = np.r_[np.zeros(10_000, int), np.ones(30, int), np.full(200, 2)]
+    uniform, extra = estimates.sample_cells(strata, 500, seed=4)
+    expected = np.sort(np.random.default_rng(4).choice(len(strata), size=500, replace=False))
+    np.testing.assert_array_equal(uniform, expected)  # the plain sample, as drawn before any top-up
+    assert not np.isin(extra, uniform).any()
+    both = np.r_[uniform, extra]
+    counts = np.bincount(strata[both], minlength=3)
+    assert counts[1] == 30  # the rare stratum whole
+    assert counts[2] == max(estimates.MIN_PER_STRATUM, np.count_nonzero(strata[uniform] == 2))
+    assert counts[0] == np.count_nonzero(strata[uniform] == 0)  # never topped up
+
+
+def test_scan_sample_gives_exact_neighbourhoods_and_silhouettes_from_one_pass(planted):
+    X, labels, _ = planted
+    both = silhouette.scan_sample(X, labels, silhouette=True, k=40, sample_size=300, seed=1)
+    alone_knn = silhouette.scan_sample(X, labels, silhouette=False, k=40, sample_size=300, seed=1)
+    alone_sil = silhouette.scan_sample(X, labels, silhouette=True, k=0, sample_size=300, seed=1)
+    idx, dist = neighbors.exact_knn(X, 40, queries=X[both.rows])
+    np.testing.assert_array_equal(both.indices, idx)
+    np.testing.assert_allclose(both.distances, dist, rtol=0, atol=1e-12)
+    assert (both.indices[:, 0] == both.rows).all()
+    np.testing.assert_array_equal(alone_knn.indices, both.indices)
+    assert alone_knn.silhouette is None and alone_sil.indices is None
+    assert alone_sil.silhouette == both.silhouette
+    # Each sampled cell's silhouette is exact: a sample of every cell gives the exact mean.
+    whole = silhouette.scan_sample(X, labels, sample_size=len(X))
+    exact = silhouette.silhouette_label(X, labels, rescale=False)
+    assert whole.silhouette.value == pytest.approx(exact.value, abs=1e-9)
+
+
+def test_estimated_silhouette_and_sampled_neighbourhoods_share_one_scan(monkeypatch, planted):
+    X, labels, batches = planted
+    monkeypatch.setattr(mixing, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(silhouette, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(estimates, "SAMPLE_SIZE", 800)
+    scans = []
+    real = silhouette._scan
+    monkeypatch.setattr(silhouette, "_scan", lambda *a, **kw: scans.append(kw) or real(*a, **kw))
+    tasks = [get_task("embedding")(), get_task("batch_integration")()]
+    together = evaluate(X, labels=labels, batches=batches, tasks=tasks, seeds=(0,))
+    # One scan of the sampled cells for both tasks (the batch silhouette scans within labels).
+    assert [kw for kw in scans if kw.get("k")] == [{"sums": True, "k": 200, "n_jobs": None}]
+    scans.clear()
+    alone = evaluate(X, labels=labels, batches=batches, tasks=[get_task("embedding")()], seeds=(0,))
+    assert together[0].metric("silhouette_score").value == alone[0].metric("silhouette_score").value
+    assert together[0].metric("silhouette_score").value == together[1].metric("silhouette_score").value

@@ -131,6 +131,7 @@ class EvaluationContext(TaskContext):
         self.exact = exact
         self.notes = {}
         self._k_planned = 0
+        self._k_neighborhoods = 0
         self._graph: NeighborGraph | None = None
         self._memo: dict[tuple, Any] = {}
 
@@ -139,8 +140,11 @@ class EvaluationContext(TaskContext):
         return self.X.shape[0]
 
     def plan(self, tasks: Iterable[Task]) -> None:
-        """Note the largest neighbourhood the tasks will ask for, so the graph is built once."""
+        """Note the largest neighbourhoods the tasks will ask for, so the graph (and the
+        sampled cells' scan, :meth:`cell_neighborhoods`) is computed once."""
+        tasks = list(tasks)
         self._k_planned = max([self._k_planned, *(t.neighbors_needed(self.n_cells) for t in tasks)])
+        self._k_neighborhoods = max([self._k_neighborhoods, *(t.neighborhoods_needed(self.n_cells) for t in tasks)])
 
     def neighbors(self, k: int) -> NeighborGraph:
         """The shared graph with at least ``min(k, n_cells)`` neighbours per cell."""
@@ -156,8 +160,10 @@ class EvaluationContext(TaskContext):
 
         Up to :data:`czb.evaluation.metrics.mixing.EXACT_MAX_CELLS` cells (or with
         ``exact=True``): every cell's, from the shared graph. Above: the exact
-        neighbourhoods of a seeded random sample of ``mixing.SAMPLE_SIZE`` cells, so a
-        10^6-cell embedding needs a 15-neighbour graph for all cells, not a 200-neighbour one.
+        neighbourhoods of a seeded random sample of ``estimates.SAMPLE_SIZE`` cells, so a
+        10^6-cell embedding needs a 15-neighbour graph for all cells, not a 200-neighbour
+        one. They come from the same pass of distances as the estimated label silhouette
+        (:meth:`_sampled_cells`).
 
         Returns
         -------
@@ -166,24 +172,37 @@ class EvaluationContext(TaskContext):
         indices, distances
             ``(n_rows, k)`` neighbours, nearest first.
         """
-        from czb.evaluation.metrics import mixing
-        from czb.evaluation.neighbors import exact_knn
-
-        n = self.n_cells
-        if (n <= mixing.EXACT_MAX_CELLS) if self.exact is None else self.exact:
+        if not self._neighborhoods_sampled():
             graph = self.neighbors(k)
             idx, dist = graph.knn(min(k, graph.k))
             return None, idx, dist
+        sample = self._sampled_cells(k=k)
+        k = min(k, sample.k)
+        self.note("neighborhoods", {"method": "exact, of sampled cells", "k": k, "n_sampled": len(sample.rows)})
+        return sample.rows, sample.indices[:, :k], sample.distances[:, :k]
 
-        def sample():
-            rng = np.random.default_rng(0)
-            rows = np.sort(rng.choice(n, size=min(mixing.SAMPLE_SIZE, n), replace=False))
-            idx, dist = exact_knn(self.X, k, queries=self.X[rows], n_jobs=None)
-            return rows, idx, dist
+    def _sampled_cells(self, *, k: int = 0, silhouette: bool = False) -> Any:
+        """The context's sample of cells (:func:`czb.evaluation.metrics.silhouette.scan_sample`),
+        scanned once for everything the planned tasks read from it: the label silhouette
+        where it is estimated and the neighbourhoods where they are sampled. Rescanned
+        only if an unplanned call asks for more."""
+        from czb.evaluation import estimates
+        from czb.evaluation.metrics import silhouette as sil
 
-        rows, idx, dist = self.memo(("cell_neighborhoods", k), sample)
-        self.note("neighborhoods", {"method": "exact, of sampled cells", "k": k, "n_sampled": len(rows)})
-        return rows, idx, dist
+        labels = self.role("labels")
+        want_silhouette = labels is not None and not sil.is_exact(self.n_cells, self.exact)
+        want_k = max(k, self._k_neighborhoods) if self._neighborhoods_sampled() else k
+        held = self._memo.get(("sampled_cells",))
+        if held is None or (silhouette and held.silhouette is None) or held.k < min(k, self.n_cells):
+            held = sil.scan_sample(self.X, labels, silhouette=want_silhouette or silhouette, k=want_k,
+                                   sample_size=estimates.SAMPLE_SIZE)
+            self._memo[("sampled_cells",)] = held
+        return held
+
+    def _neighborhoods_sampled(self) -> bool:
+        from czb.evaluation.metrics import mixing
+
+        return not ((self.n_cells <= mixing.EXACT_MAX_CELLS) if self.exact is None else self.exact)
 
     def silhouette(
         self,
@@ -218,6 +237,9 @@ class EvaluationContext(TaskContext):
         def compute():
             X = self.X if cells is None else self.X[cells]
             if batches is None:
+                if cells is None and labels is self.role("labels") and not sil.is_exact(self.n_cells, self.exact):
+                    # The same sampled cells (and pass of distances) as the sampled neighbourhoods.
+                    return self._sampled_cells(silhouette=True).silhouette.map(lambda s: (s + 1.0) / 2.0)
                 return sil.silhouette_label(X, labels, exact=self.exact)
             return sil.silhouette_batch(X, labels, batches, exact=self.exact)
 

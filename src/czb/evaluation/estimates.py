@@ -15,6 +15,9 @@ import numpy as np
 
 #: Smaller strata (labels) are sampled whole, so rare labels are always represented.
 MIN_PER_STRATUM = 50
+#: Cells sampled for per-cell means at atlas scale (label silhouette, entropy, iLISI):
+#: 95% CIs of about ±0.001 for silhouettes and ±0.003 for entropy at 2×10^5 cells.
+SAMPLE_SIZE = 20_000
 #: Two-sided 95% normal quantile.
 Z95 = 1.959963984540054
 
@@ -69,6 +72,35 @@ def stratified_sample(strata: np.ndarray, size: int, *, seed: int) -> list[np.nd
         take = min(len(members), max(MIN_PER_STRATUM, round(size * len(members) / n)))
         out.append(np.sort(rng.choice(members, size=take, replace=False)))
     return out
+
+
+def sample_cells(strata: np.ndarray, size: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A simple random sample of cells, topped up so every stratum is represented.
+
+    One sample serves every per-cell mean: the simple random part for plain means and
+    medians (entropy, iLISI), the whole for stratified means (silhouettes), where the
+    cells of a stratum are, given their number, a simple random sample of it.
+
+    Returns
+    -------
+    uniform
+        ``min(size, n)`` cells drawn without replacement, sorted.
+    extra
+        Further cells, sorted: for each stratum the uniform part holds fewer than
+        ``min(MIN_PER_STRATUM, stratum size)`` of, that many minus those held.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(strata)
+    uniform = np.sort(rng.choice(n, size=min(size, n), replace=False))
+    taken = np.zeros(n, dtype=bool)
+    taken[uniform] = True
+    totals = np.bincount(strata)
+    held = np.bincount(strata[uniform], minlength=len(totals))
+    extra = [
+        rng.choice(np.flatnonzero((strata == h) & ~taken), size=min(MIN_PER_STRATUM, totals[h]) - held[h], replace=False)
+        for h in np.flatnonzero(held < np.minimum(MIN_PER_STRATUM, totals))
+    ]
+    return uniform, np.sort(np.concatenate([np.empty(0, dtype=np.int64), *extra]))
 
 
 def stratified_mean(values: list[np.ndarray], totals: np.ndarray, weights: np.ndarray) -> Estimate:

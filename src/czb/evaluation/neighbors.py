@@ -34,11 +34,6 @@ IVF_TRAIN_ITERATIONS = 10
 IVF_TRAIN_PER_LIST = 40
 
 
-def euclidean_block(X_block: np.ndarray, X: np.ndarray, norms_block, norms) -> np.ndarray:
-    """Euclidean distances from the rows of ``X_block`` to all rows of ``X`` via one GEMM."""
-    return np.sqrt(distances.squared_distances(X_block, X, norms_block, norms))
-
-
 def exact_knn(
     X: np.ndarray, n_neighbors: int, *, queries: np.ndarray | None = None, n_jobs: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -79,57 +74,93 @@ def exact_knn(
     # The reference in a seeded random order: every column tile is then a random sample
     # of the cells, so after the first tiles few candidates beat each row's k-th best.
     perm = np.random.default_rng(0).permutation(n)
-    R = distances.as_float32(X64[perm] - centre)
-    Q = distances.as_float32((X64 if self_join else Q64) - centre)
-    r_norms, q_norms = distances.squared_norms(R), distances.squared_norms(Q)
+    # Each tile's GEMM gives ‖q − r‖² − ‖q‖²; ‖q‖² moves to the threshold side.
+    centred = distances.as_float32(Q64 - centre)
+    q_norms = distances.squared_norms(centred)
+    Q, R = distances.distance_operands(centred, X64[perm] - centre, query_norms=False)
+    del centred
     own_column = np.argsort(perm) if self_join else None  # where each query sits in R
     indices = np.empty((Q.shape[0], k), dtype=np.int64)
 
     def work(rows: np.ndarray) -> None:
         r0, r1 = rows[0], rows[-1] + 1
-        best_d = np.full((r1 - r0, k), np.inf, dtype=np.float32)
-        best_i = np.zeros((r1 - r0, k), dtype=np.int64)
+        nearest = NearestSoFar(r1 - r0, k, offset=q_norms[r0:r1])
         for tile in distances.column_tiles(n):
-            # ‖q − r‖² − ‖q‖²: one GEMM and one pass; ‖q‖² moves to the threshold side.
             g = Q[r0:r1] @ R[tile].T
-            g *= -2.0
-            g += r_norms[tile]
             if self_join:  # self goes first even when duplicates of the cell exist
                 col = own_column[r0:r1] - tile.start
                 inside = np.flatnonzero((col >= 0) & (col < g.shape[1]))
                 g[inside, col[inside]] = -np.inf
-            limit = best_d.max(axis=1) - q_norms[r0:r1]  # inf until k candidates are held
-            below = g < limit[:, None]
-            n_hits = np.count_nonzero(below)
-            if n_hits == 0:
-                continue
-            if n_hits > below.size // 8:  # early tiles: merge the whole tile
-                new_d = g + q_norms[r0:r1, None]
-                new_i = np.broadcast_to(perm[tile], g.shape)
-            else:  # ragged hits → a padded (rows, most hits) block
-                hit_rows, hit_cols = np.divmod(np.flatnonzero(below), g.shape[1])  # 8× faster than 2-D nonzero
-                counts = np.bincount(hit_rows, minlength=r1 - r0)
-                slot = np.arange(len(hit_rows)) - (np.cumsum(counts) - counts)[hit_rows]
-                new_d = np.full((r1 - r0, counts.max()), np.inf, dtype=np.float32)
-                new_i = np.zeros(new_d.shape, dtype=np.int64)
-                new_d[hit_rows, slot] = g[hit_rows, hit_cols] + q_norms[r0 + hit_rows]
-                new_i[hit_rows, slot] = perm[tile.start + hit_cols]
-            cand_d = np.concatenate([best_d, new_d], axis=1)
-            cand_i = np.concatenate([best_i, new_i], axis=1)
-            part = np.argpartition(cand_d, k - 1, axis=1)[:, :k]
-            best_d = np.take_along_axis(cand_d, part, axis=1)
-            best_i = np.take_along_axis(cand_i, part, axis=1)
-        indices[r0:r1] = best_i
+            nearest.offer(g, perm[tile])
+        indices[r0:r1] = nearest.indices
 
     distances.map_row_blocks(work, np.arange(Q.shape[0]), n_jobs=n_jobs)
-    return _exact_sorted(X64, Q64, indices, self_join=self_join)
+    return exact_sorted(X64, Q64, indices, own=np.arange(n) if self_join else None)
 
 
-def _exact_sorted(
-    X: np.ndarray, Q: np.ndarray, indices: np.ndarray, *, self_join: bool
+class NearestSoFar:
+    """The ``k`` smallest values offered so far in each row, with their ids.
+
+    A tiled exact search offers each tile of (squared) distances; after the first tiles
+    few entries beat a row's current k-th best, so those are gathered and merged while
+    the rest are dropped after one comparison.
+
+    Parameters
+    ----------
+    n_rows, k
+        Rows (queries) and values kept per row.
+    offset
+        ``(n_rows,)`` added to every offered value of a row before it is kept (e.g. the
+        query's ``‖q‖²`` when tiles hold ``‖q − r‖² − ‖q‖²``), or ``None``.
+    """
+
+    def __init__(self, n_rows: int, k: int, *, offset: np.ndarray | None = None):
+        self.values = np.full((n_rows, k), np.inf, dtype=np.float32)
+        self.indices = np.zeros((n_rows, k), dtype=np.int64)
+        self._offset = np.zeros(n_rows, dtype=np.float32) if offset is None else offset
+        self._k = k
+
+    def offer(self, tile: np.ndarray, ids: np.ndarray) -> None:
+        """Keep the entries of ``tile`` (``(n_rows, n_cols)``, columns identified by
+        ``ids``) that are among each row's ``k`` smallest so far."""
+        limit = self.values.max(axis=1) - self._offset  # inf until k candidates are held
+        below = tile < limit[:, None]
+        n_hits = np.count_nonzero(below)
+        if n_hits == 0:
+            return
+        if n_hits > below.size // 8:  # early tiles: merge the whole tile
+            new_values = tile + self._offset[:, None]
+            new_ids = np.broadcast_to(ids, tile.shape)
+        else:  # ragged hits → a padded (rows, most hits) block
+            hit_rows, hit_cols = np.divmod(np.flatnonzero(below), tile.shape[1])  # 8× faster than 2-D nonzero
+            counts = np.bincount(hit_rows, minlength=len(tile))
+            slot = np.arange(len(hit_rows)) - (np.cumsum(counts) - counts)[hit_rows]
+            new_values = np.full((len(tile), counts.max()), np.inf, dtype=np.float32)
+            new_ids = np.zeros(new_values.shape, dtype=np.int64)
+            new_values[hit_rows, slot] = tile[hit_rows, hit_cols] + self._offset[hit_rows]
+            new_ids[hit_rows, slot] = ids[hit_cols]
+        values = np.concatenate([self.values, new_values], axis=1)
+        indices = np.concatenate([self.indices, new_ids], axis=1)
+        keep = np.argpartition(values, self._k - 1, axis=1)[:, : self._k]
+        self.values = np.take_along_axis(values, keep, axis=1)
+        self.indices = np.take_along_axis(indices, keep, axis=1)
+
+
+def exact_sorted(
+    X: np.ndarray, Q: np.ndarray, indices: np.ndarray, *, own: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Float64 distances from each query to its chosen neighbours, rows sorted by them
-    (ties by index); in a self-join the query itself stays first."""
+    (ties by index).
+
+    Parameters
+    ----------
+    X, Q
+        ``(n_cells, d)`` reference and ``(n_queries, d)`` query points.
+    indices
+        ``(n_queries, k)`` chosen rows of ``X`` per query.
+    own
+        ``(n_queries,)`` row of ``X`` that each query is (kept first, at distance 0), or ``None``.
+    """
     dist = np.empty(indices.shape, dtype=np.float64)
     step = max(1, 2**22 // max(indices.shape[1] * X.shape[1], 1))
     for start in range(0, len(indices), step):
@@ -137,12 +168,12 @@ def _exact_sorted(
         diff = X[indices[rows]] - Q[rows, None, :]
         dist[rows] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
     key = dist.copy()
-    if self_join:
-        key[indices == np.arange(len(indices))[:, None]] = -1.0
+    if own is not None:
+        key[indices == own[:, None]] = -1.0
     order = np.lexsort((indices, key), axis=1) if indices.size else np.empty(indices.shape, dtype=np.int64)
     indices = np.take_along_axis(indices, order, axis=1)
     dist = np.take_along_axis(dist, order, axis=1)
-    if self_join and dist.size:
+    if own is not None and dist.size:
         dist[:, 0] = 0.0
     return indices, dist
 
@@ -203,7 +234,16 @@ def approximate_knn(
     index.train(R[np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * n_lists), replace=False))])
     index.add(R)
     index.nprobe = min(nprobe, n_lists)
-    d2, found = index.search(Q, k)
+    # Queries in the order of their nearest list: consecutive queries then scan mostly
+    # the same lists while they are in cache (same results, 1.8x faster at 2x10^5 cells).
+    _, nearest_list = index.quantizer.search(Q, 1)
+    order = np.argsort(nearest_list[:, 0], kind="stable")
+    del nearest_list
+    d2, found = index.search(Q[order], k)
+    restore = np.empty_like(order)
+    restore[order] = np.arange(len(order))
+    d2, found = d2[restore], found[restore]
+    del restore, order
     # Compact types: at 10^6 cells × 200 neighbours these arrays are the run's largest.
     indices = found.astype(np.int32 if n < 2**31 else np.int64)
     del found

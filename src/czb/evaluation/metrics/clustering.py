@@ -81,7 +81,8 @@ def igraph_from_adjacency(connectivities: sparse.spmatrix):
 
     upper = sparse.triu(connectivities, k=1, format="coo")
     lower = sparse.tril(connectivities, k=-1, format="csr")
-    if lower.nnz != upper.nnz or abs(lower.sum() - upper.sum()) > 1e-9 * max(abs(upper.sum()), 1.0):
+    upper_sum = upper.data.sum()  # from .data: the COO .sum() first canonicalises (0.4 s at 2x10^5 cells)
+    if lower.nnz != upper.nnz or abs(lower.data.sum() - upper_sum) > 1e-9 * max(abs(upper_sum), 1.0):
         msg = "connectivities must be symmetric"
         raise ValueError(msg)
     diagonal = connectivities.diagonal()

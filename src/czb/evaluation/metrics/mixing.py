@@ -33,13 +33,12 @@ ILISI_NORMALIZED = register_metric(
 #: Cells per chunk of the neighbourhood computations (memory O(chunk × k)).
 CHUNK_ROWS = 65_536
 #: Up to this many cells entropy and iLISI average every cell's neighbourhood from the
-#: shared graph; above, the exact neighbourhoods of SAMPLE_SIZE random cells (95% CI
+#: shared graph; above, the exact neighbourhoods of ``estimates.SAMPLE_SIZE`` random cells (95% CI
 #: recorded). The same size as the graph's exact limit: where every cell's 200
 #: neighbours would come from an approximate graph, 20,000 exact neighbourhoods are both
 #: cheaper (a tenth of the distances at 2×10^5 cells, a fiftieth at 10^6) and free of
 #: search error.
 EXACT_MAX_CELLS = neighbors.EXACT_MAX_CELLS
-SAMPLE_SIZE = 20_000
 
 
 def _per_row_label_sums(neighbour_codes: np.ndarray, n_labels: int, weights: np.ndarray | None = None) -> np.ndarray:

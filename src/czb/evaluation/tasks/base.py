@@ -53,6 +53,11 @@ class Task(ABC):
         """Neighbours per cell (self included) this task reads from the shared graph; 0 = none."""
         return 0
 
+    def neighborhoods_needed(self, n_cells: int) -> int:
+        """Neighbours (self included) of every cell this task averages over
+        (:meth:`~czb.evaluation.context.EvaluationContext.cell_neighborhoods`); 0 = none."""
+        return 0
+
     def check(self, context: EvaluationContext) -> None:
         """Raise :class:`NotApplicableError` when the data lack a role this task needs
         (``expression``: the context's expression matrix).

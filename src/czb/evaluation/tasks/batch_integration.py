@@ -52,10 +52,13 @@ class BatchIntegration(Task):
             return p.n_neighbors
         return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
 
+    def neighborhoods_needed(self, n_cells: int) -> int:
+        return max(self.params.entropy_neighbors, self.params.lisi_neighbors)
+
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         p = self.params
         labels, batches = context.require("labels"), context.require("batch")
-        rows, idx, dist = context.cell_neighborhoods(max(p.entropy_neighbors, p.lisi_neighbors))
+        rows, idx, dist = context.cell_neighborhoods(self.neighborhoods_needed(context.n_cells))
         n = context.n_cells
         # Seed-independent values: computed once per embedding, repeated for every seed.
         fixed = {

@@ -119,6 +119,9 @@ class CrossSpeciesIntegration(Task):
             return p.n_neighbors
         return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
 
+    def neighborhoods_needed(self, n_cells: int) -> int:
+        return max(self.params.entropy_neighbors, self.params.lisi_neighbors)
+
     def check(self, context: EvaluationContext) -> None:
         super().check(context)
         species = require_species(context, self.info.name)
@@ -142,7 +145,7 @@ class CrossSpeciesIntegration(Task):
         shared, unshared = self._shared(labels, species)
         in_shared = np.isin(labels, shared)
 
-        rows, idx, dist = context.cell_neighborhoods(max(p.entropy_neighbors, p.lisi_neighbors))
+        rows, idx, dist = context.cell_neighborhoods(self.neighborhoods_needed(context.n_cells))
         n = context.n_cells
         # Seed-independent values: computed once per embedding, repeated for every seed.
         # Memo keys name the species so they never collide with batch-based values.
