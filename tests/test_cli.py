@@ -30,6 +30,7 @@ TINY_CELLS = 300
 SCHEMA_FIELDS = {
     "schema_version", "czb_version", "created_at", "command", "host", "dataset", "model", "task",
     "seeds", "status", "error", "metrics", "runtime_s", "embedding_runtime_s", "peak_memory_mb", "computation",
+    "embedding_sample",
 }
 
 

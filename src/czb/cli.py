@@ -328,21 +328,11 @@ def _parse_gpus(text: str | None) -> str | None:
     raise CzbError(msg)
 
 
-def _metric_qualifier(params: dict) -> str:
-    """What tells apart metrics of one name in the table: classifier, species pair, cell types."""
-    parts = []
-    if "train_species" in params:
-        parts.append(f"{params['train_species']}→{params.get('test_species')}")
-    for key in ("postprocessing", "source", "classifier", "cell_types"):
-        if key in params:
-            parts.append(str(params[key]))
-    return f" [{', '.join(parts)}]" if parts else ""
-
-
 def _print_results(records) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from czb.report.tables import metric_label
     from czb.runner.run import baseline_differences
 
     diffs = baseline_differences(records)
@@ -355,7 +345,7 @@ def _print_results(records) -> None:
             table.add_row(r.dataset.name, r.task.name, r.model.name, "", "", "", f"{r.status}: {r.error}")
             continue
         for m in r.metrics:
-            label = escape(m.name + _metric_qualifier(m.params))
+            label = escape(metric_label(m.name, m.params))
             value = "n/a" if m.value is None else f"{m.value:.4f}"
             if m.value_std_dev is not None:
                 value += f" ± {m.value_std_dev:.4f}"
@@ -394,6 +384,46 @@ def _print_hierarchy(records) -> None:
             values.append(f"[bold]{text} *[/bold]" if model == row.best_model and len(row.cells) > 1 else text)
         table.add_row(row.dataset, escape(row.label + ("" if row.higher_is_better else " ↓")), *values)
     _console().print(table)
+
+
+class ReportFormat(str, Enum):
+    html = "html"
+    csv = "csv"
+    md = "md"
+    table = "table"
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Result JSONs, or folders of them (searched recursively).")],
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="File to write [default: stdout; html needs a file].")
+    ] = None,
+    fmt: Annotated[ReportFormat, typer.Option("--format", help="html, csv, md, or table (terminal).")] = ReportFormat.html,
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="2-D UMAP maps of the embeddings (html).")] = True,
+    map_cells: Annotated[int, typer.Option(min=10, help="Cells per 2-D map (a label-stratified sample).")] = 5000,
+) -> None:
+    """Merge result files into one report: an scIB-style table against the baseline,
+    metric charts, embedding maps, failed runs and provenance."""
+
+    def body():
+        from czb.report.build import make_report
+        from czb.report.exports import print_table
+        from czb.report.tables import compare, read_results
+
+        if fmt is ReportFormat.table:
+            print_table(compare([r for _, r in read_results(results)]), _console())
+            return
+        if fmt is ReportFormat.html and output is None:
+            _fail("an HTML report needs --output FILE", 2)
+        command = shlex.join(["czb", *sys.argv[1:]])
+        text = make_report(results, output, fmt=fmt.value, command=command, max_map_cells=map_cells, maps=maps)
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            _console(stderr=True).print(f"wrote {output}")
+
+    _guarded(body)
 
 
 @datasets_app.command("fetch")

@@ -107,6 +107,9 @@ class ResultRecord(_Record):
     #: How estimable intermediates were computed: ``neighbors`` (exact, or approximate
     #: with its measured recall) and silhouettes (exact, or sampled with a CI).
     computation: dict[str, Any] = Field(default_factory=dict)
+    #: The scored embedding's sample for report maps (:func:`write_embedding_sample`),
+    #: relative to the result file's folder; ``None`` when none was kept.
+    embedding_sample: str | None = None
 
     def metric(self, name: str, **params: Any) -> MetricRecord | None:
         """The first metric called ``name`` whose params include ``params``."""
@@ -174,6 +177,58 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+#: Cells of each embedding kept for report maps (stratified by label, rare labels whole).
+MAP_SAMPLE_CELLS = 10_000
+
+
+def write_embedding_sample(
+    values: Any, output_dir: Path, *, dataset: str, model: str, labels: Any = None, batches: Any = None,
+) -> str:
+    """Keep a label-stratified sample of an embedding's rows for report maps.
+
+    Written atomically to ``output_dir/embeddings/{dataset}__{model}__{digest}.npz`` with
+    arrays ``X`` (float32), ``cells`` (row indices), and ``labels``/``batches`` (strings)
+    when given; the name carries a digest of the content, so the same embedding is kept once.
+
+    Returns
+    -------
+    The file's path relative to ``output_dir`` (what :attr:`ResultRecord.embedding_sample` holds).
+    """
+    import hashlib
+    import io
+
+    import numpy as np
+    import pandas as pd
+
+    from czb.evaluation.estimates import stratified_sample
+
+    values = np.asarray(values)
+    n = len(values)
+    strata = pd.factorize(np.asarray(labels))[0] if labels is not None else np.zeros(n, dtype=np.int64)
+    rows = np.sort(np.concatenate(stratified_sample(strata, MAP_SAMPLE_CELLS, seed=0))) if n > MAP_SAMPLE_CELLS \
+        else np.arange(n)
+    arrays = {"X": values[rows].astype(np.float32), "cells": rows}
+    for name, column in (("labels", labels), ("batches", batches)):
+        if column is not None:
+            arrays[name] = np.asarray(column)[rows].astype(str)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(arrays["X"].tobytes() + rows.tobytes()).hexdigest()[:12]
+    relative = Path("embeddings") / f"{_slug(dataset)}__{_slug(model)}__{digest}.npz"
+    target = Path(output_dir) / relative
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, target)
+    except OSError as e:
+        msg = f"cannot write embedding sample to {target.parent}: {e.strerror}"
+        raise ResultsError(msg) from e
+    return relative.as_posix()
 
 
 def read_result(path: Path) -> ResultRecord:

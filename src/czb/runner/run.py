@@ -487,10 +487,18 @@ def run_benchmark(
             if cell_level:
                 reads_expression = any("expression" in p.task.info.requires for p in cell_level)
                 expression = dataset_expression(ds, embedded.cell_index) if reads_expression else None
-                keep(score_embedding(embedded, dataset_record(ds), dataset_roles(ds, embedded.cell_index),
-                                     cell_level, seeds=seeds, n_jobs=n_jobs, command=command,
-                                     progress=progress, raise_errors=raise_errors, expression=expression,
-                                     relationship_sources=ds.spec.relationship_sources, exact=exact))
+                roles = dataset_roles(ds, embedded.cell_index)
+                scored = score_embedding(embedded, dataset_record(ds), roles,
+                                         cell_level, seeds=seeds, n_jobs=n_jobs, command=command,
+                                         progress=progress, raise_errors=raise_errors, expression=expression,
+                                         relationship_sources=ds.spec.relationship_sources, exact=exact)
+                if output_dir is not None and embedded.embedding is not None:
+                    sample = R.write_embedding_sample(
+                        embedded.embedding.values, output_dir, dataset=ds.name, model=model["name"],
+                        labels=roles.get("labels"), batches=roles.get("batch"))
+                    for record in scored:
+                        record.embedding_sample = sample
+                keep(scored)
             if multi:
                 members[i].append(group_member(ds, embedded))
             why = f"{model['name']} produces embeddings; this task scores perturbation predictions"

@@ -1,0 +1,1 @@
+"""Reports of result records: HTML, CSV, Markdown and terminal tables (``czb report``)."""

@@ -1,0 +1,121 @@
+"""``czb report``: result files in, an HTML report (or CSV, Markdown, terminal table) out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from czb.errors import ResultsError
+from czb.report.html import EmbeddingMap, render_html
+from czb.report.layout import umap_layout
+from czb.report.tables import Comparison, compare, model_labels, read_results
+
+#: Cells per 2-D map (a label-stratified subsample of the stored sample).
+MAP_CELLS = 5_000
+
+
+def embedding_maps(
+    loaded: Sequence[tuple[Path, object]], comparison: Comparison, *, max_cells: int = MAP_CELLS,
+) -> dict[tuple[str, str], EmbeddingMap]:
+    """UMAP maps of the embedding samples the results point to, one per (dataset, model).
+
+    A sample that is missing or unreadable is skipped (the report says none was found);
+    the rest of the report does not depend on it.
+    """
+    from czb.evaluation.estimates import stratified_sample
+
+    labels = model_labels([r for _, r in loaded])
+    kept = {id(r) for r in comparison.records}
+    maps: dict[tuple[str, str], EmbeddingMap] = {}
+    for path, record in loaded:
+        key = (record.dataset.name, labels[id(record)])
+        if id(record) not in kept or key in maps or not record.embedding_sample:
+            continue
+        try:
+            with np.load(path.parent / record.embedding_sample, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError, KeyError):
+            continue
+        X = arrays.get("X")
+        if X is None or X.ndim != 2 or len(X) < 3:
+            continue
+        groups = arrays.get("labels")
+        if len(X) > max_cells:
+            strata = np.unique(groups, return_inverse=True)[1] if groups is not None else np.zeros(len(X), int)
+            rows = np.sort(np.concatenate(stratified_sample(strata, max_cells, seed=0)))
+        else:
+            rows = np.arange(len(X))
+        pick = {k: v[rows] for k, v in arrays.items() if k in ("labels", "batches")}
+        maps[key] = EmbeddingMap(umap_layout(X[rows]), pick.get("labels"), pick.get("batches"), len(X))
+    return maps
+
+
+def make_report(
+    paths: Sequence[str | Path],
+    output: Path | None,
+    *,
+    fmt: str = "html",
+    command: str = "",
+    max_map_cells: int = MAP_CELLS,
+    maps: bool = True,
+) -> str:
+    """Read result files, merge them, and render the report.
+
+    Parameters
+    ----------
+    paths
+        Result JSONs or folders of them.
+    output
+        File to write (atomically); ``None``: only return the text.
+    fmt
+        ``html``, ``csv`` or ``md``.
+    maps
+        Compute the 2-D embedding maps (HTML only).
+
+    Returns
+    -------
+    The rendered text.
+    """
+    from czb.report.exports import to_csv, to_markdown
+
+    loaded = read_results(paths)
+    comparison = compare([r for _, r in loaded])
+    if fmt == "html":
+        found = embedding_maps(loaded, comparison, max_cells=max_map_cells) if maps else {}
+        text = render_html(comparison, maps=found, command=command)
+    elif fmt == "csv":
+        text = to_csv(comparison)
+    elif fmt == "md":
+        text = to_markdown(comparison)
+    else:
+        msg = f"unknown report format {fmt!r}: html, csv or md"
+        raise ResultsError(msg)
+    if output is not None:
+        write_text_atomically(Path(output), text)
+    return text
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    except OSError as e:
+        msg = f"cannot write {path}: {e.strerror}"
+        raise ResultsError(msg) from e
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would keep a report from being shared
+        os.replace(tmp, path)
+    except OSError as e:
+        msg = f"cannot write {path}: {e.strerror}"
+        raise ResultsError(msg) from e
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,115 @@
+"""The comparison as CSV (one row per model and metric), Markdown and terminal tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+from czb.report.tables import Comparison
+
+MARKS = {"better": "▲", "worse": "▼", "same": "", "unknown": ""}
+CSV_COLUMNS = (
+    "dataset", "task", "model", "metric", "params", "baseline", "value", "std", "n_seeds", "values",
+    "ci95_low", "ci95_high", "difference_vs_baseline", "spread", "verdict", "higher_is_better",
+)
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None or not math.isfinite(v) else repr(float(v))
+
+
+def to_csv(comparison: Comparison) -> str:
+    """Long format: one row per (dataset, task, model, metric), raw values; failed and
+    not-applicable runs as rows with their status in ``verdict`` and no value."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for c in comparison.columns:
+        for model in comparison.models[c.dataset]:
+            e = c.entries.get(model)
+            if e is None:
+                continue
+            writer.writerow([
+                c.dataset, c.task, model, c.metric, json.dumps(c.params, sort_keys=True), c.baseline,
+                _num(e.value), _num(e.std), len(e.values), " ".join(_num(v) for v in e.values),
+                _num(e.ci95[0]) if e.ci95 else "", _num(e.ci95[1]) if e.ci95 else "",
+                _num(e.difference), _num(e.spread), e.verdict,
+                "" if c.higher_is_better is None else str(c.higher_is_better).lower(),
+            ])
+    for model, r in comparison.problems:
+        writer.writerow([r.dataset.name, r.task.name, model, "", "", "", "", "", 0, "", "", "", "", "",
+                         f"{r.status}: {r.error or ''}", ""])
+    return out.getvalue()
+
+
+def _cell(comparison: Comparison, dataset: str, model: str, column) -> str:
+    e = column.entries.get(model)
+    if e is None:
+        return "—"
+    text = "n/a" if e.value is None else f"{e.value:.4f}"
+    if e.std is not None:
+        text += f" ± {e.std:.4f}"
+    return text + (f" {MARKS[e.verdict]}" if MARKS[e.verdict] else "")
+
+
+def _rows(comparison: Comparison, dataset: str) -> tuple[list[str], list[list[str]]]:
+    """Metrics as rows, models as columns (long metric lists stay readable in a terminal)."""
+    models = comparison.models[dataset]
+    header = ["task", "metric", *models]
+    rows = [[c.task, c.label + (" ↓" if c.higher_is_better is False else ""),
+             *(_cell(comparison, dataset, model, c) for model in models)]
+            for c in comparison.columns_of(dataset)]
+    return header, rows
+
+
+def to_markdown(comparison: Comparison) -> str:
+    """One Markdown table per dataset (metrics × models), then the failed runs."""
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    parts = ["Mean ± sd over seeds; ▲/▼: better/worse than the baseline by more than the seed-to-seed "
+             "spread of the paired differences; ↓: lower is better.\n"]
+    for dataset in comparison.models:
+        if not comparison.columns_of(dataset):
+            continue
+        header, rows = _rows(comparison, dataset)
+        parts.append(f"## {escape(dataset)}\n")
+        parts.append("| " + " | ".join(map(escape, header)) + " |")
+        parts.append("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|")
+        parts += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
+        parts.append("")
+    if comparison.problems:
+        parts.append("## Failed and not-applicable runs\n")
+        parts.append("| dataset | model | task | status | reason |\n|---|---|---|---|---|")
+        parts += [f"| {escape(r.dataset.name)} | {escape(m)} | {escape(r.task.name)} | {r.status} | "
+                  f"{escape((r.error or '').splitlines()[0] if r.error else '')} |" for m, r in comparison.problems]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def print_table(comparison: Comparison, console=None) -> None:
+    """Terminal summary (rich): per dataset, metrics × models, then failed runs."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    for dataset in comparison.models:
+        if not comparison.columns_of(dataset):
+            continue
+        header, rows = _rows(comparison, dataset)
+        table = Table(title=f"{dataset} (mean ± sd; ▲/▼ vs baseline beyond the seed spread)")
+        for i, name in enumerate(header):
+            table.add_column(escape(name), justify="left" if i < 2 else "right")
+        for row in rows:
+            table.add_row(*map(escape, row))
+        console.print(table)
+    if comparison.problems:
+        table = Table(title="failed and not-applicable runs")
+        for name in ("dataset", "model", "task", "status", "reason"):
+            table.add_column(name)
+        for model, r in comparison.problems:
+            table.add_row(escape(r.dataset.name), escape(model), escape(r.task.name), r.status, escape(r.error or ""))
+        console.print(table)

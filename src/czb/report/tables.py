@@ -1,0 +1,258 @@
+"""Result records merged into comparison tables: models × metrics, each against its baseline.
+
+Any set of result JSONs (several runs, sweeps, machines) is merged. A model is its name,
+plus the parameters that tell apart variants of one name (a sweep); the same
+(dataset, model, task) scored twice keeps the newest record and counts the older as
+superseded. Every value is compared with the baseline of its kind (PCA for embeddings,
+``control_mean`` for perturbation predictions), paired seed by seed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from czb.errors import ResultsError
+from czb.evaluation.registry import METRICS, load_all
+from czb.runner import results as R
+from czb.runner.run import reference_baseline
+
+Verdict = Literal["better", "worse", "same", "unknown"]
+
+
+def metric_label(name: str, params: dict[str, Any]) -> str:
+    """A metric's name with what tells apart metrics of that name: species pair,
+    post-processing, knowledge source, classifier, cell types."""
+    parts = []
+    if "train_species" in params:
+        parts.append(f"{params['train_species']}→{params.get('test_species')}")
+    for key in ("postprocessing", "source", "classifier", "cell_types"):
+        if key in params:
+            parts.append(str(params[key]))
+    return name + (f" [{', '.join(parts)}]" if parts else "")
+
+
+def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, R.ResultRecord]]:
+    """Every result JSON in ``paths`` (files, or folders searched recursively), with
+    the file it came from.
+
+    Raises
+    ------
+    ResultsError
+        A path that does not exist, a folder without results, or a file that is not a
+        czb result (named in the message).
+    """
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-"))
+            if not files:
+                msg = f"{path}: no result JSONs in this folder"
+                raise ResultsError(msg)
+        elif path.exists():
+            files = [path]
+        else:
+            msg = f"{path}: no such file or folder"
+            raise ResultsError(msg)
+        found += [(file, R.read_result(file)) for file in files]
+    if not found:
+        msg = "no result files given"
+        raise ResultsError(msg)
+    return found
+
+
+@dataclass
+class Entry:
+    """One model's value of one metric, and how it compares with the baseline.
+
+    Attributes
+    ----------
+    value, std
+        Mean over seeds and their sample standard deviation (``None`` for one seed).
+    values
+        Per seed, aligned with ``seeds``.
+    ci95
+        95% CI of a value estimated from sampled cells.
+    difference
+        Mean over common seeds of (model − baseline); ``None`` without a baseline value.
+    spread
+        What the difference is compared with: the sample SD of the paired differences
+        over ≥ 2 common seeds; for a deterministic metric, 0 (or the combined CI
+        half-width of estimated values); ``None`` when unknown (one seed of a stochastic metric).
+    verdict
+        ``better``/``worse`` when ``|difference| > spread`` (in the metric's direction),
+        ``same`` when not, ``unknown`` without a difference or spread.
+    """
+
+    value: float | None
+    std: float | None
+    values: list[float | None]
+    seeds: list[int]
+    ci95: tuple[float, float] | None = None
+    difference: float | None = None
+    spread: float | None = None
+    verdict: Verdict = "unknown"
+
+
+@dataclass
+class Column:
+    """One metric of one task on one dataset, with every model's entry."""
+
+    dataset: str
+    task: str
+    metric: str
+    params: dict[str, Any]
+    baseline: str
+    higher_is_better: bool | None
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return metric_label(self.metric, self.params)
+
+    def best(self) -> str | None:
+        """The model with the best value (``None`` when the direction is unknown or no value)."""
+        scored = {m: e.value for m, e in self.entries.items() if e.value is not None}
+        if not scored or self.higher_is_better is None:
+            return None
+        return (max if self.higher_is_better else min)(scored, key=scored.get)
+
+
+@dataclass
+class Usage:
+    """Runtime and peak memory of one model on one task."""
+
+    runtime_s: float
+    embedding_runtime_s: float
+    peak_memory_mb: float
+
+
+@dataclass
+class Comparison:
+    """Everything a report shows, from a set of result records."""
+
+    records: list[R.ResultRecord]
+    columns: list[Column]
+    #: Models per dataset, baseline first, then in order of appearance.
+    models: dict[str, list[str]]
+    #: Records that are not ``ok`` (failed, not applicable), with their model labels.
+    problems: list[tuple[str, R.ResultRecord]]
+    usage: dict[tuple[str, str, str], Usage]
+    #: Older records replaced by a newer one of the same dataset, model and task.
+    superseded: list[R.ResultRecord]
+    #: Datasets whose comparison lacks its baseline (it is shown as missing, not dropped).
+    missing_baselines: dict[str, list[str]]
+
+    def tasks(self, dataset: str) -> list[str]:
+        return list(dict.fromkeys(c.task for c in self.columns if c.dataset == dataset))
+
+    def columns_of(self, dataset: str, task: str | None = None) -> list[Column]:
+        return [c for c in self.columns if c.dataset == dataset and (task is None or c.task == task)]
+
+
+def model_labels(records: Sequence[R.ResultRecord]) -> dict[int, str]:
+    """A label per record's model: its name, plus the parameters that differ between
+    records of that name (a sweep), e.g. ``scvi [n_latent=10]``."""
+    variants: dict[str, dict[str, set]] = {}
+    for r in records:
+        for key, value in r.model.parameters.items():
+            variants.setdefault(r.model.name, {}).setdefault(key, set()).add(repr(value))
+    labels = {}
+    for r in records:
+        varying = sorted(k for k, v in variants.get(r.model.name, {}).items() if len(v) > 1)
+        shown = ", ".join(f"{k}={r.model.parameters.get(k)}" for k in varying)
+        labels[id(r)] = r.model.name + (f" [{shown}]" if shown else "")
+    return labels
+
+
+def _paired(entry: Entry, base: Entry, *, stochastic: bool) -> tuple[float | None, float | None]:
+    """(mean paired difference, spread) of ``entry`` against ``base``."""
+    by_seed = dict(zip(base.seeds, base.values))
+    pairs = [(v, by_seed[s]) for s, v in zip(entry.seeds, entry.values)
+             if s in by_seed and v is not None and by_seed[s] is not None]
+    if not pairs and not stochastic and entry.value is not None and base.value is not None:
+        pairs = [(entry.value, base.value)]  # deterministic: one value each, seeds may differ
+    if not pairs:
+        return None, None
+    diffs = [a - b for a, b in pairs]
+    difference = statistics.fmean(diffs)
+    if len(diffs) >= 2:
+        return difference, statistics.stdev(diffs)
+    if stochastic:
+        return difference, None
+    halves = [(ci[1] - ci[0]) / 2 for ci in (entry.ci95, base.ci95) if ci is not None]
+    return difference, (sum(h * h for h in halves) ** 0.5 if halves else 0.0)
+
+
+def _verdict(difference: float | None, spread: float | None, higher_is_better: bool | None) -> Verdict:
+    if difference is None or spread is None or higher_is_better is None:
+        return "unknown"
+    if abs(difference) <= spread:
+        return "same"
+    return "better" if (difference > 0) == higher_is_better else "worse"
+
+
+def compare(records: Sequence[R.ResultRecord]) -> Comparison:
+    """Merge ``records`` into a :class:`Comparison`."""
+    load_all()
+    labels = model_labels(records)
+    newest: dict[tuple, R.ResultRecord] = {}
+    superseded = []
+    for r in records:
+        key = (r.dataset.name, labels[id(r)], r.task.name, repr(sorted(r.task.parameters.items())))
+        held = newest.get(key)
+        if held is None or r.created_at > held.created_at:
+            if held is not None:
+                superseded.append(held)
+            newest[key] = r
+        else:
+            superseded.append(r)
+    kept = [r for r in records if any(r is v for v in newest.values())]
+
+    columns: dict[tuple, Column] = {}
+    models: dict[str, list[str]] = {}
+    problems, usage = [], {}
+    baselines: dict[str, set[str]] = {}
+    for r in kept:
+        model = labels[id(r)]
+        baseline = reference_baseline(r)
+        baselines.setdefault(r.dataset.name, set()).add(baseline)
+        models.setdefault(r.dataset.name, [])
+        if model not in models[r.dataset.name]:
+            models[r.dataset.name].append(model)
+        usage[(r.dataset.name, model, r.task.name)] = Usage(r.runtime_s, r.embedding_runtime_s, r.peak_memory_mb)
+        if r.status != "ok":
+            problems.append((model, r))
+            continue
+        for m in r.metrics:
+            key = (r.dataset.name, r.task.name, m.name, repr(sorted(m.params.items())))
+            info = METRICS.get(m.name)
+            column = columns.setdefault(key, Column(
+                r.dataset.name, r.task.name, m.name, dict(m.params), baseline,
+                None if info is None else info.higher_is_better))
+            values = list(m.values_raw) if m.values_raw else [m.value]
+            seeds = list(r.seeds[: len(values)]) if len(r.seeds) >= len(values) else list(range(len(values)))
+            column.entries[model] = Entry(m.value, m.value_std_dev, values, seeds,
+                                          tuple(m.ci95) if m.ci95 else None)
+
+    for column in columns.values():
+        base = column.entries.get(column.baseline)
+        info = METRICS.get(column.metric)
+        stochastic = bool(info and info.stochastic)
+        for model, entry in column.entries.items():
+            if base is None or model == column.baseline:
+                continue
+            entry.difference, entry.spread = _paired(entry, base, stochastic=stochastic)
+            entry.verdict = _verdict(entry.difference, entry.spread, column.higher_is_better)
+
+    missing = {}
+    for dataset, wanted in baselines.items():
+        absent = sorted(b for b in wanted if b not in models[dataset])
+        if absent:
+            missing[dataset] = absent
+        # The baseline first (a missing one still gets its row, marked missing).
+        models[dataset] = sorted(wanted) + [m for m in models[dataset] if m not in wanted]
+    return Comparison(kept, list(columns.values()), models, problems, usage, superseded, missing)
