@@ -412,6 +412,8 @@ def report(
         from czb.report.tables import compare, read_results
 
         if fmt is ReportFormat.table:
+            if output is not None:
+                _fail("--format table prints to the terminal; write a file with --format md, csv or html", 2)
             print_table(compare([r for _, r in read_results(results)]), _console())
             return
         if fmt is ReportFormat.html and output is None:

@@ -210,7 +210,8 @@ def compare(records: Sequence[R.ResultRecord]) -> Comparison:
             newest[key] = r
         else:
             superseded.append(r)
-    kept = [r for r in records if any(r is v for v in newest.values())]
+    newest_ids = {id(r) for r in newest.values()}
+    kept = [r for r in records if id(r) in newest_ids]
 
     columns: dict[tuple, Column] = {}
     models: dict[str, list[str]] = {}

@@ -219,6 +219,7 @@ def write_embedding_sample(
     digest = hashlib.sha256(arrays["X"].tobytes() + rows.tobytes()).hexdigest()[:12]
     relative = Path("embeddings") / f"{_slug(dataset)}__{_slug(model)}__{digest}.npz"
     target = Path(output_dir) / relative
+    tmp: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
@@ -228,6 +229,9 @@ def write_embedding_sample(
     except OSError as e:
         msg = f"cannot write embedding sample to {target.parent}: {e.strerror}"
         raise ResultsError(msg) from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return relative.as_posix()
 
 
