@@ -362,26 +362,21 @@ def _print_hierarchy(records) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from czb.runner.summary import hierarchy_table
+    from czb.runner.summary import hierarchy_grid
 
-    rows = hierarchy_table(records)
-    if not rows:
+    models, grid = hierarchy_grid(records)
+    if not grid:
         return
-    models = list(dict.fromkeys(m for row in rows for m in row.cells))
     table = Table(title="perturbation-analysis hierarchy (best post-processing per model; * best model)")
     table.add_column("dataset")
     table.add_column("metric")
     for model in models:
         table.add_column(model, justify="right")
-    for row in rows:
+    for row, cells, best in grid:
         values = []
-        for model in models:
-            cell = row.cells.get(model)
-            if cell is None:
-                values.append("")
-                continue
-            text = f"{cell.value:.3f} ({cell.postprocessing})"
-            values.append(f"[bold]{text} *[/bold]" if model == row.best_model and len(row.cells) > 1 else text)
+        for cell, is_best in zip(cells, best):
+            text = "" if cell is None else f"{cell.value:.3f} ({cell.postprocessing})"
+            values.append(f"[bold]{text} *[/bold]" if is_best else text)
         table.add_row(row.dataset, escape(row.label + ("" if row.higher_is_better else " ↓")), *values)
     _console().print(table)
 

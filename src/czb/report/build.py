@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from czb.errors import ResultsError
 from czb.report.html import EmbeddingMap, render_html
 from czb.report.layout import umap_layout
 from czb.report.tables import Comparison, compare, model_labels, read_results
+from czb.runner import results as R
 
 #: Cells per 2-D map (a label-stratified subsample of the stored sample).
 MAP_CELLS = 5_000
@@ -95,27 +94,5 @@ def make_report(
         msg = f"unknown report format {fmt!r}: html, csv or md"
         raise ResultsError(msg)
     if output is not None:
-        write_text_atomically(Path(output), text)
+        R.write_atomically(Path(output), text.encode("utf-8"), what="report")
     return text
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    except OSError as e:
-        msg = f"cannot write {path}: {e.strerror}"
-        raise ResultsError(msg) from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would keep a report from being shared
-        os.replace(tmp, path)
-    except OSError as e:
-        msg = f"cannot write {path}: {e.strerror}"
-        raise ResultsError(msg) from e
-    finally:
-        Path(tmp).unlink(missing_ok=True)

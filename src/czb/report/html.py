@@ -170,29 +170,26 @@ def _maps(maps: Mapping[tuple[str, str], EmbeddingMap], dataset: str, models: li
 
 
 def _hierarchy(records: list[R.ResultRecord]) -> str:
-    from czb.runner.summary import hierarchy_table
+    from czb.runner.summary import hierarchy_grid
 
-    rows = hierarchy_table(records)
-    if not rows:
+    models, grid = hierarchy_grid(records)
+    if not grid:
         return ""
-    models = list(dict.fromkeys(m for row in rows for m in row.cells))
     head = "".join(f"<th>{escape(m)}</th>" for m in models)
     body = []
-    for row in rows:
-        cells = []
-        for model in models:
-            cell = row.cells.get(model)
+    for row, cells, best in grid:
+        html_cells = []
+        for cell, is_best in zip(cells, best):
             if cell is None:
-                cells.append('<td class="missing">—</td>')
+                html_cells.append('<td class="missing">—</td>')
                 continue
             every = ", ".join(f"{pp} {v:.3f}" for pp, v in sorted(cell.every.items()))
-            best = model == row.best_model and len(row.cells) > 1
-            cells.append(f'<td class="{"best" if best else ""}" title="every post-processing: {escape(every)}">'
-                         f'{cell.value:.3f} <span class="note">({escape(cell.postprocessing)})</span>'
-                         f'<details><summary class="note">all</summary>{escape(every)}</details></td>')
+            html_cells.append(f'<td class="{"best" if is_best else ""}" title="every post-processing: '
+                              f'{escape(every)}">{cell.value:.3f} <span class="note">({escape(cell.postprocessing)})'
+                              f'</span><details><summary class="note">all</summary>{escape(every)}</details></td>')
         arrow = "" if row.higher_is_better else " ↓"
         body.append(f'<tr><td class="model">{escape(row.dataset)}</td><td class="model">{escape(row.label)}{arrow}'
-                    f'</td>{"".join(cells)}</tr>')
+                    f'</td>{"".join(html_cells)}</tr>')
     return ("<h2>Perturbation-analysis hierarchy</h2><p>As Table 2 of Bendidi et al. (2024): per model the best "
             "value over post-processings (in brackets), bold the best model of each row; every variant under "
             "“all”.</p>"

@@ -9,6 +9,7 @@ import platform
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -155,9 +156,7 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
     except ValueError as e:
         msg = f"result {stem} holds a value JSON cannot represent: {e}"
         raise ResultsError(msg) from e
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-", suffix=".json")
+    with _staged(output_dir, ".json", f"result to {output_dir}") as (fd, tmp):
         with os.fdopen(fd, "w") as f:
             f.write(payload + "\n")
             f.flush()
@@ -171,8 +170,19 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
                 continue
         msg = f"could not find a free file name for {stem} in {output_dir}"
         raise ResultsError(msg)
+
+
+@contextmanager
+def _staged(folder: Path, suffix: str, what: str):
+    """A temporary file in ``folder``, as ``(fd, path)``, removed on exit (once linked or
+    renamed into place, only its temporary name goes); an ``OSError`` becomes a
+    :class:`ResultsError` saying it could not write ``what``."""
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+        yield fd, tmp
     except OSError as e:
-        msg = f"cannot write result to {output_dir}: {e.strerror}"
+        msg = f"cannot write {what}: {e.strerror}"
         raise ResultsError(msg) from e
     finally:
         if tmp is not None:
@@ -219,20 +229,27 @@ def write_embedding_sample(
     digest = hashlib.sha256(arrays["X"].tobytes() + rows.tobytes()).hexdigest()[:12]
     relative = Path("embeddings") / f"{_slug(dataset)}__{_slug(model)}__{digest}.npz"
     target = Path(output_dir) / relative
-    tmp: str | None = None
+    write_atomically(target, payload, what="embedding sample")
+    return relative.as_posix()
+
+
+def write_atomically(path: Path, payload: bytes, *, what: str = "file") -> None:
+    """Write ``payload`` to ``path`` through a temporary file in the same folder renamed
+    over it, so readers see the old file or the new one, never a part; the file is
+    readable as the umask allows (not mkstemp's 0600)."""
+    path = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create folder {path.parent} for {what} {path.name}: {e.strerror}"
+        raise ResultsError(msg) from e
+    with _staged(path.parent, path.suffix, f"{what} {path}") as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        os.replace(tmp, target)
-    except OSError as e:
-        msg = f"cannot write embedding sample to {target.parent}: {e.strerror}"
-        raise ResultsError(msg) from e
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-    return relative.as_posix()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
 
 
 def read_result(path: Path) -> ResultRecord:

@@ -83,3 +83,16 @@ def hierarchy_table(records: Sequence[R.ResultRecord]) -> list[HierarchyRow]:
         best = (max if higher else min)(cells, key=lambda m: cells[m].value) if cells else None
         rows.append(HierarchyRow(dataset, task, metric, source, higher, cells, best))
     return rows
+
+
+def hierarchy_grid(records: Sequence[R.ResultRecord]) -> tuple[list[str], list[tuple[HierarchyRow, list[Cell | None], list[bool]]]]:
+    """:func:`hierarchy_table` as a grid for display: the models (columns), and per row
+    its cell for each model (``None``: not scored) and whether that model is the row's best
+    (marked only when more than one model was scored)."""
+    rows = hierarchy_table(records)
+    models = list(dict.fromkeys(m for row in rows for m in row.cells))
+    grid = [
+        (row, [row.cells.get(m) for m in models], [m == row.best_model and len(row.cells) > 1 for m in models])
+        for row in rows
+    ]
+    return models, grid
