@@ -134,8 +134,8 @@ def _scaled_table(comparison: Comparison, dataset: str) -> str:
         + "".join(f"<td>{_number(s.get(t))}</td>" for t in [*tasks, "overall"]) + "</tr>"
         for m, s in sorted(scores.items(), key=lambda kv: -(kv[1]["overall"] or -1.0))
     )
-    return (f'<table class="scaled"><thead><tr><th class="model">model</th>{head}<th>overall</th></tr></thead>'
-            f"<tbody>{rows}</tbody></table>")
+    return (f'<div class="table-wrap"><table class="scaled"><thead><tr><th class="model">model</th>{head}'
+            f"<th>overall</th></tr></thead><tbody>{rows}</tbody></table></div>")
 
 
 def _bar_charts(comparison: Comparison, dataset: str) -> str:

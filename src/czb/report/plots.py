@@ -48,7 +48,9 @@ def bar_chart(
     """
     row, label_w, plot_w, pad = 22, 170, 320, 8
     height = 34 + row * len(bars) + 22
-    width = label_w + plot_w + 80
+    arrow = "" if higher_is_better is None else (" (higher is better)" if higher_is_better else " (lower is better)")
+    # Wide enough for the title (at most about 7.2 px per character of 12 px bold text).
+    width = max(label_w + plot_w + 80, int(2 * pad + 7.2 * len(title + arrow)))
     finite = [(v, e or 0.0) for _, v, e in bars if v is not None and math.isfinite(v)]
     lo = min([0.0, *(v - e for v, e in finite)])
     hi = max([0.0, *(v + e for v, e in finite)])
@@ -58,7 +60,6 @@ def bar_chart(
     def x(v: float) -> float:
         return label_w + plot_w * (v - lo) / (hi - lo)
 
-    arrow = "" if higher_is_better is None else (" (higher is better)" if higher_is_better else " (lower is better)")
     parts = [
         f'<svg class="plot" data-plot="{escape(plot_id)}" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" role="img" aria-label="{escape(title)}">',
