@@ -117,19 +117,21 @@ class NearestSoFar:
     def __init__(self, n_rows: int, k: int, *, offset: np.ndarray | None = None):
         self.values = np.full((n_rows, k), np.inf, dtype=np.float32)
         self.indices = np.zeros((n_rows, k), dtype=np.int64)
-        self._offset = np.zeros(n_rows, dtype=np.float32) if offset is None else offset
+        self._offset = offset
         self._k = k
 
     def offer(self, tile: np.ndarray, ids: np.ndarray) -> None:
         """Keep the entries of ``tile`` (``(n_rows, n_cols)``, columns identified by
         ``ids``) that are among each row's ``k`` smallest so far."""
-        limit = self.values.max(axis=1) - self._offset  # inf until k candidates are held
+        limit = self.values.max(axis=1)  # inf until k candidates are held
+        if self._offset is not None:
+            limit -= self._offset
         below = tile < limit[:, None]
         n_hits = np.count_nonzero(below)
         if n_hits == 0:
             return
         if n_hits > below.size // 8:  # early tiles: merge the whole tile
-            new_values = tile + self._offset[:, None]
+            new_values = tile if self._offset is None else tile + self._offset[:, None]
             new_ids = np.broadcast_to(ids, tile.shape)
         else:  # ragged hits → a padded (rows, most hits) block
             hit_rows, hit_cols = np.divmod(np.flatnonzero(below), tile.shape[1])  # 8× faster than 2-D nonzero
@@ -137,7 +139,10 @@ class NearestSoFar:
             slot = np.arange(len(hit_rows)) - (np.cumsum(counts) - counts)[hit_rows]
             new_values = np.full((len(tile), counts.max()), np.inf, dtype=np.float32)
             new_ids = np.zeros(new_values.shape, dtype=np.int64)
-            new_values[hit_rows, slot] = tile[hit_rows, hit_cols] + self._offset[hit_rows]
+            hit_values = tile[hit_rows, hit_cols]
+            if self._offset is not None:
+                hit_values += self._offset[hit_rows]
+            new_values[hit_rows, slot] = hit_values
             new_ids[hit_rows, slot] = ids[hit_cols]
         values = np.concatenate([self.values, new_values], axis=1)
         indices = np.concatenate([self.indices, new_ids], axis=1)

@@ -10,7 +10,7 @@ import numpy as np
 from czb.errors import ResultsError
 from czb.report.html import EmbeddingMap, render_html
 from czb.report.layout import umap_layout
-from czb.report.tables import Comparison, compare, model_labels, read_results
+from czb.report.tables import Comparison, compare, read_results
 from czb.runner import results as R
 
 #: Cells per 2-D map (a label-stratified subsample of the stored sample).
@@ -25,14 +25,13 @@ def embedding_maps(
     A sample that is missing or unreadable is skipped (the report says none was found);
     the rest of the report does not depend on it.
     """
-    from czb.evaluation.estimates import stratified_sample
+    from czb.evaluation.estimates import stratified_rows
 
-    labels = model_labels([r for _, r in loaded])
-    kept = {id(r) for r in comparison.records}
     maps: dict[tuple[str, str], EmbeddingMap] = {}
     for path, record in loaded:
-        key = (record.dataset.name, labels[id(record)])
-        if id(record) not in kept or key in maps or not record.embedding_sample:
+        model = comparison.model_of(record)
+        key = (record.dataset.name, model)
+        if model is None or key in maps or not record.embedding_sample:
             continue
         try:
             with np.load(path.parent / record.embedding_sample, allow_pickle=False) as f:
@@ -42,12 +41,7 @@ def embedding_maps(
         X = arrays.get("X")
         if X is None or X.ndim != 2 or len(X) < 3:
             continue
-        groups = arrays.get("labels")
-        if len(X) > max_cells:
-            strata = np.unique(groups, return_inverse=True)[1] if groups is not None else np.zeros(len(X), int)
-            rows = np.sort(np.concatenate(stratified_sample(strata, max_cells, seed=0)))
-        else:
-            rows = np.arange(len(X))
+        rows = stratified_rows(len(X), arrays.get("labels"), max_cells)
         pick = {k: v[rows] for k, v in arrays.items() if k in ("labels", "batches")}
         maps[key] = EmbeddingMap(umap_layout(X[rows]), pick.get("labels"), pick.get("batches"), len(X))
     return maps

@@ -7,9 +7,8 @@ import io
 import json
 import math
 
-from czb.report.tables import Comparison
+from czb.report.tables import VERDICT_MARKS, Column, Comparison
 
-MARKS = {"better": "▲", "worse": "▼", "same": "", "unknown": ""}
 CSV_COLUMNS = (
     "dataset", "task", "model", "metric", "params", "baseline", "value", "std", "n_seeds", "values",
     "ci95_low", "ci95_high", "difference_vs_baseline", "spread", "verdict", "higher_is_better",
@@ -44,14 +43,15 @@ def to_csv(comparison: Comparison) -> str:
     return out.getvalue()
 
 
-def _cell(comparison: Comparison, dataset: str, model: str, column) -> str:
+def _cell(column: Column, model: str) -> str:
     e = column.entries.get(model)
     if e is None:
         return "—"
     text = "n/a" if e.value is None else f"{e.value:.4f}"
     if e.std is not None:
         text += f" ± {e.std:.4f}"
-    return text + (f" {MARKS[e.verdict]}" if MARKS[e.verdict] else "")
+    mark = VERDICT_MARKS[e.verdict]
+    return text + (f" {mark}" if mark else "")
 
 
 def _rows(comparison: Comparison, dataset: str) -> tuple[list[str], list[list[str]]]:
@@ -59,7 +59,7 @@ def _rows(comparison: Comparison, dataset: str) -> tuple[list[str], list[list[st
     models = comparison.models[dataset]
     header = ["task", "metric", *models]
     rows = [[c.task, c.label + (" ↓" if c.higher_is_better is False else ""),
-             *(_cell(comparison, dataset, model, c) for model in models)]
+             *(_cell(c, model) for model in models)]
             for c in comparison.columns_of(dataset)]
     return header, rows
 

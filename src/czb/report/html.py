@@ -11,10 +11,8 @@ import numpy as np
 
 import czb
 from czb.report import plots
-from czb.report.tables import Column, Comparison, Entry, metric_label
+from czb.report.tables import VERDICT_MARKS, Column, Comparison, Entry
 from czb.runner import results as R
-
-MARKS = {"better": "▲", "worse": "▼", "same": "", "unknown": ""}
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -55,7 +53,7 @@ def _entry_cell(column: Column, model: str, entry: Entry | None, best: str | Non
         text += f' <span class="sd">± {entry.std:.4f}</span>'
     elif entry.ci95 is not None:
         text += f' <span class="ci">[{entry.ci95[0]:.4f}, {entry.ci95[1]:.4f}]</span>'
-    mark, title = MARKS[entry.verdict], ""
+    mark, title = VERDICT_MARKS[entry.verdict], ""
     if entry.difference is not None:
         spread = "unknown (one seed)" if entry.spread is None else f"{entry.spread:.4f}"
         title = f' title="Δ vs {escape(column.baseline)} = {entry.difference:+.4f}; spread {spread}"'
@@ -68,22 +66,21 @@ def _entry_cell(column: Column, model: str, entry: Entry | None, best: str | Non
 
 def _summary_table(comparison: Comparison, dataset: str) -> str:
     models = comparison.models[dataset]
-    tasks = comparison.tasks(dataset)
+    by_task = {task: comparison.columns_of(dataset, task) for task in comparison.tasks(dataset)}
+    columns = [c for cols in by_task.values() for c in cols]
+    best = [c.best() for c in columns]
     head1 = ['<th class="model" rowspan="2">model</th>']
     head2 = []
-    for task in tasks:
-        cols = comparison.columns_of(dataset, task)
+    for task, cols in by_task.items():
         head1.append(f'<th class="task" colspan="{len(cols)}">{escape(task)}</th>')
         head2 += [f'<th title="{escape(c.metric)}">{escape(c.label)}{"" if c.higher_is_better is not False else " ↓"}'
                   f"</th>" for c in cols]
     head1.append('<th rowspan="2">embedding s</th><th rowspan="2">scoring s</th><th rowspan="2">peak MB</th>')
     rows = []
-    baselines = {c.baseline for c in comparison.columns_of(dataset)}
+    baselines = {c.baseline for c in columns}
     for model in models:
         cells = [f'<td class="model">{escape(model)}</td>']
-        for task in tasks:
-            for c in comparison.columns_of(dataset, task):
-                cells.append(_entry_cell(c, model, c.entries.get(model), c.best()))
+        cells += [_entry_cell(c, model, c.entries.get(model), b) for c, b in zip(columns, best)]
         usage = [u for (d, m, _), u in comparison.usage.items() if d == dataset and m == model]
         if usage:
             cells.append(f"<td>{max(u.embedding_runtime_s for u in usage):.1f}</td>"
@@ -287,4 +284,4 @@ def render_html(comparison: Comparison, *, maps: Mapping[tuple[str, str], Embedd
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-__all__ = ["EmbeddingMap", "metric_label", "render_html", "scaled_scores"]
+__all__ = ["EmbeddingMap", "render_html", "scaled_scores"]

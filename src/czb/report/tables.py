@@ -21,6 +21,8 @@ from czb.runner import results as R
 from czb.runner.run import reference_baseline
 
 Verdict = Literal["better", "worse", "same", "unknown"]
+#: How each verdict is shown next to a value.
+VERDICT_MARKS: dict[str, str] = {"better": "▲", "worse": "▼", "same": "", "unknown": ""}
 
 
 def metric_label(name: str, params: dict[str, Any]) -> str:
@@ -145,6 +147,13 @@ class Comparison:
     superseded: list[R.ResultRecord]
     #: Datasets whose comparison lacks its baseline (it is shown as missing, not dropped).
     missing_baselines: dict[str, list[str]]
+    #: Model label (:func:`model_labels`) of each record in ``records``, by ``id``.
+    _labels: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def model_of(self, record: R.ResultRecord) -> str | None:
+        """The model label of ``record``; ``None`` if it is not among :attr:`records`
+        (superseded, or never compared)."""
+        return self._labels.get(id(record))
 
     def tasks(self, dataset: str) -> list[str]:
         return list(dict.fromkeys(c.task for c in self.columns if c.dataset == dataset))
@@ -256,4 +265,5 @@ def compare(records: Sequence[R.ResultRecord]) -> Comparison:
             missing[dataset] = absent
         # The baseline first (a missing one still gets its row, marked missing).
         models[dataset] = sorted(wanted) + [m for m in models[dataset] if m not in wanted]
-    return Comparison(kept, list(columns.values()), models, problems, usage, superseded, missing)
+    return Comparison(kept, list(columns.values()), models, problems, usage, superseded, missing,
+                      {id(r): labels[id(r)] for r in kept})

@@ -210,15 +210,11 @@ def write_embedding_sample(
     import io
 
     import numpy as np
-    import pandas as pd
 
-    from czb.evaluation.estimates import stratified_sample
+    from czb.evaluation.estimates import stratified_rows
 
     values = np.asarray(values)
-    n = len(values)
-    strata = pd.factorize(np.asarray(labels))[0] if labels is not None else np.zeros(n, dtype=np.int64)
-    rows = np.sort(np.concatenate(stratified_sample(strata, MAP_SAMPLE_CELLS, seed=0))) if n > MAP_SAMPLE_CELLS \
-        else np.arange(n)
+    rows = stratified_rows(len(values), labels, MAP_SAMPLE_CELLS)
     arrays = {"X": values[rows].astype(np.float32), "cells": rows}
     for name, column in (("labels", labels), ("batches", batches)):
         if column is not None:
