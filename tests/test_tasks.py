@@ -160,3 +160,40 @@ def test_deterministic_task_runs_once():
     ctx = EvaluationContext(X, labels=labels)
     r = run_task(get_task("embedding")(), ctx, seeds=(0, 1, 2))
     assert r.seeds == [0] and len(r.metrics[0].values_raw) == 1
+
+
+def test_background_leiden_gives_the_in_process_partition(monkeypatch):
+    import czb.evaluation.context as ctx_module
+
+    X, labels, batches = planted_embedding(600, separation=1.0)
+    kw = dict(labels=labels, batches=batches, tasks=["batch_integration"], seeds=(3, 4))
+    (alone,) = evaluate(X, **kw, n_jobs=1)
+    monkeypatch.setattr(ctx_module, "BACKGROUND_LEIDEN_MIN_CELLS", 0)
+    started = []
+    real = ctx_module.EvaluationContext.start_leiden
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        started.append(len(self._background))
+
+    monkeypatch.setattr(ctx_module.EvaluationContext, "start_leiden", spy)
+    (beside,) = evaluate(X, **kw, n_jobs=2)
+    assert started == [1, 1]  # one worker per seed's partition
+    for name in ("adjusted_rand_index", "normalized_mutual_info", "scib_overall"):
+        assert beside.metric(name).values_raw == alone.metric(name).values_raw
+
+
+def test_uncollected_background_leiden_is_dropped(monkeypatch):
+    import czb.evaluation.context as ctx_module
+
+    monkeypatch.setattr(ctx_module, "BACKGROUND_LEIDEN_MIN_CELLS", 0)
+    X, labels, batches = planted_embedding(300)
+    context = EvaluationContext(X, labels=labels, batches=batches, n_jobs=2)
+    context.start_leiden(1.0, seed=0)
+    (executor, future), = context._background.values()
+    context.drop_background()
+    assert context._background == {}
+    from concurrent.futures import wait
+
+    wait([future], timeout=60)
+    assert future.cancelled() or future.exception() is not None  # killed, not left running

@@ -58,6 +58,7 @@ class BatchIntegration(Task):
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         p = self.params
         labels, batches = context.require("labels"), context.require("batch")
+        context.start_leiden(1.0, seed=seed, k=p.n_neighbors)  # runs beside the distance work below
         rows, idx, dist = context.cell_neighborhoods(self.neighborhoods_needed(context.n_cells))
         n = context.n_cells
         # Seed-independent values: computed once per embedding, repeated for every seed.
