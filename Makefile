@@ -1,7 +1,7 @@
 .PHONY: install test smoke smoke-models ci
 
 install:  ## the README's install command
-	pip install -c constraints.txt -e ".[test]"
+	pip install -c constraints.txt -e ".[test,cluster]"
 
 test:  ## the README's test command: host suite, then each model's entrypoint tests in its own venv
 	python -m pytest -q

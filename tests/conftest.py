@@ -1,3 +1,6 @@
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -26,3 +29,44 @@ def planted_embedding(n_cells=900, n_types=5, n_batches=3, dim=20, *, separation
 @pytest.fixture
 def planted():
     return planted_embedding()
+
+
+# --------------------------------------------------------------------------- S3 (moto server)
+
+S3_TEST_BUCKET = "czb-test-bucket"
+
+
+@pytest.fixture(scope="session")
+def _moto() -> Iterator[tuple[str, object]]:
+    """A moto S3 server on loopback with one bucket, and a signed admin client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # Signed with dummy credentials to set things up; fetch itself goes unsigned.
+    admin = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    admin.create_bucket(Bucket=S3_TEST_BUCKET)
+    yield endpoint, admin
+    server.stop()
+
+
+@pytest.fixture
+def s3(_moto: tuple[str, object], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> object:
+    """The moto server as czb's S3 endpoint, with the developer's AWS setup kept out."""
+    endpoint, admin = _moto
+    monkeypatch.setenv("CZB_S3_ENDPOINT_URL", endpoint)
+    # Keep the developer's AWS setup out of it.
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return admin

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import S3_TEST_BUCKET
 
 from czb.errors import FetchError
 from czb.runner import fetch as fetch_module
@@ -309,41 +310,7 @@ def test_http_progress_bar(http: FileServer, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- S3 (moto server)
 
-BUCKET = "czb-test-bucket"
-
-
-@pytest.fixture(scope="session")
-def _moto() -> Iterator[tuple[str, object]]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # Signed with dummy credentials to set things up; fetch itself goes unsigned.
-    admin = boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    admin.create_bucket(Bucket=BUCKET)
-    yield endpoint, admin
-    server.stop()
-
-
-@pytest.fixture
-def s3(_moto: tuple[str, object], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> object:
-    endpoint, admin = _moto
-    monkeypatch.setenv("CZB_S3_ENDPOINT_URL", endpoint)
-    # Keep the developer's AWS setup out of it.
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    return admin
+BUCKET = S3_TEST_BUCKET
 
 
 def _put(admin: object, key: str, body: bytes, acl: str = "public-read") -> str:

@@ -697,7 +697,8 @@ def _generator_digest(name: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _generate(spec: DatasetSpec, name: str) -> tuple[anndata.AnnData, str]:
+def _generator(spec: DatasetSpec, name: str) -> tuple[Any, str]:
+    """The generator of a ``synthetic:NAME`` dataset and the digest of its full arguments."""
     import inspect
 
     from czb.runner.synthetic import GENERATORS
@@ -716,7 +717,21 @@ def _generate(spec: DatasetSpec, name: str) -> tuple[anndata.AnnData, str]:
     # Hash the arguments with defaults filled in, so that spelling out a default
     # gives the same digest and changing a default gives a new one.
     bound.apply_defaults()
-    digest = _generator_digest(name, dict(bound.arguments))
+    return generator, _generator_digest(name, dict(bound.arguments))
+
+
+def synthetic_digest(spec: DatasetSpec) -> str:
+    """The sha256 a ``synthetic:`` dataset is identified by, without generating it."""
+    return _generator(spec, spec.uri.removeprefix("synthetic:"))[1]
+
+
+def builtin_path(spec: DatasetSpec) -> Path:
+    """The file of a ``builtin:`` dataset."""
+    return _builtin_path(spec.uri.removeprefix("builtin:"), spec.name)
+
+
+def _generate(spec: DatasetSpec, name: str) -> tuple[anndata.AnnData, str]:
+    generator, digest = _generator(spec, name)
     try:
         adata = generator(**spec.params)
     except ValueError as e:

@@ -105,7 +105,8 @@ class RunLimits:
     Attributes
     ----------
     gpus
-        ``"none"``, ``"all"`` or a number of GPUs.
+        ``"none"``, ``"all"``, a number of GPUs, or ``"device=0,2"``: those GPUs (what a
+        scheduler assigned to the run).
     memory_gb, shm_gb, tmp_gb
         Memory limit, ``/dev/shm`` size (data loaders use shared memory) and ``/tmp`` size.
     timeout_s
@@ -153,6 +154,9 @@ def _device_requests(gpus: str) -> list[Any]:
 
     if gpus in ("none", "0", ""):
         return []
+    if gpus.startswith("device="):
+        ids = [i.strip() for i in gpus.removeprefix("device=").split(",") if i.strip()]
+        return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
     count = -1 if gpus == "all" else int(gpus)
     return [docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])]
 

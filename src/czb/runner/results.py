@@ -128,7 +128,8 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """``text`` with every run of characters unsafe in file names replaced by ``-``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "unnamed"
 
 
@@ -150,7 +151,7 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
         msg = f"cannot create output folder {output_dir}: {e.strerror}"
         raise ResultsError(msg) from e
     stamp = record.created_at.replace(":", "").replace("+0000", "Z").replace("+00:00", "Z")
-    stem = "__".join(_slug(s) for s in (record.dataset.name, record.model.name, record.task.name, stamp))
+    stem = "__".join(slug(s) for s in (record.dataset.name, record.model.name, record.task.name, stamp))
     try:
         payload = json.dumps(record.model_dump(mode="json"), indent=2, allow_nan=False)
     except ValueError as e:
@@ -193,18 +194,18 @@ def _staged(folder: Path, suffix: str, what: str):
 MAP_SAMPLE_CELLS = 10_000
 
 
-def write_embedding_sample(
-    values: Any, output_dir: Path, *, dataset: str, model: str, labels: Any = None, batches: Any = None,
-) -> str:
-    """Keep a label-stratified sample of an embedding's rows for report maps.
+def embedding_sample(
+    values: Any, *, dataset: str, model: str, labels: Any = None, batches: Any = None,
+) -> tuple[str, bytes]:
+    """A label-stratified sample of an embedding's rows for report maps, as an ``.npz``.
 
-    Written atomically to ``output_dir/embeddings/{dataset}__{model}__{digest}.npz`` with
-    arrays ``X`` (float32), ``cells`` (row indices), and ``labels``/``batches`` (strings)
-    when given; the name carries a digest of the content, so the same embedding is kept once.
+    Arrays ``X`` (float32), ``cells`` (row indices), and ``labels``/``batches`` (strings)
+    when given.
 
     Returns
     -------
-    The file's path relative to ``output_dir`` (what :attr:`ResultRecord.embedding_sample` holds).
+    Its relative path, ``embeddings/{dataset}__{model}__{digest}.npz`` (the digest is of
+    the content, so the same embedding is kept once), and the file's bytes.
     """
     import hashlib
     import io
@@ -221,12 +222,21 @@ def write_embedding_sample(
             arrays[name] = np.asarray(column)[rows].astype(str)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    payload = buffer.getvalue()
     digest = hashlib.sha256(arrays["X"].tobytes() + rows.tobytes()).hexdigest()[:12]
-    relative = Path("embeddings") / f"{_slug(dataset)}__{_slug(model)}__{digest}.npz"
-    target = Path(output_dir) / relative
-    write_atomically(target, payload, what="embedding sample")
-    return relative.as_posix()
+    relative = Path("embeddings") / f"{slug(dataset)}__{slug(model)}__{digest}.npz"
+    return relative.as_posix(), buffer.getvalue()
+
+
+def write_embedding_sample(values: Any, output_dir: Path, **what: Any) -> str:
+    """Write :func:`embedding_sample` under ``output_dir``, atomically.
+
+    Returns
+    -------
+    The file's path relative to ``output_dir`` (what :attr:`ResultRecord.embedding_sample` holds).
+    """
+    relative, payload = embedding_sample(values, **what)
+    write_atomically(Path(output_dir) / relative, payload, what="embedding sample")
+    return relative
 
 
 def write_atomically(path: Path, payload: bytes, *, what: str = "file") -> None:

@@ -92,7 +92,7 @@ def dataset_record(ds: Dataset) -> R.DatasetRecord:
     return R.DatasetRecord(name=ds.name, uri=ds.spec.uri, sha256=ds.sha256, n_cells=ds.n_cells, n_genes=ds.n_genes)
 
 
-def _record(
+def result_record(
     *,
     dataset: R.DatasetRecord,
     model: dict[str, Any],
@@ -101,6 +101,7 @@ def _record(
     command: str,
     embedding_runtime_s: float,
 ) -> R.ResultRecord:
+    """The result record of one task on one model's output for one dataset."""
     return R.ResultRecord(
         czb_version=czb.__version__,
         created_at=R.now_utc(),
@@ -185,7 +186,7 @@ def _unscored(embedded: Embedded, dataset: R.DatasetRecord, planned: Sequence[Pl
     prefix = "embedding failed: " if embedded.status == "failed" else ""
     result = TaskResult(task="", status=embedded.status, seeds=list(seeds), error=f"{prefix}{embedded.error}")
     return [
-        _record(dataset=dataset, model=embedded.model, planned=p, result=result, command=command,
+        result_record(dataset=dataset, model=embedded.model, planned=p, result=result, command=command,
                 embedding_runtime_s=embedded.runtime_s)
         for p in planned
     ]
@@ -279,7 +280,7 @@ def _score_tasks(
         described = model()
         say(f"{dataset.name}: {described['name']}: {p.spec.name}")
         result = run_task(p.task, context, seeds, raise_errors=raise_errors)
-        records.append(_record(dataset=dataset, model=model(), planned=p, result=result,
+        records.append(result_record(dataset=dataset, model=model(), planned=p, result=result,
                                command=command, embedding_runtime_s=embedding_runtime_s))
     return records
 
@@ -298,52 +299,53 @@ def group_member(ds: Dataset, embedded: Embedded) -> GroupMember:
     return GroupMember(dataset_record(ds), embedded, dataset_roles(ds, embedded.cell_index))
 
 
-def score_group(
-    members: Sequence[GroupMember],
-    planned: Sequence[PlannedTask],
-    *,
-    seeds: Sequence[int],
-    n_jobs: int,
-    command: str,
-    progress: Progress | None = None,
-    raise_errors: bool = False,
-    exact: bool | None = None,
-) -> list[R.ResultRecord]:
-    """Score tasks over several datasets (cross-species) on their stacked embeddings.
-
-    Rows are stacked in member order. Roles passed on: ``labels``, ``species``,
-    ``dataset`` (member name), ``batch`` (``member|batch``, when every member has
-    batches) and each extra role every member has (``donor``, ``sample``,
-    ``time_point``...; donor and sample IDs prefixed with the member name so IDs of
-    different datasets never merge).
-    """
-    group = R.DatasetRecord(
-        name="+".join(m.record.name for m in members),
-        uri=" ".join(m.record.uri for m in members),
+def group_record(members: Sequence[R.DatasetRecord]) -> R.DatasetRecord:
+    """The record of several datasets scored together: names joined with ``+``, totals, members."""
+    return R.DatasetRecord(
+        name="+".join(m.name for m in members),
+        uri=" ".join(m.uri for m in members),
         sha256=None,
-        n_cells=sum(m.record.n_cells for m in members),
-        n_genes=sum(m.record.n_genes for m in members),
-        members=[m.record for m in members],
+        n_cells=sum(m.n_cells for m in members),
+        n_genes=sum(m.n_genes for m in members),
+        members=list(members),
     )
+
+
+def group_model(names: Sequence[str], models: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A model's description for a group: the first member's, with each member's info."""
+    return {**models[0], "info": {"members": {n: m.get("info", {}) for n, m in zip(names, models)}}}
+
+
+def stack_members(members: Sequence[GroupMember]) -> tuple[R.DatasetRecord, Embedded, dict[str, np.ndarray]]:
+    """The group of several datasets (cross-species) as one: its record, the members'
+    embeddings stacked in member order, and their roles aligned with the rows.
+
+    Roles: ``labels``, ``species``, ``dataset`` (member name), ``batch``
+    (``member|batch``, when every member has batches) and each extra role every member
+    has (``donor``, ``sample``, ``time_point``...; donor and sample IDs prefixed with the
+    member name so IDs of different datasets never merge). When a member has no
+    embedding, or the embeddings differ in dimension, the stacked :class:`Embedded` has
+    none and says why (``failed`` or ``not_applicable``), and the roles are empty.
+    """
+    from czb.runner.embeddings import Embedding
+
+    group = group_record([m.record for m in members])
     first = members[0].embedded
-    model = {**first.model, "info": {"members": {m.record.name: m.embedded.model.get("info", {})
-                                                 for m in members}}}
+    model = group_model([m.record.name for m in members], [m.embedded.model for m in members])
     runtime = sum(m.embedded.runtime_s for m in members)
     problems = [m for m in members if m.embedded.embedding is None]
     if problems:
         status = "failed" if any(m.embedded.status == "failed" for m in problems) else "not_applicable"
         error = "; ".join(f"{m.record.name}: {m.embedded.error}" for m in problems)
-        return _unscored(Embedded(model, None, status, error, runtime), group, planned,
-                         seeds=seeds, command=command)
+        return group, Embedded(model, None, status, error, runtime), {}
     dims = {m.record.name: m.embedded.embedding.dim for m in members}
     if len(set(dims.values())) > 1:
         error = "embeddings differ in dimension across datasets: " + ", ".join(f"{k} {v}" for k, v in dims.items())
-        return _unscored(Embedded(model, None, "failed", error, runtime), group, planned,
-                         seeds=seeds, command=command)
+        return group, Embedded(model, None, "failed", error, runtime), {}
 
     values = np.concatenate([m.embedded.embedding.values for m in members])
     names = [np.full(len(m.roles["labels"]), m.record.name, dtype=object) for m in members]
-    roles: dict[str, np.ndarray | None] = {
+    roles: dict[str, np.ndarray] = {
         "labels": np.concatenate([m.roles["labels"] for m in members]).astype(object),
         "species": np.concatenate([m.roles["species"] for m in members]).astype(object),
         "dataset": np.concatenate(names),
@@ -357,10 +359,27 @@ def score_group(
         if role in ("donor", "sample"):
             parts = [n + ":" + p.astype(str).astype(object) for n, p in zip(names, parts)]
         roles[role] = np.concatenate(parts)
-    from czb.runner.embeddings import Embedding
-
     stacked = Embedded(model, Embedding(values=values, model=first.model["name"], kind="stacked"),
                        runtime_s=runtime)
+    return group, stacked, roles
+
+
+def score_group(
+    members: Sequence[GroupMember],
+    planned: Sequence[PlannedTask],
+    *,
+    seeds: Sequence[int],
+    n_jobs: int,
+    command: str,
+    progress: Progress | None = None,
+    raise_errors: bool = False,
+    exact: bool | None = None,
+) -> list[R.ResultRecord]:
+    """Score tasks over several datasets (cross-species) on their stacked embeddings
+    (:func:`stack_members`)."""
+    group, stacked, roles = stack_members(members)
+    if stacked.embedding is None:
+        return _unscored(stacked, group, planned, seeds=seeds, command=command)
     return score_embedding(stacked, group, roles, planned, seeds=seeds, n_jobs=n_jobs, command=command,
                            progress=progress, raise_errors=raise_errors, exact=exact)
 

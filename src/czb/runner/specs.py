@@ -1,7 +1,7 @@
-"""YAML specs of datasets, models and tasks, validated with pydantic.
+"""YAML specs of datasets, models, tasks and benchmark suites, validated with pydantic.
 
 A spec file is a YAML mapping with any of the top-level sections ``datasets``,
-``models`` and ``tasks``; each maps a name to that entry's fields::
+``models``, ``tasks`` and ``suites``; each maps a name to that entry's fields::
 
     datasets:
       my_atlas:
@@ -297,7 +297,54 @@ class TaskSpec(_Spec):
         return self
 
 
-_SECTIONS: dict[str, type[_Spec]] = {"datasets": DatasetSpec, "models": ModelSpec, "tasks": TaskSpec}
+class SuiteSpec(_Spec):
+    """A benchmark suite for ``czb bench``: the matrix models × datasets × tasks × seeds,
+    plus the suites it includes (their matrices keep their own seeds)::
+
+        suites:
+          tabula_sapiens:
+            models: [scgpt, uce, scvi]
+            datasets: [tsv2_blood, tsv2_bladder]
+            tasks: [clustering, embedding, label_prediction, batch_integration]
+            seeds: [0, 1, 2]
+          everything:
+            includes: [tabula_sapiens, other_suites.yaml]
+
+    ``includes`` holds suite names, or YAML files (relative to this one) whose every
+    suite is included. ``tasks`` may name task suites (``perturbation_hierarchy``).
+    """
+
+    includes: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)
+    datasets: list[str] = Field(default_factory=list)
+    tasks: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    #: Add the baselines every comparison needs (``pca`` for embeddings), as ``czb run`` does.
+    baseline: bool = True
+    #: Exact neighbour graphs and silhouettes at any size (``true``), approximate ones
+    #: at any size (``false``), or by size (unset).
+    exact: bool | None = None
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> SuiteSpec:
+        axes = {"models": self.models, "datasets": self.datasets, "tasks": self.tasks}
+        given = [k for k, v in axes.items() if v]
+        if given and len(given) < 3:
+            missing = [k for k in axes if k not in given]
+            msg = f"a suite's matrix needs models, datasets and tasks; {' and '.join(missing)} missing"
+            raise ValueError(msg)
+        if not given and not self.includes:
+            msg = "a suite needs a matrix (models, datasets, tasks) or includes"
+            raise ValueError(msg)
+        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+            msg = f"seeds must be distinct non-negative integers, got {self.seeds}"
+            raise ValueError(msg)
+        return self
+
+
+_SECTIONS: dict[str, type[_Spec]] = {
+    "datasets": DatasetSpec, "models": ModelSpec, "tasks": TaskSpec, "suites": SuiteSpec,
+}
 
 
 def _format_validation_error(path: Path, section: str, name: str, error: ValidationError) -> str:
@@ -371,27 +418,56 @@ class Catalog:
         datasets: dict[str, DatasetSpec],
         models: dict[str, ModelSpec],
         tasks: dict[str, TaskSpec],
+        suites: dict[str, SuiteSpec] | None = None,
     ):
         self.datasets = datasets
         self.models = models
         self.tasks = tasks
+        self.suites = suites or {}
 
     @classmethod
-    def load(cls, extra_dirs: Iterable[Path] = (), *, include_bundled: bool = True) -> Catalog:
-        """Read the bundled specs, then ``CZB_CONFIG_PATH``, then ``extra_dirs``.
+    def load(
+        cls, extra_dirs: Iterable[Path] = (), *, include_bundled: bool = True, extra_files: Iterable[Path] = ()
+    ) -> Catalog:
+        """Read the bundled specs, then ``CZB_CONFIG_PATH``, then ``extra_dirs``, then
+        ``extra_files`` (e.g. a suite file with its own datasets and models).
 
-        Later folders override earlier ones entry by entry.
+        Later folders and files override earlier ones entry by entry.
         """
         from czb.settings import get_settings
 
         folders: list[Path] = [BUNDLED_CONFIG_DIR] if include_bundled else []
         folders += list(get_settings().config_path) + [Path(d) for d in extra_dirs]
         merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
-        for folder in folders:
-            for path in _spec_files(folder):
-                for section, entries in load_spec_file(path).items():
-                    merged[section].update(entries)
-        return cls(merged["datasets"], merged["models"], merged["tasks"])
+        for path in [p for folder in folders for p in _spec_files(folder)] + [Path(f) for f in extra_files]:
+            for section, entries in load_spec_file(path).items():
+                merged[section].update(entries)
+        return cls(merged["datasets"], merged["models"], merged["tasks"], merged["suites"])
+
+    def suite(self, name: str) -> SuiteSpec:
+        return self._get(self.suites, "suite", name)
+
+    def suite_matrices(self, name: str, seen: tuple[str, ...] = ()) -> list[SuiteSpec]:
+        """The suites with a matrix that running suite ``name`` runs: itself and
+        everything it includes, recursively (files included are read on the way)."""
+        if name in seen:
+            msg = f"suite {name!r} includes itself (via {' -> '.join(seen)})"
+            raise SpecError(msg)
+        suite = self.suite(name)
+        out = [suite] if suite.models else []
+        for included in suite.includes:
+            if Path(included).suffix in (".yaml", ".yml"):
+                base = Path(suite.source).parent if suite.source is not None else Path.cwd()
+                entries = load_spec_file(base / included)
+                for section, specs in entries.items():
+                    table = getattr(self, section)
+                    for spec_name, spec in specs.items():
+                        table.setdefault(spec_name, spec)  # the including file's entries win
+                for spec_name in entries.get("suites", {}):
+                    out += self.suite_matrices(spec_name, (*seen, name))
+            else:
+                out += self.suite_matrices(included, (*seen, name))
+        return out
 
     def dataset(self, name: str) -> DatasetSpec:
         return self._get(self.datasets, "dataset", name)
@@ -411,7 +487,7 @@ class Catalog:
 
     def resolve(self, kind: str, names: Sequence[str]) -> list[Any]:
         """Look up several names of one kind; ``"all"`` expands to every entry."""
-        table = {"dataset": self.datasets, "model": self.models, "task": self.tasks}[kind]
+        table = {"dataset": self.datasets, "model": self.models, "task": self.tasks, "suite": self.suites}[kind]
         if list(names) == ["all"]:
             specs = list(table.values())
         else:

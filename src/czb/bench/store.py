@@ -1,0 +1,226 @@
+"""Where a suite's units keep their outputs, shared by every worker: a folder, or an
+``s3://`` prefix.
+
+Layout under the store's root::
+
+    embeddings/<key>/embedding.npz   values (float32) and cell_index, when there is one
+    embeddings/<key>/unit.json       status, model and dataset provenance; written last
+    scores/<key>.json                one task, one seed: metrics, runtime, computation
+    failures/<key>.json              the last failure of a unit that ran out of retries
+    results/<dataset>__<model>__<task>__<key>.json   assembled result records
+    results/embeddings/*.npz         embedding samples for report maps
+    suite.json                       the plan the results came from
+
+Every file appears whole or not at all (a folder store writes a temporary file and
+renames it; an S3 object is written in one request), and a unit's output appears
+with its last file. Outputs are named by their unit's content key: a unit that runs
+twice (a retry after a lost worker whose first attempt finished after all) writes the
+same file twice, never two files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from czb.errors import CzbError
+
+UNIT_FILE = "unit.json"
+EMBEDDING_FILE = "embedding.npz"
+
+
+class StoreError(CzbError):
+    """The store cannot be read or written."""
+
+
+class Store(ABC):
+    """Files by relative path (``/``-separated); subclasses move the bytes."""
+
+    url: str
+
+    @abstractmethod
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write a whole file at once (readers see the old file or the new one)."""
+
+    @abstractmethod
+    def read_bytes(self, relative: str) -> bytes | None:
+        """A file's content, or ``None`` when there is no such file."""
+
+    @abstractmethod
+    def exists(self, relative: str) -> bool:
+        """Whether the file is there."""
+
+    @abstractmethod
+    def files(self, prefix: str) -> list[str]:
+        """Relative paths of every file under folder ``prefix``, at any depth."""
+
+    @abstractmethod
+    def delete(self, relative: str) -> None:
+        """Remove a file (nothing when it is not there)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    # typed ------------------------------------------------------------------------
+
+    def write_json(self, relative: str, value: Any) -> None:
+        self.write_bytes(relative, json.dumps(value, indent=1, sort_keys=True, default=str).encode())
+
+    def read_json(self, relative: str) -> Any:
+        data = self.read_bytes(relative)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            msg = f"{self.url}/{relative} is not valid JSON ({e}); delete it to redo its unit"
+            raise StoreError(msg) from None
+
+    def write_arrays(self, relative: str, **arrays: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self.write_bytes(relative, buffer.getvalue())
+
+    def read_arrays(self, relative: str) -> dict[str, np.ndarray]:
+        data = self.read_bytes(relative)
+        if data is None:
+            msg = f"{self.url}/{relative} is missing"
+            raise StoreError(msg)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError) as e:
+            msg = f"{self.url}/{relative} is not a readable .npz ({e}); delete its folder to redo its unit"
+            raise StoreError(msg) from None
+
+    # units ------------------------------------------------------------------------
+
+    def done_embeddings(self) -> set[str]:
+        """Keys of embed units whose output is complete."""
+        return {p.split("/")[1] for p in self.files("embeddings") if p.endswith(f"/{UNIT_FILE}")}
+
+    def done_scores(self) -> set[str]:
+        """Keys of score units whose output is there."""
+        return {p.split("/")[1].removesuffix(".json") for p in self.files("scores") if p.endswith(".json")}
+
+
+class LocalStore(Store):
+    """A store in a folder (a local disk, or a file system every node mounts)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            msg = f"cannot create the store folder {self.root}: {e.strerror}"
+            raise StoreError(msg) from e
+        self.url = str(self.root)
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        from czb.runner.results import write_atomically
+
+        write_atomically(self.root / relative, data, what="store file")
+
+    def read_bytes(self, relative: str) -> bytes | None:
+        try:
+            return (self.root / relative).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, relative: str) -> bool:
+        return (self.root / relative).is_file()
+
+    def files(self, prefix: str) -> list[str]:
+        folder = self.root / prefix
+        return [p.relative_to(self.root).as_posix() for p in folder.rglob("*")
+                if p.is_file() and not p.name.startswith(".")]
+
+    def delete(self, relative: str) -> None:
+        (self.root / relative).unlink(missing_ok=True)
+
+
+class S3Store(Store):
+    """A store under an ``s3://bucket/prefix``, written with the default AWS credentials
+    (endpoint: the ``CZB_S3_ENDPOINT_URL`` setting, for S3-compatible servers)."""
+
+    def __init__(self, url: str):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            msg = f"store {url!r}: an S3 store must look like s3://bucket/prefix"
+            raise StoreError(msg)
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client: Any = None
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            import boto3
+
+            from czb.settings import get_settings
+
+            self._client = boto3.session.Session().client("s3", endpoint_url=get_settings().s3_endpoint_url)
+        return self._client
+
+    def _key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def _request(self, what: str, call: Any, *, missing_ok: bool = False) -> Any:
+        """``call()``, with S3's errors as :class:`StoreError` (``None`` for a missing
+        object when ``missing_ok``)."""
+        import botocore.exceptions
+
+        try:
+            return call()
+        except botocore.exceptions.ClientError as e:
+            if missing_ok and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            msg = f"{self.url}: cannot {what}: {e}"
+            raise StoreError(msg) from e
+        except botocore.exceptions.BotoCoreError as e:
+            msg = f"{self.url}: cannot {what}: {e}"
+            raise StoreError(msg) from e
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        key = self._key(relative)
+        self._request(f"write {relative}", lambda: self._s3().put_object(Bucket=self.bucket, Key=key, Body=data))
+
+    def read_bytes(self, relative: str) -> bytes | None:
+        key = self._key(relative)
+        found = self._request(f"read {relative}", lambda: self._s3().get_object(Bucket=self.bucket, Key=key),
+                              missing_ok=True)
+        return None if found is None else found["Body"].read()
+
+    def exists(self, relative: str) -> bool:
+        key = self._key(relative)
+        return self._request(f"look for {relative}", lambda: self._s3().head_object(Bucket=self.bucket, Key=key),
+                             missing_ok=True) is not None
+
+    def files(self, prefix: str) -> list[str]:
+        root = self._key(prefix.strip("/")) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root)
+        out = []
+        for page in self._request(f"list {prefix}", lambda: list(pages)):
+            out += [item["Key"][strip:] for item in page.get("Contents", [])]
+        return out
+
+    def delete(self, relative: str) -> None:
+        key = self._key(relative)
+        self._request(f"delete {relative}", lambda: self._s3().delete_object(Bucket=self.bucket, Key=key))
+
+
+def open_store(url: str | os.PathLike[str]) -> Store:
+    """The store at ``url``: ``s3://bucket/prefix``, or a folder (path or ``file://``)."""
+    text = str(url)
+    if text.startswith("s3://"):
+        return S3Store(text)
+    if "://" in text and not text.startswith("file://"):
+        msg = f"store {text!r}: use a folder every worker can reach, or an s3:// prefix"
+        raise StoreError(msg)
+    return LocalStore(text.removeprefix("file://"))

@@ -1,0 +1,209 @@
+"""What a worker runs: one embed unit, or the score units of one embedding (or group).
+
+These functions run in worker processes (local or on a Ray node); they read the
+dataset from its URI (each node's cache) and write their outputs to the store, and
+return only a small summary. A unit that fails raises :class:`UnitFailed` (or dies
+with its worker) and is retried by the suite runner.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from czb.bench.plan import EmbedUnit, ScoreUnit
+from czb.bench.store import EMBEDDING_FILE, UNIT_FILE, open_store
+from czb.errors import CzbError
+
+
+class UnitFailed(CzbError):
+    """A unit ran but did not produce its output (the model or task failed).
+
+    Attributes
+    ----------
+    key
+        The unit's key.
+    log_tail
+        The model container's last log lines, when there are any.
+    """
+
+    def __init__(self, key: str, message: str, *, log_tail: Sequence[str] = ()):
+        super().__init__(message)
+        self.key = key
+        self.log_tail = list(log_tail)
+
+    def __reduce__(self):  # keyword-only arguments survive pickling between processes
+        return _unit_failed, (self.key, str(self), self.log_tail)
+
+
+def _unit_failed(key: str, message: str, log_tail: list[str]) -> UnitFailed:
+    return UnitFailed(key, message, log_tail=log_tail)
+
+
+def _load(spec: Any, offline: bool | None) -> Any:
+    from czb.runner.datasets import load_dataset, validate_dataset
+
+    ds = load_dataset(spec, offline=offline)
+    validate_dataset(ds)
+    return ds
+
+
+def _check_checksum(ds: Any, unit: EmbedUnit) -> None:
+    planned = unit.parts["dataset"]["sha256"]
+    if ds.sha256 is not None and ds.sha256 != planned:
+        msg = (f"dataset {ds.name!r} changed since the suite was planned "
+               f"(sha256 {ds.sha256}, planned {planned}); plan the suite again")
+        raise CzbError(msg)
+
+
+def assigned_gpus(unit: EmbedUnit) -> str | None:
+    """The GPUs the executor gave this job (``CUDA_VISIBLE_DEVICES``, as Ray and the local
+    executor set it) as a docker ``--gpus`` value, so the container uses those and no
+    others; ``None``: as the model spec says."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not unit.gpus or visible is None:
+        return None
+    ids = [i for i in visible.split(",") if i.strip()]
+    return f"device={','.join(ids)}" if ids else "none"
+
+
+def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = None) -> dict[str, Any]:
+    """Embed the unit's dataset with its model; write the embedding, then ``unit.json``.
+
+    A model that does not apply to the dataset is an outcome (``not_applicable``), not
+    a failure. Returns ``{"status", "runtime_s"}``.
+    """
+    from czb.runner import results as R
+    from czb.runner.embeddings import source_for_model
+    from czb.runner.run import dataset_record, dataset_roles, embed_dataset
+
+    from czb.runner.containers import RunOptions
+
+    store = open_store(store_url)
+    ds = _load(unit.dataset, offline)
+    _check_checksum(ds, unit)
+    # Container logs are kept with the run (its tail in the unit's provenance), not streamed:
+    # many units share the terminal.
+    options = RunOptions(gpus=assigned_gpus(unit), log=lambda _line: None)
+    embedded = embed_dataset(source_for_model(unit.model, options), ds, seed=unit.seed)
+    if embedded.status == "failed":
+        raise UnitFailed(unit.key, embedded.error or "the model failed",
+                         log_tail=embedded.model.get("info", {}).get("log_tail", []))
+    folder = f"embeddings/{unit.key}"
+    meta: dict[str, Any] = {
+        "key": unit.key, "status": embedded.status, "error": embedded.error, "model": embedded.model,
+        "dataset": dataset_record(ds).model_dump(mode="json"), "runtime_s": embedded.runtime_s,
+        "parts": unit.parts, "host": socket.gethostname(), "finished_at": R.now_utc(),
+    }
+    if embedded.embedding is not None:
+        emb = embedded.embedding
+        arrays = {"values": emb.values}
+        if emb.cell_index is not None:
+            arrays["cell_index"] = emb.cell_index
+        store.write_arrays(f"{folder}/{EMBEDDING_FILE}", **arrays)
+        roles = dataset_roles(ds, emb.cell_index)  # maps in reports: a sample beside the results
+        sample, payload = R.embedding_sample(emb.values, dataset=ds.name, model=unit.model.name,
+                                             labels=roles.get("labels"), batches=roles.get("batch"))
+        store.write_bytes(f"results/{sample}", payload)
+        meta["embedding_sample"] = sample
+    store.write_json(f"{folder}/{UNIT_FILE}", meta)  # last: the unit is done
+    return {"status": embedded.status, "runtime_s": embedded.runtime_s}
+
+
+def run_score_units(
+    units: Sequence[ScoreUnit],
+    store_url: str,
+    *,
+    n_jobs: int = 1,
+    offline: bool | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Score every unit (all on the same embedding, or the same group's stacked
+    embeddings) with one shared evaluation context, so the neighbour graph and other
+    shared values are computed once.
+
+    Each finished unit's output is written as soon as it is known, so a job that dies
+    halfway keeps what it finished. Returns ``{key: {"status", "error", "runtime_s"}}``;
+    a failed task is reported there (and not written), not raised.
+    """
+    from czb.evaluation.context import EvaluationContext, run_task
+    from czb.runner import results as R
+    from czb.runner.run import build_tasks
+
+    if len({u.embed_keys for u in units}) != 1:
+        msg = "a score job reads one embedding (or one group's); these units read several"
+        raise CzbError(msg)
+    store = open_store(store_url)
+    planned = build_tasks([u.task for u in units])
+    reads_expression = any("expression" in p.task.info.requires for p in planned)
+    values, roles, expression, relationship_sources = _scoring_input(units[0], store, offline,
+                                                                     expression=reads_expression)
+    context = EvaluationContext(
+        values,
+        labels=roles.pop("labels"),
+        batches=roles.pop("batch", None),
+        roles={k: v for k, v in roles.items() if v is not None},
+        expression=expression,
+        relationship_sources=relationship_sources,
+        n_jobs=n_jobs,
+        exact=units[0].exact,
+    )
+    context.plan(p.task for p in planned)
+    outcomes: dict[str, dict[str, Any]] = {}
+    for unit, p in zip(units, planned):
+        result = run_task(p.task, context, [unit.seed])
+        outcomes[unit.key] = {"status": result.status, "error": result.error, "runtime_s": result.runtime_s}
+        if result.status == "failed":
+            continue
+        store.write_json(f"scores/{unit.key}.json", {
+            "key": unit.key, "status": result.status, "error": result.error, "seed": unit.seed,
+            "metrics": [{"name": m.name, "value": _plain(m.values_raw[0]), "params": m.params,
+                         "ci95": list(m.ci95) if m.ci95 is not None else None} for m in result.metrics],
+            "runtime_s": result.runtime_s, "peak_memory_mb": result.peak_memory_mb,
+            "computation": result.computation, "parts": unit.parts,
+            "host": R.host_record().model_dump(mode="json"), "finished_at": R.now_utc(),
+        })
+    return outcomes
+
+
+def _scoring_input(
+    unit: ScoreUnit, store: Any, offline: bool | None, *, expression: bool
+) -> tuple[Any, dict[str, Any], Any, Any]:
+    """What the unit scores: ``(values, roles, expression, relationship_sources)``; for a
+    group, the members' embeddings stacked (:func:`czb.runner.run.stack_members`), with
+    no expression (no task over several datasets reads it)."""
+    from czb.runner.embeddings import Embedding
+    from czb.runner.run import (
+        Embedded, GroupMember, dataset_expression, dataset_record, dataset_roles, stack_members,
+    )
+
+    members = []
+    for key, spec in zip(unit.embed_keys, unit.datasets):
+        arrays = store.read_arrays(f"embeddings/{key}/{EMBEDDING_FILE}")
+        meta = store.read_json(f"embeddings/{key}/{UNIT_FILE}") or {}
+        ds = _load(spec, offline)
+        embedded_from = meta.get("dataset", {}).get("sha256")
+        if embedded_from is not None and ds.sha256 != embedded_from:
+            msg = (f"dataset {ds.name!r} changed since it was embedded (sha256 {ds.sha256}, embedded "
+                   f"{embedded_from}); plan the suite again")
+            raise CzbError(msg)
+        embedding = Embedding(values=arrays["values"], model=unit.model, kind="stored",
+                              cell_index=arrays.get("cell_index"))
+        if len(unit.embed_keys) == 1:
+            return (embedding.values, dataset_roles(ds, embedding.cell_index),
+                    dataset_expression(ds, embedding.cell_index) if expression else None,
+                    ds.spec.relationship_sources)
+        members.append(GroupMember(dataset_record(ds), Embedded(meta.get("model", {}), embedding),
+                                   dataset_roles(ds, embedding.cell_index)))
+        del ds  # a member's AnnData is not kept
+    _, stacked, roles = stack_members(members)
+    if stacked.embedding is None:
+        raise CzbError(stacked.error or "the group's embeddings cannot be stacked")
+    return stacked.embedding.values, roles, None, None
+
+
+def _plain(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
