@@ -88,10 +88,7 @@ def test_bad_suites_fail_before_anything_runs(catalog, tmp_path):
                                         tasks=["cross_species_integration"])
     with pytest.raises(CzbError, match="give two or more"):
         plan_suite(catalog, "cross")
-    catalog.suites["predict"] = SuiteSpec(name="predict", models=["random"], datasets=["synthetic_perturbations"],
-                                          tasks=["perturbation_expression_shift"])
-    with pytest.raises(CzbError, match="not supported yet"):
-        plan_suite(catalog, "predict")
+
 
 
 def test_bundled_suites_name_known_models_datasets_and_tasks():
@@ -100,12 +97,15 @@ def test_bundled_suites_name_known_models_datasets_and_tasks():
     catalog = Catalog.load()
     assert {"cz_benchmarks", "perturbation_analysis", "smoke"} <= set(catalog.suites)
     matrices = {m.name: m for m in catalog.suite_matrices("cz_benchmarks")}
-    assert set(matrices) == {"cz_benchmarks_cell_atlas", "cz_benchmarks_cross_species", "cz_benchmarks_sequential"}
+    assert set(matrices) == {"cz_benchmarks_cell_atlas", "cz_benchmarks_cross_species", "cz_benchmarks_sequential",
+                             "cz_benchmarks_perturbation_masked_gene", "cz_benchmarks_perturbation_expression_shift"}
     assert len(matrices["cz_benchmarks_cell_atlas"].datasets) == 26
     for name in catalog.suites:
         for matrix in catalog.suite_matrices(name):
-            _, models, tasks, _ = resolve_matrix(catalog, matrix)
-            assert "pca" in {m.name for m in models}
+            _, models, tasks, built = resolve_matrix(catalog, matrix)
+            predicts = any(b.info.kind == "perturbation" for b in built.values())
+            baselines = {"control_mean", "additive_linear"} if predicts else {"pca"}
+            assert baselines <= {m.name for m in models}
     _, _, tasks, _ = resolve_matrix(catalog, catalog.suite("perturbation_analysis"))
     assert len(tasks) == 6  # the hierarchy's six levels
 
@@ -171,6 +171,22 @@ def test_tasks_over_several_datasets_score_the_stacked_embeddings(catalog, tmp_p
                            tasks=["cross_species_integration"], models=["random"], seeds=(0, 1))
     for r in direct:
         assert [m.values_raw for m in r.metrics] == [m.values_raw for m in cross[r.model.name].metrics]
+
+
+def test_perturbation_predictors_are_scored_like_czb_run(catalog, tmp_path):
+    from czb.runner.run import run_benchmark
+
+    plan = plan_suite(catalog, "perturbations")
+    assert not plan.embeds  # predictors read no embedding; the embedding model gets no units
+    assert {u.model for u in plan.scores.values()} == {"control_mean", "additive_linear"}
+    outcome = run(catalog, "perturbations", tmp_path / "store")
+    assert outcome.complete and all(r.status == "ok" for r in outcome.records), [r.error for r in outcome.records]
+    ours = {r.model.name: r for r in outcome.records}
+    direct = run_benchmark(catalog, datasets=["synthetic_perturbations"], tasks=["perturbation_expression_shift"],
+                           models=["control_mean"], seeds=(0, 1))
+    for r in direct:
+        assert ours[r.model.name].dataset.sha256 == r.dataset.sha256
+        assert [m.values_raw for m in r.metrics] == [m.values_raw for m in ours[r.model.name].metrics]
 
 
 @pytest.mark.filterwarnings("ignore::czb.bench.plan.BenchWarning")
@@ -273,9 +289,9 @@ def test_a_gpu_model_uses_the_gpus_it_was_given(catalog, monkeypatch):
     gpu_unit = cpu_unit.__class__(cpu_unit.key, catalog.model("scgpt"), cpu_unit.dataset, 0, cpu_unit.parts)
     assert gpu_unit.gpus == 1
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert assigned_gpus(gpu_unit) is None  # as the spec says
+    assert assigned_gpus(True) is None  # as the spec says
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert assigned_gpus(gpu_unit) == "device=2,3" and assigned_gpus(cpu_unit) is None
+    assert assigned_gpus(gpu_unit.gpus == 1) == "device=2,3" and assigned_gpus(bool(cpu_unit.gpus)) is None
     (request,) = _device_requests("device=2,3")
     assert request["DeviceIDs"] == ["2", "3"] and request["Count"] in (None, 0)
 

@@ -10,7 +10,9 @@ Two kinds of unit:
   once); a task over several datasets (cross-species) scores the stacked embeddings of
   every dataset of its suite. Its key adds the task's implementation and validated
   parameters, the datasets' annotations (label and batch columns...), the seed and
-  czb's version.
+  czb's version. A perturbation task scores a predictor (a model with ``output:
+  predictions``), which runs inside the unit: its key holds the predictor's identity and
+  the dataset's checksum instead of an embedding's key.
 
 A unit whose output is in the store is done and never runs again, so an interrupted
 suite resumes where it stopped, a task added to a suite reuses its embeddings, and two
@@ -75,7 +77,8 @@ class EmbedUnit:
 @dataclass(frozen=True)
 class ScoreUnit:
     """Score ``task`` with one seed on the embeddings of units ``embed_keys``: one
-    dataset's, or for a task over several datasets (cross-species) each member's, stacked."""
+    dataset's, or for a task over several datasets (cross-species) each member's, stacked;
+    for a perturbation task, on the predictions of ``predictor`` (no embedding)."""
 
     key: str
     embed_keys: tuple[str, ...]
@@ -85,6 +88,8 @@ class ScoreUnit:
     seed: int
     exact: bool | None
     parts: dict[str, Any] = field(compare=False, repr=False)
+    #: For a perturbation task: the predictor it runs and scores (it reads no embedding).
+    predictor: ModelSpec | None = field(default=None, repr=False)
 
     kind = "score"
 
@@ -205,9 +210,21 @@ def plan_suite(
             raise CzbError(msg)
 
     for matrix, datasets, models, tasks, built in resolved:
+        kinds = {t.name: built[t.name].info.kind for t in tasks}
         for model in models:
             if model.name not in identities:
                 identities[model.name] = model_identity(model, resolve_images=resolve_images)
+            if model.output == "predictions":  # scored on perturbation tasks only
+                for ds in datasets:
+                    dataset = {"sha256": checksums[ds.name], **ds.model_dump(
+                        mode="json", exclude=set(DESCRIPTIVE_DATASET_FIELDS))}
+                    for task in tasks:
+                        if kinds[task.name] == "perturbation":
+                            add(_predict_units(model, identities[model.name], ds, dataset, task, built[task.name],
+                                               matrix))
+                continue
+            if not any(kind != "perturbation" for kind in kinds.values()):
+                continue
             members = []
             for ds in datasets:
                 embed_dataset = {"sha256": checksums[ds.name],
@@ -217,13 +234,29 @@ def plan_suite(
                                                EmbedUnit(content_key(parts), model, ds, matrix.seeds[0], parts))
                 members.append(embed)
                 for task in tasks:
-                    if built[task.name].info.kind == "cell":
+                    if kinds[task.name] == "cell":
                         add(_score_units((embed,), task, built[task.name], matrix))
             for task in tasks:
-                if built[task.name].info.kind == "multi_dataset":
+                if kinds[task.name] == "multi_dataset":
                     add(_score_units(tuple(members), task, built[task.name], matrix))
     plan.records = list(records.values())
     return plan
+
+
+def _predict_units(
+    model: ModelSpec, identity: dict[str, Any], ds: DatasetSpec, dataset: dict[str, Any], task: TaskSpec,
+    built: Any, matrix: SuiteSpec,
+) -> list[ScoreUnit]:
+    """A perturbation task's units for one predictor on one dataset, one per seed."""
+    seeds = matrix.seeds if built.info.stochastic else matrix.seeds[:1]
+    units = []
+    for seed in seeds:
+        parts = {
+            "predictor": identity, "dataset": dataset, "task": task.implementation,
+            "parameters": built.params.model_dump(mode="json"), "seed": seed, "czb_version": czb.__version__,
+        }
+        units.append(ScoreUnit(content_key(parts), (), model.name, (ds,), task, seed, None, parts, predictor=model))
+    return units
 
 
 def _score_units(
@@ -248,39 +281,30 @@ def resolve_matrix(
     catalog: Catalog, matrix: SuiteSpec
 ) -> tuple[list[DatasetSpec], list[ModelSpec], list[TaskSpec], dict[str, Any]]:
     """A suite's datasets, models (baselines added) and tasks (task suites expanded), and
-    each task built with its parameters; unknown names, bad parameters and tasks czb
-    bench cannot run raise here."""
+    each task built with its parameters; unknown names and bad parameters raise here."""
     from czb.evaluation.registry import get_task
 
     datasets = catalog.resolve("dataset", matrix.datasets)
-    models = catalog.resolve("model", _with_baselines(matrix))
     tasks = catalog.resolve("task", matrix.tasks)
     built = {t.name: get_task(t.implementation)(**t.parameters) for t in tasks}
-    unsupported = [t.name for t in tasks if built[t.name].info.kind == "perturbation"]
-    if unsupported:
-        msg = (f"suite {matrix.name!r}: czb bench scores embeddings; {', '.join(unsupported)} score "
-               "perturbation predictors and are not supported yet (run them with czb run)")
-        raise CzbError(msg)
+    models = catalog.resolve("model", _with_baselines(matrix, (b.info.kind for b in built.values())))
     multi = [t.name for t in tasks if built[t.name].info.kind == "multi_dataset"]
     if multi and len(datasets) < 2:
         msg = f"suite {matrix.name!r}: {', '.join(multi)} compare several datasets; give two or more"
         raise CzbError(msg)
-    predictors = [m.name for m in models if m.output != "embedding"]
-    if predictors:
-        msg = f"suite {matrix.name!r}: {', '.join(predictors)} predict perturbations; czb bench scores embeddings"
-        raise CzbError(msg)
     return datasets, models, tasks, built
 
 
-def _with_baselines(matrix: SuiteSpec) -> list[str]:
+def _with_baselines(matrix: SuiteSpec, kinds: Iterable[str]) -> list[str]:
+    """The matrix's models plus the baselines its tasks are compared with, as ``czb run``
+    adds them: PCA for embeddings, the simple predictors for perturbation predictions."""
+    from czb.runner.predictors import BASELINE_PREDICTORS
     from czb.runner.run import BASELINE_MODEL
 
+    kinds = set(kinds)
     models = list(matrix.models)
-    if matrix.baseline and BASELINE_MODEL not in models:
-        models.append(BASELINE_MODEL)
+    if matrix.baseline:
+        wanted = ([BASELINE_MODEL] if kinds - {"perturbation"} else []) + (
+            list(BASELINE_PREDICTORS) if "perturbation" in kinds else [])
+        models += [m for m in wanted if m not in models]
     return models
-
-
-def units_of(plan: Plan) -> Iterable[EmbedUnit | ScoreUnit]:
-    yield from plan.embeds.values()
-    yield from plan.scores.values()

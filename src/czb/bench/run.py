@@ -116,6 +116,11 @@ class _SuiteRun:
         self.running_units: dict[int, int] = {}  # id(job) -> units in it
 
     def start(self) -> None:
+        predictions: dict[tuple[str, str], list[ScoreUnit]] = defaultdict(list)
+        for unit in self.waiting.pop((), []):  # perturbation tasks: they read no embedding
+            predictions[unit.model, unit.dataset_name].append(unit)
+        for units in predictions.values():
+            self.submit_scores(units)
         for key in self.plan.embeds:
             if key in self.done_embeds:
                 self.embedding_ready(key)
@@ -137,8 +142,11 @@ class _SuiteRun:
         units = sorted(units, key=lambda u: (u.task.name, u.seed))  # a task's seeds share memoised values
         label = f"{units[0].dataset_name}/{units[0].model}: {len(units)} score unit(s)"
         kwargs = {"n_jobs": self.n_jobs, "offline": self.offline}
+        predictor = units[0].predictor  # a perturbation predictor runs inside the job: its needs count
+        gpus = 1 if predictor is not None and predictor.resources.gpu else 0
+        memory_gb = predictor.resources.memory_gb if predictor is not None else None
         self._submit(Job(run_score_units, (units, self.store.url), kwargs, label=label, cpus=self.n_jobs,
-                         tag=("score", [u.key for u in units])), len(units))
+                         gpus=gpus, memory_gb=memory_gb, tag=("score", [u.key for u in units])), len(units))
 
     def embedding_ready(self, key: str) -> None:
         """Start (or settle) the score units whose embeddings are now all done."""
@@ -253,14 +261,16 @@ def assemble_records(plan: Plan, store: Store, *, command: str = "") -> list[R.R
 
 
 def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultRecord:
-    from czb.evaluation.context import TaskResult, aggregate
+    from czb.evaluation.context import TaskResult
     from czb.evaluation.registry import get_task
-    from czb.evaluation.tasks.base import MetricValue
     from czb.runner.run import PlannedTask, group_model, group_record, result_record
 
+    first = plan.scores[rp.score_keys[0]]
+    planned = PlannedTask(first.task, get_task(first.task.implementation)(**first.task.parameters))
+    pieces = [store.read_json(f"scores/{k}.json") for k in rp.score_keys]
+    if first.predictor is not None:
+        return _predictor_record(rp, first, planned, pieces, store, command)
     embeds = [plan.embeds[k] for k in rp.embed_keys]
-    task_spec = plan.scores[rp.score_keys[0]].task
-    planned = PlannedTask(task_spec, get_task(task_spec.implementation)(**task_spec.parameters))
     metas = [store.read_json(f"embeddings/{k}/{UNIT_FILE}") for k in rp.embed_keys]
     datasets = [R.DatasetRecord.model_validate(m["dataset"]) if m else
                 R.DatasetRecord(name=e.dataset.name, uri=e.dataset.uri, sha256=e.parts["dataset"]["sha256"],
@@ -272,7 +282,6 @@ def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultR
     grouped = len(embeds) > 1
     dataset = group_record(datasets) if grouped else datasets[0]
     model = group_model([d.name for d in datasets], models) if grouped else models[0]
-    pieces = [store.read_json(f"scores/{k}.json") for k in rp.score_keys]
     if any(m is None for m in metas):
         reasons = []
         for e, key, meta in zip(embeds, rp.embed_keys, metas):
@@ -283,26 +292,49 @@ def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultR
                 if failure and failure.get("log_tail") and not grouped:
                     model["info"] = {"log_tail": failure["log_tail"]}
         result = TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="embedding failed: " + "; ".join(reasons))
-    elif any(p is None for p in pieces):
-        reasons = []
-        for seed, key, piece in zip(rp.seeds, rp.score_keys, pieces):
-            if piece is None:
-                failure = store.read_json(f"failures/{key}.json")
-                reasons.append(f"seed {seed}: " + (failure["error"] if failure else "the suite did not finish"))
-        result = TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="; ".join(reasons))
-    elif any(p["status"] != "ok" for p in pieces):
-        odd = next(p for p in pieces if p["status"] != "ok")
-        result = TaskResult(rp.task, odd["status"], seeds=list(rp.seeds), error=odd["error"])
     else:
-        values = [MetricValue(m["name"], float("nan") if m["value"] is None else m["value"], m["params"],
-                              tuple(m["ci95"]) if m["ci95"] is not None else None)
-                  for p in pieces for m in p["metrics"]]
-        result = TaskResult(rp.task, "ok", aggregate(values), list(rp.seeds),
-                            runtime_s=sum(p["runtime_s"] for p in pieces),
-                            peak_memory_mb=max(p["peak_memory_mb"] for p in pieces),
-                            computation=pieces[0]["computation"])
+        result = _task_result(rp, pieces, store)
     record = result_record(dataset=dataset, model=model, planned=planned, result=result, command=command,
                            embedding_runtime_s=sum(m["runtime_s"] for m in metas if m))
     if not grouped and metas[0] and metas[0].get("embedding_sample"):
         record.embedding_sample = metas[0]["embedding_sample"]
     return record
+
+
+def _task_result(rp: RecordPlan, pieces: list[Any], store: Store) -> Any:
+    """The outcome over a record's seeds: its score units' outputs, or why some are missing."""
+    from czb.evaluation.context import TaskResult, aggregate
+    from czb.evaluation.tasks.base import MetricValue
+
+    if any(p is None for p in pieces):
+        reasons = []
+        for seed, key, piece in zip(rp.seeds, rp.score_keys, pieces):
+            if piece is None:
+                failure = store.read_json(f"failures/{key}.json")
+                reasons.append(f"seed {seed}: " + (failure["error"] if failure else "the suite did not finish"))
+        return TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="; ".join(reasons))
+    if any(p["status"] != "ok" for p in pieces):
+        odd = next(p for p in pieces if p["status"] != "ok")
+        return TaskResult(rp.task, odd["status"], seeds=list(rp.seeds), error=odd["error"])
+    values = [MetricValue(m["name"], float("nan") if m["value"] is None else m["value"], m["params"],
+                          tuple(m["ci95"]) if m["ci95"] is not None else None)
+              for p in pieces for m in p["metrics"]]
+    return TaskResult(rp.task, "ok", aggregate(values), list(rp.seeds),
+                      runtime_s=sum(p["runtime_s"] for p in pieces),
+                      peak_memory_mb=max(p["peak_memory_mb"] for p in pieces),
+                      computation=pieces[0]["computation"])
+
+
+def _predictor_record(rp: RecordPlan, unit: ScoreUnit, planned: Any, pieces: list[Any], store: Store,
+                      command: str) -> R.ResultRecord:
+    """The record of a perturbation predictor: dataset and model as its units saw them."""
+    from czb.runner.run import result_record
+
+    seen = next((p for p in pieces if p is not None and p.get("dataset")), None)
+    ds, predictor = unit.datasets[0], unit.predictor
+    dataset = (R.DatasetRecord.model_validate(seen["dataset"]) if seen else
+               R.DatasetRecord(name=ds.name, uri=ds.uri, sha256=unit.parts["dataset"]["sha256"], n_cells=0, n_genes=0))
+    model = seen["model"] if seen else {"name": predictor.name, "kind": predictor.kind,
+                                        "parameters": predictor.parameters, "info": {}}
+    return result_record(dataset=dataset, model=model, planned=planned, result=_task_result(rp, pieces, store),
+                         command=command, embedding_runtime_s=0.0)

@@ -60,12 +60,12 @@ def _check_checksum(ds: Any, unit: EmbedUnit) -> None:
         raise CzbError(msg)
 
 
-def assigned_gpus(unit: EmbedUnit) -> str | None:
+def assigned_gpus(wants_gpu: bool) -> str | None:
     """The GPUs the executor gave this job (``CUDA_VISIBLE_DEVICES``, as Ray and the local
     executor set it) as a docker ``--gpus`` value, so the container uses those and no
     others; ``None``: as the model spec says."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if not unit.gpus or visible is None:
+    if not wants_gpu or visible is None:
         return None
     ids = [i for i in visible.split(",") if i.strip()]
     return f"device={','.join(ids)}" if ids else "none"
@@ -88,7 +88,7 @@ def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = No
     _check_checksum(ds, unit)
     # Container logs are kept with the run (its tail in the unit's provenance), not streamed:
     # many units share the terminal.
-    options = RunOptions(gpus=assigned_gpus(unit), log=lambda _line: None)
+    options = RunOptions(gpus=assigned_gpus(bool(unit.gpus)), log=lambda _line: None)
     embedded = embed_dataset(source_for_model(unit.model, options), ds, seed=unit.seed)
     if embedded.status == "failed":
         raise UnitFailed(unit.key, embedded.error or "the model failed",
@@ -129,29 +129,31 @@ def run_score_units(
     halfway keeps what it finished. Returns ``{key: {"status", "error", "runtime_s"}}``;
     a failed task is reported there (and not written), not raised.
     """
-    from czb.evaluation.context import EvaluationContext, run_task
-    from czb.runner import results as R
-    from czb.runner.run import build_tasks
+    from czb.runner.run import build_tasks, embedding_context
 
     if len({u.embed_keys for u in units}) != 1:
         msg = "a score job reads one embedding (or one group's); these units read several"
         raise CzbError(msg)
     store = open_store(store_url)
     planned = build_tasks([u.task for u in units])
+    if units[0].predictor is not None:
+        return _score_predictions(units, planned, store, n_jobs=n_jobs, offline=offline)
     reads_expression = any("expression" in p.task.info.requires for p in planned)
     values, roles, expression, relationship_sources = _scoring_input(units[0], store, offline,
                                                                      expression=reads_expression)
-    context = EvaluationContext(
-        values,
-        labels=roles.pop("labels"),
-        batches=roles.pop("batch", None),
-        roles={k: v for k, v in roles.items() if v is not None},
-        expression=expression,
-        relationship_sources=relationship_sources,
-        n_jobs=n_jobs,
-        exact=units[0].exact,
-    )
+    context = embedding_context(values, roles, expression=expression, relationship_sources=relationship_sources,
+                                n_jobs=n_jobs, exact=units[0].exact)
     context.plan(p.task for p in planned)
+    return _run_units(units, planned, context, store)
+
+
+def _run_units(units: Sequence[ScoreUnit], planned: Sequence[Any], context: Any, store: Any,
+               extra: Any = None) -> dict[str, dict[str, Any]]:
+    """Each unit's task on ``context`` with its seed, its output written as soon as it is
+    known (with ``extra()``'s fields, read after the task)."""
+    from czb.evaluation.context import run_task
+    from czb.runner import results as R
+
     outcomes: dict[str, dict[str, Any]] = {}
     for unit, p in zip(units, planned):
         result = run_task(p.task, context, [unit.seed])
@@ -165,8 +167,43 @@ def run_score_units(
             "runtime_s": result.runtime_s, "peak_memory_mb": result.peak_memory_mb,
             "computation": result.computation, "parts": unit.parts,
             "host": R.host_record().model_dump(mode="json"), "finished_at": R.now_utc(),
+            **(extra() if extra else {}),
         })
     return outcomes
+
+
+def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[Any], store: Any, *, n_jobs: int,
+                       offline: bool | None) -> dict[str, dict[str, Any]]:
+    """Perturbation tasks on one predictor and dataset: the predictor runs inside them."""
+    from czb.errors import NotApplicableError
+    from czb.evaluation.tasks.genetic_perturbation_prediction import PerturbationContext
+    from czb.runner.containers import RunOptions
+    from czb.runner.predictors import perturbation_data, predictor_for_model
+    from czb.runner.run import dataset_record
+
+    spec = units[0].predictor
+    ds = _load(units[0].datasets[0], offline)
+    if ds.sha256 is not None and ds.sha256 != units[0].parts["dataset"]["sha256"]:
+        msg = f"dataset {ds.name!r} changed since the suite was planned; plan the suite again"
+        raise CzbError(msg)
+    source = predictor_for_model(spec, RunOptions(gpus=assigned_gpus(spec.resources.gpu), log=lambda _l: None))
+    dataset = dataset_record(ds).model_dump(mode="json")
+
+    def described() -> dict[str, Any]:  # a docker predictor knows its image once it has run
+        return {"dataset": dataset, "model": {**source.describe(), "info": {}}}
+
+    try:
+        if hasattr(source, "bind"):  # a docker predictor: organism and input checks first
+            source.bind(ds)
+    except NotApplicableError as e:
+        for unit in units:
+            store.write_json(f"scores/{unit.key}.json", {
+                "key": unit.key, "status": "not_applicable", "error": str(e), "seed": unit.seed, "metrics": [],
+                "runtime_s": 0.0, "peak_memory_mb": 0.0, "computation": {}, "parts": unit.parts, **described(),
+            })
+        return {u.key: {"status": "not_applicable", "error": str(e), "runtime_s": 0.0} for u in units}
+    context = PerturbationContext(perturbation_data(ds), source, n_jobs=n_jobs)
+    return _run_units(units, planned, context, store, extra=described)
 
 
 def _scoring_input(

@@ -192,6 +192,30 @@ def _unscored(embedded: Embedded, dataset: R.DatasetRecord, planned: Sequence[Pl
     ]
 
 
+def embedding_context(
+    values: np.ndarray,
+    roles: dict[str, np.ndarray | None],
+    *,
+    expression: Any = None,
+    relationship_sources: Sequence[str] | None = None,
+    n_jobs: int = 1,
+    exact: bool | None = None,
+) -> EvaluationContext:
+    """The evaluation context of an embedding whose rows ``roles`` annotate (``labels``,
+    ``batch`` or ``None``, and any extra role)."""
+    roles = dict(roles)
+    return EvaluationContext(
+        values,
+        labels=roles.pop("labels"),
+        batches=roles.pop("batch", None),
+        roles={k: v for k, v in roles.items() if v is not None},
+        expression=expression,
+        relationship_sources=relationship_sources,
+        n_jobs=n_jobs,
+        exact=exact,
+    )
+
+
 def score_embedding(
     embedded: Embedded,
     dataset: R.DatasetRecord,
@@ -216,17 +240,8 @@ def score_embedding(
     if embedded.embedding is None:
         return _unscored(embedded, dataset, planned, seeds=seeds, command=command)
     say = progress or (lambda _msg: None)
-    roles = dict(roles)
-    context = EvaluationContext(
-        embedded.embedding.values,
-        labels=roles.pop("labels"),
-        batches=roles.pop("batch", None),
-        roles={k: v for k, v in roles.items() if v is not None},
-        expression=expression,
-        relationship_sources=relationship_sources,
-        n_jobs=n_jobs,
-        exact=exact,
-    )
+    context = embedding_context(embedded.embedding.values, roles, expression=expression,
+                                relationship_sources=relationship_sources, n_jobs=n_jobs, exact=exact)
     return _score_tasks(context, planned, dataset=dataset, model=lambda: embedded.model, seeds=seeds,
                         command=command, embedding_runtime_s=embedded.runtime_s, say=say,
                         raise_errors=raise_errors)
