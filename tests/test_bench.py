@@ -353,6 +353,11 @@ def test_cli_bench_dry_run_then_run(tmp_path):
     assert several.exit_code == 2 and "pick one with --suite" in several.stderr
 
 
+def test_cli_help_shows_bracketed_defaults():
+    text = CliRunner().invoke(app, ["bench", "--help"]).stdout
+    assert "[default: CZB_OUTPUT_DIR/SUITE]" in " ".join(text.split())
+
+
 def test_cli_bench_exits_1_when_units_fail(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(SUITES), "--suite", "with_broken_model",
                                       "--store", str(tmp_path / "store"), "--retries", "0"])

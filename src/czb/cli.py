@@ -24,10 +24,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" must print, not parse as markup
 )
-datasets_app = typer.Typer(help="Manage datasets.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Manage datasets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(datasets_app, name="datasets")
-models_app = typer.Typer(help="Build model images and stage their weights.", no_args_is_help=True)
+models_app = typer.Typer(help="Build model images and stage their weights.", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(models_app, name="models")
 
 
