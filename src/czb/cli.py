@@ -455,7 +455,7 @@ def bench(
     def body():
         from czb.bench.executors import make_executor
         from czb.bench.plan import plan_suite
-        from czb.bench.run import run_suite
+        from czb.bench.run import done_units, run_suite
         from czb.bench.store import open_store
         from czb.runner.specs import Catalog
         from czb.settings import get_settings
@@ -479,7 +479,7 @@ def bench(
         with err.status("planning") as status:
             plan = plan_suite(catalog, suite_name, offline=offline or settings.offline)
             target = open_store(store or settings.output_dir / suite_name)
-            done = (target.done_embeddings() & set(plan.embeds)) | (target.done_scores() & set(plan.scores))
+            done = set.union(*done_units(plan, target))
             err.print(f"suite {suite_name}: {len(plan.embeds)} embed and {len(plan.scores)} score units "
                       f"({len(done)} already done) for {len(plan.records)} results; store {target.url}")
             if dry_run:

@@ -22,15 +22,14 @@ suites sharing cells share their work. Result records are assembled from the uni
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import czb
 from czb.errors import CzbError, CzbWarning
+from czb.runner.containers import cache_key
 from czb.runner.specs import Catalog, DatasetSpec, ModelSpec, SuiteSpec, TaskSpec
 
 #: Dataset fields a model's output depends on (besides the file's content).
@@ -41,12 +40,6 @@ DESCRIPTIVE_DATASET_FIELDS = ("name", "description", "citation", "tags", "source
 
 class BenchWarning(CzbWarning):
     """Something about a suite's plan is weaker than it should be (e.g. an image keyed by tag)."""
-
-
-def content_key(parts: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``parts``."""
-    payload = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -220,8 +213,9 @@ def plan_suite(
                         mode="json", exclude=set(DESCRIPTIVE_DATASET_FIELDS))}
                     for task in tasks:
                         if kinds[task.name] == "perturbation":
-                            add(_predict_units(model, identities[model.name], ds, dataset, task, built[task.name],
-                                               matrix))
+                            add(_score_units(task, built[task.name], matrix, model, (ds,),
+                                             {"predictor": identities[model.name], "dataset": dataset},
+                                             predictor=model))
                 continue
             if not any(kind != "perturbation" for kind in kinds.values()):
                 continue
@@ -230,51 +224,45 @@ def plan_suite(
                 embed_dataset = {"sha256": checksums[ds.name],
                                  **ds.model_dump(mode="json", include=set(EMBED_DATASET_FIELDS))}
                 parts = {"model": identities[model.name], "dataset": embed_dataset, "seed": matrix.seeds[0]}
-                embed = plan.embeds.setdefault(content_key(parts),
-                                               EmbedUnit(content_key(parts), model, ds, matrix.seeds[0], parts))
+                embed = plan.embeds.setdefault(cache_key(parts),
+                                               EmbedUnit(cache_key(parts), model, ds, matrix.seeds[0], parts))
                 members.append(embed)
                 for task in tasks:
                     if kinds[task.name] == "cell":
-                        add(_score_units((embed,), task, built[task.name], matrix))
+                        add(_embedding_units((embed,), task, built[task.name], matrix))
             for task in tasks:
                 if kinds[task.name] == "multi_dataset":
-                    add(_score_units(tuple(members), task, built[task.name], matrix))
+                    add(_embedding_units(tuple(members), task, built[task.name], matrix))
     plan.records = list(records.values())
     return plan
 
 
-def _predict_units(
-    model: ModelSpec, identity: dict[str, Any], ds: DatasetSpec, dataset: dict[str, Any], task: TaskSpec,
-    built: Any, matrix: SuiteSpec,
-) -> list[ScoreUnit]:
-    """A perturbation task's units for one predictor on one dataset, one per seed."""
-    seeds = matrix.seeds if built.info.stochastic else matrix.seeds[:1]
-    units = []
-    for seed in seeds:
-        parts = {
-            "predictor": identity, "dataset": dataset, "task": task.implementation,
-            "parameters": built.params.model_dump(mode="json"), "seed": seed, "czb_version": czb.__version__,
-        }
-        units.append(ScoreUnit(content_key(parts), (), model.name, (ds,), task, seed, None, parts, predictor=model))
-    return units
-
-
 def _score_units(
-    embeds: tuple[EmbedUnit, ...], task: TaskSpec, built: Any, matrix: SuiteSpec
+    task: TaskSpec, built: Any, matrix: SuiteSpec, model: ModelSpec, datasets: tuple[DatasetSpec, ...],
+    reads: dict[str, Any], *, embed_keys: tuple[str, ...] = (), predictor: ModelSpec | None = None,
 ) -> list[ScoreUnit]:
-    """A task's units on one embedding (or a group's): one per seed, or one for a deterministic task."""
+    """A task's units, one per seed (one for a deterministic task). ``reads`` says what
+    they score, hashed into their keys: embedding keys and datasets, or a predictor and
+    its dataset."""
     seeds = matrix.seeds if built.info.stochastic else matrix.seeds[:1]
-    datasets = [e.dataset.model_dump(mode="json", exclude=set(DESCRIPTIVE_DATASET_FIELDS)) for e in embeds]
+    exact = None if predictor is not None else matrix.exact
     units = []
     for seed in seeds:
-        parts = {
-            "embeddings": [e.key for e in embeds], "datasets": datasets, "task": task.implementation,
-            "parameters": built.params.model_dump(mode="json"), "seed": seed, "exact": matrix.exact,
-            "czb_version": czb.__version__,
-        }
-        units.append(ScoreUnit(content_key(parts), tuple(e.key for e in embeds), embeds[0].model.name,
-                               tuple(e.dataset for e in embeds), task, seed, matrix.exact, parts))
+        parts = {**reads, "task": task.implementation, "parameters": built.params.model_dump(mode="json"),
+                 "seed": seed, "czb_version": czb.__version__}
+        if predictor is None:
+            parts["exact"] = exact
+        units.append(ScoreUnit(cache_key(parts), embed_keys, model.name, datasets, task, seed, exact, parts,
+                               predictor=predictor))
     return units
+
+
+def _embedding_units(embeds: tuple[EmbedUnit, ...], task: TaskSpec, built: Any, matrix: SuiteSpec) -> list[ScoreUnit]:
+    """A task's units on one embedding, or on a group's stacked embeddings."""
+    reads = {"embeddings": [e.key for e in embeds],
+             "datasets": [e.dataset.model_dump(mode="json", exclude=set(DESCRIPTIVE_DATASET_FIELDS)) for e in embeds]}
+    return _score_units(task, built, matrix, embeds[0].model, tuple(e.dataset for e in embeds), reads,
+                        embed_keys=tuple(e.key for e in embeds))
 
 
 def resolve_matrix(
@@ -296,15 +284,8 @@ def resolve_matrix(
 
 
 def _with_baselines(matrix: SuiteSpec, kinds: Iterable[str]) -> list[str]:
-    """The matrix's models plus the baselines its tasks are compared with, as ``czb run``
-    adds them: PCA for embeddings, the simple predictors for perturbation predictions."""
-    from czb.runner.predictors import BASELINE_PREDICTORS
-    from czb.runner.run import BASELINE_MODEL
+    """The matrix's models plus the baselines its tasks are compared with, as ``czb run`` adds them."""
+    from czb.runner.run import baselines_for
 
-    kinds = set(kinds)
-    models = list(matrix.models)
-    if matrix.baseline:
-        wanted = ([BASELINE_MODEL] if kinds - {"perturbation"} else []) + (
-            list(BASELINE_PREDICTORS) if "perturbation" in kinds else [])
-        models += [m for m in wanted if m not in models]
-    return models
+    wanted = baselines_for(kinds) if matrix.baseline else []
+    return list(matrix.models) + [m for m in wanted if m not in matrix.models]

@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from czb.bench.executors import Executor, Job
-from czb.bench.plan import Plan, RecordPlan, ScoreUnit, content_key
+from czb.bench.plan import Plan, RecordPlan, ScoreUnit
 from czb.bench.progress import SuiteProgress
 from czb.bench.store import UNIT_FILE, Store
-from czb.bench.work import run_embed_unit, run_score_units
+from czb.bench.work import not_applicable_output, run_embed_unit, run_score_units
 from czb.runner import results as R
+from czb.runner.containers import cache_key
 
 DEFAULT_RETRIES = 2
 
@@ -92,6 +93,11 @@ def run_suite(
                         run.failed, run.blocked, records, retried)
 
 
+def done_units(plan: Plan, store: Store) -> tuple[set[str], set[str]]:
+    """Keys of the plan's embed and score units whose outputs are in ``store``."""
+    return store.done_embeddings() & set(plan.embeds), store.done_scores() & set(plan.scores)
+
+
 class _SuiteRun:
     """The bookkeeping of one run: what is pending, running, retried and given up."""
 
@@ -100,8 +106,7 @@ class _SuiteRun:
         self.plan, self.store, self.executor = plan, store, executor
         self.retries, self.n_jobs, self.offline = retries, n_jobs, offline
         store.write_json("suite.json", _describe(plan))
-        self.done_embeds = store.done_embeddings() & set(plan.embeds)
-        done_scores = store.done_scores() & set(plan.scores)
+        self.done_embeds, done_scores = done_units(plan, store)
         cached = len(self.done_embeds) + len(done_scores)
         self.tracker = SuiteProgress(total=plan.n_units, cached=cached, done=cached, slots=executor.slots)
         self.attempts: Counter[str] = Counter()
@@ -162,11 +167,7 @@ class _SuiteRun:
             reason = odd[0]["error"] if len(metas) == 1 else "; ".join(
                 f"{m['dataset']['name']}: {m['error']}" for m in odd)
             for unit in units:
-                self.store.write_json(f"scores/{unit.key}.json", {
-                    "key": unit.key, "status": "not_applicable", "error": reason, "seed": unit.seed,
-                    "metrics": [], "runtime_s": 0.0, "peak_memory_mb": 0.0, "computation": {},
-                    "parts": unit.parts,
-                })
+                self.store.write_json(f"scores/{unit.key}.json", not_applicable_output(unit, reason))
             self.tracker.finished(len(units), 0.0)
 
     # outcomes ---------------------------------------------------------------------
@@ -254,7 +255,7 @@ def assemble_records(plan: Plan, store: Store, *, command: str = "") -> list[R.R
     for rp in plan.records:
         record = _record(plan, rp, store, command)
         stem = "__".join(R.slug(s) for s in (rp.dataset, rp.model, rp.task))
-        key = content_key({"embeddings": rp.embed_keys, "scores": rp.score_keys})[:12]
+        key = cache_key({"embeddings": rp.embed_keys, "scores": rp.score_keys})[:12]
         store.write_json(f"results/{stem}__{key}.json", record.model_dump(mode="json"))
         records.append(record)
     return records
@@ -272,13 +273,9 @@ def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultR
         return _predictor_record(rp, first, planned, pieces, store, command)
     embeds = [plan.embeds[k] for k in rp.embed_keys]
     metas = [store.read_json(f"embeddings/{k}/{UNIT_FILE}") for k in rp.embed_keys]
-    datasets = [R.DatasetRecord.model_validate(m["dataset"]) if m else
-                R.DatasetRecord(name=e.dataset.name, uri=e.dataset.uri, sha256=e.parts["dataset"]["sha256"],
-                                n_cells=0, n_genes=0)
+    datasets = [R.DatasetRecord.model_validate(m["dataset"]) if m else _unread_dataset(e.dataset, e.parts)
                 for e, m in zip(embeds, metas)]
-    models = [m["model"] if m else {"name": e.model.name, "kind": e.model.kind,
-                                    "parameters": e.model.parameters, "info": {}}
-              for e, m in zip(embeds, metas)]
+    models = [m["model"] if m else _unrun_model(e.model) for e, m in zip(embeds, metas)]
     grouped = len(embeds) > 1
     dataset = group_record(datasets) if grouped else datasets[0]
     model = group_model([d.name for d in datasets], models) if grouped else models[0]
@@ -286,10 +283,9 @@ def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultR
         reasons = []
         for e, key, meta in zip(embeds, rp.embed_keys, metas):
             if meta is None:
-                failure = store.read_json(f"failures/{key}.json")
-                where = f"{e.dataset.name}: " if grouped else ""
-                reasons.append(where + (failure["error"] if failure else "the suite did not finish"))
-                if failure and failure.get("log_tail") and not grouped:
+                failure = store.read_json(f"failures/{key}.json") or {}
+                reasons.append((f"{e.dataset.name}: " if grouped else "") + _failure_reason(failure))
+                if failure.get("log_tail") and not grouped:
                     model["info"] = {"log_tail": failure["log_tail"]}
         result = TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="embedding failed: " + "; ".join(reasons))
     else:
@@ -310,8 +306,7 @@ def _task_result(rp: RecordPlan, pieces: list[Any], store: Store) -> Any:
         reasons = []
         for seed, key, piece in zip(rp.seeds, rp.score_keys, pieces):
             if piece is None:
-                failure = store.read_json(f"failures/{key}.json")
-                reasons.append(f"seed {seed}: " + (failure["error"] if failure else "the suite did not finish"))
+                reasons.append(f"seed {seed}: " + _failure_reason(store.read_json(f"failures/{key}.json")))
         return TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="; ".join(reasons))
     if any(p["status"] != "ok" for p in pieces):
         odd = next(p for p in pieces if p["status"] != "ok")
@@ -332,9 +327,22 @@ def _predictor_record(rp: RecordPlan, unit: ScoreUnit, planned: Any, pieces: lis
 
     seen = next((p for p in pieces if p is not None and p.get("dataset")), None)
     ds, predictor = unit.datasets[0], unit.predictor
-    dataset = (R.DatasetRecord.model_validate(seen["dataset"]) if seen else
-               R.DatasetRecord(name=ds.name, uri=ds.uri, sha256=unit.parts["dataset"]["sha256"], n_cells=0, n_genes=0))
-    model = seen["model"] if seen else {"name": predictor.name, "kind": predictor.kind,
-                                        "parameters": predictor.parameters, "info": {}}
+    dataset = R.DatasetRecord.model_validate(seen["dataset"]) if seen else _unread_dataset(ds, unit.parts)
+    model = seen["model"] if seen else _unrun_model(predictor)
     return result_record(dataset=dataset, model=model, planned=planned, result=_task_result(rp, pieces, store),
                          command=command, embedding_runtime_s=0.0)
+
+
+def _failure_reason(failure: dict[str, Any] | None) -> str:
+    """Why a unit has no output: its recorded failure, or that the run stopped first."""
+    return failure["error"] if failure else "the suite did not finish"
+
+
+def _unread_dataset(spec: Any, parts: dict[str, Any]) -> R.DatasetRecord:
+    """The record of a dataset no unit loaded: what the plan knows (sizes unknown, 0)."""
+    return R.DatasetRecord(name=spec.name, uri=spec.uri, sha256=parts["dataset"]["sha256"], n_cells=0, n_genes=0)
+
+
+def _unrun_model(spec: Any) -> dict[str, Any]:
+    """A model's description when none of its units ran: what its spec says."""
+    return {"name": spec.name, "kind": spec.kind, "parameters": spec.parameters, "info": {}}

@@ -52,11 +52,11 @@ def _load(spec: Any, offline: bool | None) -> Any:
     return ds
 
 
-def _check_checksum(ds: Any, unit: EmbedUnit) -> None:
-    planned = unit.parts["dataset"]["sha256"]
-    if ds.sha256 is not None and ds.sha256 != planned:
-        msg = (f"dataset {ds.name!r} changed since the suite was planned "
-               f"(sha256 {ds.sha256}, planned {planned}); plan the suite again")
+def _check_unchanged(ds: Any, expected: str | None, since: str = "the suite was planned") -> None:
+    """Refuse a dataset whose content is no longer the one its units were keyed by."""
+    if expected is not None and ds.sha256 is not None and ds.sha256 != expected:
+        msg = (f"dataset {ds.name!r} changed since {since} (sha256 {ds.sha256}, expected {expected}); "
+               "plan the suite again")
         raise CzbError(msg)
 
 
@@ -85,7 +85,7 @@ def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = No
 
     store = open_store(store_url)
     ds = _load(unit.dataset, offline)
-    _check_checksum(ds, unit)
+    _check_unchanged(ds, unit.parts["dataset"]["sha256"])
     # Container logs are kept with the run (its tail in the unit's provenance), not streamed:
     # many units share the terminal.
     options = RunOptions(gpus=assigned_gpus(bool(unit.gpus)), log=lambda _line: None)
@@ -183,9 +183,7 @@ def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[Any], store
 
     spec = units[0].predictor
     ds = _load(units[0].datasets[0], offline)
-    if ds.sha256 is not None and ds.sha256 != units[0].parts["dataset"]["sha256"]:
-        msg = f"dataset {ds.name!r} changed since the suite was planned; plan the suite again"
-        raise CzbError(msg)
+    _check_unchanged(ds, units[0].parts["dataset"]["sha256"])
     source = predictor_for_model(spec, RunOptions(gpus=assigned_gpus(spec.resources.gpu), log=lambda _l: None))
     dataset = dataset_record(ds).model_dump(mode="json")
 
@@ -197,10 +195,7 @@ def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[Any], store
             source.bind(ds)
     except NotApplicableError as e:
         for unit in units:
-            store.write_json(f"scores/{unit.key}.json", {
-                "key": unit.key, "status": "not_applicable", "error": str(e), "seed": unit.seed, "metrics": [],
-                "runtime_s": 0.0, "peak_memory_mb": 0.0, "computation": {}, "parts": unit.parts, **described(),
-            })
+            store.write_json(f"scores/{unit.key}.json", not_applicable_output(unit, str(e), **described()))
         return {u.key: {"status": "not_applicable", "error": str(e), "runtime_s": 0.0} for u in units}
     context = PerturbationContext(perturbation_data(ds), source, n_jobs=n_jobs)
     return _run_units(units, planned, context, store, extra=described)
@@ -222,11 +217,7 @@ def _scoring_input(
         arrays = store.read_arrays(f"embeddings/{key}/{EMBEDDING_FILE}")
         meta = store.read_json(f"embeddings/{key}/{UNIT_FILE}") or {}
         ds = _load(spec, offline)
-        embedded_from = meta.get("dataset", {}).get("sha256")
-        if embedded_from is not None and ds.sha256 != embedded_from:
-            msg = (f"dataset {ds.name!r} changed since it was embedded (sha256 {ds.sha256}, embedded "
-                   f"{embedded_from}); plan the suite again")
-            raise CzbError(msg)
+        _check_unchanged(ds, meta.get("dataset", {}).get("sha256"), since="it was embedded")
         embedding = Embedding(values=arrays["values"], model=unit.model, kind="stored",
                               cell_index=arrays.get("cell_index"))
         if len(unit.embed_keys) == 1:
@@ -240,6 +231,12 @@ def _scoring_input(
     if stacked.embedding is None:
         raise CzbError(stacked.error or "the group's embeddings cannot be stacked")
     return stacked.embedding.values, roles, None, None
+
+
+def not_applicable_output(unit: ScoreUnit, reason: str, **extra: Any) -> dict[str, Any]:
+    """A score unit's output when its model cannot produce what the task scores."""
+    return {"key": unit.key, "status": "not_applicable", "error": reason, "seed": unit.seed, "metrics": [],
+            "runtime_s": 0.0, "peak_memory_mb": 0.0, "computation": {}, "parts": unit.parts, **extra}
 
 
 def _plain(value: float) -> float | None:

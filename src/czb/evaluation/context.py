@@ -263,7 +263,7 @@ class EvaluationContext(TaskContext):
         integration at 2x10^5 cells: 4-5 s sooner on 2 cores). The partition is the
         same as computed in this process. Smaller or single-job runs compute it when asked.
         """
-        key = ("leiden", k, float(resolution), seed)
+        key = _leiden_key(resolution, seed, k)
         if (key in self._memo or key in self._background or self.n_jobs < 2
                 or self.n_cells < BACKGROUND_LEIDEN_MIN_CELLS):
             return
@@ -280,7 +280,7 @@ class EvaluationContext(TaskContext):
         from czb.evaluation.metrics.clustering import igraph_from_adjacency, leiden
 
         graph = self.neighbors(k)  # noted for every task that clusters, even from the memo
-        key = ("leiden", k, float(resolution), seed)
+        key = _leiden_key(resolution, seed, k)
         if key in self._background:
             executor, future = self._background.pop(key)
             try:
@@ -301,6 +301,11 @@ class EvaluationContext(TaskContext):
             future.cancel()
             executor.shutdown(wait=False, kill_workers=True)
         self._background.clear()
+
+
+def _leiden_key(resolution: float, seed: int, k: int) -> tuple:
+    """The memo key of a Leiden partition (shared by :meth:`EvaluationContext.start_leiden`)."""
+    return ("leiden", k, float(resolution), seed)
 
 
 @dataclass

@@ -20,7 +20,7 @@ it is never dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,16 @@ class PlannedTask:
 def build_tasks(specs: Sequence[TaskSpec]) -> list[PlannedTask]:
     """Instantiate each task spec's implementation with its parameters (validated now)."""
     return [PlannedTask(spec, get_task(spec.implementation)(**spec.parameters)) for spec in specs]
+
+
+def baselines_for(task_kinds: Iterable[str]) -> list[str]:
+    """The baselines every comparison on tasks of these kinds needs: PCA for embeddings
+    (cell-level and multi-dataset tasks), the simple predictors for perturbation responses."""
+    from czb.runner.predictors import BASELINE_PREDICTORS
+
+    kinds = set(task_kinds)
+    return ([BASELINE_MODEL] if kinds - {"perturbation"} else []) + (
+        list(BASELINE_PREDICTORS) if "perturbation" in kinds else [])
 
 
 def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -187,7 +197,7 @@ def _unscored(embedded: Embedded, dataset: R.DatasetRecord, planned: Sequence[Pl
     result = TaskResult(task="", status=embedded.status, seeds=list(seeds), error=f"{prefix}{embedded.error}")
     return [
         result_record(dataset=dataset, model=embedded.model, planned=p, result=result, command=command,
-                embedding_runtime_s=embedded.runtime_s)
+                      embedding_runtime_s=embedded.runtime_s)
         for p in planned
     ]
 
@@ -296,7 +306,7 @@ def _score_tasks(
         say(f"{dataset.name}: {described['name']}: {p.spec.name}")
         result = run_task(p.task, context, seeds, raise_errors=raise_errors)
         records.append(result_record(dataset=dataset, model=model(), planned=p, result=result,
-                               command=command, embedding_runtime_s=embedding_runtime_s))
+                                     command=command, embedding_runtime_s=embedding_runtime_s))
     return records
 
 
@@ -450,7 +460,7 @@ def run_benchmark(
     """
     from czb.runner.datasets import load_dataset, validate_dataset
     from czb.runner.embeddings import source_for_file, source_for_model
-    from czb.runner.predictors import BASELINE_PREDICTORS, predictor_for_model
+    from czb.runner.predictors import predictor_for_model
     from czb.settings import get_settings
 
     settings = get_settings()
@@ -475,11 +485,8 @@ def run_benchmark(
         msg = f"{names} compare(s) several datasets (e.g. one per species): give two or more --dataset"
         raise CzbError(msg)
     if baseline:
-        # The baselines every comparison needs: PCA for embeddings, the simple
-        # predictors for perturbation responses.
-        wanted = ([BASELINE_MODEL] if cell_level or multi else []) + (
-            list(BASELINE_PREDICTORS) if perturbation else [])
         present = {m.name for m in model_specs}
+        wanted = baselines_for(p.task.info.kind for p in planned)
         model_specs += [catalog.model(name) for name in wanted if name not in present]
     sources = [
         predictor_for_model(m, model_options) if m.output == "predictions" else source_for_model(m, model_options)
