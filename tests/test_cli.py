@@ -369,7 +369,7 @@ def test_failed_record_error_is_shown_on_one_line(tmp_path, case):
 
 
 def test_run_own_embedding_wrong_row_count(tmp_path):
-    emb = _npy(tmp_path, "short.npy", np.zeros((TINY_CELLS - 1, 8)))
+    emb = _npy(tmp_path, "short.npy", np.random.default_rng(0).normal(size=(TINY_CELLS - 1, 8)))
     result = invoke("run", "--embedding", emb, "--task", "embedding", *TINY, "--no-baseline",
                     "--output-dir", tmp_path / "out", "--format", "json")
     assert result.exit_code == 1, result.output

@@ -31,9 +31,9 @@ from czb.runner.containers import (
     build_request,
     cache_key,
     check_applicable,
-    read_output,
     write_input,
 )
+from czb.runner.contract import read_output
 from czb.runner.datasets import Dataset, load_dataset
 from czb.runner.specs import DatasetSpec, ModelSpec, Resources, WeightsVariant
 from czb.runner.weights import directory_checksum
@@ -138,7 +138,7 @@ def test_request_json_is_what_the_container_reads(dataset, tmp_path):
 
 def test_host_and_container_name_the_same_files_and_exit_codes():
     # Two copies by design (images never import czb); they must not drift apart.
-    from czb.runner import containers as host
+    from czb.runner import contract as host
 
     for name in ("CONTRACT_VERSION", "EXIT_OK", "EXIT_NOT_APPLICABLE", "DATASET_FILE", "REQUEST_FILE",
                  "EMBEDDINGS_FILE", "CELL_IDS_FILE", "META_FILE", "REASON_FILE"):
@@ -388,17 +388,17 @@ def test_embedding_cache_put_get_replace(tmp_path):
     cache = EmbeddingCache(tmp_path / "cache")
     key = cache_key(key_parts())
     assert cache.get(key, name="tiny") is None
-    first = write_files(tmp_path / "run1", np.ones((2, 3), np.float32), ["a", "b"], {"run": 1})
+    first = write_files(tmp_path / "run1", np.eye(2, 3, dtype=np.float32), ["a", "b"], {"run": 1})
     entry = cache.put(key, first, key_parts())
     assert entry == tmp_path / "cache" / "embeddings" / key and not first.exists()
     assert json.loads((entry / "key.json").read_text())["image_id"] == "sha256:" + "1" * 64
     got = cache.get(key, name="tiny")
     assert got.meta == {"run": 1} and list(got.cell_ids) == ["a", "b"]
 
-    second = write_files(tmp_path / "run2", np.zeros((2, 3), np.float32), ["a", "b"], {"run": 2})
+    second = write_files(tmp_path / "run2", -np.eye(2, 3, dtype=np.float32), ["a", "b"], {"run": 2})
     assert cache.put(key, second, key_parts()) == entry
     got = cache.get(key, name="tiny")
-    assert got.meta == {"run": 2} and not got.values.any()
+    assert got.meta == {"run": 2} and got.values[0, 0] == -1
     assert sorted(p.name for p in cache.root.iterdir()) == [key]  # no leftovers
 
 
@@ -410,7 +410,7 @@ def test_embedding_cache_uses_the_cache_dir_setting(tmp_path, monkeypatch):
 def test_damaged_cache_entry_is_dropped(tmp_path):
     cache = EmbeddingCache(tmp_path / "cache")
     key = cache_key(key_parts())
-    entry = cache.put(key, write_files(tmp_path / "run", np.ones((2, 3), np.float32), ["a", "b"]), key_parts())
+    entry = cache.put(key, write_files(tmp_path / "run", np.eye(2, 3, dtype=np.float32), ["a", "b"]), key_parts())
     (entry / "embeddings.npy").unlink()
     assert cache.get(key, name="tiny") is None
     assert not entry.exists()
@@ -550,7 +550,7 @@ def test_fake_run_weights_are_mounted_and_keyed(dataset, fake_docker, tmp_path):
     other.mkdir()
     (other / "w.npy").write_bytes(b"other")
     fake_docker.weights_seen = other
-    with pytest.raises(EmbeddingError, match="loaded weights with checksum .* not the staged"):
+    with pytest.raises(EmbeddingError, match="meta.json reports weights_checksum [0-9a-f]{64}, but .* must be"):
         DockerModelSource(model_spec(), RunOptions(weights_dir=weights, use_cache=False)).embed(dataset)
 
 

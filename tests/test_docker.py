@@ -11,6 +11,7 @@ alone, with no czb code inside.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -109,6 +110,9 @@ def test_run_scores_embeddings_and_records_the_image(engine, catalog, tiny_image
     assert record.model.image_digest == tiny_image.id
     info = record.model.info
     assert info["container_meta"]["n_weight_tensors_loaded"] == 1
+    # Written from the README: the plain sha256 of its one weights file is accepted.
+    assert info["container_meta"]["weights_checksum"] == hashlib.sha256(
+        (weights / "projection.npy").read_bytes()).hexdigest() != info["weights_checksum"]
     assert info["container_meta"]["device"] == "cpu"
     assert info["n_dropped_cells"] == 0
     assert info["cache"] == "miss"

@@ -265,9 +265,9 @@ def test_check_embedding_converts_to_float32_c_contiguous():
     out = check_embedding(values, name="m")
     assert out.dtype == np.float32 and out.flags.c_contiguous
     np.testing.assert_array_equal(out, values)
-    same = np.zeros((3, 2), dtype=np.float32)
+    same = np.arange(6, dtype=np.float32).reshape(3, 2)
     assert check_embedding(same, name="m") is same
-    assert check_embedding(np.ones((2, 2), dtype=np.int64), name="m").dtype == np.float32
+    assert check_embedding(np.arange(4, dtype=np.int64).reshape(2, 2), name="m").dtype == np.float32
 
 
 @pytest.mark.parametrize(

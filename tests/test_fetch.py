@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import S3_TEST_BUCKET
 
-from czb.errors import FetchError
+from czb.errors import DatasetWarning, FetchError
 from czb.runner import fetch as fetch_module
 from czb.runner.fetch import cache_entries, cached_sha256, fetch, file_sha256, is_remote
 
@@ -255,7 +255,8 @@ def test_http_redownloads_a_damaged_cache_entry(http: FileServer, tmp_path: Path
     path = fetch(uri, cache_dir=tmp_path, offline=False)
     path.write_bytes(b"\1" * len(DATA))  # same size, other bytes, newer mtime
     assert cached_sha256(path) is None
-    assert fetch(uri, cache_dir=tmp_path, offline=False).read_bytes() == DATA
+    with pytest.warns(DatasetWarning, match="damaged or edited in the cache"):
+        assert fetch(uri, cache_dir=tmp_path, offline=False).read_bytes() == DATA
     assert len(http.gets()) == 2
 
 

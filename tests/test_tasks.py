@@ -101,12 +101,25 @@ def test_task_not_applicable_without_batches():
     assert "batch" in r.error
 
 
-def test_failing_task_is_recorded_not_raised():
+def test_one_class_left_is_not_applicable():
     X = np.random.default_rng(0).normal(size=(50, 3))
     labels = np.array(["a"] * 45 + ["b"] * 5)  # one class left after the <10 filter
     (r,) = evaluate(X, labels=labels, tasks=["label_prediction"], seeds=(0,))
+    assert r.status == "not_applicable"
+    assert "at least 2 labels with >= 10 cells" in r.error
+
+
+def test_failing_task_is_recorded_not_raised(monkeypatch):
+    from czb.evaluation.tasks.embedding import Embedding
+
+    def crash(self, context, *, seed):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Embedding, "run", crash)
+    X, labels, _ = planted_embedding(100)
+    (r,) = evaluate(X, labels=labels, tasks=["embedding"], seeds=(0,))
     assert r.status == "failed"
-    assert "at least 2 classes" in r.error
+    assert r.error == "RuntimeError: boom"
 
 
 def test_bad_task_parameters_fail_early():

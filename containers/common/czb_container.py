@@ -8,7 +8,8 @@ Mounts (see README, "Wrap your own model")::
 
     /input    read-only   dataset.h5ad (raw counts, gene IDs of the declared kind), request.json
     /weights  read-only   the model's weights, staged by the host
-    /output   writable    embeddings.npy, cell_ids.json, meta.json (written last)
+    /output   writable    embeddings.npy, cell_ids.json, meta.json (written last); the host
+                          reads only these names, as regular files (no links) within size caps
 
 Exit codes: 0 done, 99 not applicable (e.g. an organism the model does not support),
 anything else a failure (the host keeps the last log lines).
@@ -364,9 +365,13 @@ def load_state_dict_strictly(
 
 
 def weights_checksum(weights_dir: Path) -> str | None:
-    """sha256 over the relative paths and contents of every file under ``weights_dir``.
+    """The folder digest of ``weights_dir``, for ``meta.json``'s ``weights_checksum``.
 
-    ``None`` when the folder is empty or absent (a model trained on the data itself).
+    sha256 fed, for every file under the folder in pathlib's sort order (sorted ``Path``
+    objects: by path components), its POSIX path relative to the folder, a NUL byte, its
+    bytes and a NUL byte: the host's ``czb.runner.weights.directory_checksum``, as the
+    README's container contract defines it. ``None`` when the folder is empty or absent
+    (a model trained on the data itself).
     """
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():

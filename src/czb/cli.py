@@ -61,20 +61,39 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).splitlines()).strip()
+
+
 def _fail(message: str, code: int) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(_one_line(message))}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def _internal_error(e: BaseException) -> str:
+    """One line for an exception czb did not expect: its type and a short message with
+    quoted parts elided (they may be someone's data)."""
+    import re
+
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", _one_line(str(e)))
+    text = text if len(text) <= 120 else text[:117] + "..."
+    what = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return f"internal error ({what}) — rerun with --debug for the traceback"
+
+
 def _guarded(fn):
-    """Run a command body, mapping czb's exceptions to exit codes."""
-    from czb.errors import CzbError, UnknownNameError
+    """Run a command body, mapping exceptions to exit codes: 2 for unknown names and bad
+    settings, 1 for other czb errors and, as a last resort, for anything unexpected
+    (one line; ``--debug`` shows the traceback)."""
+    from czb.errors import CzbError, SettingsError, UnknownNameError
 
     try:
         return fn()
     except typer.Exit:
         raise
-    except UnknownNameError as e:
+    except (UnknownNameError, SettingsError) as e:
         if _State.debug:
             raise
         _fail(str(e), 2)
@@ -82,6 +101,18 @@ def _guarded(fn):
         if _State.debug:
             raise
         _fail(str(e), 1)
+    except Exception as e:  # RecursionError, MemoryError, bugs: still no traceback for users
+        if _State.debug:
+            raise
+        _fail(_internal_error(e), 1)
+
+
+def _positive(value: float | None) -> float | None:
+    """Callback of options that make no sense at or below 0 (sizes, durations)."""
+    if value is not None and not value > 0:
+        msg = f"must be greater than 0, got {value:g}"
+        raise typer.BadParameter(msg)
+    return value
 
 
 def _catalog(config_dirs: list[Path] | None):
@@ -117,7 +148,9 @@ def _route_warnings() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CzbWarning):
-            _console(stderr=True).print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+            from rich.markup import escape
+
+            _console(stderr=True).print(f"[yellow]warning:[/] {escape(_one_line(str(message)))}", soft_wrap=True)
         else:
             default(message, category, filename, lineno, file, line)
 
@@ -138,6 +171,7 @@ def list_(
         if fmt is Format.json:
             typer.echo(json.dumps(rows, indent=2))
             return
+        from rich.markup import escape
         from rich.table import Table
 
         if kind is Kind.models:
@@ -146,7 +180,7 @@ def list_(
         for column in rows[0] if rows else ["name"]:
             table.add_column(column, no_wrap=column == "name")
         for row in rows:
-            table.add_row(*(_cell(v) for v in row.values()))
+            table.add_row(*(escape(_cell(v)) for v in row.values()))
         _console().print(table)
 
     _guarded(body)
@@ -239,7 +273,7 @@ def run(
     output_dir: Annotated[Optional[Path], typer.Option(help="Folder for result JSONs [default: CZB_OUTPUT_DIR].")] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also score the PCA baseline.")] = True,
     offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
-    n_jobs: Annotated[Optional[int], typer.Option(help="Worker processes [default: all cores].")] = None,
+    n_jobs: Annotated[Optional[int], typer.Option(min=1, help="Worker processes [default: all cores].")] = None,
     exact: Annotated[
         bool,
         typer.Option(
@@ -256,9 +290,15 @@ def run(
     ] = None,
     variant: Annotated[Optional[str], typer.Option(help="Weights variant [default: the model's default].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Cells per forward pass in the container.")] = None,
-    memory_gb: Annotated[Optional[float], typer.Option(help="Container memory limit [default: from the model spec].")] = None,
-    shm_gb: Annotated[Optional[float], typer.Option(help="Container shared memory (/dev/shm) size.")] = None,
-    timeout_s: Annotated[Optional[int], typer.Option(help="Kill a model container after this many seconds.")] = None,
+    memory_gb: Annotated[
+        Optional[float], typer.Option(callback=_positive, help="Container memory limit [default: from the model spec].")
+    ] = None,
+    shm_gb: Annotated[
+        Optional[float], typer.Option(callback=_positive, help="Container shared memory (/dev/shm) size.")
+    ] = None,
+    timeout_s: Annotated[
+        Optional[int], typer.Option(min=1, help="Kill a model container after this many seconds.")
+    ] = None,
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse finished model runs (--no-cache runs the model again).")
     ] = True,
@@ -313,8 +353,10 @@ def run(
             err.print(f"results written to {out}", soft_wrap=True)
         failed = [r for r in records if r.status == "failed"]
         # The table cell may be too narrow to read; each distinct failure gets its own line.
+        from rich.markup import escape
+
         for message in dict.fromkeys(f"{r.dataset.name}/{r.model.name}: {r.error}" for r in failed):
-            err.print(f"[bold red]failed:[/] {message}", soft_wrap=True, markup=True)
+            err.print(f"[bold red]failed:[/] {escape(_one_line(message))}", soft_wrap=True, markup=True)
         if failed:
             raise typer.Exit(1)
 
@@ -344,7 +386,8 @@ def _print_results(records) -> None:
         table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "status")
     for r in records:
         if r.status != "ok":
-            table.add_row(r.dataset.name, r.task.name, r.model.name, "", "", "", f"{r.status}: {r.error}")
+            table.add_row(escape(r.dataset.name), escape(r.task.name), escape(r.model.name), "", "", "",
+                          escape(f"{r.status}: {r.error}"))
             continue
         for m in r.metrics:
             label = escape(metric_label(m.name, m.params))
@@ -354,7 +397,7 @@ def _print_results(records) -> None:
             key = (r.dataset.name, r.task.name, m.name,
                    tuple(sorted((k, str(v)) for k, v in m.params.items())), r.model.name)
             d = diffs.get(key)
-            table.add_row(r.dataset.name, r.task.name, r.model.name, label, value,
+            table.add_row(escape(r.dataset.name), escape(r.task.name), escape(r.model.name), label, value,
                           "" if d is None else f"{d:+.4f}", r.status)
     _console().print(table)
 
@@ -373,13 +416,13 @@ def _print_hierarchy(records) -> None:
     table.add_column("dataset")
     table.add_column("metric")
     for model in models:
-        table.add_column(model, justify="right")
+        table.add_column(escape(model), justify="right")
     for row, cells, best in grid:
         values = []
         for cell, is_best in zip(cells, best):
-            text = "" if cell is None else f"{cell.value:.3f} ({cell.postprocessing})"
+            text = "" if cell is None else escape(f"{cell.value:.3f} ({cell.postprocessing})")
             values.append(f"[bold]{text} *[/bold]" if is_best else text)
-        table.add_row(row.dataset, escape(row.label + ("" if row.higher_is_better else " ↓")), *values)
+        table.add_row(escape(row.dataset), escape(row.label + ("" if row.higher_is_better else " ↓")), *values)
     _console().print(table)
 
 
@@ -442,7 +485,9 @@ def bench(
     retries: Annotated[int, typer.Option(min=0, help="Further attempts of a failed unit before it is recorded as failed.")] = 2,
     n_jobs: Annotated[int, typer.Option(min=1, help="Threads per scoring job.")] = 1,
     cpus: Annotated[Optional[int], typer.Option(min=1, help="Local executor: cores to use [default: all].")] = None,
-    memory_gb: Annotated[Optional[float], typer.Option(help="Local executor: memory to fill [default: 90%].")] = None,
+    memory_gb: Annotated[
+        Optional[float], typer.Option(callback=_positive, help="Local executor: memory to fill [default: 90%].")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and show what would run; run nothing.")] = False,
     offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
     config_dir: ConfigDirs = None,
@@ -477,8 +522,9 @@ def bench(
             suite_name = name or suite
         err = _console(stderr=True)
         with err.status("planning") as status:
+            catalog.suite(suite_name)  # an unknown name fails first
+            target = open_store(store or settings.output_dir / suite_name)  # checked before planning fetches
             plan = plan_suite(catalog, suite_name, offline=offline or settings.offline)
-            target = open_store(store or settings.output_dir / suite_name)
             done = set.union(*done_units(plan, target))
             err.print(f"suite {suite_name}: {len(plan.embeds)} embed and {len(plan.scores)} score units "
                       f"({len(done)} already done) for {len(plan.records)} results; store {target.url}")
@@ -494,8 +540,10 @@ def bench(
         again = f" ({outcome.retried} after a retry)" if outcome.retried else ""
         err.print(f"{outcome.ran} units ran{again}, {outcome.cached} were done before; "
                   f"results in {target.url}/results")
-        for key, (label, reason) in {**outcome.failed, **outcome.blocked}.items():
-            err.print(f"[bold red]failed:[/] {label}: {reason}", soft_wrap=True, markup=True)
+        from rich.markup import escape
+
+        for label, reason in {**outcome.failed, **outcome.blocked}.values():
+            err.print(f"[bold red]failed:[/] {escape(_one_line(f'{label}: {reason}'))}", soft_wrap=True, markup=True)
         if not outcome.complete:
             raise typer.Exit(1)
 

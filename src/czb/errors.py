@@ -22,25 +22,27 @@ class UnknownNameError(SpecError):
     Attributes
     ----------
     kind
-        ``"model"``, ``"dataset"`` or ``"task"``.
+        ``"model"``, ``"dataset"``, ``"task"``, ``"suite"`` or ``"weights variant"``.
     name
         The name that was asked for.
     suggestions
         The closest known names, best first.
     """
 
-    def __init__(self, kind: str, name: str, known: Iterable[str]):
+    def __init__(self, kind: str, name: str, known: Iterable[str], *, owner: str | None = None):
         import difflib
 
         known = sorted(known)
         self.kind, self.name = kind, name
-        self.suggestions = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = (
-            f"did you mean {', '.join(repr(s) for s in self.suggestions)}?"
-            if self.suggestions
-            else f"run `czb list {kind}s` to see the {len(known)} known {kind}s"
-        )
-        super().__init__(f"unknown {kind} {name!r}; {hint}")
+        self.suggestions = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        if self.suggestions:
+            hint = f"did you mean {', '.join(repr(s) for s in self.suggestions)}?"
+        elif owner is not None:  # names that belong to one entry (a model's variants) are listed whole
+            hint = f"{kind}s: {', '.join(known)}" if known else f"it has no {kind}s"
+        else:
+            hint = f"run `czb list {kind}s` to see the {len(known)} known {kind}s"
+        what = f"{owner} has no {kind} {name!r}" if owner is not None else f"unknown {kind} {name!r}"
+        super().__init__(f"{what}; {hint}")
 
 
 class DatasetError(CzbError):
@@ -95,3 +97,7 @@ class DatasetWarning(CzbWarning):
 
 class EmbeddingWarning(CzbWarning):
     """Something about an embedding is unusual but can be worked around."""
+
+
+class SettingsError(CzbError):
+    """A ``CZB_*`` environment variable has a value that makes no sense (e.g. ``CZB_N_JOBS=0``)."""

@@ -93,9 +93,36 @@ def run_suite(
                         run.failed, run.blocked, records, retried)
 
 
-def done_units(plan: Plan, store: Store) -> tuple[set[str], set[str]]:
-    """Keys of the plan's embed and score units whose outputs are in ``store``."""
-    return store.done_embeddings() & set(plan.embeds), store.done_scores() & set(plan.scores)
+#: What every score output holds (:func:`czb.bench.work._run_units`, ``not_applicable_output``).
+SCORE_OUTPUT_KEYS = ("status", "error", "metrics", "runtime_s", "peak_memory_mb", "computation")
+#: What every metric of a score output holds.
+SCORE_METRIC_KEYS = ("name", "value", "params", "ci95")
+
+
+def read_score(store: Store, key: str, *, repair: bool = True) -> dict[str, Any] | None:
+    """Score unit ``key``'s output, or ``None`` when it is absent or unreadable (then
+    named in a :class:`~czb.bench.store.StoreWarning` and, with ``repair``, deleted so
+    the unit runs again)."""
+    relative = f"scores/{key}.json"
+    output = store.read_output(relative, keys=SCORE_OUTPUT_KEYS, repair=repair)
+    if output is None:
+        return None
+    metrics = output["metrics"]
+    if not isinstance(metrics, list) or not all(
+            isinstance(m, dict) and all(k in m for k in SCORE_METRIC_KEYS) for m in metrics):
+        store.discard(relative, "is not a czb score output (malformed metrics)", repair=repair)
+        return None
+    return output
+
+
+def done_units(plan: Plan, store: Store, *, repair: bool = False) -> tuple[set[str], set[str]]:
+    """Keys of the plan's embed and score units whose outputs are in ``store`` and can
+    be read. An output that cannot (a truncated ``embedding.npz``, a damaged JSON) is
+    named in a one-line :class:`~czb.bench.store.StoreWarning`, and its unit is not
+    done: it runs again. With ``repair`` (when the suite runs) such files are deleted."""
+    embeds = {k for k in store.done_embeddings() & set(plan.embeds) if store.readable_embedding(k, repair=repair)}
+    scores = {k for k in store.done_scores() & set(plan.scores) if read_score(store, k, repair=repair) is not None}
+    return embeds, scores
 
 
 class _SuiteRun:
@@ -106,7 +133,7 @@ class _SuiteRun:
         self.plan, self.store, self.executor = plan, store, executor
         self.retries, self.n_jobs, self.offline = retries, n_jobs, offline
         store.write_json("suite.json", _describe(plan))
-        self.done_embeds, done_scores = done_units(plan, store)
+        self.done_embeds, done_scores = done_units(plan, store, repair=True)
         cached = len(self.done_embeds) + len(done_scores)
         self.tracker = SuiteProgress(total=plan.n_units, cached=cached, done=cached, slots=executor.slots)
         self.attempts: Counter[str] = Counter()
@@ -119,6 +146,8 @@ class _SuiteRun:
                 self.waiting[unit.embed_keys].append(unit)
         self.embedded: set[str] = set()  # embed units done, before or in this run
         self.running_units: dict[int, int] = {}  # id(job) -> units in it
+        #: Embed units run again because their output became unreadable: key -> times.
+        self.redone: Counter[str] = Counter()
 
     def start(self) -> None:
         predictions: dict[tuple[str, str], list[ScoreUnit]] = defaultdict(list)
@@ -157,8 +186,12 @@ class _SuiteRun:
         """Start (or settle) the score units whose embeddings are now all done."""
         self.embedded.add(key)
         for keys in [k for k in self.waiting if key in k and self.embedded.issuperset(k)]:
+            metas = [self.store.read_output(f"embeddings/{k}/{UNIT_FILE}", keys=("status", "error", "dataset"))
+                     for k in keys]
+            if any(m is None for m in metas):  # gone or unreadable since: embed again
+                self.redo_embeddings([k for k, m in zip(keys, metas) if m is None])
+                continue
             units = self.waiting.pop(keys)
-            metas = [self.store.read_json(f"embeddings/{k}/{UNIT_FILE}") for k in keys]
             if all(m["status"] == "ok" for m in metas):
                 self.submit_scores(units)
                 continue
@@ -192,6 +225,28 @@ class _SuiteRun:
         else:
             self.give_up(key, self.plan.embeds[key].label, _reason(error), getattr(error, "log_tail", ()))
 
+    def redo_embeddings(self, keys: Sequence[str]) -> bool:
+        """Run embed units ``keys`` again (their output was found unreadable and removed),
+        at most ``retries + 1`` times each, else give them up; the score units waiting on
+        them wait on. Returns whether all were resubmitted."""
+        resubmitted = True
+        for key in keys:
+            self.store.forget_embedding(key)
+            if key not in self.embedded:  # already being redone
+                continue
+            self.embedded.discard(key)
+            self.redone[key] += 1
+            self.tracker.done -= 1  # no longer done; counted again when it finishes
+            if key in self.done_embeds:
+                self.done_embeds.discard(key)
+                self.tracker.cached -= 1
+            if self.redone[key] > self.retries + 1:
+                self.give_up(key, self.plan.embeds[key].label, "its output in the store could not be read")
+                resubmitted = False
+            else:
+                self.submit_embed(key)
+        return resubmitted
+
     def _scores_finished(self, keys: Sequence[str], n_units: int, seconds: float, result: Any,
                          error: BaseException | None) -> None:
         outcomes = result or {}
@@ -199,6 +254,16 @@ class _SuiteRun:
             written = {k for k in keys if outcomes.get(k, {}).get("status") not in (None, "failed")}
         else:  # it died: the store says which units it wrote before
             written = {k for k in keys if self.store.exists(f"scores/{k}.json")}
+        # An embedding that turned out unreadable was removed by the job: embed it again,
+        # and its units wait for it (no attempt counted against them).
+        unread = {k for key in keys if key not in written for k in self.plan.scores[key].embed_keys
+                  if not self.store.exists(f"embeddings/{k}/{UNIT_FILE}")}
+        if unread and self.redo_embeddings(sorted(unread)):
+            for key in [k for k in keys if k not in written]:
+                unit = self.plan.scores[key]
+                if set(unit.embed_keys) & unread:
+                    self.waiting[unit.embed_keys].append(unit)
+            keys = [k for k in keys if k in written or not set(self.plan.scores[k].embed_keys) & unread]
         again: list[ScoreUnit] = []
         for key in keys:
             if key in written:
@@ -268,11 +333,12 @@ def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultR
 
     first = plan.scores[rp.score_keys[0]]
     planned = PlannedTask(first.task, get_task(first.task.implementation)(**first.task.parameters))
-    pieces = [store.read_json(f"scores/{k}.json") for k in rp.score_keys]
+    pieces = [read_score(store, k) for k in rp.score_keys]
     if first.predictor is not None:
         return _predictor_record(rp, first, planned, pieces, store, command)
     embeds = [plan.embeds[k] for k in rp.embed_keys]
-    metas = [store.read_json(f"embeddings/{k}/{UNIT_FILE}") for k in rp.embed_keys]
+    metas = [store.read_output(f"embeddings/{k}/{UNIT_FILE}", keys=("status", "dataset", "model", "runtime_s"))
+             for k in rp.embed_keys]
     datasets = [R.DatasetRecord.model_validate(m["dataset"]) if m else _unread_dataset(e.dataset, e.parts)
                 for e, m in zip(embeds, metas)]
     models = [m["model"] if m else _unrun_model(e.model) for e, m in zip(embeds, metas)]
@@ -283,7 +349,7 @@ def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultR
         reasons = []
         for e, key, meta in zip(embeds, rp.embed_keys, metas):
             if meta is None:
-                failure = store.read_json(f"failures/{key}.json") or {}
+                failure = _read_failure(store, key) or {}
                 reasons.append((f"{e.dataset.name}: " if grouped else "") + _failure_reason(failure))
                 if failure.get("log_tail") and not grouped:
                     model["info"] = {"log_tail": failure["log_tail"]}
@@ -306,7 +372,7 @@ def _task_result(rp: RecordPlan, pieces: list[Any], store: Store) -> Any:
         reasons = []
         for seed, key, piece in zip(rp.seeds, rp.score_keys, pieces):
             if piece is None:
-                reasons.append(f"seed {seed}: " + _failure_reason(store.read_json(f"failures/{key}.json")))
+                reasons.append(f"seed {seed}: " + _failure_reason(_read_failure(store, key)))
         return TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="; ".join(reasons))
     if any(p["status"] != "ok" for p in pieces):
         odd = next(p for p in pieces if p["status"] != "ok")
@@ -333,9 +399,14 @@ def _predictor_record(rp: RecordPlan, unit: ScoreUnit, planned: Any, pieces: lis
                          command=command, embedding_runtime_s=0.0)
 
 
+def _read_failure(store: Store, key: str) -> dict[str, Any] | None:
+    """Unit ``key``'s recorded failure, or ``None`` (an unreadable record is deleted, with a warning)."""
+    return store.read_output(f"failures/{key}.json", keys=("error",))
+
+
 def _failure_reason(failure: dict[str, Any] | None) -> str:
     """Why a unit has no output: its recorded failure, or that the run stopped first."""
-    return failure["error"] if failure else "the suite did not finish"
+    return str(failure["error"]) if failure else "the suite did not finish"
 
 
 def _unread_dataset(spec: Any, parts: dict[str, Any]) -> R.DatasetRecord:

@@ -16,6 +16,11 @@ renames it; an S3 object is written in one request), and a unit's output appears
 with its last file. Outputs are named by their unit's content key: a unit that runs
 twice (a retry after a lost worker whose first attempt finished after all) writes the
 same file twice, never two files.
+
+A store can still be damaged from outside (a full disk, a copy cut short, an edit): an
+output that cannot be read is treated as absent. It is deleted with a one-line
+:class:`StoreWarning` naming it, and its unit runs again (:meth:`Store.read_output`,
+:func:`czb.bench.run.done_units`). Error messages name files, never their content.
 """
 
 from __future__ import annotations
@@ -23,20 +28,30 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
+import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from czb.errors import CzbError
+from czb.errors import CzbError, CzbWarning
 
 UNIT_FILE = "unit.json"
 EMBEDDING_FILE = "embedding.npz"
+#: The arrays an embedding file must hold.
+EMBEDDING_ARRAYS = ("values",)
+#: Bytes read from the end of a remote ``.npz`` to find its zip directory.
+_ZIP_TAIL_BYTES = 1 << 16
 
 
 class StoreError(CzbError):
     """The store cannot be read or written."""
+
+
+class StoreWarning(CzbWarning):
+    """An output in the store could not be read; it is deleted and its unit runs again."""
 
 
 class Store(ABC):
@@ -73,14 +88,41 @@ class Store(ABC):
         self.write_bytes(relative, json.dumps(value, indent=1, sort_keys=True, default=str).encode())
 
     def read_json(self, relative: str) -> Any:
+        """A JSON file's value, ``None`` when there is no such file; :class:`StoreError`
+        (naming the file, not its content) when it is not JSON."""
         data = self.read_bytes(relative)
         if data is None:
             return None
         try:
             return json.loads(data)
-        except ValueError as e:
-            msg = f"{self.url}/{relative} is not valid JSON ({e}); delete it to redo its unit"
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            msg = f"{self.url}/{relative} is not valid JSON ({type(e).__name__}); delete it to redo its unit"
             raise StoreError(msg) from None
+
+    def read_output(self, relative: str, *, keys: tuple[str, ...] = ("status",),
+                    repair: bool = True) -> dict[str, Any] | None:
+        """A unit's JSON output (an object with ``keys``), or ``None`` when it is absent or
+        cannot be read; an unreadable one is reported and, with ``repair``, deleted
+        (:meth:`discard`) so its unit runs again."""
+        try:
+            value = self.read_json(relative)
+        except StoreError:
+            self.discard(relative, "is not valid JSON", repair=repair)
+            return None
+        if value is None:
+            return None
+        if not isinstance(value, dict) or any(k not in value for k in keys):
+            self.discard(relative, f"is not a czb output (expected a JSON object with {', '.join(keys)})",
+                         repair=repair)
+            return None
+        return value
+
+    def discard(self, relative: str, why: str, *, repair: bool = True) -> None:
+        """Report an unreadable output in one :class:`StoreWarning` line naming it (not its
+        content), and with ``repair`` delete it."""
+        warnings.warn(f"{self.url}/{relative} {why}; its unit runs again", StoreWarning, stacklevel=3)
+        if repair:
+            self.delete(relative)
 
     def write_arrays(self, relative: str, **arrays: np.ndarray) -> None:
         buffer = io.BytesIO()
@@ -95,31 +137,88 @@ class Store(ABC):
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
-        except (OSError, ValueError) as e:
-            msg = f"{self.url}/{relative} is not a readable .npz ({e}); delete its folder to redo its unit"
+        except Exception as e:  # noqa: BLE001 - a damaged file raises anything (BadZipFile, EOFError, zlib.error...)
+            msg = f"{self.url}/{relative} is not a readable .npz ({type(e).__name__})"
             raise StoreError(msg) from None
+
+    def arrays_problem(self, relative: str, names: tuple[str, ...] = EMBEDDING_ARRAYS) -> str | None:
+        """Why an ``.npz`` in the store cannot be what it should (holding arrays
+        ``names``), or ``None`` when it looks whole. Cheap: the zip directory at the end
+        of the file and each member's ``.npy`` header, not the data (a file cut short
+        loses its directory)."""
+        data = self.read_bytes(relative)
+        if data is None:
+            return "is missing"
+        return _npz_problem(io.BytesIO(data), names)
 
     # units ------------------------------------------------------------------------
 
     def done_embeddings(self) -> set[str]:
-        """Keys of embed units whose output is complete."""
+        """Keys of embed units whose output is complete (its ``unit.json`` is there)."""
         return {p.split("/")[1] for p in self.files("embeddings") if p.endswith(f"/{UNIT_FILE}")}
 
     def done_scores(self) -> set[str]:
         """Keys of score units whose output is there."""
         return {p.split("/")[1].removesuffix(".json") for p in self.files("scores") if p.endswith(".json")}
 
+    def readable_embedding(self, key: str, *, repair: bool = True) -> bool:
+        """Whether embed unit ``key``'s output can be read: ``unit.json`` is a czb
+        output and, for an embedding that exists (status ``ok``), ``embedding.npz`` looks
+        whole (:meth:`arrays_problem`). If not, a :class:`StoreWarning` names the bad
+        file and, with ``repair``, the unit's files are deleted so the unit runs again."""
+        meta_file, arrays_file = f"embeddings/{key}/{UNIT_FILE}", f"embeddings/{key}/{EMBEDDING_FILE}"
+        meta = self.read_output(meta_file, keys=("status", "dataset", "model"), repair=repair)
+        if meta is None:
+            if repair:
+                self.delete(arrays_file)
+            return False
+        if meta["status"] == "ok":
+            problem = self.arrays_problem(arrays_file)
+            if problem is not None:
+                self.discard(arrays_file, problem, repair=repair)
+                if repair:
+                    self.delete(meta_file)
+                return False
+        return True
+
+    def forget_embedding(self, key: str) -> None:
+        """Remove embed unit ``key``'s output (its ``unit.json`` first: the unit is then
+        not done, whatever else remains)."""
+        self.delete(f"embeddings/{key}/{UNIT_FILE}")
+        self.delete(f"embeddings/{key}/{EMBEDDING_FILE}")
+
+
+def _npz_problem(source: Any, names: tuple[str, ...]) -> str | None:
+    """What is wrong with an ``.npz`` (a path or file object), or ``None``."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            members = set(archive.namelist())
+            missing = [n for n in names if f"{n}.npy" not in members]
+            if missing:
+                return f"is not a czb embedding file (no array {missing[0]!r})"
+            for member in sorted(members):
+                with archive.open(member) as f:  # shape and dtype only
+                    if np.lib.format.read_magic(f) == (1, 0):
+                        np.lib.format.read_array_header_1_0(f)
+                    else:
+                        np.lib.format.read_array_header_2_0(f)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, it is damaged
+        return f"is not a readable .npz ({type(e).__name__})"
+    return None
+
 
 class LocalStore(Store):
     """A store in a folder (a local disk, or a file system every node mounts)."""
 
     def __init__(self, root: str | os.PathLike[str]):
+        from czb.errors import ResultsError
+        from czb.runner.run import check_output_dir
+
         self.root = Path(root).expanduser().resolve()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            msg = f"cannot create the store folder {self.root}: {e.strerror}"
-            raise StoreError(msg) from e
+        try:  # created and written to now, so a bad folder fails before any work
+            check_output_dir(self.root, what="store folder")
+        except ResultsError as e:
+            raise StoreError(str(e)) from None
         self.url = str(self.root)
 
     def write_bytes(self, relative: str, data: bytes) -> None:
@@ -135,6 +234,12 @@ class LocalStore(Store):
 
     def exists(self, relative: str) -> bool:
         return (self.root / relative).is_file()
+
+    def arrays_problem(self, relative: str, names: tuple[str, ...] = EMBEDDING_ARRAYS) -> str | None:
+        path = self.root / relative
+        if not path.is_file():
+            return "is missing"
+        return _npz_problem(path, names)  # reads the zip directory and headers, not the data
 
     def files(self, prefix: str) -> list[str]:
         folder = self.root / prefix
@@ -200,6 +305,19 @@ class S3Store(Store):
         key = self._key(relative)
         return self._request(f"look for {relative}", lambda: self._s3().head_object(Bucket=self.bucket, Key=key),
                              missing_ok=True) is not None
+
+    def arrays_problem(self, relative: str, names: tuple[str, ...] = EMBEDDING_ARRAYS) -> str | None:
+        # Only the end of the object: a file cut short has no zip directory there.
+        key = self._key(relative)
+        found = self._request(
+            f"read {relative}",
+            lambda: self._s3().get_object(Bucket=self.bucket, Key=key, Range=f"bytes=-{_ZIP_TAIL_BYTES}"),
+            missing_ok=True)
+        if found is None:
+            return "is missing"
+        if b"PK\x05\x06" not in found["Body"].read():
+            return "is not a readable .npz (cut short: no zip directory at its end)"
+        return None
 
     def files(self, prefix: str) -> list[str]:
         root = self._key(prefix.strip("/")) + "/"

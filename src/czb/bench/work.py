@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from czb.bench.plan import EmbedUnit, ScoreUnit
-from czb.bench.store import EMBEDDING_FILE, UNIT_FILE, open_store
+from czb.bench.store import EMBEDDING_FILE, UNIT_FILE, StoreError, open_store
 from czb.errors import CzbError
 
 
@@ -79,7 +79,7 @@ def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = No
     """
     from czb.runner import results as R
     from czb.runner.embeddings import source_for_model
-    from czb.runner.run import dataset_record, dataset_roles, embed_dataset
+    from czb.runner.run import dataset_record, dataset_roles, embed_dataset, map_labels
 
     from czb.runner.containers import RunOptions
 
@@ -107,7 +107,8 @@ def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = No
         store.write_arrays(f"{folder}/{EMBEDDING_FILE}", **arrays)
         roles = dataset_roles(ds, emb.cell_index)  # maps in reports: a sample beside the results
         sample, payload = R.embedding_sample(emb.values, dataset=ds.name, model=unit.model.name,
-                                             labels=roles.get("labels"), batches=roles.get("batch"))
+                                             labels=map_labels(roles.get("labels")),
+                                             batches=map_labels(roles.get("batch")))
         store.write_bytes(f"results/{sample}", payload)
         meta["embedding_sample"] = sample
     store.write_json(f"{folder}/{UNIT_FILE}", meta)  # last: the unit is done
@@ -214,8 +215,17 @@ def _scoring_input(
 
     members = []
     for key, spec in zip(unit.embed_keys, unit.datasets):
-        arrays = store.read_arrays(f"embeddings/{key}/{EMBEDDING_FILE}")
-        meta = store.read_json(f"embeddings/{key}/{UNIT_FILE}") or {}
+        try:
+            arrays = store.read_arrays(f"embeddings/{key}/{EMBEDDING_FILE}")
+            meta = store.read_json(f"embeddings/{key}/{UNIT_FILE}") or {}
+            if "values" not in arrays or not isinstance(meta, dict):
+                msg = f"{store.url}/embeddings/{key} is not a czb embedding"
+                raise StoreError(msg)
+        except StoreError as e:
+            # Unreadable: removed, so the suite runner embeds it again (and this unit waits).
+            store.forget_embedding(key)
+            msg = f"{e}; removed, to be embedded again"
+            raise StoreError(msg) from None
         ds = _load(spec, offline)
         _check_unchanged(ds, meta.get("dataset", {}).get("sha256"), since="it was embedded")
         embedding = Embedding(values=arrays["values"], model=unit.model, kind="stored",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,7 +12,9 @@ from typing import Any, Literal
 import numpy as np
 
 from czb.errors import EmbeddingError, NotApplicableError
+from czb.evaluation.applicability import GROUP_ROLES, missing_mask
 from czb.evaluation.neighbors import NeighborGraph, compute_neighbors
+from czb.evaluation.perturbation_analysis import RowSubset
 from czb.evaluation.resources import measure
 from czb.evaluation.tasks.base import MetricValue, Task
 
@@ -55,6 +59,16 @@ class TaskContext:
         """Record how ``what`` (e.g. ``neighbors``, ``silhouette_label``) was computed
         for the task now running (exact, or approximate with its measured error)."""
         self.notes[what] = how
+
+    def skip_metric(self, metric: str, reason: str) -> None:
+        """Record that the running task leaves ``metric`` out (the task does not report
+        it) because it is not defined on these data (:mod:`czb.evaluation.applicability`);
+        ``reason`` goes into the result's ``computation['not_applicable']``."""
+        self.notes.setdefault("not_applicable", {})[metric] = reason
+
+    def scoped(self, task: Task) -> TaskContext:
+        """The context ``task`` runs on (this one unless a subclass restricts cells)."""
+        return self
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per key for this context, so tasks (and seeds) share
@@ -120,6 +134,8 @@ class EvaluationContext(TaskContext):
             raise EmbeddingError(msg)
         self.X = X
         self._roles: dict[str, np.ndarray] = {}
+        #: Cells without a value, per grouping role that has some (see :meth:`scoped`).
+        self._missing: dict[str, np.ndarray] = {}
         for role, values in {"labels": labels, "batch": batches, **(roles or {})}.items():
             if values is None:
                 continue
@@ -127,7 +143,12 @@ class EvaluationContext(TaskContext):
             if values.shape != (X.shape[0],):
                 msg = f"{role} has shape {values.shape}, expected ({X.shape[0]},) to match the embedding"
                 raise EmbeddingError(msg)
+            if role in GROUP_ROLES:
+                missing = missing_mask(values)
+                if missing.any():
+                    self._missing[role] = missing
             self._roles[role] = values
+        self.excluded: dict[str, int] = {}
         if expression is not None and expression.X.shape[0] != X.shape[0]:
             msg = f"expression has {expression.X.shape[0]} rows, expected {X.shape[0]} to match the embedding"
             raise EmbeddingError(msg)
@@ -141,15 +162,62 @@ class EvaluationContext(TaskContext):
         self._graph: NeighborGraph | None = None
         self._memo: dict[tuple, Any] = {}
         self._background: dict[tuple, tuple[Any, Any]] = {}  # memo key -> (executor, future)
+        self._planned: list[Task] = []
 
     @property
     def n_cells(self) -> int:
         return self.X.shape[0]
 
+    def scoped(self, task: Task) -> EvaluationContext:
+        """The context ``task`` runs on: this one, or when some cells lack a grouping
+        role the task needs (a label, a batch: :data:`~czb.evaluation.applicability.GROUP_ROLES`),
+        a context of the other cells only, shared by every task that leaves out the same
+        cells (its own graph and memo). Its :attr:`excluded` counts the cells left out
+        (``cells_without_label``, ``cells_without_batch``). Control cells of a screen need
+        no label (their perturbation is the control).
+
+        Missing labels thus never become a class, and never silently shrink a score:
+        the count goes into the result's ``computation``.
+        """
+        lacking: dict[str, np.ndarray] = {}
+        for role, missing in self._missing.items():
+            if role not in task.info.requires:
+                continue
+            controls = self.role("control")
+            if role == "labels" and "control" in task.info.requires and controls is not None:
+                missing = missing & ~np.asarray(controls, dtype=bool)
+            if missing.any():
+                lacking[role] = missing
+        if not lacking:
+            return self
+        keep = ~np.logical_or.reduce(list(lacking.values()))
+        key = ("scoped", hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(), int(keep.sum()))
+
+        def restrict() -> EvaluationContext:
+            rows = np.flatnonzero(keep)
+            expression = self.expression
+            if expression is not None:
+                expression = dataclasses.replace(expression, X=RowSubset(expression.X, rows))
+            sub = EvaluationContext(
+                self.X[rows],
+                roles={role: values[rows] for role, values in self._roles.items()},
+                expression=expression,
+                relationship_sources=self.relationship_sources,
+                n_jobs=self.n_jobs,
+                exact=self.exact,
+            )
+            sub.plan(self._planned)
+            return sub
+
+        sub = self.memo(key, restrict)
+        sub.excluded = {f"cells_without_{GROUP_ROLES[role]}": int(m.sum()) for role, m in lacking.items()}
+        return sub
+
     def plan(self, tasks: Iterable[Task]) -> None:
         """Note the largest neighbourhoods the tasks will ask for, so the graph (and the
         sampled cells' scan, :meth:`cell_neighborhoods`) is computed once."""
         tasks = list(tasks)
+        self._planned += tasks
         self._k_planned = max([self._k_planned, *(t.neighbors_needed(self.n_cells) for t in tasks)])
         self._k_neighborhoods = max([self._k_neighborhoods, *(t.neighborhoods_needed(self.n_cells) for t in tasks)])
 
@@ -373,14 +441,19 @@ def run_task(
     seeds = list(seeds) if task.info.stochastic else list(seeds)[:1]
     name = task.info.name
     context.notes = {}
+    excluded: dict[str, int] = {}
     try:
+        # Cells without a label (or batch) the task needs are left out, and counted.
+        context = context.scoped(task)
+        context.notes = {}
+        excluded = dict(getattr(context, "excluded", {}))
         task.check(context)
     except NotApplicableError as e:
-        return TaskResult(name, "not_applicable", seeds=seeds, error=str(e))
+        return TaskResult(name, "not_applicable", seeds=seeds, error=str(e), computation=excluded)
     except Exception as e:  # noqa: BLE001 - e.g. a resource the task reads cannot be fetched
         if raise_errors:
             raise
-        return TaskResult(name, "failed", seeds=seeds, error=f"{type(e).__name__}: {e}")
+        return TaskResult(name, "failed", seeds=seeds, error=f"{type(e).__name__}: {e}", computation=excluded)
     values: list[MetricValue] = []
     error: str | None = None
     with measure() as usage:
@@ -388,18 +461,24 @@ def run_task(
             for seed in seeds:
                 values += task.run(context, seed=seed)
         except NotApplicableError as e:
-            return TaskResult(name, "not_applicable", seeds=seeds, error=str(e))
+            return TaskResult(name, "not_applicable", seeds=seeds, error=str(e),
+                              computation={**excluded, **context.notes})
         except Exception as e:  # noqa: BLE001 - one task's crash must not lose the others' results
             if raise_errors:
                 raise
             error = f"{type(e).__name__}: {e}"
         finally:
             context.drop_background()
+    computation = {**excluded, **context.notes}
     if error is not None:
         return TaskResult(name, "failed", seeds=seeds, error=error, runtime_s=usage.runtime_s,
-                          peak_memory_mb=usage.peak_memory_mb, computation=dict(context.notes))
+                          peak_memory_mb=usage.peak_memory_mb, computation=computation)
+    if not values:  # nothing is defined on these data
+        reasons = "; ".join(f"{k}: {v}" for k, v in context.notes.get("not_applicable", {}).items())
+        return TaskResult(name, "not_applicable", seeds=seeds, error=reasons or "the task reported no metric",
+                          runtime_s=usage.runtime_s, peak_memory_mb=usage.peak_memory_mb, computation=computation)
     return TaskResult(name, "ok", aggregate(values), seeds, None, usage.runtime_s, usage.peak_memory_mb,
-                      computation=dict(context.notes))
+                      computation=computation)
 
 
 def evaluate(

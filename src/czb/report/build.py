@@ -2,48 +2,124 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import math
+import warnings
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from czb.errors import ResultsError
+from czb.errors import EmbeddingWarning, ResultsError
 from czb.report.html import EmbeddingMap, render_html
 from czb.report.layout import umap_layout
-from czb.report.tables import Comparison, compare, read_results
+from czb.report.tables import Comparison, compare, find_results
 from czb.runner import results as R
+from czb.untrusted import read_bounded
 
 #: Cells per 2-D map (a label-stratified subsample of the stored sample).
 MAP_CELLS = 5_000
+#: Largest embedding sample file a report reads (czb writes at most 10,000 cells).
+MAX_SAMPLE_BYTES = 256 << 20
+#: Most bytes the arrays of a sample may unpack to (as declared, and as read).
+MAX_SAMPLE_UNPACKED = 1 << 30
+_SAMPLE_ARRAYS = ("X", "labels", "batches")
+
+
+def _sample_location(result_file: Path, root: Path, relative: str) -> Path | None:
+    """Where a result's embedding sample is (relative to the result file's folder), or
+    ``None`` when it would be outside the results folder given (symlinks resolved)."""
+    if not relative or "\0" in relative or Path(relative).is_absolute():
+        return None
+    location = (result_file.parent / relative).resolve()
+    return location if root.resolve() in location.parents else None
+
+
+def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """One array of an ``.npz``, after checking from its header that it is no bigger than
+    its member says (no pickles)."""
+    from numpy.lib import format as npy
+
+    with zf.open(info) as f:
+        version = npy.read_magic(f)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+        return None
+    with zf.open(info) as f:
+        return npy.read_array(f, allow_pickle=False)
+
+
+def read_embedding_sample(result_file: Path, root: Path, relative: str) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The arrays of the embedding sample a result names, read only if it is a regular
+    file inside the results folder; otherwise ``None`` and why (never the path it names)."""
+    location = _sample_location(result_file, root, relative)
+    if location is None:
+        return None, "its embedding sample is not inside the results folder"
+    try:
+        raw = read_bounded(location, MAX_SAMPLE_BYTES, follow_symlinks=False, allow_hard_links=False)
+    except OSError:
+        return None, "its embedding sample cannot be read"
+    except ValueError as e:
+        return None, f"its embedding sample is {e}"
+    arrays = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            infos = {i.filename.removesuffix(".npy"): i for i in zf.infolist()}
+            if sum(i.file_size for i in infos.values()) > MAX_SAMPLE_UNPACKED:
+                return None, "its embedding sample unpacks to more than the limit"
+            for key in _SAMPLE_ARRAYS:
+                if key in infos:
+                    array = _read_npy(zf, infos[key])
+                    if array is None:
+                        return None, "its embedding sample is not a plain array file"
+                    arrays[key] = array
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError):
+        return None, "its embedding sample is not a readable .npz"
+    X = arrays.get("X")
+    if X is None or X.ndim != 2 or X.dtype.kind not in "fiu" or len(X) < 3 or not np.isfinite(X).all():
+        return None, "its embedding sample holds no finite 2-D array X of 3 or more cells"
+    for key in ("labels", "batches"):
+        if key in arrays and (arrays[key].ndim != 1 or len(arrays[key]) != len(X)):
+            del arrays[key]  # does not line up: map without it
+    return arrays, ""
 
 
 def embedding_maps(
     loaded: Sequence[tuple[Path, object]], comparison: Comparison, *, max_cells: int = MAP_CELLS,
+    roots: Mapping[Path, Path] | None = None, notes: dict[tuple[str, str], str] | None = None,
 ) -> dict[tuple[str, str], EmbeddingMap]:
     """UMAP maps of the embedding samples the results point to, one per (dataset, model).
 
-    A sample that is missing or unreadable is skipped (the report says none was found);
-    the rest of the report does not depend on it.
+    A sample is read only inside its results folder (``roots[result_file]``, default the
+    result file's folder) and only as a regular file within size limits; one that is
+    missing, elsewhere or unreadable is skipped with a warning naming the result file
+    (and a note in ``notes``); the rest of the report does not depend on it.
     """
     from czb.evaluation.estimates import stratified_rows
 
+    roots = roots or {}
     maps: dict[tuple[str, str], EmbeddingMap] = {}
     for path, record in loaded:
         model = comparison.model_of(record)
         key = (record.dataset.name, model)
         if model is None or key in maps or not record.embedding_sample:
             continue
-        try:
-            with np.load(path.parent / record.embedding_sample, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, KeyError):
-            continue
-        X = arrays.get("X")
-        if X is None or X.ndim != 2 or len(X) < 3:
-            continue
-        rows = stratified_rows(len(X), arrays.get("labels"), max_cells)
-        pick = {k: v[rows] for k, v in arrays.items() if k in ("labels", "batches")}
-        maps[key] = EmbeddingMap(umap_layout(X[rows]), pick.get("labels"), pick.get("batches"), len(X))
+        arrays, reason = read_embedding_sample(path, roots.get(path, path.parent), record.embedding_sample)
+        if arrays is not None:
+            X = arrays["X"]
+            rows = stratified_rows(len(X), arrays.get("labels"), max_cells)
+            pick = {k: v[rows] for k, v in arrays.items() if k in ("labels", "batches")}
+            try:
+                maps[key] = EmbeddingMap(umap_layout(X[rows]), pick.get("labels"), pick.get("batches"), len(X))
+                continue
+            except (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError):
+                reason = "no 2-D layout could be computed from its embedding sample"
+        warnings.warn(f"{path}: map skipped: {reason}", EmbeddingWarning, stacklevel=2)
+        if notes is not None:
+            notes.setdefault(key, reason)
     return maps
 
 
@@ -75,11 +151,14 @@ def make_report(
     """
     from czb.report.exports import to_csv, to_markdown
 
-    loaded = read_results(paths)
+    files = find_results(paths)
+    loaded = [(file, R.read_result(file)) for file, _ in files]
     comparison = compare([r for _, r in loaded])
     if fmt == "html":
-        found = embedding_maps(loaded, comparison, max_cells=max_map_cells) if maps else {}
-        text = render_html(comparison, maps=found, command=command)
+        notes: dict[tuple[str, str], str] = {}
+        found = (embedding_maps(loaded, comparison, max_cells=max_map_cells, roots=dict(files), notes=notes)
+                 if maps else {})
+        text = render_html(comparison, maps=found, command=command, notes=notes)
     elif fmt == "csv":
         text = to_csv(comparison)
     elif fmt == "md":

@@ -15,8 +15,24 @@ CSV_COLUMNS = (
 )
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP CSV
+#: injection), with their full-width forms, which some spreadsheets accept too.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
 def _num(v: float | None) -> str:
     return "" if v is None or not math.isfinite(v) else repr(float(v))
+
+
+def csv_text(value: object) -> str:
+    """A text cell from a record (names, parameters, errors) made inert for spreadsheets:
+    one that starts like a formula gets a leading ``'``. Numbers czb computed are
+    written with :func:`_num` and never pass through here."""
+    # A lone CR is not quoted by the csv module (its line ends are LF) but ends a row in
+    # spreadsheets: make it a LF, which is quoted.
+    text = "" if value is None else str(value).replace("\r\n", "\n").replace("\r", "\n")
+    # Some spreadsheets skip leading spaces before reading a formula.
+    return "'" + text if text.lstrip(" ").startswith(FORMULA_STARTS) else text
 
 
 def to_csv(comparison: Comparison) -> str:
@@ -31,15 +47,16 @@ def to_csv(comparison: Comparison) -> str:
             if e is None:
                 continue
             writer.writerow([
-                c.dataset, c.task, model, c.metric, json.dumps(c.params, sort_keys=True), c.baseline,
+                *map(csv_text, (c.dataset, c.task, model, c.metric, json.dumps(c.params, sort_keys=True),
+                                c.baseline)),
                 _num(e.value), _num(e.std), len(e.values), " ".join(_num(v) for v in e.values),
                 _num(e.ci95[0]) if e.ci95 else "", _num(e.ci95[1]) if e.ci95 else "",
                 _num(e.difference), _num(e.spread), e.verdict,
                 "" if c.higher_is_better is None else str(c.higher_is_better).lower(),
             ])
     for model, r in comparison.problems:
-        writer.writerow([r.dataset.name, r.task.name, model, "", "", "", "", "", 0, "", "", "", "", "",
-                         f"{r.status}: {r.error or ''}", ""])
+        writer.writerow([csv_text(r.dataset.name), csv_text(r.task.name), csv_text(model), "", "", "", "", "", 0,
+                         "", "", "", "", "", csv_text(f"{r.status}: {r.error or ''}"), ""])
     return out.getvalue()
 
 
@@ -64,10 +81,20 @@ def _rows(comparison: Comparison, dataset: str) -> tuple[list[str], list[list[st
     return header, rows
 
 
+def markdown_text(text: object) -> str:
+    """Text from a record as one inert Markdown table cell: HTML special characters as
+    entities, table pipes, backticks, brackets and backslashes escaped, lines joined."""
+    text = "" if text is None else str(text)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char in ("\\", "`", "|", "[", "]", "*"):
+        text = text.replace(char, "\\" + char)
+    return " ".join(text.splitlines())
+
+
 def to_markdown(comparison: Comparison) -> str:
-    """One Markdown table per dataset (metrics × models), then the failed runs."""
-    def escape(text: str) -> str:
-        return text.replace("|", "\\|")
+    """One Markdown table per dataset (metrics × models), then the failed runs; every
+    text from a record is escaped (:func:`markdown_text`)."""
+    escape = markdown_text
 
     parts = ["Mean ± sd over seeds; ▲/▼: better/worse than the baseline by more than the seed-to-seed "
              "spread of the paired differences; ↓: lower is better.\n"]
@@ -84,7 +111,7 @@ def to_markdown(comparison: Comparison) -> str:
         parts.append("## Failed and not-applicable runs\n")
         parts.append("| dataset | model | task | status | reason |\n|---|---|---|---|---|")
         parts += [f"| {escape(r.dataset.name)} | {escape(m)} | {escape(r.task.name)} | {r.status} | "
-                  f"{escape((r.error or '').splitlines()[0] if r.error else '')} |" for m, r in comparison.problems]
+                  f"{escape(r.error or '')} |" for m, r in comparison.problems]
         parts.append("")
     return "\n".join(parts)
 
@@ -100,7 +127,7 @@ def print_table(comparison: Comparison, console=None) -> None:
         if not comparison.columns_of(dataset):
             continue
         header, rows = _rows(comparison, dataset)
-        table = Table(title=f"{dataset} (mean ± sd; ▲/▼ vs baseline beyond the seed spread)")
+        table = Table(title=f"{escape(dataset)} (mean ± sd; ▲/▼ vs baseline beyond the seed spread)")
         for i, name in enumerate(header):
             table.add_column(escape(name), justify="left" if i < 2 else "right")
         for row in rows:

@@ -151,8 +151,12 @@ def _bar_charts(comparison: Comparison, dataset: str) -> str:
     return f'<div class="plots">{"".join(charts)}</div>'
 
 
-def _maps(maps: Mapping[tuple[str, str], EmbeddingMap], dataset: str, models: list[str]) -> str:
+def _maps(maps: Mapping[tuple[str, str], EmbeddingMap], dataset: str, models: list[str],
+          notes: Mapping[tuple[str, str], str] | None = None) -> str:
     figures = []
+    skipped = "".join(f"<li>{escape(model)}: map not shown, {escape(notes[(dataset, model)])}.</li>"
+                      for model in models if notes and (dataset, model) in notes)
+    skipped = f'<ul class="note">{skipped}</ul>' if skipped else ""
     for model in models:
         m = maps.get((dataset, model))
         if m is None:
@@ -162,8 +166,9 @@ def _maps(maps: Mapping[tuple[str, str], EmbeddingMap], dataset: str, models: li
                 figures.append(plots.scatter_map(f"{model} — {what} ({len(m.coordinates)} of {m.n_cells} cells)",
                                                  m.coordinates, groups, plot_id=f"map-{dataset}-{model}-{what}"))
     if not figures:
-        return '<p class="note">No embedding samples were found next to these results (runs without --output-dir).</p>'
-    return f'<div class="plots">{"".join(figures)}</div>'
+        return ('<p class="note">No embedding samples were found next to these results (runs without --output-dir).'
+                f"</p>{skipped}")
+    return f'<div class="plots">{"".join(figures)}</div>{skipped}'
 
 
 def _hierarchy(records: list[R.ResultRecord]) -> str:
@@ -266,8 +271,10 @@ is scIB's weighted total (0.6 bio conservation + 0.4 batch correction).</p>
 
 
 def render_html(comparison: Comparison, *, maps: Mapping[tuple[str, str], EmbeddingMap] | None = None,
-                command: str = "", title: str = "czb report") -> str:
-    """The report as one HTML document."""
+                command: str = "", title: str = "czb report",
+                notes: Mapping[tuple[str, str], str] | None = None) -> str:
+    """The report as one HTML document; every text that comes from a result file is
+    HTML-escaped. ``notes``: why the map of a (dataset, model) is not shown."""
     maps = maps or {}
     body = [f"<h1>{escape(title)}</h1>", READING]
     for dataset in comparison.models:
@@ -278,7 +285,7 @@ def render_html(comparison: Comparison, *, maps: Mapping[tuple[str, str], Embedd
             body += ["<h3>Summary</h3>", _summary_table(comparison, dataset),
                      "<h3>Scaled view</h3>", _scaled_table(comparison, dataset),
                      "<h3>Metrics</h3>", _bar_charts(comparison, dataset)]
-        body += ["<h3>Embeddings</h3>", _maps(maps, dataset, comparison.models[dataset])]
+        body += ["<h3>Embeddings</h3>", _maps(maps, dataset, comparison.models[dataset], notes)]
     body += [_hierarchy(comparison.records), _problems(comparison), _provenance(comparison, command)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -37,6 +37,38 @@ def metric_label(name: str, params: dict[str, Any]) -> str:
     return name + (f" [{', '.join(parts)}]" if parts else "")
 
 
+def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """The result JSONs in ``paths`` (files, or folders searched recursively), each with
+    its results folder: the folder given, or the folder of a file given.
+
+    Raises
+    ------
+    ResultsError
+        A path that does not exist, or a folder without result JSONs.
+    """
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            try:
+                files = sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-"))
+            except OSError as e:
+                msg = f"{path}: cannot search this folder for results ({e.strerror or type(e).__name__})"
+                raise ResultsError(msg) from None
+            if not files:
+                msg = f"{path}: no result JSONs in this folder"
+                raise ResultsError(msg)
+            found += [(file, path) for file in files]
+        elif path.exists():
+            found.append((path, path.parent))
+        else:
+            msg = f"{path}: no such file or folder"
+            raise ResultsError(msg)
+    if not found:
+        msg = "no result files given"
+        raise ResultsError(msg)
+    return found
+
+
 def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, R.ResultRecord]]:
     """Every result JSON in ``paths`` (files, or folders searched recursively), with
     the file it came from.
@@ -45,25 +77,9 @@ def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, R.ResultRecord
     ------
     ResultsError
         A path that does not exist, a folder without results, or a file that is not a
-        czb result (named in the message).
+        czb result (named in the message; its content never is).
     """
-    found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-"))
-            if not files:
-                msg = f"{path}: no result JSONs in this folder"
-                raise ResultsError(msg)
-        elif path.exists():
-            files = [path]
-        else:
-            msg = f"{path}: no such file or folder"
-            raise ResultsError(msg)
-        found += [(file, R.read_result(file)) for file in files]
-    if not found:
-        msg = "no result files given"
-        raise ResultsError(msg)
-    return found
+    return [(file, R.read_result(file)) for file, _ in find_results(paths)]
 
 
 @dataclass

@@ -8,11 +8,14 @@ A docker model (:class:`DockerModelSource`) embeds a dataset in four steps:
 2. **run**: the model's image runs with ``/input`` and ``/weights`` read-only and
    ``/output`` the only writable mount (:func:`czb.runner.docker_engine.run_container`);
 3. **output**: ``embeddings.npy`` (float32, cells × dim), ``cell_ids.json`` (the row
-   order; a model may drop cells) and ``meta.json``, written last, are read back and
-   checked (:func:`read_output`); exit code 99 means *not applicable*, any other non-zero
-   code a failure reported with the container's last log lines;
-4. **cache**: a finished run is kept under a key of (image ID, weights checksum, dataset
-   checksum, request), so scoring again never re-runs the model (:class:`EmbeddingCache`).
+   order; a model may drop cells) and ``meta.json``, written last, are copied out of
+   ``/output`` (regular files only, within size caps: :func:`collect_output`; the image
+   is not trusted) into a folder czb made, then read and checked (:func:`read_output`);
+   exit code 99 means *not applicable*, any other non-zero code a failure reported with
+   the container's last log lines;
+4. **cache**: that folder, with czb's ``key.json`` and the container log, is kept under a
+   key of (image ID, weights checksum, dataset checksum, request), so scoring again never
+   re-runs the model (:class:`EmbeddingCache`).
 
 The container side is ``containers/common/czb_container.py``; the README's "Wrap your own
 model" section states the contract for people writing their own image.
@@ -23,36 +26,59 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from czb.errors import EmbeddingError, ModelRunError, NotApplicableError
-from czb.runner.embeddings import Embedding, _align, check_embedding
+from czb.runner.contract import (
+    CELL_IDS_FILE,
+    CONTRACT_VERSION,
+    DATASET_FILE,
+    EMBEDDINGS_FILE,
+    EXIT_NOT_APPLICABLE,
+    EXIT_OK,
+    LOG_FILE,
+    META_FILE,
+    NEW_FILE_FLAGS,
+    PREDICT_EXPRESSION_SHIFT,
+    PREDICT_MASKED_GENE,
+    REQUEST_FILE,
+    UNLIMITED,
+    ModelOutput,
+    OutputLimits,
+    collect_output,
+    copy_fd,
+    open_folder,
+    open_regular,
+    read_output,
+    read_predictions,
+    read_reason,
+    read_tail,
+    remove_tree,
+)
+from czb.runner.embeddings import Embedding, _align
 from czb.runner.specs import ModelSpec
 
 if TYPE_CHECKING:
     from czb.runner.datasets import Dataset
     from czb.runner.docker_engine import ImageInfo, LogSink
 
-CONTRACT_VERSION = 1
-EXIT_OK = 0
-EXIT_NOT_APPLICABLE = 99
-DATASET_FILE = "dataset.h5ad"
-REQUEST_FILE = "request.json"
-EMBEDDINGS_FILE = "embeddings.npy"
-CELL_IDS_FILE = "cell_ids.json"
-META_FILE = "meta.json"
-REASON_FILE = "reason.json"
-PREDICTIONS_FILE = "predictions.h5ad"
-PREDICT_EXPRESSION_SHIFT = "perturbation_expression_shift"
-PREDICT_MASKED_GENE = "perturbation_masked_gene"
-LOG_FILE = "container.log"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+#: How the digest of a weights folder is made (the README gives a reference snippet).
+WEIGHTS_DIGEST_RULE = (
+    "sha256 over every file under the folder, sorted by path components as pathlib sorts: "
+    "its POSIX relative path, a NUL byte, its bytes, a NUL byte"
+)
+
 #: Log lines kept in a result's provenance, and shown in a failure's message.
 RESULT_LOG_LINES = 50
 ERROR_LOG_LINES = 20
@@ -264,71 +290,6 @@ def _write_csr_rows(
     group.attrs["shape"] = np.array([n_rows, n_cols], dtype=np.int64)
 
 
-# --------------------------------------------------------------------------- output
-
-
-@dataclass
-class ModelOutput:
-    """What a run left in ``/output``, checked.
-
-    Attributes
-    ----------
-    values
-        Array of shape ``(n_embedded_cells, dim)``, float32.
-    cell_ids
-        Object array of shape ``(n_embedded_cells,)``.
-    meta
-        ``meta.json`` as a dict.
-    """
-
-    values: np.ndarray
-    cell_ids: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def read_output(output_dir: Path, *, name: str) -> ModelOutput:
-    """Read and check ``embeddings.npy``, ``cell_ids.json`` and ``meta.json``.
-
-    Raises
-    ------
-    EmbeddingError
-        A file is missing (``meta.json`` absent means the run did not finish), not
-        readable without unpickling, of the wrong shape or type.
-    """
-    meta_path = output_dir / META_FILE
-    if not meta_path.is_file():
-        msg = f"{name}: the container exited 0 but wrote no {META_FILE} (the run did not finish)"
-        raise EmbeddingError(msg)
-    try:
-        meta = json.loads(meta_path.read_text())
-        ids = json.loads((output_dir / CELL_IDS_FILE).read_text())
-        values = np.load(output_dir / EMBEDDINGS_FILE, allow_pickle=False)
-    except FileNotFoundError as e:
-        msg = f"{name}: output file {Path(e.filename).name} missing"
-        raise EmbeddingError(msg) from None
-    except (OSError, ValueError) as e:
-        msg = f"{name}: unreadable output ({e})"
-        raise EmbeddingError(msg) from None
-    if not isinstance(meta, dict):
-        msg = f"{name}: {META_FILE} must be a JSON object"
-        raise EmbeddingError(msg)
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        msg = f"{name}: {CELL_IDS_FILE} must be a JSON list of strings"
-        raise EmbeddingError(msg)
-    if values.dtype != np.float32:
-        msg = f"{name}: {EMBEDDINGS_FILE} has dtype {values.dtype}; the contract asks for float32"
-        raise EmbeddingError(msg)
-    if values.ndim != 2 or values.shape[0] != len(ids):
-        msg = (
-            f"{name}: {EMBEDDINGS_FILE} has shape {values.shape} but {CELL_IDS_FILE} lists "
-            f"{len(ids)} cells"
-        )
-        raise EmbeddingError(msg)
-    cell_ids = np.asarray(ids, dtype=object)
-    values = check_embedding(values, name=name, row_names=cell_ids)
-    return ModelOutput(values=values, cell_ids=cell_ids, meta=meta)
-
-
 def _cell_ids(data: Any) -> list[str]:
     if data.cell_ids is not None:
         return [str(i) for i in data.cell_ids]
@@ -373,42 +334,6 @@ def _write_screen(
     (input_dir / REQUEST_FILE).write_text(json.dumps(dict(request), indent=2, sort_keys=True))
 
 
-def read_predictions(output_dir: Path, *, name: str, rows: list[str], genes: Any) -> np.ndarray:
-    """Read ``predictions.h5ad`` and put its rows and columns in the asked order.
-
-    Raises
-    ------
-    EmbeddingError
-        No ``meta.json`` (the run did not finish), an unreadable file, missing or extra
-        rows or genes, or values that are not finite.
-    """
-    import anndata as ad
-
-    if not (output_dir / META_FILE).is_file():
-        msg = f"{name}: the container exited 0 but wrote no {META_FILE} (the run did not finish)"
-        raise EmbeddingError(msg)
-    try:
-        predicted = ad.read_h5ad(output_dir / PREDICTIONS_FILE)
-    except (OSError, ValueError, KeyError) as e:
-        msg = f"{name}: cannot read {PREDICTIONS_FILE} ({e})"
-        raise EmbeddingError(msg) from None
-    genes = [str(g) for g in genes]
-    for what, want, have in (("rows", rows, predicted.obs_names), ("genes", genes, predicted.var_names)):
-        missing = sorted(set(want) - set(map(str, have)))
-        if missing or len(have) != len(want):
-            msg = (
-                f"{name}: {PREDICTIONS_FILE} has {len(have)} {what} where {len(want)} were asked"
-                + (f" (missing e.g. {', '.join(missing[:3])})" if missing else "")
-            )
-            raise EmbeddingError(msg)
-    values = predicted[rows, genes].X
-    values = np.asarray(values.toarray() if hasattr(values, "toarray") else values, dtype=np.float64)
-    if not np.isfinite(values).all():
-        msg = f"{name}: {PREDICTIONS_FILE} holds NaN or infinite values"
-        raise EmbeddingError(msg)
-    return values
-
-
 # --------------------------------------------------------------------------- cache
 
 
@@ -418,12 +343,19 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+KEY_FILE = "key.json"
+#: What a cache entry may hold besides key.json and the container log.
+_ENTRY_OUTPUTS = (META_FILE, CELL_IDS_FILE, EMBEDDINGS_FILE)
+
+
 class EmbeddingCache:
     """Finished model runs, content-addressed: ``<cache>/embeddings/<key>/``.
 
-    Each entry holds the run's ``/output`` files, its container log and ``key.json``
-    (what the key was made of). Entries appear by an atomic rename of a complete
-    folder, so a reader never sees a half-written one.
+    Each entry holds the run's accepted output files (:func:`collect_output`), its
+    container log and ``key.json`` (what the key was made of). Entries appear by an atomic
+    rename of a complete folder, so a reader never sees a half-written one. An entry is
+    read like a container's output (regular files only, within their caps): the cache is
+    czb's own, but a damaged entry must not be followed anywhere.
     """
 
     def __init__(self, cache_dir: Path | None = None):
@@ -436,30 +368,70 @@ class EmbeddingCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str, *, name: str) -> ModelOutput | None:
+    def get(
+        self, key: str, *, name: str, limits: OutputLimits | None = None, known_cells: Any = None
+    ) -> ModelOutput | None:
+        """The entry of ``key`` (``None`` when there is none; a damaged one is removed)."""
         entry = self.path(key)
-        if not (entry / META_FILE).is_file():
-            return None
         try:
-            return read_output(entry, name=name)
-        except EmbeddingError:
-            shutil.rmtree(entry, ignore_errors=True)  # damaged: forget it, run again
+            is_folder = stat.S_ISDIR(os.lstat(entry).st_mode)
+        except OSError:
             return None
+        if is_folder:
+            try:
+                return read_output(entry, name=name, limits=limits, known_cells=known_cells)
+            except EmbeddingError:
+                pass
+        remove_tree(entry)  # damaged: forget it, run again
+        return None
 
-    def put(self, key: str, output_dir: Path, parts: Mapping[str, Any]) -> Path:
-        """Move a finished run's ``output_dir`` into the cache (replacing an older entry)."""
-        (output_dir / "key.json").write_text(json.dumps(dict(parts), indent=2, sort_keys=True, default=str))
+    def put(self, key: str, folder: Path, parts: Mapping[str, Any], *, log_file: Path | None = None) -> Path:
+        """Move ``folder`` into the cache as the entry of ``key`` (replacing an older one).
+
+        ``folder`` is a folder czb made holding only accepted output files (as
+        :func:`collect_output` leaves them), never a container's ``/output`` itself;
+        ``key.json`` and the copy of ``log_file`` are created there as new files.
+
+        Raises
+        ------
+        EmbeddingError
+            ``folder`` holds something other than regular output files.
+        """
+        folder = Path(folder)
+        self._check_folder(folder)
+        with open_folder(folder, name="embedding cache") as target:
+            out = os.open(KEY_FILE, NEW_FILE_FLAGS, 0o644, dir_fd=target)
+            with os.fdopen(out, "w") as f:
+                f.write(json.dumps(dict(parts), indent=2, sort_keys=True, default=str))
+            if log_file is not None:
+                with open_folder(Path(log_file).parent, name="embedding cache") as logs:
+                    fd = open_regular(logs, Path(log_file).name, UNLIMITED, name="embedding cache")
+                    if fd is not None:
+                        try:
+                            copy_fd(fd, target, LOG_FILE, UNLIMITED, name="embedding cache")
+                        finally:
+                            os.close(fd)
         self.root.mkdir(parents=True, exist_ok=True)
         entry = self.path(key)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key[:12]}-"))
         staging.rmdir()
-        shutil.move(str(output_dir), staging)
-        if entry.exists():
+        shutil.move(str(folder), staging)
+        if os.path.lexists(entry):
             old = entry.with_name(f".{key[:12]}-old-{os.getpid()}")
             entry.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         staging.rename(entry)
         return entry
+
+    @staticmethod
+    def _check_folder(folder: Path) -> None:
+        with os.scandir(folder) as entries:
+            for i, item in enumerate(entries):
+                st = item.stat(follow_symlinks=False)
+                accepted = item.name in _ENTRY_OUTPUTS and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+                if i >= len(_ENTRY_OUTPUTS) or not accepted:
+                    msg = f"embedding cache: {folder} holds {item.name}, which is not an accepted output file"
+                    raise EmbeddingError(msg)
 
 
 # --------------------------------------------------------------------------- source
@@ -571,6 +543,7 @@ class DockerModelSource:
             "request": request,
         }
         key = cache_key(parts)
+        limits = OutputLimits.for_cells(dataset.adata.obs_names)
         info: dict[str, Any] = {
             "image": image.tag,
             "image_id": image.id,
@@ -581,24 +554,20 @@ class DockerModelSource:
             "request": request,
             "cache_key": key,
         }
-        cached = self.cache.get(key, name=self.name) if self.options.use_cache and dataset.sha256 else None
+        cached = None
+        if self.options.use_cache and dataset.sha256:
+            # Entries are put only after every check below _run passed, weights included.
+            cached = self.cache.get(key, name=self.name, limits=limits, known_cells=dataset.adata.obs_names)
         if cached is not None:
             info["cache"] = "hit"
             output = cached
             entry = self.cache.path(key)
-            info["log_tail"] = _read_tail(entry / LOG_FILE, RESULT_LOG_LINES)
+            info["log_tail"] = read_tail(entry, LOG_FILE, RESULT_LOG_LINES)
         else:
             info["cache"] = "off" if not self.options.use_cache else "miss"
-            output, entry, run_info = self._run(dataset, request, weights, image, engine, key, parts)
+            output, entry, run_info = self._run(dataset, request, weights, image, engine, key, parts, limits)
             info.update(run_info)
-        meta = output.meta
-        if weights.checksum and meta.get("weights_checksum") not in (None, weights.checksum):
-            msg = (
-                f"{self.name}: the container loaded weights with checksum "
-                f"{meta.get('weights_checksum')}, not the staged {weights.checksum}"
-            )
-            raise EmbeddingError(msg)
-        info["container_meta"] = meta
+        info["container_meta"] = output.meta
         info["cache_entry"] = str(entry) if entry else None
         values, cell_index = _align(output.values, output.cell_ids, dataset, name=self.name, info=info)
         return Embedding(values=values, model=self.name, kind=self.kind, cell_index=cell_index, info=info)
@@ -612,6 +581,7 @@ class DockerModelSource:
         engine: Any,
         key: str,
         parts: Mapping[str, Any],
+        limits: OutputLimits,
     ) -> tuple[ModelOutput, Path | None, dict[str, Any]]:
         genes: dict[str, Any] = {}
 
@@ -619,11 +589,15 @@ class DockerModelSource:
             genes.update(write_input(dataset, input_dir, request))
 
         def read(output_dir: Path, log_file: Path) -> tuple[ModelOutput, Path | None]:
-            output = read_output(output_dir, name=self.name)  # in memory: the folder may move
+            # A folder of czb's beside /output, never mounted: the only place read from,
+            # written to (key.json, the log) and cached.
+            accepted = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix="accepted-"))
+            collect_output(output_dir, accepted, limits.embedding_files(), name=self.name)
+            output = read_output(accepted, name=self.name, limits=limits, known_cells=dataset.adata.obs_names)
+            self._check_weights_checksum(output.meta, weights)
             if not dataset.sha256:
                 return output, None  # no checksum, no key: nothing to cache under
-            shutil.copy2(log_file, output_dir / LOG_FILE)
-            return output, self.cache.put(key, output_dir, parts)
+            return output, self.cache.put(key, accepted, parts, log_file=log_file)
 
         (output, entry), run_info = self._execute(write, read, weights, image, engine)
         return output, entry, {"genes": genes, **run_info}
@@ -668,7 +642,7 @@ class DockerModelSource:
             self._check_exit(run, output_dir)
             return read(output_dir, log_file), run_info
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work)
 
     # Perturbation predictions (models with ``output: predictions``) ------------------
 
@@ -741,10 +715,44 @@ class DockerModelSource:
                                   cache_dir=self.cache_dir)
         engine = docker_engine.client()
         self._image = image = docker_engine.image_info(engine, self.spec.image, model=self.name)
-        predicted, _ = self._execute(write, lambda out, _log: read_predictions(out, name=self.name, rows=rows,
-                                                                              genes=genes),
-                                     weights, image, engine)
+
+        def read(output_dir: Path, _log: Path) -> np.ndarray:
+            return read_predictions(output_dir, name=self.name, rows=rows, genes=genes)
+
+        predicted, _ = self._execute(write, read, weights, image, engine)
         return predicted
+
+    def _check_weights_checksum(self, meta: Mapping[str, Any], weights: Any) -> None:
+        """``meta.json``'s ``weights_checksum`` must name the mounted weights, or be null.
+
+        Accepted: the folder digest (:data:`WEIGHTS_DIGEST_RULE`, the staged checksum) and,
+        for a folder holding one file, that file's plain sha256.
+
+        Raises
+        ------
+        EmbeddingError
+            Another value; the message gives the accepted values and how they are made.
+        """
+        expected = weights.checksum
+        reported = meta.get("weights_checksum")
+        if not expected or reported is None:
+            return
+        reported = reported.strip().lower() if isinstance(reported, str) else reported
+        if reported == expected:
+            return
+        single = _single_file_sha256(weights.path)
+        if single is not None and reported == single:
+            return
+        shown = reported if isinstance(reported, str) and _SHA256_HEX.fullmatch(reported) else (
+            "a value that is not a sha256 hex digest")
+        accepted = f"{expected} (the folder digest: {WEIGHTS_DIGEST_RULE})"
+        if single is not None:
+            accepted += f" or {single} (the plain sha256 of the folder's only file)"
+        msg = (
+            f"{self.name}: {META_FILE} reports weights_checksum {shown}, but for the weights mounted "
+            f"at /weights it must be {accepted}, or null (see the README's container contract)"
+        )
+        raise EmbeddingError(msg)
 
     def _check_exit(self, run: Any, output_dir: Path) -> None:
         last = run.log_tail[-ERROR_LOG_LINES:]
@@ -754,8 +762,15 @@ class DockerModelSource:
             raise ModelRunError(msg, log_tail=run.log_tail)
         if run.exit_code == EXIT_OK:
             return
-        reason = _reason(output_dir)
+        reason, refused = None, None
+        try:
+            reason = read_reason(output_dir, name=self.name)
+        except EmbeddingError as e:
+            refused = str(e).removeprefix(f"{self.name}: ")
         if run.exit_code == EXIT_NOT_APPLICABLE:
+            if refused:
+                msg = f"{self.name}: the container exited 99 (not applicable), but {refused}"
+                raise ModelRunError(msg, log_tail=run.log_tail)
             msg = f"{self.name}: not applicable: {reason or 'the container exited 99'}"
             raise NotApplicableError(msg)
         limit = self.limits().memory_gb
@@ -768,7 +783,7 @@ class DockerModelSource:
             why = f"killed (exit 137: SIGKILL, by {cause})"
         else:
             why = f"exit code {run.exit_code}"
-        detail = f": {reason}" if reason else ""
+        detail = f": {reason}" if reason else (f"; {refused}" if refused else "")
         msg = f"{self.name}: container failed ({why}){detail}{shown}"
         raise ModelRunError(msg, log_tail=run.log_tail)
 
@@ -776,19 +791,23 @@ class DockerModelSource:
         return f"DockerModelSource({self.name!r}, image={self.spec.image!r}, variant={self.variant!r})"
 
 
-def _reason(output_dir: Path) -> str | None:
-    try:
-        data = json.loads((output_dir / REASON_FILE).read_text())
-        return str(data.get("reason")) if isinstance(data, dict) else None
-    except (OSError, ValueError):
+def _single_file_sha256(folder: Path | None) -> str | None:
+    """sha256 of the one file under ``folder`` (``None`` unless it holds exactly one)."""
+    if folder is None:
         return None
-
-
-def _read_tail(path: Path, n: int) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []
+    files = []
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            files.append(path)
+            if len(files) > 1:
+                return None
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    with files[0].open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- build

@@ -24,6 +24,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from czb.errors import DatasetError, DatasetWarning
+from czb.runner.hdf5_checks import (
+    NUMERIC_KINDS,
+    FileCheck,
+    check_array,
+    check_element,
+    check_group,
+    check_links,
+    check_sparse_group,
+    read_error_cause,
+    sparse_format,
+    unreadable_file,
+)
 from czb.runner.specs import ORGANISMS, DatasetSpec
 
 if TYPE_CHECKING:
@@ -76,7 +88,9 @@ class Dataset:
     path
         The local file it was read from (``None`` for generated data).
     sha256
-        Checksum of that file (or of the generator's parameters for generated data).
+        Checksum of that file as read (computed from its bytes, or remembered while its
+        size, times and inode are unchanged; never copied from the spec), or of the
+        generator's parameters for generated data.
     extras
         Notes from loading, e.g. ``gene_source`` (where the gene IDs came from:
         ``"var_names"`` or ``"var['<column>']"``) and ``layer``.
@@ -324,12 +338,7 @@ def to_memory(X: Any) -> Any:
 
 
 def _unreadable(dataset: str, path: Path, e: BaseException) -> DatasetError:
-    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-    msg = (
-        f"dataset {dataset!r}: cannot read {path} as .h5ad ({type(e).__name__}: {detail}); "
-        "the file may be corrupt or truncated"
-    )
-    return DatasetError(msg)
+    return unreadable_file(f"dataset {dataset!r}", path, e)
 
 
 class BackedMatrix:
@@ -459,9 +468,25 @@ class BackedMatrix:
         lo, hi = int(indptr[start]), int(indptr[stop])
         data = node["data"][lo:hi]
         indices = node["indices"][lo:hi]
+        self._check_indices(indices, start, stop)
         return sp.csr_matrix(
             (data, indices, indptr[start : stop + 1] - lo), shape=(stop - start, n_cols)
         )
+
+    def _check_indices(self, indices: np.ndarray, start: int, stop: int) -> None:
+        """Column indices of rows ``start:stop`` within ``[0, n_cols)``.
+
+        scipy does not check them, and one out of range makes later reads crash the
+        process. Checking each block as it is read costs a min and a max per block, and
+        :func:`validate_dataset` reads every block before any heavy work.
+        """
+        if indices.size and (indices.min() < 0 or indices.max() >= self.shape[1]):
+            msg = (
+                f"dataset {self.dataset!r}: {self.path} holds a malformed sparse matrix at "
+                f"{self.element!r} (column indices outside [0, {self.shape[1]}) in rows "
+                f"{start}-{stop - 1}); the file may be corrupt"
+            )
+            raise DatasetError(msg)
 
     def iter_rows(self, chunk_rows: int | None = None) -> Iterator[tuple[int, Any]]:
         """Yield ``(start, CSR block)`` over all rows, with one file handle for the pass.
@@ -555,6 +580,7 @@ class BackedMatrix:
         indptr = self.indptr
         with self._open() as group:
             data, indices = group["data"][:], group["indices"][:]
+        self._check_indices(indices, 0, self.shape[0])
         return sp.csr_matrix((data, indices, indptr), shape=self.shape)
 
 
@@ -566,29 +592,6 @@ def _register_with_anndata() -> None:
         from anndata.experimental import CSRDataset
     if not issubclass(BackedMatrix, CSRDataset):
         CSRDataset.register(BackedMatrix)
-
-
-class RowSubset:
-    """Rows ``index`` of a matrix, read only when asked for (``shape`` and ``X[rows]``).
-
-    What :func:`czb.runner.run.dataset_expression` hands the tasks for a
-    :class:`BackedMatrix` when an embedding covers only some cells, so that the subset
-    is never copied into memory.
-    """
-
-    ndim = 2
-
-    def __init__(self, X: Any, index: np.ndarray):
-        self.X = X
-        self.index = np.asarray(index, dtype=np.int64)
-        self.shape = (len(self.index), X.shape[1])
-        self.dtype = X.dtype
-
-    def __getitem__(self, rows: Any) -> Any:
-        if isinstance(rows, tuple):
-            rows, cols = rows
-            return self.X[self.index[rows], cols]
-        return self.X[self.index[rows]]
 
 
 # --------------------------------------------------------------------------- #
@@ -701,7 +704,7 @@ def _generator(spec: DatasetSpec, name: str) -> tuple[Any, str]:
     """The generator of a ``synthetic:NAME`` dataset and the digest of its full arguments."""
     import inspect
 
-    from czb.runner.synthetic import GENERATORS
+    from czb.runner.synthetic import GENERATORS, check_params
 
     try:
         generator = GENERATORS[name]
@@ -717,6 +720,11 @@ def _generator(spec: DatasetSpec, name: str) -> tuple[Any, str]:
     # Hash the arguments with defaults filled in, so that spelling out a default
     # gives the same digest and changing a default gives a new one.
     bound.apply_defaults()
+    try:
+        check_params(name, dict(bound.arguments))  # types, ranges and size, before any work
+    except ValueError as e:
+        msg = f"dataset {spec.name!r}: bad params for synthetic:{name}: {e}"
+        raise DatasetError(msg) from None
     return generator, _generator_digest(name, dict(bound.arguments))
 
 
@@ -776,31 +784,51 @@ def _read_h5ad(
     Files written by anndata >= 0.7 are read element by element so that unused
     layers, ``obsm`` and ``uns`` never reach memory; the matrix itself is read into
     memory or left on disk as a :class:`BackedMatrix` (see :func:`load_dataset` for the
-    policy). Older files are read whole.
+    policy). Older files are read whole. Whatever is read is checked first (see
+    :func:`check_h5ad_structure`): sizes against what the file stores, and the
+    structure of sparse matrices, so that a corrupt or forged file is one
+    :class:`~czb.errors.DatasetError`, never a crash or a runaway allocation.
     """
     import anndata
     import h5py
 
-    read_elem = _read_elem_function()
+    label = f"dataset {dataset!r}"
     try:
         with h5py.File(path, "r") as f, _quiet_anndata():
+            file_size = Path(path).stat().st_size
             if f.attrs.get("encoding-type") != "anndata":
+                # anndata < 0.7 files are read whole: check every element of them first.
+                check_group(f, FileCheck(path, label, file_size))
                 return anndata.read_h5ad(path)
-            obs = read_elem(f["obs"])
+            check = FileCheck(path, label, file_size)
+            for element in ("obs", "var"):
+                if element not in f:
+                    msg = f"{label}: {path} has no {element!r} element; it is not an AnnData (.h5ad) file"
+                    raise DatasetError(msg)
+                check_element(f, element, check)
+            obs = _read_element(f, "obs", path=path, name=label)
             layers = f.get("layers", {})
             # What the file offers, so that _select can list it when `layer` is missing.
             available = ["X"] * ("X" in f) + ["raw"] * ("raw" in f) + list(layers)
-            adata = anndata.AnnData(obs=obs, var=read_elem(f["var"]))
+            var = _read_element(f, "var", path=path, name=label)
+            adata = anndata.AnnData(obs=obs, var=var)
             adata.uns["_czb_available"] = available
+            matrix_args = {"backed": backed, "digest": digest, "file_size": file_size}
             if layer == "raw" and "raw" in f:
-                matrix = _read_matrix(f, "raw/X", path, dataset, backed=backed, digest=digest)
-                adata.raw = anndata.AnnData(X=matrix, obs=obs, var=read_elem(f["raw/var"]))
+                check_element(f, "raw/var", check)
+                raw_var = _read_element(f, "raw/var", path=path, name=label)
+                matrix = _read_matrix(f, "raw/X", path, dataset, **matrix_args)
+                _check_shape(matrix, "raw/X", obs, raw_var, path=path, name=label)
+                adata.raw = anndata.AnnData(X=matrix, obs=obs, var=raw_var)
             elif layer == "X" and "X" in f:
-                adata.X = _read_matrix(f, "X", path, dataset, backed=backed, digest=digest)
+                matrix = _read_matrix(f, "X", path, dataset, **matrix_args)
+                _check_shape(matrix, "X", obs, var, path=path, name=label)
+                adata.X = matrix
             elif layer in layers:
-                adata.layers[layer] = _read_matrix(
-                    f, f"layers/{layer}", path, dataset, backed=backed, digest=digest
-                )
+                element = f"layers/{layer}"
+                matrix = _read_matrix(f, element, path, dataset, **matrix_args)
+                _check_shape(matrix, element, obs, var, path=path, name=label)
+                adata.layers[layer] = matrix
             return adata
     except (DatasetError, MemoryError):
         raise
@@ -808,59 +836,86 @@ def _read_h5ad(
         raise _unreadable(dataset, path, e) from e
 
 
+def _read_element(f: Any, element: str, *, path: Path, name: str) -> Any:
+    """``read_elem`` of one (checked) element, its failures named by the element."""
+    try:
+        return _read_elem_function()(f[element])
+    except (DatasetError, MemoryError):
+        raise
+    except Exception as e:  # anndata/h5py/pandas raise anything on a malformed element
+        msg = (
+            f"{name}: cannot read element {element!r} of {path} ({read_error_cause(e)}); "
+            "the file may be corrupt or truncated"
+        )
+        raise DatasetError(msg) from e
+
+
+def _check_shape(matrix: Any, element: str, obs: Any, var: Any, *, path: Path, name: str) -> None:
+    """The matrix has one row per obs row and one column per var row."""
+    shape = tuple(int(s) for s in getattr(matrix, "shape", ()))
+    if len(shape) != 2 or shape != (len(obs), len(var)):
+        msg = (
+            f"{name}: {path}: matrix {element!r} has shape {shape}, but obs has {len(obs)} rows "
+            f"and var {len(var)}; the file may be corrupt"
+        )
+        raise DatasetError(msg)
+
+
 def _read_matrix(
-    f: Any, element: str, path: Path, dataset: str, *, backed: bool | None, digest: str | None
+    f: Any,
+    element: str,
+    path: Path,
+    dataset: str,
+    *,
+    backed: bool | None,
+    digest: str | None,
+    file_size: int,
 ) -> Any:
-    """The matrix at ``element``: read into memory, or a :class:`BackedMatrix`."""
+    """The matrix at ``element``, checked: read into memory, or a :class:`BackedMatrix`.
+
+    Sparse matrices read into memory are checked in full first (row pointers and every
+    column index, read in chunks); those left on disk get the same check of their row
+    pointers here and of their column indices block by block as they are read
+    (:meth:`BackedMatrix._check_indices`), which :func:`validate_dataset` does for all
+    blocks before any heavy work. A CSC matrix is checked in full before it is rewritten.
+    """
     import h5py
 
-    read_elem = _read_elem_function()
+    label = f"dataset {dataset!r}"
+    check = FileCheck(path, label, file_size)
+    check_links(f, element, check)
     node = f[element]
-    encoding = node.attrs.get("encoding-type")
-    if isinstance(node, h5py.Group) and encoding in ("csr_matrix", "csc_matrix"):
-        storage = encoding[:3]
-        shape = tuple(int(s) for s in node.attrs["shape"])
-        nnz, dtype = int(node["data"].shape[0]), node["data"].dtype
+    layout = sparse_format(node) if isinstance(node, h5py.Group) else None
+    if layout is not None:
+        storage = layout[0]
+        data = node.get("data")
+        claimed = int(data.shape[0]) if isinstance(data, h5py.Dataset) and data.ndim == 1 else 0
+        lazy = backed if backed is not None else claimed > BACKED_MIN_VALUES
+        check.check_indices = not lazy or storage == "csc"
+        storage, shape, indptr = check_sparse_group(node, check)
+        nnz, dtype = int(indptr[-1]), node["data"].dtype
     elif isinstance(node, h5py.Dataset) and node.ndim == 2:
-        storage, shape, dtype = "dense", node.shape, node.dtype
+        check_array(node, check)
+        if node.dtype.kind not in NUMERIC_KINDS:
+            msg = f"{label}: {path}: matrix {element!r} does not hold numbers (dtype {node.dtype})"
+            raise DatasetError(msg)
+        storage, shape, dtype, indptr = "dense", node.shape, node.dtype, None
         nnz = int(shape[0]) * int(shape[1])
+        lazy = backed if backed is not None else nnz > BACKED_MIN_VALUES
     else:  # anything else (a 1-D array, an unknown encoding): anndata reads it or says why
-        return read_elem(node)
-    lazy = backed if backed is not None else nnz > BACKED_MIN_VALUES
+        check_element(f, element, check)
+        return _read_element(f, element, path=path, name=label)
     if not lazy:
-        return read_elem(node)
+        return _read_element(f, element, path=path, name=label)
     if storage == "csc":
         path, element = _row_major_copy(node, path, element, dataset, shape=shape, digest=digest)
-        storage = "csr"
+        storage, indptr = "csr", None
     matrix = BackedMatrix(
         path, element, dataset=dataset, shape=shape, dtype=dtype, storage=storage, nnz=nnz
     )
-    if storage == "csr":
-        _check_csr_structure(matrix)
+    if indptr is not None:
+        matrix._indptr = indptr  # already read and checked
     return matrix
-
-
-def _check_csr_structure(matrix: BackedMatrix) -> None:
-    """Row pointers of the right length, starting at 0, non-decreasing, ending at nnz."""
-    indptr = matrix.indptr
-    with matrix._open() as group:
-        n_indices = int(group["indices"].shape[0])
-    problem = None
-    if indptr.shape != (matrix.shape[0] + 1,):
-        problem = f"indptr has {indptr.size} entries for {matrix.shape[0]} rows"
-    elif indptr[0] != 0 or indptr[-1] != matrix.nnz or n_indices != matrix.nnz:
-        problem = (
-            f"indptr runs from {indptr[0]} to {indptr[-1]}, with {matrix.nnz} values "
-            f"and {n_indices} indices"
-        )
-    elif np.any(np.diff(indptr) < 0):
-        problem = "indptr decreases"
-    if problem:
-        msg = (
-            f"dataset {matrix.dataset!r}: {matrix.path} holds a malformed sparse matrix at "
-            f"{matrix.element!r} ({problem}); the file may be corrupt or truncated"
-        )
-        raise DatasetError(msg)
 
 
 def _row_major_copy(
@@ -903,10 +958,9 @@ def _row_major_copy(
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = (
             f"dataset {dataset!r}: cannot rewrite {element!r} of {path} row-major into {out} "
-            f"({detail})"
+            f"({read_error_cause(e)})"
         )
         raise DatasetError(msg) from e
     except BaseException:
@@ -1026,10 +1080,15 @@ def _select(adata: anndata.AnnData, spec: DatasetSpec) -> tuple[anndata.AnnData,
         X, var = adata.layers[layer], adata.var
 
     if isinstance(X, BackedMatrix):
-        pass  # stays on disk
-    elif sp.issparse(X) and X.format != "csr":
-        X = sp.csr_matrix(X)  # CSR: fast row access for chunked checks and models
-    elif not sp.issparse(X):
+        pass  # stays on disk; repeated entries of a row add up, as scipy defines them
+    elif sp.issparse(X):
+        if X.format != "csr":
+            X = sp.csr_matrix(X)  # CSR: fast row access for chunked checks and models
+        if not X.has_canonical_format:
+            # Unsorted or repeated column indices are valid CSR (repeats add up); one
+            # entry per gene, in order, is what models and the value checks expect.
+            X.sum_duplicates()  # in place: the file's AnnData is dropped after _select
+    else:
         X = np.asarray(X)
 
     gene_ids, source = _gene_ids(var, spec)
@@ -1144,9 +1203,12 @@ def load_dataset(
     Raises
     ------
     DatasetError
-        Unknown builtin or generator, unreadable file (corrupt or truncated; for a
-        backed matrix also a malformed sparse structure, or a read error later),
-        missing layer or gene_key, duplicated cell IDs.
+        Unknown builtin or generator, generator parameters of the wrong type or size,
+        unreadable file (not HDF5, corrupt, truncated or forged: sizes it does not store,
+        a malformed sparse matrix, links or storage in other files; see
+        :func:`check_h5ad_structure`; the column indices of a backed matrix are checked
+        as its blocks are read, by :func:`validate_dataset`), missing layer or gene_key,
+        a matrix whose shape does not fit obs and var, duplicated cell IDs.
     FetchError
         The file cannot be downloaded, or is not cached while offline.
     """
@@ -1170,7 +1232,9 @@ def load_dataset(
             path = Path(
                 fetch_module.fetch(uri, sha256=spec.sha256, offline=offline, progress=progress)
             )
-            digest = spec.sha256 or fetch_module.known_sha256(path)
+            # The digest of the file as it is now (fetch just checked it against the spec's),
+            # never the spec's own: the record says what was actually read.
+            digest = fetch_module.known_sha256(path)
         adata = _read_h5ad(path, spec.layer, spec.name, backed=backed, digest=digest)
 
     selected, gene_source = _select(adata, spec)

@@ -4,7 +4,8 @@ Everything that talks to the daemon is here; :mod:`czb.runner.containers` decide
 to run. A container runs sandboxed by default: no network (weights are staged on the
 host), all capabilities dropped, no privilege escalation, a non-root user, a read-only
 root filesystem where the model allows it (``/tmp`` is a tmpfs), and no Docker socket.
-It is always removed, whatever happens.
+It is always removed, whatever happens. Its log is its own text: control characters are
+replaced before a line is shown or kept, lines are cut, and the log is bounded.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ from czb.errors import ModelRunError
 
 #: Log lines kept in memory (and in a failed run's error message: the last 20).
 LOG_TAIL_LINES = 200
+#: A container's log is its own text: each line is cut at this many characters (a line
+#: without an end is split there), and after this many bytes nothing more is shown or
+#: written to the log file (the last lines are still kept).
+MAX_LOG_LINE_CHARS = 4000
+MAX_LOG_BYTES = 64 << 20
+#: Control characters (terminal escapes, carriage returns, bidi overrides) become "?".
+_UNPRINTABLE = {
+    c: "?" for c in (*range(0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0),
+                     0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
 #: uid:gid the container runs as when czb itself runs as root (matches the images' user).
 CONTAINER_USER = "10001:10001"
 
@@ -282,30 +293,56 @@ def _quietly(action: Callable[[], Any]) -> None:
         pass
 
 
+class _LogOutput:
+    """Where log lines go: the tail, and (up to :data:`MAX_LOG_BYTES`) the sink and the file."""
+
+    def __init__(self, tail: collections.deque[str], log: LogSink, sink: Any):
+        self.tail, self.log, self.sink = tail, log, sink
+        self.written = 0
+
+    def emit(self, raw: bytes) -> None:
+        line = clean_log_line(raw)
+        self.tail.append(line)
+        if self.written > MAX_LOG_BYTES:
+            return
+        self.written += len(raw) + 1
+        if self.written > MAX_LOG_BYTES:
+            line = f"[czb: the container's log passed {MAX_LOG_BYTES >> 20} MiB; the rest is not shown]"
+        self.log(line)
+        if self.sink is not None:
+            self.sink.write(line + "\n")
+
+
+def clean_log_line(raw: bytes) -> str:
+    """One log line as printable text: control characters become ``?``, and it is cut at
+    :data:`MAX_LOG_LINE_CHARS` characters."""
+    line = raw.decode("utf-8", errors="replace").rstrip("\r").translate(_UNPRINTABLE)
+    if len(line) > MAX_LOG_LINE_CHARS:
+        line = line[:MAX_LOG_LINE_CHARS] + " [czb: line cut]"
+    return line
+
+
 def _follow_logs(container: Any, tail: collections.deque[str], log: LogSink, log_file: Path | None) -> None:
     sink = log_file.open("a", encoding="utf-8") if log_file is not None else None
+    out = _LogOutput(tail, log, sink)
     pending = b""
+    limit = MAX_LOG_LINE_CHARS * 4  # bytes of UTF-8 that can make a line that long
     try:
         for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for raw in lines:
-                _emit(raw, tail, log, sink)
+                out.emit(raw)
+            while len(pending) > limit:  # a line without end: never hold it all in memory
+                out.emit(pending[:limit])
+                pending = pending[limit:]
         if pending:
-            _emit(pending, tail, log, sink)
+            out.emit(pending)
     except Exception:  # noqa: BLE001,S110 - the container was removed under us: logs end there
         pass
     finally:
         if sink is not None:
             sink.close()
-
-
-def _emit(raw: bytes, tail: collections.deque[str], log: LogSink, sink: Any) -> None:
-    line = raw.decode("utf-8", errors="replace").rstrip("\r")
-    tail.append(line)
-    log(line)
-    if sink is not None:
-        sink.write(line + "\n")
 
 
 # --------------------------------------------------------------------------- build
@@ -345,7 +382,9 @@ def build_image(
         for name, source in context_parts.items():
             target = context / name
             if source.is_dir():
-                shutil.copytree(source, target, ignore=shutil.ignore_patterns(
+                # Links stay links: a link in a model folder must not copy a host file
+                # (say ~/.ssh/id_rsa) into the image, where the model could read it out.
+                shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns(
                     "__pycache__", "*.pyc", ".pytest_cache", "test_*.py", "conftest.py"))
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)

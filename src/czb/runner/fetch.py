@@ -15,8 +15,14 @@ remote object gets a new entry, two URIs with the same file name never collide,
 and the file still carries a name a human recognises.
 
 Digests of local files that were checked against a spec's ``sha256`` are
-remembered in ``CZB_CACHE_DIR/hashes`` keyed by (path, size, mtime), so a
-large local file is hashed once, not on every run.
+remembered in ``CZB_CACHE_DIR/hashes`` keyed by path and the file's size, mtime,
+ctime and inode, so a large local file is hashed once, not on every run, and a
+file edited in place is hashed again even if its size and mtime were put back
+(the ctime cannot be set back). Sidecars of downloads carry the same stamp.
+
+A download that is not the kind of file its name says (an HTML login page served
+with status 200 for an ``.h5ad``, a JSON or XML error body) is deleted, never
+cached, and the error says what was received (its type and size, not its content).
 
 ``boto3``, ``requests`` and ``rich`` are imported inside the functions that use
 them so that importing this module (and starting the CLI) stays fast.
@@ -30,6 +36,9 @@ import json
 import os
 import posixpath
 import re
+import shutil
+import stat
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,9 +46,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from czb.errors import FetchError
+from czb.errors import DatasetWarning, FetchError
 
-__all__ = ["cache_entries", "cached_sha256", "fetch", "file_sha256", "is_remote"]
+__all__ = [
+    "cache_entries",
+    "cached_sha256",
+    "describe_content",
+    "expected_kind",
+    "fetch",
+    "file_sha256",
+    "is_remote",
+    "known_sha256",
+]
 
 REMOTE_SCHEMES = frozenset({"http", "https", "s3"})
 
@@ -98,7 +116,8 @@ def cached_sha256(path: str | os.PathLike[str], *, cache_dir: Path | None = None
 
     Reads the sidecar next to a downloaded file, or, for a local file that
     :func:`fetch` verified, the record under ``cache_dir/hashes``. A record only
-    counts if the file's size and modification time still match it.
+    counts if the file's size, modification and change times and inode still match
+    it (a file edited in place with its size and mtime put back has a new ctime).
 
     Parameters
     ----------
@@ -119,7 +138,7 @@ def cached_sha256(path: str | os.PathLike[str], *, cache_dir: Path | None = None
         return None
     meta = _read_json(path.parent / _SIDECAR)
     if meta is not None and meta.get("file") == path.name:
-        if meta.get("size_on_disk") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
+        if _same_stamp(meta, st):
             return meta.get("sha256")
         return None
     if cache_dir is None:
@@ -141,9 +160,13 @@ def known_sha256(path: str | os.PathLike[str], *, cache_dir: Path | None = None)
     digest = cached_sha256(path, cache_dir=cache_dir)
     if digest is None:
         path = Path(path)
+        before = path.stat()
         digest = file_sha256(path)
         with contextlib.suppress(OSError):  # a vanished file is reported by the caller's read
-            _local_hash_store(Path(cache_dir), path, path.stat(), digest)
+            after = path.stat()
+            # Remembered only if the file did not change while it was hashed.
+            if _stamp(before) == _stamp(after):
+                _local_hash_store(Path(cache_dir), path, after, digest)
     return digest
 
 
@@ -297,10 +320,17 @@ def _fetch_local(uri: str, scheme: str, expected: str | None, cache_dir: Path) -
     if path.is_dir():
         msg = f"{path} is a folder, not a file"
         raise FetchError(msg)
+    if not stat.S_ISREG(st.st_mode):
+        # A fifo or device would block or never end (/dev/stdin, /dev/zero).
+        msg = f"{path} is not a regular file (a device, pipe or socket)"
+        raise FetchError(msg)
     if expected is not None:
         actual = known_sha256(path, cache_dir=cache_dir)
         if actual != expected:
-            msg = f"{uri}: sha256 mismatch: expected {expected}, got {actual}"
+            msg = (
+                f"{path}: sha256 mismatch: expected {expected}, got {actual}; the file changed "
+                "since the spec was written: restore it, or update the spec's sha256 if the change is intended"
+            )
             raise FetchError(msg)
     return path
 
@@ -310,28 +340,190 @@ def _local_hash_record(cache_dir: Path, path: Path) -> Path:
     return cache_dir / "hashes" / f"{key}.json"
 
 
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    """What tells a file's content changed without reading it. The ctime matters: setting
+    size and mtime back after an edit (``os.utime``) is easy, setting the ctime back is not."""
+    return {
+        "size_on_disk": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+    }
+
+
+def _same_stamp(record: dict[str, Any], st: os.stat_result) -> bool:
+    return all(record.get(key) == value for key, value in _stamp(st).items())
+
+
 def _local_hash_lookup(cache_dir: Path, path: Path, st: os.stat_result) -> str | None:
     record = _read_json(_local_hash_record(cache_dir, path))
     if (
         record is not None
         and record.get("path") == str(path.resolve())
-        and record.get("size") == st.st_size
-        and record.get("mtime_ns") == st.st_mtime_ns
+        and _same_stamp(record, st)
     ):
         return record.get("sha256")
     return None
 
 
 def _local_hash_store(cache_dir: Path, path: Path, st: os.stat_result, digest: str) -> None:
-    record = {
-        "path": str(path.resolve()),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "sha256": digest,
-    }
+    record = {"path": str(path.resolve()), **_stamp(st), "sha256": digest}
     # The record only saves time; a read-only cache must not stop a run.
     with contextlib.suppress(OSError):
         _write_json(_local_hash_record(cache_dir, path), record)
+
+
+# --------------------------------------------------------------------------- what a file is
+
+#: The kind of file a name promises, by extension (longest match first).
+_KINDS_BY_SUFFIX = {
+    ".h5ad": "hdf5", ".h5": "hdf5", ".hdf5": "hdf5", ".loom": "hdf5",
+    ".zip": "zip", ".whl": "zip", ".npz": "zip",
+    ".gz": "gzip", ".tgz": "gzip",
+    ".parquet": "parquet",
+    ".npy": "npy",
+    ".txt": "text", ".tsv": "text", ".csv": "text", ".tab": "text", ".rpt": "text",
+    ".json": "json",
+    ".html": "html", ".htm": "html",
+}
+_KIND_NAMES = {
+    "hdf5": "an HDF5 file", "zip": "a zip archive", "gzip": "a gzip file",
+    "parquet": "a Parquet file", "npy": "a NumPy .npy file", "text": "a text table",
+    "json": "a JSON document", "html": "an HTML page",
+}
+_SIGNATURES = {
+    "hdf5": (b"\x89HDF\r\n\x1a\n",),
+    "zip": (b"PK\x03\x04", b"PK\x05\x06"),
+    "gzip": (b"\x1f\x8b",),
+    "parquet": (b"PAR1",),
+    "npy": (b"\x93NUMPY",),
+}
+#: Bytes looked at to tell what a file is.
+_SNIFF_BYTES = 1024
+
+
+def expected_kind(name: str) -> str | None:
+    """The kind of file a file name promises (``"hdf5"``, ``"zip"``, ``"text"``...), or ``None``.
+
+    Parameters
+    ----------
+    name
+        A file name or path; only its extension counts.
+    """
+    lowered = name.lower()
+    for suffix in sorted(_KINDS_BY_SUFFIX, key=len, reverse=True):
+        if lowered.endswith(suffix):
+            return _KINDS_BY_SUFFIX[suffix]
+    return None
+
+
+def _has_signature(path: Path, head: bytes, kind: str) -> bool:
+    signatures = _SIGNATURES[kind]
+    if head.startswith(signatures):
+        return True
+    if kind != "hdf5":
+        return False
+    # HDF5 may start after a user block of 512, 1024, 2048... bytes.
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        offset = 512
+        while offset <= 1 << 20:
+            f.seek(offset)
+            if f.read(8) == signatures[0]:
+                return True
+            offset *= 2
+    return False
+
+
+def _looks_like(head: bytes) -> str:
+    """What the first bytes of a file look like, in words (never the bytes themselves)."""
+    if not head:
+        return "an empty file"
+    for kind, signatures in _SIGNATURES.items():
+        if head.startswith(signatures):
+            return _KIND_NAMES[kind]
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or (
+        text.startswith(b"<!--") and b"<html" in text
+    ):
+        return "an HTML page"
+    if text.startswith((b"<?xml", b"<error")):
+        return "an XML document (as object stores send for errors)"
+    if text.startswith((b"{", b"[")):
+        return "a JSON document (as web services send for errors)"
+    if b"\x00" in head:
+        return "binary data of an unknown kind"
+    return "plain text"
+
+
+def describe_content(path: str | os.PathLike[str], *, expected: str | None) -> str | None:
+    """What a file is, in words, when it is not the kind expected; ``None`` when it fits.
+
+    Reads the first bytes only and never quotes them: the answer is a phrase like
+    ``"an HTML page"``, ``"an empty file"`` or ``"a JSON document (...)"``.
+
+    Parameters
+    ----------
+    path
+        The file.
+    expected
+        What it should be: a key of :func:`expected_kind` (``"hdf5"``, ``"zip"``,
+        ``"gzip"``, ``"parquet"``, ``"npy"`` must carry their signature; ``"text"`` must
+        be text that is not an HTML, XML or JSON document; ``"json"`` must not be HTML
+        or XML), or ``None`` for a file of unknown kind, which only an HTML page fails.
+
+    Returns
+    -------
+    ``None`` if the file fits, else a phrase saying what it is.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return None  # unreadable: the reader says so in its own words
+    looks = _looks_like(head)
+    if expected in _SIGNATURES:
+        return None if _has_signature(path, head, expected) else looks
+    if expected == "html":
+        return None
+    if expected == "text":
+        return None if looks == "plain text" else looks
+    if expected == "json":
+        return looks if looks.startswith(("an HTML", "an XML", "an empty")) else None
+    return looks if looks == "an HTML page" else None
+
+
+def _refuse_wrong_content(uri: str, part: Path, name: str, content_type: str | None) -> None:
+    """Delete a finished download that is not the kind of file its name says, and say why."""
+    kind = expected_kind(name)
+    # The bytes decide, not the declared type: servers label valid files text/html too.
+    what = describe_content(part, expected=kind)
+    if what is None:
+        return
+    declared = (content_type or "").split(";")[0].strip().lower()
+    size = part.stat().st_size
+    with contextlib.suppress(OSError):
+        part.unlink()
+    wanted = _KIND_NAMES.get(kind, "the file") if kind else "the file"
+    served = f"{declared or 'no content type'}, {_human_size(size)}"
+    hint = (
+        "the URL may need a login or be wrong"
+        if what.startswith(("an HTML", "an XML", "a JSON"))
+        else "the URL may be wrong"
+    )
+    msg = f"{uri}: received {what} ({served}) instead of {wanted}; {hint}. Nothing was cached"
+    raise FetchError(msg)
+
+
+def _human_size(n: float) -> str:
+    if n < 1000:
+        return f"{int(n)} bytes"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+    return f"{n / 1000:.3g} TB"
 
 
 # --------------------------------------------------------------------------- the cache
@@ -400,29 +592,47 @@ def _cached_entry(entry_dir: Path, name: str, remote: _Remote) -> dict[str, Any]
     return meta
 
 
-def _recorded_digest(path: Path, meta: dict[str, Any]) -> str | None:
-    """The sidecar's digest if the file is untouched since; else hash it and re-record.
+def _recorded_digest(path: Path, meta: dict[str, Any]) -> tuple[str, str | None]:
+    """``(actual digest, None)`` of a cached file, or ``(actual, why)`` when it is damaged.
 
-    Returns ``None`` when the file no longer matches what was downloaded (edited
-    or damaged in the cache), so the caller downloads it again.
+    The sidecar's digest is taken as it is while the file's stamp (size, mtime, ctime,
+    inode) is unchanged; otherwise the file is hashed and re-recorded. A file whose
+    content no longer matches the digest recorded at download (edited or damaged in
+    the cache) comes back with the reason, for the caller to evict it.
     """
     st = path.stat()
     recorded = meta.get("sha256")
-    if (
-        recorded
-        and meta.get("size_on_disk") == st.st_size
-        and meta.get("mtime_ns") == st.st_mtime_ns
-    ):
-        return recorded
+    if recorded and _same_stamp(meta, st):
+        return recorded, None
     actual = file_sha256(path)
     if recorded and actual != recorded:
-        return None
+        return actual, f"its sha256 is {actual}, not the {recorded} recorded when it was downloaded"
     with contextlib.suppress(OSError):
-        _write_json(
-            path.parent / _SIDECAR,
-            {**meta, "sha256": actual, "size_on_disk": st.st_size, "mtime_ns": st.st_mtime_ns},
-        )
-    return actual
+        _write_json(path.parent / _SIDECAR, {**meta, "sha256": actual, **_stamp(path.stat())})
+    return actual, None
+
+
+def _evict(entry_dir: Path) -> None:
+    """Delete a cache entry (file, sidecar, partial download), so it is never used again."""
+    with contextlib.suppress(OSError):
+        (entry_dir / _SIDECAR).unlink(missing_ok=True)
+    for child in list(entry_dir.iterdir()) if entry_dir.is_dir() else []:
+        if child.name == ".lock":
+            continue  # may be held by this process; harmless once the sidecar is gone
+        with contextlib.suppress(OSError):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def _cached_problem(path: Path, meta: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``(digest, None)`` for a sound cached file, ``(digest or None, why)`` for a damaged one."""
+    kind = expected_kind(path.name)
+    what = describe_content(path, expected=kind)
+    if what is not None:
+        return None, f"it is {what}, not {_KIND_NAMES.get(kind, 'the expected file')}"
+    return _recorded_digest(path, meta)
 
 
 def _check_digest(uri: str, expected: str | None, actual: str, path: Path) -> Path:
@@ -437,7 +647,7 @@ def _check_digest(uri: str, expected: str | None, actual: str, path: Path) -> Pa
 
 def _fetch_offline(uri: str, expected: str | None, cache_dir: Path) -> Path:
     uri_dir = cache_dir / "downloads" / _uri_key(uri)
-    candidates = []
+    candidates: list[tuple[dict[str, Any], Path]] = []
     for sidecar in uri_dir.glob(f"*/{_SIDECAR}"):
         meta = _read_json(sidecar)
         if meta and meta.get("uri") == uri and isinstance(meta.get("file"), str):
@@ -451,21 +661,26 @@ def _fetch_offline(uri: str, expected: str | None, cache_dir: Path) -> Path:
         )
         raise FetchError(msg)
     candidates.sort(key=lambda c: _neg_time(c[0]))
-    mismatches = []
+    mismatches, damaged = [], []
     for meta, path in candidates:  # newest first; an older copy may be the one the spec wants
-        digest = _recorded_digest(path, meta)
-        if digest is None:
-            continue
+        with _locked(path.parent):
+            digest, why = _cached_problem(path, meta)
+            if why is not None:
+                _evict(path.parent)
+                damaged.append((path, why))
+                continue
         if expected is None or digest == expected:
             return path
         mismatches.append(digest)
-    if mismatches:
+    again = "run `czb datasets fetch NAME` for its dataset while online to download it again"
+    if damaged:
+        path, why = damaged[0]
+        msg = f"{uri}: the cached copy {path} was damaged or edited in the cache ({why}) and was deleted; {again}"
+    else:
         msg = (
             f"{uri}: sha256 mismatch: expected {expected}, the cached copies have "
-            f"{', '.join(mismatches)}, and czb is offline"
+            f"{', '.join(mismatches)}, and czb is offline; {again}, or update the spec's sha256"
         )
-    else:
-        msg = f"{uri}: the cached copy in {uri_dir} is damaged and czb is offline"
     raise FetchError(msg)
 
 
@@ -507,15 +722,23 @@ def _fetch_remote(
             # Checked under the lock: another process may have just finished this download.
             meta = _cached_entry(entry_dir, name, remote)
             if meta is not None:
-                digest = _recorded_digest(path, meta)
-                if digest is not None:
+                digest, why = _cached_problem(path, meta)
+                if why is None:
                     return _check_digest(uri, expected, digest, path)
+                _evict(entry_dir)  # damaged or edited in the cache: downloaded again below
+                warnings.warn(
+                    f"{uri}: the cached copy {path} was damaged or edited in the cache ({why}); "
+                    "deleted it and downloading it again",
+                    DatasetWarning,
+                    stacklevel=3,
+                )
             _drop_stale_parts(uri_dir, keep=entry_dir)
             try:
-                digest, st = _download(uri, source, remote, path, progress)
+                digest, st, content_type = _download(uri, source, remote, path, progress)
             except _RemoteChanged:
                 continue
             part = _part(path)
+            _refuse_wrong_content(uri, part, name, content_type)
             if expected is not None and digest != expected:
                 part.unlink(missing_ok=True)
                 msg = (
@@ -530,14 +753,17 @@ def _fetch_remote(
                 "size": remote.size,
                 "last_modified": remote.last_modified,
                 "sha256": digest,
-                "size_on_disk": st.st_size,
-                "mtime_ns": st.st_mtime_ns,  # os.replace keeps it: still true after the rename
+                **_stamp(st),
                 "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             # Sidecar first: a crash between the two leaves a sidecar without its file,
             # which reads as "not cached", never as a cached file with no record.
             _write_json(entry_dir / _SIDECAR, meta)
             os.replace(part, path)
+            # The rename may change the ctime: record the stamp the file has now (a crash
+            # before this line only costs one more hash on the next use).
+            with contextlib.suppress(OSError):
+                _write_json(entry_dir / _SIDECAR, {**meta, **_stamp(path.stat())})
             return path
     msg = f"{uri} kept changing while it was being downloaded; try again later"
     raise FetchError(msg)
@@ -565,6 +791,7 @@ class _Body:
     partial: bool
     chunks: Iterator[bytes]
     close: Any
+    content_type: str | None = None
 
 
 class _Source:
@@ -586,9 +813,11 @@ class _Source:
 
 def _download(
     uri: str, source: _Source, remote: _Remote, path: Path, progress: bool
-) -> tuple[str, os.stat_result]:
-    """Fill ``path.part`` with the object, resuming what is there; return its sha256 and stat."""
+) -> tuple[str, os.stat_result, str | None]:
+    """Fill ``path.part`` with the object, resuming what is there; return its sha256, stat
+    and the Content-Type the server declared (``None`` if none, or nothing was fetched)."""
     part = _part(path)
+    content_type: str | None = None
     hasher: Any = None
     hashed = -1  # how many bytes of .part ``hasher`` covers; -1: none yet
     attempts = 0
@@ -601,6 +830,7 @@ def _download(
             if remote.size is not None and offset == remote.size and offset > 0:
                 break  # complete already; only the rename was missing
             body = source.get(offset, remote)
+            content_type = body.content_type or content_type
             try:
                 if offset and not body.partial:
                     offset = 0  # the server ignored the range (or the object changed): start over
@@ -636,7 +866,7 @@ def _download(
                 raise FetchError(msg)
     if hashed != part.stat().st_size:
         hasher = _hash_prefix(part)
-    return hasher.hexdigest(), part.stat()
+    return hasher.hexdigest(), part.stat(), content_type
 
 
 @contextlib.contextmanager
@@ -828,7 +1058,8 @@ class _HttpSource(_Source):
             chunks = response.raw.stream(_CHUNK, decode_content=False)
         else:  # the server compressed it anyway: store what it decodes to, as requests would
             chunks = response.iter_content(_CHUNK)
-        return _Body(partial=partial, chunks=chunks, close=response.close)
+        return _Body(partial=partial, chunks=chunks, close=response.close,
+                     content_type=response.headers.get("Content-Type"))
 
     def close(self) -> None:
         self.session.close()
@@ -939,4 +1170,5 @@ class _S3Source(_Source):
             raise FetchError(self._explain(e)) from None
         partial = str(response.get("ContentRange", "")).startswith(f"bytes {offset}-")
         body = response["Body"]
-        return _Body(partial=partial, chunks=body.iter_chunks(_CHUNK), close=body.close)
+        return _Body(partial=partial, chunks=body.iter_chunks(_CHUNK), close=body.close,
+                     content_type=response.get("ContentType"))

@@ -112,23 +112,37 @@ class GeneMap:
     @classmethod
     def from_table(cls, path: Path, source: GeneMapSource | None = None) -> GeneMap:
         """Read a tab-separated table (HGNC/MGI layout per ``source``; default: columns
-        ``ensembl_id`` and ``symbol`` with a header)."""
+        ``ensembl_id`` and ``symbol`` with a header).
+
+        Errors name the file, the line and the columns expected, never what the file
+        holds (a downloaded "table" may be anything).
+        """
         import pandas as pd
 
+        from czb.runner.relationships import check_regular_file
+
         source = source or GeneMapSource(uri=str(path), symbol_column="symbol", ensembl_column="ensembl_id")
+        path = Path(path)
+        what = "gene mapping table"
+        check_regular_file(path, what)
+        columns = [source.ensembl_column, source.symbol_column]
+        _check_table_header(path, source, columns)
         try:
             table = pd.read_csv(
                 path,
                 sep="\t",
                 header=0 if source.header else None,
-                usecols=[source.ensembl_column, source.symbol_column],
+                usecols=columns,
                 dtype=str,
                 comment=None,
                 quoting=3,  # csv.QUOTE_NONE: HGNC fields contain stray quotes
             )
-        except (OSError, ValueError) as e:
-            msg = f"gene mapping table {path}: cannot read it ({e})"
-            raise DatasetError(msg) from e
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            # pandas' messages may quote the file: say where, in our own words.
+            line = re.search(r"line (\d+)", str(e))
+            where = f" (near line {line.group(1)})" if line else ""
+            msg = f"{what} {path}: cannot read it as a tab-separated table{where}"
+            raise DatasetError(msg) from None
         return cls.from_pairs(
             table[source.ensembl_column], table[source.symbol_column], source=source.uri
         )
@@ -159,6 +173,34 @@ class ModelGenes:
     symbols: np.ndarray
     ensembl_ids: np.ndarray
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_table_header(path: Path, source: GeneMapSource, columns: list[str | int]) -> None:
+    """The table's first line has the columns ``source`` names (by name, or enough of them)."""
+    what = f"gene mapping table {path}: cannot read it"
+    try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            first = f.readline(1 << 20)
+    except UnicodeDecodeError:
+        msg = f"{what}: line 1 is not UTF-8 text; expected a tab-separated table"
+        raise DatasetError(msg) from None
+    except OSError as e:
+        msg = f"{what} ({e.strerror or type(e).__name__})"
+        raise DatasetError(msg) from None
+    fields = first.rstrip("\r\n").split("\t")
+    if source.header:
+        missing = [c for c in columns if c not in fields]
+        if missing:
+            msg = (
+                f"{what}: line 1: expected a tab-separated header with columns "
+                f"{', '.join(repr(c) for c in columns)}; {', '.join(repr(c) for c in missing)} not found"
+            )
+            raise DatasetError(msg)
+    else:
+        needed = max(int(c) for c in columns) + 1
+        if len(fields) < needed:
+            msg = f"{what}: line 1: expected at least {needed} tab-separated columns, found {len(fields)}"
+            raise DatasetError(msg)
 
 
 def _strip_version(ids: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,31 +101,116 @@ def known_complex_relationships() -> Relationships:
                                     origin="czb.runner.synthetic.KNOWN_COMPLEXES")
 
 
+#: Largest relationship file read (StringDB's, the biggest of the five, is about 20 MB).
+MAX_RELATIONSHIP_FILE_BYTES = 1 << 30
+#: Longest line read (a gene-pair line is a few dozen characters).
+_MAX_LINE_CHARS = 1 << 16
+
+
+def check_regular_file(path: Path, what: str, *, max_bytes: int = MAX_RELATIONSHIP_FILE_BYTES) -> None:
+    """A regular file of at most ``max_bytes``, or a one-line DatasetError.
+
+    Fifos and devices (``/dev/stdin``, ``/dev/zero``) would hang or never end.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        What it is, for the message (``"relationship file"``).
+    max_bytes
+        Largest size accepted.
+    """
+    import stat
+
+    fail = f"{what} {path}: cannot read it"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        msg = f"{fail}: no such file"
+        raise DatasetError(msg) from None
+    except OSError as e:
+        msg = f"{fail}: {e.strerror or type(e).__name__}"
+        raise DatasetError(msg) from None
+    if not stat.S_ISREG(st.st_mode):
+        msg = f"{fail}: not a regular file (a folder, device, pipe or socket)"
+        raise DatasetError(msg)
+    if st.st_size > max_bytes:
+        msg = f"{fail}: {st.st_size} bytes, more than the {max_bytes} czb reads"
+        raise DatasetError(msg)
+
+
 def read_relationship_file(path: str | os.PathLike[str], *, name: str | None = None,
                            license: str = "") -> Relationships:
     """Read a CSV/TSV of gene pairs: columns ``entity1,entity2`` or, without them, the first two.
 
+    The first line is the header; ``.tsv`` and ``.tab`` files are tab-separated, others
+    comma-separated; blank lines are skipped. Every other line must hold the two
+    columns. Error messages name the file, the line number and what was expected,
+    never what the line holds (a path can point at any file).
+
     Raises
     ------
     DatasetError
-        The file is missing, unreadable or has fewer than two columns.
+        The file is missing, not a regular file, not UTF-8 text, has fewer than two
+        columns, or a line lacks a pair.
     """
-    import pandas as pd
+    import csv
 
     path = Path(path)
-    sep = "\t" if path.suffix in (".tsv", ".tab") else ","
+    what = "relationship file"
+    check_regular_file(path, what)
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    sep_name = "tab" if sep == "\t" else "comma"
+    expected = f"two {sep_name}-separated gene symbols"
+    a: list[str] = []
+    b: list[str] = []
+    line_number = 0
     try:
-        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as e:
-        msg = f"relationship file {path}: cannot read it ({e})"
+        with open(path, encoding="utf-8", newline="") as f:
+            header_line = f.readline(_MAX_LINE_CHARS + 1)
+            line_number = 1
+            if len(header_line) > _MAX_LINE_CHARS:
+                msg = f"{what} {path}: line 1 is longer than {_MAX_LINE_CHARS} characters; expected a header `entity1{sep}entity2`"
+                raise DatasetError(msg)
+            header = next(csv.reader([header_line], delimiter=sep), [])
+            names = [h.strip() for h in header]
+            if "entity1" in names and "entity2" in names:
+                first, second = names.index("entity1"), names.index("entity2")
+            elif len(names) >= 2:
+                first, second = 0, 1
+            else:
+                msg = (
+                    f"{what} {path}: line 1: expected a header of at least two {sep_name}-separated "
+                    f"columns (`entity1{sep}entity2`, or any two names), found {len(names)} column(s)"
+                )
+                raise DatasetError(msg)
+            needed = max(first, second) + 1
+            for line in f:
+                line_number += 1
+                if len(line) > _MAX_LINE_CHARS:
+                    msg = f"{what} {path}: line {line_number} is longer than {_MAX_LINE_CHARS} characters; expected {expected}"
+                    raise DatasetError(msg)
+                if not line.strip():
+                    continue
+                row = next(csv.reader([line], delimiter=sep), [])
+                if len(row) < needed or not row[first].strip() or not row[second].strip():
+                    msg = (
+                        f"{what} {path}: line {line_number}: expected {expected} "
+                        f"(columns {first + 1} and {second + 1} of {needed} or more), found {len(row)} column(s)"
+                    )
+                    raise DatasetError(msg)
+                a.append(row[first].strip())
+                b.append(row[second].strip())
+    except UnicodeDecodeError:
+        msg = f"{what} {path}: line {line_number + 1} is not UTF-8 text; expected {expected}"
         raise DatasetError(msg) from None
-    if {"entity1", "entity2"} <= set(table.columns):
-        a, b = table["entity1"], table["entity2"]
-    elif table.shape[1] >= 2:
-        a, b = table.iloc[:, 0], table.iloc[:, 1]
-    else:
-        msg = f"relationship file {path}: needs two columns of gene symbols (entity1, entity2); found {list(table.columns)}"
-        raise DatasetError(msg)
+    except csv.Error:
+        msg = f"{what} {path}: line {line_number}: cannot parse it as {sep_name}-separated values"
+        raise DatasetError(msg) from None
+    except OSError as e:
+        msg = f"{what} {path}: cannot read it ({e.strerror or type(e).__name__})"
+        raise DatasetError(msg) from None
     return Relationships.from_pairs(name or path.stem, a, b, license=license, origin=str(path))
 
 
@@ -154,8 +240,11 @@ def efaar_annotations_dir(*, cache_dir: Path | None = None, offline: bool | None
     folder = cache_dir / "annotations" / "efaar-benchmarking-1.0"
     manifest = folder / "manifest.json"
     if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("wheel_uri") == wheel_uri:
+        try:
+            recorded = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            recorded = None  # unreadable: extracted again below
+        if isinstance(recorded, dict) and recorded.get("wheel_uri") == wheel_uri:
             return folder
     wheel = fetch(wheel_uri, sha256=wheel_sha256, cache_dir=cache_dir, offline=offline)
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,9 +257,16 @@ def efaar_annotations_dir(*, cache_dir: Path | None = None, offline: bool | None
                 msg = f"{wheel_uri}: the package lacks {', '.join(missing)} under {_MEMBER_DIR}"
                 raise DatasetError(msg)
             for member in wanted:
+                # The declared size bounds what zipfile reads, so a bomb stops there.
+                if z.getinfo(_MEMBER_DIR + member).file_size > MAX_RELATIONSHIP_FILE_BYTES:
+                    msg = f"{wheel_uri}: {member} in the package is larger than {MAX_RELATIONSHIP_FILE_BYTES} bytes"
+                    raise DatasetError(msg)
                 _write_atomic(folder / member, z.read(_MEMBER_DIR + member))
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError):
         msg = f"{wheel_uri}: not a valid wheel (zip) file"
+        raise DatasetError(msg) from None
+    except OSError as e:
+        msg = f"cannot extract {wheel_uri} into {folder}: {e.strerror or type(e).__name__}"
         raise DatasetError(msg) from None
     record = {
         "package": "efaar-benchmarking==1.0",
@@ -202,7 +298,7 @@ def load_relationships(source: str, *, offline: bool | None = None) -> Relations
         folder = efaar_annotations_dir(offline=offline)
         return read_relationship_file(folder / f"{source}.txt", name=source, license=EFAAR_SOURCES[source])
     path = Path(source).expanduser()
-    if path.suffix.lower() in (".csv", ".tsv", ".txt", ".tab") or path.exists():
+    if path.suffix.lower() in (".csv", ".tsv", ".txt", ".tab") or path.exists() or path.is_symlink():
         return read_relationship_file(path)
     known = ", ".join([*EFAAR_SOURCES, KNOWN_COMPLEXES_SOURCE])
     msg = f"unknown relationship source {source!r}: give one of {known}, or a path to a CSV of gene pairs"

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from czb.errors import ResultsError
+from czb.untrusted import UntrustedInputError, parse_json, read_bounded
 
 #: Bumped whenever a field changes meaning or is removed.
 SCHEMA_VERSION = 1
@@ -258,15 +259,40 @@ def write_atomically(path: Path, payload: bytes, *, what: str = "file") -> None:
         os.replace(tmp, path)
 
 
+#: Largest result JSON :func:`read_result` reads (records are kilobytes).
+MAX_RESULT_BYTES = 16 << 20
+#: Deepest nesting of lists and objects a result JSON may have (records need under 10).
+MAX_RESULT_DEPTH = 64
+
+
 def read_result(path: Path) -> ResultRecord:
-    """Read and validate a result JSON; a corrupt or foreign file raises :class:`ResultsError`."""
+    """Read and validate a result JSON; a corrupt or foreign file raises :class:`ResultsError`.
+
+    Result files are untrusted input: only a regular file of at most
+    :data:`MAX_RESULT_BYTES` is read, nesting deeper than :data:`MAX_RESULT_DEPTH` is
+    refused, and no error message quotes the file's content.
+    """
+    problem = None
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:  # ValueError covers bad JSON and non-UTF-8 bytes
-        msg = f"{path}: not a readable result JSON ({e})"
-        raise ResultsError(msg) from e
+        data = parse_json(read_bounded(path, MAX_RESULT_BYTES), max_depth=MAX_RESULT_DEPTH)
+    except OSError as e:
+        problem = e.strerror or type(e).__name__
+    except UntrustedInputError as e:
+        problem = str(e)
+    if problem is not None:
+        msg = f"{path}: not a readable result JSON ({problem})"
+        raise ResultsError(msg)
     try:
         return ResultRecord.model_validate(data)
     except ValidationError as e:
-        msg = f"{path}: not a czb result (schema {SCHEMA_VERSION}): {e.errors()[0]['msg']}"
-        raise ResultsError(msg) from e
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p in _FIELD_NAMES)
+        msg = f"{path}: not a czb result (schema {SCHEMA_VERSION}): {where + ': ' if where else ''}{first['msg']}"
+        raise ResultsError(msg) from None
+
+
+#: Field names of the records, the only keys of a result file an error message names.
+_FIELD_NAMES = frozenset(
+    name for cls in (ResultRecord, MetricRecord, HostRecord, DatasetRecord, ModelRecord, TaskRecord)
+    for name in cls.model_fields
+)

@@ -70,10 +70,15 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
     """Per-cell annotations of a dataset by role, restricted to ``cell_index`` when given.
 
     ``species`` is always there (the spec's organism unless an obs column holds it).
+    ``labels`` and ``batch`` are strings, ``None`` for a cell without a value (NaN,
+    ``None``, empty: :func:`~czb.evaluation.applicability.missing_mask`; for several
+    batch keys, a cell missing any of them), never the text ``"nan"``: the evaluation
+    leaves those cells out of the tasks that need the role and counts them.
     """
-    roles: dict[str, np.ndarray] = {"labels": ds.labels, "species": ds.role("species")}
-    if ds.batches is not None:
-        roles["batch"] = ds.batches
+    roles: dict[str, np.ndarray] = {"labels": _annotation(ds, [ds.spec.label_key]),
+                                    "species": ds.role("species")}
+    if ds.spec.batch_keys:
+        roles["batch"] = _annotation(ds, ds.spec.batch_keys)
     if ds.controls is not None:
         roles["control"] = ds.controls
     for role in ds.spec.extra_keys:
@@ -83,14 +88,41 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
     return roles
 
 
+def _annotation(ds: Dataset, keys: Sequence[str]) -> np.ndarray:
+    """obs columns ``keys`` as one ``(n_cells,)`` object array of strings (several
+    joined with ``"|"``), ``None`` where any of them has no value."""
+    from czb.evaluation.applicability import missing_mask
+
+    missing = np.zeros(ds.n_cells, dtype=bool)
+    out = None
+    for key in keys:
+        column = ds.adata.obs[key]
+        missing |= missing_mask(column)
+        text = column.astype(str).to_numpy().astype(object)
+        out = text if out is None else out + "|" + text
+    out[missing] = None
+    return out
+
+
+def map_labels(labels: np.ndarray | None) -> np.ndarray | None:
+    """Labels for a report map's legend: a cell without one shows as ``(no label)``."""
+    from czb.evaluation.applicability import missing_mask
+
+    if labels is None:
+        return None
+    labels = np.asarray(labels, dtype=object).copy()
+    labels[missing_mask(labels)] = "(no label)"
+    return labels
+
+
 def dataset_expression(ds: Dataset, cell_index: np.ndarray | None = None) -> Any:
     """The dataset's expression for tasks that read it (rows restricted to ``cell_index``).
 
     A matrix on disk stays there (the tasks read it in row chunks); its rows are
-    restricted lazily (:class:`~czb.runner.datasets.RowSubset`), never copied.
+    restricted lazily (:class:`~czb.evaluation.perturbation_analysis.RowSubset`), never copied.
     """
-    from czb.evaluation.perturbation_analysis import Expression
-    from czb.runner.datasets import BackedMatrix, RowSubset
+    from czb.evaluation.perturbation_analysis import Expression, RowSubset
+    from czb.runner.datasets import BackedMatrix
 
     X = ds.adata.X
     if cell_index is not None:
@@ -376,17 +408,25 @@ def stack_members(members: Sequence[GroupMember]) -> tuple[R.DatasetRecord, Embe
         "dataset": np.concatenate(names),
     }
     if all(m.roles.get("batch") is not None for m in members):
-        roles["batch"] = np.concatenate([n + "|" + m.roles["batch"].astype(str).astype(object)
-                                         for n, m in zip(names, members)])
+        roles["batch"] = np.concatenate([_prefixed(n, "|", m.roles["batch"]) for n, m in zip(names, members)])
     shared = set.intersection(*(set(m.roles) for m in members)) - set(roles) - {"batch"}
     for role in sorted(shared):
         parts = [m.roles[role] for m in members]
         if role in ("donor", "sample"):
-            parts = [n + ":" + p.astype(str).astype(object) for n, p in zip(names, parts)]
+            parts = [_prefixed(n, ":", p) for n, p in zip(names, parts)]
         roles[role] = np.concatenate(parts)
     stacked = Embedded(model, Embedding(values=values, model=first.model["name"], kind="stacked"),
                        runtime_s=runtime)
     return group, stacked, roles
+
+
+def _prefixed(names: np.ndarray, separator: str, values: np.ndarray) -> np.ndarray:
+    """``name + separator + value`` per cell; a cell without a value keeps none (``None``)."""
+    from czb.evaluation.applicability import missing_mask
+
+    out = names + separator + np.asarray(values).astype(str).astype(object)
+    out[missing_mask(values)] = None
+    return out
 
 
 def score_group(
@@ -407,6 +447,40 @@ def score_group(
         return _unscored(stacked, group, planned, seeds=seeds, command=command)
     return score_embedding(stacked, group, roles, planned, seeds=seeds, n_jobs=n_jobs, command=command,
                            progress=progress, raise_errors=raise_errors, exact=exact)
+
+
+def check_output_dir(folder: Path, *, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it writable (a probe file is written and
+    removed), so that a run with nowhere to put its results fails at once, not after its
+    work.
+
+    Raises
+    ------
+    ResultsError
+        One line naming the folder: it is a file, cannot be created, or is not writable.
+    """
+    import os
+    import tempfile
+
+    from czb.errors import ResultsError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        msg = f"{what} {folder} exists and is not a folder"
+        raise ResultsError(msg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create {what} {folder}: {e.strerror or type(e).__name__}"
+        raise ResultsError(msg) from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".czb-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        msg = f"{what} {folder} is not writable: {e.strerror or type(e).__name__}"
+        raise ResultsError(msg) from None
+    return folder
 
 
 def run_benchmark(
@@ -443,7 +517,8 @@ def run_benchmark(
     seeds
         Seeds of stochastic steps.
     output_dir
-        Where result JSONs are written (none written when ``None``).
+        Where result JSONs are written (none written when ``None``); created and checked
+        writable before any work (:func:`check_output_dir`).
     raise_errors
         Let a failing model or task raise instead of becoming a ``failed`` record.
     model_options
@@ -456,7 +531,9 @@ def run_benchmark(
 
     Returns
     -------
-    Every record, in order: per dataset, per source, per task.
+    Every record, in order: per dataset, per source, per task. When ``embedding`` cannot
+    be used on the dataset (unreadable, wrong shape, constant...), its failed records
+    only: it is read right after the dataset loads, and nothing else runs.
     """
     from czb.runner.datasets import load_dataset, validate_dataset
     from czb.runner.embeddings import source_for_file, source_for_model
@@ -470,7 +547,10 @@ def run_benchmark(
         raise CzbError(msg)
     dataset_specs: list[DatasetSpec] = catalog.resolve("dataset", datasets)
     model_specs = catalog.resolve("model", models) if models else []
-    planned = build_tasks(catalog.resolve("task", tasks))
+    task_specs = catalog.resolve("task", tasks)
+    if output_dir is not None:  # before any work: results with nowhere to go would be lost
+        check_output_dir(output_dir)
+    planned = build_tasks(task_specs)
     if embedding is not None and len(dataset_specs) != 1:
         msg = f"--embedding scores one dataset; {len(dataset_specs)} were given"
         raise CzbError(msg)
@@ -525,6 +605,11 @@ def run_benchmark(
                 continue
             say(f"{ds.name}: embedding with {model['name']}")
             embedded = embed_dataset(source, ds, seed=seeds[0], raise_errors=raise_errors)
+            if embedding is not None and i == 0 and embedded.status == "failed":
+                # The user's own file (first source) does not fit: stop before the baselines run.
+                keep(_unscored(embedded, dataset_record(ds), [*cell_level, *perturbation], seeds=seeds,
+                               command=command))
+                return records
             if cell_level:
                 reads_expression = any("expression" in p.task.info.requires for p in cell_level)
                 expression = dataset_expression(ds, embedded.cell_index) if reads_expression else None
@@ -536,7 +621,7 @@ def run_benchmark(
                 if output_dir is not None and embedded.embedding is not None:
                     sample = R.write_embedding_sample(
                         embedded.embedding.values, output_dir, dataset=ds.name, model=model["name"],
-                        labels=roles.get("labels"), batches=roles.get("batch"))
+                        labels=map_labels(roles.get("labels")), batches=map_labels(roles.get("batch")))
                     for record in scored:
                         record.embedding_sample = sample
                 keep(scored)

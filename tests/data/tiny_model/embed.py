@@ -3,7 +3,9 @@
 Reads /input/request.json and /input/dataset.h5ad (CSR counts, read with h5py), multiplies
 log1p(counts scaled to the median total) by /weights/projection.npy, drops cells with fewer than
 parameters.min_genes expressed genes, and writes /output/embeddings.npy,
-/output/cell_ids.json and, last, /output/meta.json. Exits 99 when the organism is not
+/output/cell_ids.json and, last, /output/meta.json, whose weights_checksum is the sha256
+of the one weights file (the README accepts that form for a folder holding one file).
+Exits 99 when the organism is not
 in parameters.organisms. Test hooks: parameters.sleep_s (sleep midway, after writing a
 partial file), parameters.allocate_mb (allocate that much memory) and parameters.probe
 (report the sandbox it runs in).
@@ -14,6 +16,7 @@ log-normalised expression of the control cells, for every test condition
 written to /output/predictions.h5ad with anndata.
 """
 
+import hashlib
 import json
 import os
 import socket
@@ -63,6 +66,14 @@ def probe():
         "input_writable": os.access("/input", os.W_OK),
         "shm_bytes": os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize,
     }
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def log_normalize(counts):
@@ -129,7 +140,7 @@ def main():
     meta = {
         "model": request["model"],
         "version": "1.0",
-        "weights_checksum": None,
+        "weights_checksum": file_sha256("/weights/projection.npy"),
         "n_weight_tensors_loaded": 1,
         "device": request["device"],
         "timings": {"total_s": time.time() - started},

@@ -212,6 +212,21 @@ def filter_small_classes(labels: np.ndarray, min_class_size: int) -> tuple[np.nd
     return np.isin(labels, counts.index[counts >= min_class_size]), dropped
 
 
+def require_classes(labels: np.ndarray, min_class_size: int) -> int:
+    """The number of classes with at least ``min_class_size`` cells, or
+    :class:`~czb.errors.NotApplicableError` when fewer than 2 have that many (a classifier
+    of one class predicts it perfectly, whatever the embedding)."""
+    from czb.errors import NotApplicableError
+
+    counts = pd.Series(np.asarray(labels)).value_counts()
+    n_classes = int((counts >= min_class_size).sum())
+    if n_classes < 2:
+        msg = (f"label prediction needs at least 2 labels with >= {min_class_size} cells each; "
+               f"{n_classes} of the {len(counts)} labels have that many")
+        raise NotApplicableError(msg)
+    return n_classes
+
+
 def score_fold(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
     """Accuracy, F1, precision, recall (macro, or binary for two classes) and OvR macro AUROC."""
     from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
@@ -331,10 +346,7 @@ def cross_validate_classifiers(
     y = np.asarray(y_cat.codes, dtype=np.int64)
     n_classes = len(y_cat.categories)
     if n_classes < 2:
-        from czb.errors import TaskError
-
-        msg = f"label prediction needs at least 2 classes with >= {min_class_size} cells; found {n_classes}"
-        raise TaskError(msg)
+        require_classes(labels, min_class_size)  # says why
     splits = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X, y))
     jobs = [(name, fold, train, test) for name in classifiers for fold, (train, test) in enumerate(splits)]
     atlas_scale = len(y) > EXACT_MAX_CELLS if exact is None else not exact

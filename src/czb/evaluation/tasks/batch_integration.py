@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from czb.evaluation.applicability import require_groups
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import aggregate as agg
 from czb.evaluation.metrics import clustering as clu
@@ -55,6 +58,13 @@ class BatchIntegration(Task):
     def neighborhoods_needed(self, n_cells: int) -> int:
         return max(self.params.entropy_neighbors, self.params.lisi_neighbors)
 
+    def check(self, context: EvaluationContext) -> None:
+        super().check(context)
+        require_groups(context.require("labels"), what="label", task=self.info.name,
+                       metrics="its bio-conservation metrics and scIB totals")
+        require_groups(context.require("batch"), what="batch", task=self.info.name,
+                       metrics="its batch-mixing metrics")
+
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         p = self.params
         labels, batches = context.require("labels"), context.require("batch")
@@ -80,12 +90,48 @@ class BatchIntegration(Task):
         clusters = context.leiden(1.0, seed=seed, k=p.n_neighbors)
         ari = clu.adjusted_rand_index(labels, clusters)
         nmi = clu.normalized_mutual_info(labels, clusters)
-        totals = agg.scib_scores(
-            bio=[fixed[sil.SILHOUETTE_SCORE.name], ari, nmi],
-            batch=[fixed[sil.BATCH_SILHOUETTE.name], fixed[mix.ILISI_NORMALIZED.name]],
-        )
-        values = {**fixed, clu.ADJUSTED_RAND_INDEX.name: ari, clu.NORMALIZED_MUTUAL_INFO.name: nmi, **totals}
+        values = {**fixed, clu.ADJUSTED_RAND_INDEX.name: ari, clu.NORMALIZED_MUTUAL_INFO.name: nmi}
+        values.update(scib_totals(context, values))
         return [
             MetricValue(name, value, ci95=estimates[name].ci95 if name in estimates else None)
             for name, value in values.items()
         ]
+
+
+BIO_PARTS = (sil.SILHOUETTE_SCORE.name, clu.ADJUSTED_RAND_INDEX.name, clu.NORMALIZED_MUTUAL_INFO.name)
+BATCH_PARTS = (sil.BATCH_SILHOUETTE.name, mix.ILISI_NORMALIZED.name)
+
+
+def scib_totals(context: EvaluationContext, values: dict[str, float]) -> dict[str, float]:
+    """scIB's totals of ``values``; a part that is not defined (NaN) is removed from
+    ``values`` and left out with its reason (:meth:`~czb.evaluation.context.TaskContext.skip_metric`),
+    and so is every total it is part of (a total of fewer parts would not compare)."""
+    reasons: dict[str, str] = {}
+    if not np.isfinite(values.get(sil.BATCH_SILHOUETTE.name, 0.0)):
+        # scIB scores batches within each label; here no label has a scorable set of batches.
+        reasons[sil.BATCH_SILHOUETTE.name] = (
+            "no label has its cells in 2 or more batches (and fewer batches than cells), so batches "
+            "cannot be compared within labels")
+    for name, value in values.items():
+        if not np.isfinite(value):
+            reasons.setdefault(name, "not defined on these data")
+    bio_ok = not any(n in reasons for n in BIO_PARTS)
+    batch_ok = not any(n in reasons for n in BATCH_PARTS)
+    totals: dict[str, float] = {}
+    if bio_ok and batch_ok:
+        totals = agg.scib_scores(bio=[values[n] for n in BIO_PARTS], batch=[values[n] for n in BATCH_PARTS])
+    else:
+        missing = ", ".join(n for n in (*BIO_PARTS, *BATCH_PARTS) if n in reasons)
+        reasons[agg.SCIB_OVERALL.name] = f"{missing} not defined on these data"
+        if bio_ok:
+            totals[agg.SCIB_BIO_CONSERVATION.name] = float(np.mean([values[n] for n in BIO_PARTS]))
+        else:
+            reasons[agg.SCIB_BIO_CONSERVATION.name] = f"{missing} not defined on these data"
+        if batch_ok:
+            totals[agg.SCIB_BATCH_CORRECTION.name] = float(np.mean([values[n] for n in BATCH_PARTS]))
+        else:
+            reasons[agg.SCIB_BATCH_CORRECTION.name] = f"{missing} not defined on these data"
+    for name, why in reasons.items():
+        context.skip_metric(name, why)
+        values.pop(name, None)
+    return totals

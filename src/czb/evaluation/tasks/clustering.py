@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from czb.evaluation.applicability import require_groups
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import clustering as m
 from czb.evaluation.registry import TaskInfo, register_task
@@ -43,6 +44,11 @@ class Clustering(Task):
 
     def neighbors_needed(self, n_cells: int) -> int:
         return self.params.n_neighbors
+
+    def check(self, context: EvaluationContext) -> None:
+        super().check(context)
+        require_groups(context.require("labels"), what="label", task=self.info.name,
+                       metrics="ARI and NMI of clusters against labels")
 
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         labels = context.require("labels")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from czb.errors import NotApplicableError
+from czb.evaluation.applicability import group_problem, require_groups
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import aggregate as agg
 from czb.evaluation.metrics import clustering as clu
@@ -18,6 +19,7 @@ from czb.evaluation.metrics import mixing as mix
 from czb.evaluation.metrics import silhouette as sil
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+from czb.evaluation.tasks.batch_integration import scib_totals
 
 
 class CrossSpeciesIntegrationParams(TaskParams):
@@ -125,7 +127,10 @@ class CrossSpeciesIntegration(Task):
     def check(self, context: EvaluationContext) -> None:
         super().check(context)
         species = require_species(context, self.info.name)
-        self._shared(context.require("labels"), species)
+        labels = np.asarray(context.require("labels")).astype(str)
+        shared, _ = self._shared(labels, species)
+        require_groups(labels[np.isin(labels, shared)], what="shared cell type", task=self.info.name,
+                       metrics="silhouette, ARI and NMI of shared cell types, and the scIB totals")
 
     def _shared(self, labels: np.ndarray, species: np.ndarray) -> tuple[list[str], list[str]]:
         shared, unshared = shared_cell_types(labels, species, self.params.min_cells_per_species)
@@ -167,27 +172,34 @@ class CrossSpeciesIntegration(Task):
             f"silhouette_label[shared cell types, min {p.min_cells_per_species} per species]",
             labels[in_shared], cells=in_shared,
         ).value
-        sil_within = float(np.mean([
+        # A species whose cells hold fewer than 2 labels (or one per cell) has no label silhouette.
+        scorable = [s for s in species_names(species) if group_problem(labels[species == s]) is None]
+        within = [
             context.silhouette(f"silhouette_label[{s}]", labels[species == s], cells=species == s).value
-            for s in species_names(species)
-        ]))
+            for s in scorable
+        ]
         clusters = context.leiden(1.0, seed=seed, k=p.n_neighbors)
         ari = clu.adjusted_rand_index(labels[in_shared], clusters[in_shared])
         nmi = clu.normalized_mutual_info(labels[in_shared], clusters[in_shared])
-        totals = agg.scib_scores(
-            bio=[sil_shared, ari, nmi],
-            batch=[mixing[sil.BATCH_SILHOUETTE.name], mixing[mix.ILISI_NORMALIZED.name]],
-        )
+        values = {**mixing, sil.SILHOUETTE_SCORE.name: sil_shared, clu.ADJUSTED_RAND_INDEX.name: ari,
+                  clu.NORMALIZED_MUTUAL_INFO.name: nmi}
+        totals = scib_totals(context, values)  # drops what is not defined, with its reason
         shared_params = {
             "cell_types": "shared",
             "n_cell_types": len(shared),
             "unshared_labels": ",".join(unshared),
         }
-        return [
-            *(MetricValue(name, value) for name, value in mixing.items()),
-            MetricValue(sil.SILHOUETTE_SCORE.name, sil_shared, shared_params),
-            MetricValue(clu.ADJUSTED_RAND_INDEX.name, ari, shared_params),
-            MetricValue(clu.NORMALIZED_MUTUAL_INFO.name, nmi, shared_params),
-            MetricValue(sil.SILHOUETTE_SCORE.name, sil_within, {"cell_types": "within_species"}),
-            *(MetricValue(name, value) for name, value in totals.items()),
-        ]
+        out = [MetricValue(name, value) for name, value in values.items() if name in mixing]
+        out += [MetricValue(name, values[name], shared_params) for name in
+                (sil.SILHOUETTE_SCORE.name, clu.ADJUSTED_RAND_INDEX.name, clu.NORMALIZED_MUTUAL_INFO.name)
+                if name in values]
+        n_species = len(species_names(species))
+        if within:
+            params = {"cell_types": "within_species"}
+            if len(within) < n_species:
+                params["n_species_scored"] = len(within)
+            out.append(MetricValue(sil.SILHOUETTE_SCORE.name, float(np.mean(within)), params))
+        else:
+            context.skip_metric(f"{sil.SILHOUETTE_SCORE.name}[within_species]",
+                                f"none of the {n_species} species has 2 or more labels (and fewer labels than cells)")
+        return [*out, *(MetricValue(name, value) for name, value in totals.items())]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from czb.evaluation.applicability import require_groups
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import silhouette as m
 from czb.evaluation.registry import TaskInfo, register_task
@@ -20,6 +21,11 @@ class Embedding(Task):
         stochastic=False,
         reference="doi:10.1038/s41592-021-01336-8",
     )
+
+    def check(self, context: EvaluationContext) -> None:
+        super().check(context)
+        require_groups(context.require("labels"), what="label", task=self.info.name,
+                       metrics="label silhouettes")
 
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         estimate = context.silhouette("silhouette_label", context.require("labels"))

@@ -32,6 +32,10 @@ class LabelPrediction(Task):
     )
     Params = LabelPredictionParams
 
+    def check(self, context: EvaluationContext) -> None:
+        super().check(context)
+        m.require_classes(context.require("labels"), self.params.min_class_size)
+
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         p = self.params
         cv = m.cross_validate_classifiers(

@@ -85,8 +85,11 @@ class PerturbationConsistency(ScreenTask):
                    f"fall below {self.params.alpha} (smallest possible: {smallest_p:.3f}); it needs at least {needed}")
             raise NotApplicableError(msg)
         scored = ~null_mask & usable
+        if not scored.any():
+            msg = "no perturbation of an expressed (or unmeasured) gene has 2+ cells: there is nothing to score"
+            raise NotApplicableError(msg)
         p = pa.empirical_pvalues(means[scored], null)
-        value = float(np.mean(p < self.params.alpha)) if p.size else float("nan")
+        value = float(np.mean(p < self.params.alpha))
         extra = {"n_scored": int(scored.sum()), "n_null": int(null.size),
                  "n_skipped_single_cell": int((~usable).sum()), "n_target_not_measured": n_unmeasured}
         return [MetricValue(pa.CONSISTENCY.name, value, extra)]

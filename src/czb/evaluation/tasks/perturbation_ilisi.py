@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from czb.errors import NotApplicableError
+from czb.evaluation.applicability import group_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
 from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, stratified_subsample
@@ -52,6 +54,9 @@ class PerturbationIlisi(ScreenTask):
         rows = split.test1
         if self.params.max_cells is not None and len(rows) > self.params.max_cells:
             rows = rows[stratified_subsample(design.batches[rows], self.params.max_cells, seed=seed)]
+        problem = group_problem(design.batches[rows], what="batch")
+        if problem is not None:
+            raise NotApplicableError(f"test1 (held-out batches): {problem}; iLISI is not defined")
         mean, normalized = pa.ilisi(X[rows], design.batches[rows], perplexity=self.params.perplexity,
                                     exact=self.params.exact)
         # Sizes vary with the split's seed, so they stay out of params (which key aggregation).

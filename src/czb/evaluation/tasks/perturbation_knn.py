@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from czb.errors import NotApplicableError
+from czb.evaluation.applicability import topk_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
 from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, stratified_subsample, unique_codes
@@ -73,8 +74,16 @@ class PerturbationKnn(ScreenTask):
             msg = f"the split left {len(reference)} train and {len(query)} test1 perturbed cells; no neighbours to vote"
             raise NotApplicableError(msg)
         classes, ref_codes = unique_codes(design.perturbations[reference])
+        top1_problem = topk_problem(len(classes), 1)
+        if top1_problem is not None:
+            raise NotApplicableError(f"the reference (train) cells hold {top1_problem}")
         query_codes = pa.class_codes(classes, design.perturbations[query])
         k = self.params.k or default_k(len(reference))
         ranks = pa.knn_vote_ranks(X[reference], ref_codes, X[query], query_codes, k, exact=self.params.exact)
-        return [MetricValue(pa.KNN_TOP1.name, float(np.mean(ranks < 1))),
-                MetricValue(pa.KNN_TOP5.name, float(np.mean(ranks < 5)))]
+        out = [MetricValue(pa.KNN_TOP1.name, float(np.mean(ranks < 1)))]
+        top5_problem = topk_problem(len(classes), 5)
+        if top5_problem is None:
+            out.append(MetricValue(pa.KNN_TOP5.name, float(np.mean(ranks < 5))))
+        else:
+            context.skip_metric(pa.KNN_TOP5.name, f"the reference (train) cells hold {top5_problem}")
+        return out

@@ -6,6 +6,7 @@ import numpy as np
 from pydantic import Field
 
 from czb.errors import NotApplicableError
+from czb.evaluation.applicability import topk_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
 from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, standard_scale_params, unique_codes
@@ -55,10 +56,13 @@ class PerturbationLinearProbe(ScreenTask):
         if len(train) == 0 or len(test) == 0:
             msg = f"the split left {len(train)} train and {len(test)} test1 perturbed cells; nothing to probe"
             raise NotApplicableError(msg)
+        classes, codes = unique_codes(design.perturbations[train])
+        top1_problem = topk_problem(len(classes), 1)
+        if top1_problem is not None:
+            raise NotApplicableError(f"the train cells hold {top1_problem}")
         X_train = np.asarray(X[train], dtype=np.float64)
         mean, scale = standard_scale_params(X_train)
         X_train = ((X_train - mean) / scale).astype(np.float32)
-        classes, codes = unique_codes(design.perturbations[train])
         model = pa.SoftmaxRegression(self.params.C, max_iter=self.params.max_iter, tol=self.params.tol)
         model.fit(X_train, codes, len(classes))
         del X_train
@@ -69,5 +73,10 @@ class PerturbationLinearProbe(ScreenTask):
             rows = test[start:start + step]
             logits = model.decision_function(((X[rows] - mean) / scale).astype(np.float32))
             ranks[start:start + step] = pa.topk_ranks(logits, test_codes[start:start + step])
-        return [MetricValue(pa.LINEAR_PROBE_TOP1.name, float(np.mean(ranks < 1))),
-                MetricValue(pa.LINEAR_PROBE_TOP5.name, float(np.mean(ranks < 5)))]
+        out = [MetricValue(pa.LINEAR_PROBE_TOP1.name, float(np.mean(ranks < 1)))]
+        top5_problem = topk_problem(len(classes), 5)
+        if top5_problem is None:
+            out.append(MetricValue(pa.LINEAR_PROBE_TOP5.name, float(np.mean(ranks < 5))))
+        else:
+            context.skip_metric(pa.LINEAR_PROBE_TOP5.name, f"the train cells hold {top5_problem}")
+        return out

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from czb.errors import NotApplicableError, TaskError
+from czb.evaluation.applicability import group_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import sequential as seq
 from czb.evaluation.metrics import silhouette as sil
@@ -95,13 +96,20 @@ class SequentialOrganization(Task):
                 f"the data have {context.n_cells}"
             )
             raise NotApplicableError(msg)
-        silhouette = context.silhouette("silhouette_label[time_point]", t)
+        if len(np.unique(t)) < 2:  # every neighbour is "aligned": the score would be 1
+            problem = group_problem(t, what="time point")
+            msg = f"task {self.info.name!r}: {problem}; sequential alignment is not defined"
+            raise NotApplicableError(msg)
+        out = []
+        problem = group_problem(t, what="time point")
+        if problem is None:
+            silhouette = context.silhouette("silhouette_label[time_point]", t)
+            out.append(MetricValue(sil.SILHOUETTE_SCORE.name, silhouette.value, ci95=silhouette.ci95))
+        else:  # e.g. a continuous pseudotime: one time point per cell
+            context.skip_metric(sil.SILHOUETTE_SCORE.name, f"{problem}; the silhouette of time points is not defined")
         graph = context.neighbors(needed)
         idx, dist = graph.knn(needed)
         alignment = seq.sequential_alignment(
             idx, t, p.k, seed=seed, adaptive_k=p.adaptive_k, knn_distances=dist, baseline=p.baseline
         )
-        return [
-            MetricValue(sil.SILHOUETTE_SCORE.name, silhouette.value, ci95=silhouette.ci95),
-            MetricValue(seq.SEQUENTIAL_ALIGNMENT.name, alignment),
-        ]
+        return [*out, MetricValue(seq.SEQUENTIAL_ALIGNMENT.name, alignment)]
