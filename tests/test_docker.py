@@ -377,3 +377,52 @@ def test_docker_predictor_answers_perturbation_requests(engine, catalog, tiny_im
         for metric in baseline.metrics:
             assert docker.metric(metric.name).value == pytest.approx(metric.value, abs=1e-4), metric.name
     assert _containers(engine) == []
+
+
+_THREADS_SCRIPT = """
+import threading
+started, gate = 0, threading.Event()
+try:
+    for _ in range(300):
+        threading.Thread(target=gate.wait, daemon=True).start()
+        started += 1
+except RuntimeError:
+    pass
+print("threads", started, flush=True)
+gate.set()
+"""
+
+
+def test_container_processes_and_threads_are_bounded(engine, tmp_path):
+    """A fork bomb stops at the container's pids limit, never at the host's; the default
+    limit leaves room for hundreds of threads."""
+    from czb.runner import docker_engine
+
+    folder = tmp_path / "threads"
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nCOPY probe/threads.py /opt/threads.py\n"
+        'ENTRYPOINT ["python3", "/opt/threads.py"]\n')
+    (folder / "threads.py").write_text(_THREADS_SCRIPT)
+    image = docker_engine.build_image(engine, context_parts={"probe": folder}, dockerfile="probe/Dockerfile",
+                                      tag="czb-test/threads:1", build_args={"BASE_IMAGE": BASE_IMAGE},
+                                      log=lambda _line: None)
+    seen: dict[str, int] = {}
+
+    def run(limits):
+        lines: list[str] = []
+
+        def inspect(container):
+            container.reload()
+            seen[str(limits.pids)] = container.attrs["HostConfig"]["PidsLimit"]
+
+        outcome = docker_engine.run_container(engine, image, mounts={}, limits=limits, name="threads",
+                                              log=lines.append, on_start=inspect)
+        assert outcome.exit_code == 0, lines
+        (line,) = [ln for ln in lines if ln.startswith("threads ")]
+        return int(line.split()[1])
+
+    assert run(docker_engine.RunLimits(pids=64)) < 64
+    assert run(docker_engine.RunLimits()) == 300
+    assert seen == {"64": 64, str(docker_engine.MAX_PIDS): docker_engine.MAX_PIDS}
+    assert _containers(engine) == []

@@ -8,7 +8,7 @@ import pytest
 from conftest import planted_embedding
 
 from czb.evaluation.metrics import classification, clustering, mixing, silhouette
-from czb.evaluation.neighbors import compute_neighbors, exact_knn, umap_connectivities
+from czb.evaluation.neighbors import compute_neighbors, exact_knn
 from czb.evaluation.registry import METRICS, TASKS, load_all
 
 DATA = Path(__file__).parent / "data"

@@ -79,6 +79,26 @@ def test_write_result_writes_strict_json_and_read_round_trips(tmp_path):
     assert R.read_result(path) == record
 
 
+def _nested(depth: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"x": value}
+    return value
+
+
+def test_what_write_result_writes_read_result_reads(tmp_path):
+    """A spec's deepest parameters (YAML is capped at 32 levels) still give a readable
+    record; anything that would nest past the reader's limit is refused when writing."""
+    from czb.runner.specs import MAX_YAML_DEPTH
+
+    record = make_record()
+    record.model.parameters = {"p": _nested(MAX_YAML_DEPTH)}
+    assert R.read_result(R.write_result(record, tmp_path)).model.parameters == record.model.parameters
+    record.model.parameters = {"p": _nested(R.MAX_RESULT_DEPTH)}
+    with pytest.raises(ResultsError, match="nests more than 64 levels"):
+        R.write_result(record, tmp_path / "deep")
+
+
 def test_write_result_never_overwrites_and_leaves_no_temp_files(tmp_path):
     record = make_record()
     first = R.write_result(record, tmp_path)

@@ -160,3 +160,98 @@ def test_settings_that_make_no_sense_are_one_line_exit_2(monkeypatch, tmp_path, 
         line = assert_clean_failure(result, codes=(2,))
         assert variable in line
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- bad seeds and usage: exit 2, no work
+
+
+@pytest.mark.parametrize("seeds, named", [
+    ("3,3,3", "repeated: 3"),
+    ("0,1,0,2,1", "repeated: 0, 1"),
+    ("0 0", "repeated: 0"),
+    ("-1", "-1"),
+    ("1.5", "1.5"),
+    ("abc", "abc"),
+    ("", "one or more"),
+    (" , ", "one or more"),
+    ("99999999999999999999", "99999999999999999999"),
+    ("4294967296", "4294967296"),
+    ("9" * 5000, "9999999999"),  # more digits than int() converts
+    ("\u0663", "\u0663"),  # a digit, but not an ASCII one
+    ("1,\x1b[2J", "\\x1b[2J"),
+])
+def test_bad_seeds_are_bad_usage_before_any_work(tmp_path, seeds, named):
+    out = tmp_path / "out"
+    result = invoke(*RUN[:-2], "--seeds", seeds, "--output-dir", out)
+    line = assert_clean_failure(result, codes=(2,))
+    assert "--seeds" in line and named in line, line
+    assert "\x1b" not in result.output
+    assert not out.exists()
+
+
+def test_distinct_seeds_in_any_order_are_accepted():
+    from czb.cli import _parse_seeds
+
+    assert _parse_seeds("2, 0 1") == [2, 0, 1]
+    assert _parse_seeds(str(2**32 - 1)) == [2**32 - 1]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--task", "clustering", "--dataset", "synthetic_cells_tiny"], "give --model or --embedding"),
+    (["--task", "clustering", "--dataset", "synthetic_cells_tiny", "--no-baseline"], "give --model or --embedding"),
+    ([*RUN[1:], "--gpus", "x"], "--gpus"),
+    ([*RUN[1:], "--gpus", "-1"], "--gpus"),
+])
+def test_run_bad_usage_is_exit_2(tmp_path, args, named):
+    out = tmp_path / "out"
+    result = invoke("run", *args, "--output-dir", out)
+    line = assert_clean_failure(result, codes=(2,))
+    assert named in line
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- no escape sequence reaches the terminal
+
+
+RAW_CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e", "\u2066", "\x00")
+
+
+def assert_printable(text: str) -> None:
+    for char in RAW_CONTROLS:
+        assert char not in text, (repr(char), text)
+
+
+def test_spec_keys_with_escape_sequences_are_printed_escaped(tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "m.yaml").write_text("models:\n  m1:\n    kind: baseline\n    implementation: pca\n"
+                                "    \"bogus\\e[2J\\e]0;PWNED\\a\\u202e\": 1\n")
+    for kind in ("models", "datasets"):
+        result = invoke("list", kind, "--config-dir", cfg)
+        line = assert_clean_failure(result)
+        assert_printable(result.output)
+        assert "bogus\\x1b[2J\\x1b]0;PWNED\\x07\\u202e" in line
+
+
+def test_file_names_with_escape_sequences_are_printed_escaped(tmp_path):
+    missing = tmp_path / "emb\x1b[2J\x1b]0;PWNED\x07\u202e.npy"
+    result = invoke(*RUN[:3], "--task", "clustering", "--dataset", "synthetic_cells_tiny", "--seeds", "0",
+                    "--embedding", missing, "--no-baseline", "--offline")
+    assert_clean_failure(result)
+    assert_printable(result.output)
+    assert "emb\\x1b[2J\\x1b]0;PWNED\\x07\\u202e.npy" in result.output
+
+
+def test_run_table_and_failure_lines_show_names_escaped(tmp_path):
+    import numpy as np
+
+    bad = tmp_path / "e\x1b[2J\u202e.npy"
+    np.save(bad, np.ones((10, 3), dtype=np.float32))  # 10 rows for 300 cells: a failed record
+    result = invoke("run", "--embedding", bad, "--task", "clustering", "--dataset", "synthetic_cells_tiny",
+                    "--seeds", "0", "--no-baseline", "--offline", "--output-dir", tmp_path / "out",
+                    env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    failed = [ln for ln in result.stderr.splitlines() if ln.startswith("failed:")]
+    assert failed and "e\\x1b[2J\\u202e.npy" in failed[0]
+    assert "e\\x1b[2J\\u202e.npy" in result.stdout  # the table cell
+    assert_printable(result.output)

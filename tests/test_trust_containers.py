@@ -538,6 +538,29 @@ def _plant(out: Path, inp: Path, request: dict, weights: Path | None) -> int:
         (out / "meta.json").unlink()
         (out / "reason.json").write_text(json.dumps({"reason": "[/]\x1b[2Jboom\n" + "y" * 2000}))
         return 1
+    elif mode == "surrogates":  # valid JSON that no UTF-8 writer can write back as it is
+        (out / "meta.json").write_text(
+            '{"model": "x", "s": "\\ud800\\udfff\\ud800", "k\\ud800": 1, "l": ["\\udc00", {"\\udbff": "\\ud800"}]}')
+    elif mode == "fail_reason_surrogates":
+        (out / "meta.json").unlink()
+        (out / "reason.json").write_text('{"reason": "broke \\ud800 here"}')
+        return 1
+    elif mode == "deep_meta":  # as deep as meta.json may be
+        inner = "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)
+        (out / "meta.json").write_text(f'{{"model": "x", "weights_checksum": null, "deep": {inner}}}')
+    elif mode == "deep_dirs":  # a tree deeper than Python's recursion, with locked folders and a link out
+        fd = os.open(out, os.O_RDONLY)
+        for level in range(params["depth"]):
+            os.mkdir("d", dir_fd=fd)
+            if level % 1000 == 0:
+                os.symlink(str(Path(secret).parent), "out", dir_fd=fd)
+                os.mkdir("locked", dir_fd=fd)
+                os.mkdir(f"locked/{level}", dir_fd=fd)
+                os.chmod("locked", 0, dir_fd=fd)
+            below = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        os.close(fd)
     return 0
 
 
@@ -581,7 +604,7 @@ HOSTILE_FAILURES = {
     "hardlink": "output file meta.json has 2 hard links",
     "fifo": r"output file embeddings.npy is a named pipe \(FIFO\)",
     "folder": "output file cell_ids.json is a folder",
-    "deep_json": r"meta.json is refused \(nested more than 64 levels deep\)",
+    "deep_json": r"meta.json is refused \(nested more than 32 levels deep\)",
     "foreign_ids": "1 of 300 IDs in cell_ids.json are not cells of the dataset",
     "fail_reason_link": r"container failed \(exit code 1\); output file reason.json is a symbolic link",
     "na_reason_link": r"exited 99 \(not applicable\), but output file reason.json is a symbolic link",
@@ -809,3 +832,225 @@ def test_hostile_image_through_the_cli(tmp_path, secret, monkeypatch):
     assert sorted(p.name for p in entry.iterdir()) == [
         "cell_ids.json", "container.log", "embeddings.npy", "key.json", "meta.json"]
     assert engine.containers.list(all=True, filters={"label": f"org.czb.host-pid={os.getpid()}"}) == []
+
+
+# --------------------------------------------------------------------------- text and depth czb can write back
+
+
+def test_parse_json_replaces_lone_surrogates_in_keys_values_and_lists():
+    from czb import untrusted
+
+    text = ('{"s": "a\\ud800b", "k\\udfff": 1, "pair": "\\ud83d\\ude00", "l": ["\\udc00", [{"\\udbff": "\\uD800"}]],'
+            ' "escaped": "\\\\ud800"}')
+    for data in (text, text.encode()):
+        value = untrusted.parse_json(data, max_depth=8)
+        assert value == {"s": "a\ufffdb", "k\ufffd": 1, "pair": "\U0001f600", "l": ["\ufffd", [{"\ufffd": "\ufffd"}]],
+                         "escaped": "\\ud800"}
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # writable as UTF-8 now
+    assert untrusted.parse_json('"\\ud800"', max_depth=1) == "\ufffd"
+    # A surrogate encoded in the bytes themselves (CESU-8 style) is replaced too.
+    assert untrusted.parse_json(b'["\xed\xa0\x80"]', max_depth=1) == ["\ufffd"]
+    # Deep documents are walked without recursion.
+    deep = "[" * 900 + '"\\ud800"' + "]" * 900
+    value = untrusted.parse_json(deep, max_depth=1000)
+    for _ in range(900):
+        value = value[0]
+    assert value == "\ufffd"
+
+
+def _report_formats(tmp_path: Path, folder: Path) -> None:
+    """``czb report`` reads ``folder`` in every format, in a clean run."""
+    for fmt in ("csv", "md", "html"):
+        target = tmp_path / f"report.{fmt}"
+        result = CliRunner().invoke(app, ["report", str(folder), "--format", fmt, "-o", str(target)])
+        assert result.exit_code == 0, (fmt, result.output)
+        assert "Traceback" not in result.output and target.stat().st_size > 0
+    result = CliRunner().invoke(app, ["report", str(folder), "--format", "table"])
+    assert result.exit_code == 0, result.output
+
+
+def test_lone_surrogates_in_container_json_lose_no_result(tmp_path, fake_engine):
+    from czb.runner.results import read_result
+
+    config = _config(tmp_path, {"sur": {"mode": "surrogates"}, "good": {"mode": "ok"},
+                                "why": {"mode": "fail_reason_surrogates"}})
+    result, records, out = _run_cli(tmp_path, ["sur", "good", "why"], config)
+    assert result.exit_code == 1, result.output  # "why" fails, as its container says
+    assert records["sur"]["status"] == "ok" and records["good"]["status"] == "ok"
+    meta = records["sur"]["model"]["info"]["container_meta"]
+    assert meta["s"] == "\U000103ff\ufffd" and meta["k\ufffd"] == 1 and meta["l"] == ["\ufffd", {"\ufffd": "\ufffd"}]
+    assert "broke \ufffd here" in records["why"]["error"]
+    files = sorted(out.glob("*.json"))
+    assert {read_result(f).model.name for f in files} == {"sur", "good", "why"}
+    _report_formats(tmp_path, out)
+
+
+def test_result_json_with_lone_surrogates_reports_in_every_format(tmp_path, fake_engine):
+    config = _config(tmp_path, {"good": {"mode": "ok"}})
+    result, _, out = _run_cli(tmp_path, ["good"], config)
+    assert result.exit_code == 0, result.output
+    (path,) = out.glob("*.json")
+    record = json.loads(path.read_text())
+    record["model"]["info"]["\ud800key"] = ["\udfff", {"x": "\ud800"}]
+    record["model"]["parameters"]["note"] = "a\udc00b"
+    record["command"] = "czb run \ud800"
+    path.write_text(json.dumps(record))  # ASCII with \ud800 escapes: valid JSON
+    _report_formats(tmp_path, out)
+
+
+def test_store_json_with_lone_surrogates_or_deep_nesting_is_read_safely(tmp_path):
+    from czb.bench.store import StoreError, open_store
+
+    store = open_store(tmp_path / "store")
+    store.write_bytes("scores/a.json", b'{"status": "ok", "k\\ud800": ["\\udfff"]}')
+    assert store.read_json("scores/a.json") == {"status": "ok", "k\ufffd": ["\ufffd"]}
+    store.write_bytes("scores/b.json", b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(StoreError, match=r"scores/b.json is not valid JSON \(nested more than"):
+        store.read_json("scores/b.json")
+
+
+def test_deepest_accepted_meta_is_written_and_read_back(tmp_path, fake_engine):
+    """What czb accepts from a container, it can write into a result and read again."""
+    from czb.runner import results as R
+    from czb.untrusted import json_depth
+
+    config = _config(tmp_path, {"deep": {"mode": "deep_meta"}})
+    result, records, out = _run_cli(tmp_path, ["deep"], config)
+    assert result.exit_code == 0, result.output
+    assert json_depth(records["deep"]["model"]["info"]["container_meta"]) == MAX_JSON_DEPTH
+    (path,) = out.glob("*.json")
+    assert R.read_result(path).model.name == "deep"
+    _report_formats(tmp_path, out)
+    # One level more is refused at the boundary, as one line.
+    folder = tmp_path / "deeper"
+    _valid_output(folder)
+    (folder / "meta.json").write_text("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))
+    with pytest.raises(EmbeddingError, match=rf"nested more than {MAX_JSON_DEPTH} levels deep"):
+        read_output(folder, name="m")
+
+
+def test_one_record_that_cannot_be_written_loses_no_other(tmp_path, fake_engine, monkeypatch):
+    from czb.errors import ResultsError
+    from czb.runner import results as R
+
+    write_result = R.write_result
+
+    def failing_for_bad(record, output_dir):
+        if record.model.name == "bad":
+            msg = f"cannot write result to {output_dir}: No space left on device"
+            raise ResultsError(msg)
+        return write_result(record, output_dir)
+
+    monkeypatch.setattr(R, "write_result", failing_for_bad)
+    config = _config(tmp_path, {"bad": {"mode": "ok"}, "good": {"mode": "ok"}})
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, [
+        "run", "-m", "bad", "-m", "good", "-t", "clustering", "-t", "embedding", "-d", DATASET, "--seeds", "0",
+        "--no-baseline", "--output-dir", str(out), "--config-dir", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 result(s) could not be written" in errors[0], result.stderr
+    written = sorted(p.name.split("__")[1:3] for p in out.glob("*.json"))
+    assert written == [["good", "clustering"], ["good", "embedding"]]
+
+
+# --------------------------------------------------------------------------- removing what containers leave
+
+
+def test_remove_tree_handles_any_depth_and_never_follows_links(tmp_path, secret):
+    from czb.runner.contract import remove_tree
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    try:
+        fd = os.open(tree, os.O_RDONLY)
+        for level in range(6000):  # deeper than Python's recursion and than PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+            if level % 1500 == 0:
+                os.symlink(str(secret.parent), "outside", dir_fd=fd)
+                os.symlink(str(secret), "file", dir_fd=fd)
+                os.mkdir("locked", dir_fd=fd)
+                os.mkdir("locked/inner", dir_fd=fd)
+                os.chmod("locked/inner", 0, dir_fd=fd)
+                os.chmod("locked", 0o100, dir_fd=fd)
+            below = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        os.close(fd)
+        remove_tree(tree)
+        assert not os.path.lexists(tree)
+    finally:
+        _remove_deep(tree)
+    _untouched(secret)
+    remove_tree(tree)  # gone already: nothing to do
+    link = tmp_path / "link"
+    link.symlink_to(secret.parent, target_is_directory=True)
+    remove_tree(link)  # a link is removed itself, never what it points to
+    assert not os.path.lexists(link)
+    _untouched(secret)
+
+
+def _remove_deep(path: Path) -> None:
+    """Whatever a failing test left: pytest's own clean-up of old temporary folders
+    (shutil.rmtree, recursive) would fail on a tree this deep in every later session."""
+    import subprocess
+
+    if os.path.lexists(path):
+        subprocess.run(["chmod", "-R", "u+rwx", str(path)], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False)
+
+
+def test_deep_output_tree_keeps_the_run_and_leaves_no_work_folder(tmp_path, secret, fake_engine, request):
+    request.addfinalizer(lambda: _remove_deep(fake_engine.cache / "runs"))
+    config = _config(tmp_path, {"deep": {"mode": "deep_dirs", "depth": 5000, "secret": str(secret)}})
+    result, records, _ = _run_cli(tmp_path, ["deep"], config)
+    assert result.exit_code == 0, result.output
+    assert records["deep"]["status"] == "ok", records["deep"]["error"]
+    assert list((fake_engine.cache / "runs").iterdir()) == []
+    _untouched(secret)
+
+
+def test_a_work_folder_that_will_not_go_is_a_warning_not_a_failed_run(tmp_path, fake_engine, monkeypatch):
+    from czb.runner import containers
+
+    def cannot_remove(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(containers, "remove_tree", cannot_remove)
+    config = _config(tmp_path, {"good": {"mode": "ok"}})
+    result, records, _ = _run_cli(tmp_path, ["good"], config)
+    assert result.exit_code == 0, result.output
+    assert records["good"]["status"] == "ok"
+    warning = " ".join(result.stderr.split())
+    assert "could not remove work folder" in warning and "(Permission denied); remove it by hand" in warning
+
+
+def test_stale_work_folders_of_dead_processes_are_removed_at_the_next_run(tmp_path, fake_engine):
+    import subprocess
+    import time
+
+    from czb.runner.weights import host_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    runs = fake_engine.cache / "runs"
+    host = host_tag()
+    names = {
+        "dead_here": f"m-{dead.pid}@{host}-abcd1234",
+        "alive_here": f"m-1@{host}-abcd1234",  # init: alive (or not ours to judge)
+        "dead_elsewhere": f"m-{dead.pid}@other.host-abcd1234",
+        "untagged_old": "m-abcd1234",
+        "untagged_new": "m-efgh5678",
+    }
+    for name in names.values():
+        (runs / name / "output" / "locked").mkdir(parents=True)
+        os.chmod(runs / name / "output" / "locked", 0)
+    old = time.time() - 3 * 86400
+    os.utime(runs / names["untagged_old"], (old, old))
+    config = _config(tmp_path, {"good": {"mode": "ok"}})
+    result, _, _ = _run_cli(tmp_path, ["good"], config)
+    assert result.exit_code == 0, result.output
+    left = sorted(p.name for p in runs.iterdir())
+    assert left == sorted([names["alive_here"], names["dead_elsewhere"], names["untagged_new"]])

@@ -370,3 +370,177 @@ def test_s3_store_finds_a_truncated_embedding_from_its_end(s3, monkeypatch):
     with pytest.warns(StoreWarning, match="embedding.npz is not a readable .npz"):
         assert not store.readable_embedding("k")
     assert not store.exists("embeddings/k/unit.json") and not store.exists("embeddings/k/embedding.npz")
+
+
+# ----------------------------------------------------------------------------- names as long as the name rule allows
+
+
+LONG_SPEC = """\
+datasets:
+  {dataset}:
+    uri: synthetic:planted_cells
+    params: {{n_cells: 120, n_genes: 200, n_cell_types: 3, n_batches: 2, seed: 1}}
+    organism: human
+    label_key: cell_type
+    batch_key: batch
+    gene_id_type: ensembl
+    expression: raw_counts
+models:
+  {model}:
+    kind: baseline
+    implementation: pca
+    input: any
+    gene_id_type: any
+    output_dim: 10
+    parameters: {{n_top_genes: 100, n_comps: 10}}
+"""
+
+
+def _file_names(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*")]
+
+
+def test_longest_valid_names_are_written_and_reported(tmp_path):
+    dataset, model = "D" * 127 + "x", "M" * 127 + "y"
+    twin = "M" * 127 + "z"  # shares the first 127 characters: its files must not collide
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    spec = LONG_SPEC.format(dataset=dataset, model=model)
+    spec += spec[spec.index("  " + model):].replace(model, twin)
+    (cfg / "long.yaml").write_text(spec)
+    out = tmp_path / "out"
+    result = invoke("run", "-m", model, "-m", twin, "-t", "embedding", "-t", "clustering", "-d", dataset,
+                    "--seeds", "0", "--config-dir", cfg, "--output-dir", out, "--n-jobs", "1")
+    assert_clean_exit(result, 0)
+    names = _file_names(out)
+    assert names and max(len(n.encode()) for n in names) < 255
+    records = records_in(out)
+    assert {(r.model.name, r.task.name) for r in records} >= {(model, "embedding"), (twin, "clustering")}
+    assert len(records) == 6 and len({r.embedding_sample for r in records if r.model.name != "pca"}) == 2
+    report = tmp_path / "r.html"
+    assert_clean_exit(invoke("report", out, "-o", report), 0)
+    assert "map skipped" not in report.read_text()
+
+
+def test_long_embedding_file_name_is_written(tmp_path):
+    emb = tmp_path / ("E" * 240 + ".npy")
+    np.save(emb, np.random.default_rng(0).normal(size=(TINY_CELLS, 5)).astype(np.float32))
+    out = tmp_path / "out"
+    result = invoke("run", "--embedding", emb, "-t", "embedding", *TINY, "--no-baseline", "--offline",
+                    "--output-dir", out)
+    assert_clean_exit(result, 0)
+    (record,) = records_in(out)
+    assert record.model.name == f"file:{emb.name}" and record.status == "ok"
+    assert max(len(n.encode()) for n in _file_names(out)) < 255
+
+
+def test_slug_keeps_long_names_apart_and_short_names_as_they_were():
+    from czb.runner.results import MAX_SLUG, slug
+
+    assert slug("pca") == "pca" and slug("file:my emb.npy") == "file-my-emb.npy"
+    long_a, long_b = "a" * 128, "a" * 127 + "b"
+    assert slug(long_a) != slug(long_b)
+    assert len(slug(long_a)) <= MAX_SLUG and len(slug("\u00e9" * 500)) <= MAX_SLUG
+
+
+def test_sample_that_cannot_be_written_does_not_cost_the_scores(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "embeddings").write_text("keep me\n")  # where samples go: a file
+    result = invoke("run", "-m", "random", "-t", "embedding", *TINY, "--no-baseline", "--offline",
+                    "--output-dir", out)
+    assert_clean_exit(result, 0)
+    assert "reports will have no map of it" in " ".join(result.stderr.split())
+    (record,) = records_in(out)
+    assert record.status == "ok" and record.embedding_sample is None
+    assert (out / "embeddings").read_text() == "keep me\n"
+
+
+# ----------------------------------------------------------------------------- store entries that are not regular files
+
+
+def test_store_whose_scores_folder_is_a_file_is_one_clean_error(tmp_path, suite_file):
+    store = tmp_path / "store"
+    assert_clean_exit(bench(suite_file, store), 0)
+    import shutil
+
+    shutil.rmtree(store / "scores")
+    (store / "scores").write_text("keep me\n")
+    result = bench(suite_file, store)
+    assert_clean_exit(result, 1)
+    assert error_line(result) == (f"error: store {store.resolve()}: scores is a file, not a folder; "
+                                  "move it away or use another store")
+    assert (store / "scores").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "symlink-out", "dev-zero"])
+def test_store_output_that_is_not_a_regular_file_is_named_and_redone(tmp_path, suite_file, kind):
+    store = tmp_path / "store"
+    assert_clean_exit(bench(suite_file, store), 0)
+    (npz,) = [p for p in store.glob("embeddings/*/embedding.npz")
+              if json.loads((p.parent / "unit.json").read_text())["model"]["name"] == "random"]
+    npz.unlink()
+    outside = tmp_path / "outside.npz"
+    outside.write_bytes(b"keep me")
+    if kind == "folder":
+        (npz / "sub").mkdir(parents=True)
+    elif kind == "fifo":
+        os.mkfifo(npz)
+    elif kind == "symlink-out":
+        npz.symlink_to(outside)
+    else:
+        npz.symlink_to("/dev/zero")
+    result = bench(suite_file, store)
+    assert_clean_exit(result, 0)
+    assert f"warning: {npz.resolve() if kind == 'folder' else npz}" in " ".join(result.stderr.split())
+    assert "1 units ran" in result.stderr.replace("\n", " ")
+    assert npz.is_file() and not npz.is_symlink()
+    with np.load(npz) as f:
+        assert f["values"].shape[0] == TINY_CELLS
+    assert outside.read_bytes() == b"keep me"
+    assert {r.status for r in store_records(store)} == {"ok"}
+
+
+def test_store_never_reads_or_writes_through_a_symlinked_unit_folder(tmp_path, suite_file):
+    import shutil
+
+    store = tmp_path / "store"
+    assert_clean_exit(bench(suite_file, store), 0)
+    unit = min(store.glob("embeddings/*"))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(unit, elsewhere)
+    shutil.rmtree(unit)
+    unit.symlink_to(elsewhere, target_is_directory=True)
+    kept = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    score = min(store.glob("scores/*.json"))
+    score.unlink()
+    os.mkfifo(score)  # would block a reader
+    result = bench(suite_file, store)
+    assert_clean_exit(result, 0)
+    assert unit.is_dir() and not unit.is_symlink()
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == kept  # untouched
+    assert json.loads(score.read_text())["status"] in ("ok", "not_applicable")
+    assert {r.status for r in store_records(store)} == {"ok"}
+
+
+def test_local_store_entries_that_are_not_files(tmp_path):
+    from czb.bench.store import StoreError, StoreWarning, open_store
+
+    store = open_store(tmp_path / "store")
+    root = tmp_path / "store"
+    (root / "scores").mkdir()
+    (root / "scores" / "dir.json").mkdir()
+    os.mkfifo(root / "scores" / "fifo.json")
+    (root / "scores" / "link.json").symlink_to("/dev/zero")
+    (root / "scores" / "ok.json").write_text('{"status": "ok"}')
+    assert store.files("scores") == ["scores/ok.json"]
+    assert store.done_scores() == {"ok"}
+    for name in ("dir", "fifo", "link"):
+        relative = f"scores/{name}.json"
+        assert not store.exists(relative)
+        with pytest.raises(StoreError, match=f"scores/{name}.json (is a|cannot)"):
+            store.read_bytes(relative)
+        with pytest.warns(StoreWarning, match=f"scores/{name}.json"):
+            assert store.read_output(relative) is None
+        assert not os.path.lexists(root / relative)  # deleted: its unit runs again
+    assert os.path.exists("/dev/zero")

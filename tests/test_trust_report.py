@@ -203,14 +203,17 @@ def test_sample_with_hostile_content_is_skipped(tmp_path, payload):
 
 
 def test_deeply_nested_result_json_is_one_line_exit_1(tmp_path):
-    bad = tmp_path / "results" / "deep.json"
-    bad.parent.mkdir()
-    bad.write_text("[" * 100_000 + "]" * 100_000)
     for fmt in ("csv", "md", "table"):
+        bad = tmp_path / f"results-{fmt}" / "deep.json"  # a warning is shown once per message
+        bad.parent.mkdir()
+        bad.write_text("[" * 100_000 + "]" * 100_000)
         result = invoke("report", bad.parent, "--format", fmt)
         assert result.exit_code == 1, result.output
         assert_no_traceback(result)
-        assert "deep.json" in error_line(result) and "nested" in error_line(result)
+        # Found in a folder: named in a warning, and nothing readable is left.
+        warning = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+        assert len(warning) == 1 and "deep.json" in warning[0] and "nested" in warning[0], result.output
+        assert "none of the 1 result files" in error_line(result)
     # In a process of its own too: no crash, no traceback.
     done = subprocess.run([sys.executable, "-m", "czb", "report", str(bad), "--format", "csv"],
                           check=False, capture_output=True, text=True, timeout=120)
@@ -269,7 +272,8 @@ def test_result_file_that_is_not_a_regular_file_does_not_hang(tmp_path, kind):
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 1, stderr
+    # Found in a folder: left out with a warning; the readable result is still reported.
+    assert proc.returncode == 0, stderr
     assert "not a regular file" in stderr and "Traceback" not in stderr
 
 
@@ -345,3 +349,258 @@ def test_html_escapes_every_record_string(tmp_path):
     html = out.read_text()
     assert "<script" not in html and "<svg onload" not in html
     assert "&lt;script&gt;" in html
+
+
+# ----------------------------------------------------------------------------- where -o writes (issue 17, fault run)
+
+
+def _small_results(tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    write_record(results, "base.json", record("pca", value=0.6))
+    write_record(results, "m.json", record("mine", value=0.4))
+    return results
+
+
+def test_output_fifo_is_written_into_not_replaced(tmp_path):
+    import stat
+    import threading
+
+    results = _small_results(tmp_path)
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = invoke("report", results, "--format", "csv", "-o", fifo)
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert received and received[0].decode().startswith("dataset,task,model")
+
+
+def _device(path: Path, minor: int) -> Path:
+    """A character device node in tmp (major 1: the kernel's null, zero, full...)."""
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    import stat
+
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    except PermissionError:
+        pytest.skip("no permission to make device nodes here")
+    return path
+
+
+def test_output_device_stays_a_device(tmp_path):
+    import stat
+
+    results = _small_results(tmp_path)
+    null = _device(tmp_path / "mynull", 3)
+    before = os.lstat(null)
+    for fmt in ("csv", "md", "html"):
+        result = invoke("report", results, "--format", fmt, "-o", null)
+        assert result.exit_code == 0, result.output
+        after = os.lstat(null)
+        assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
+    # A device that refuses the write: one error line, and still the device.
+    full = _device(tmp_path / "myfull", 7)
+    result = invoke("report", results, "--format", "csv", "-o", full)
+    assert result.exit_code == 1 and "No space left on device" in error_line(result)
+    assert_no_traceback(result)
+    assert stat.S_ISCHR(os.lstat(full).st_mode)
+
+
+def test_output_symlink_to_a_file_keeps_the_link(tmp_path):
+    results = _small_results(tmp_path)
+    target = tmp_path / "real.csv"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    result = invoke("report", results, "--format", "csv", "-o", link)
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text().startswith("dataset,task,model")
+    assert target.stat().st_mode & 0o777 == 0o640  # the file's permissions are kept
+    # A link to a file not made yet: the file is made where the link points.
+    dangling = tmp_path / "dangling.md"
+    dangling.symlink_to(tmp_path / "made.md")
+    assert invoke("report", results, "--format", "md", "-o", dangling).exit_code == 0
+    assert dangling.is_symlink() and (tmp_path / "made.md").read_text().startswith("Mean")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("leads_to", ["/proc/self/fd/1", "/dev/fd/1", "/dev/stdout"])
+def test_output_dev_stdout_goes_to_stdout(tmp_path, leads_to):
+    results = _small_results(tmp_path)
+    # What -o /dev/stdout does, through a link in tmp: the host's /dev is left alone should this break.
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to(leads_to)
+    command = [sys.executable, "-m", "czb", "report", str(results), "--format", "csv", "-o", str(stdout)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("dataset,task,model")
+    # stdout appended to a file (">>"): what was there stays, the report follows.
+    log = tmp_path / "log.txt"
+    log.write_text("earlier line\n")
+    with log.open("a") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    text = log.read_text()
+    assert text.startswith("earlier line\ndataset,task,model") and text.count("dataset,task,model") == 1
+
+
+@pytest.mark.parametrize("where", ["folder", "missing-folder", "file-as-folder"])
+def test_output_that_cannot_be_a_file_is_one_line_exit_1(tmp_path, where):
+    results = _small_results(tmp_path)
+    if where == "folder":
+        output, named = tmp_path / "adir", "it is a folder"
+        output.mkdir()
+    elif where == "missing-folder":
+        output, named = tmp_path / "no" / "such" / "r.csv", f"folder {tmp_path / 'no' / 'such'} does not exist"
+    else:
+        (tmp_path / "afile").write_text("keep me\n")
+        output, named = tmp_path / "afile" / "r.csv", "Not a directory"
+    result = invoke("report", results, "--format", "csv", "-o", output)
+    assert result.exit_code == 1, result.output
+    assert_no_traceback(result)
+    assert named in error_line(result) and str(output) in error_line(result)
+    assert not (tmp_path / "no").exists()
+    if where == "file-as-folder":
+        assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
+# ----------------------------------------------------------------------------- sample shapes
+
+
+def _sample_arrays(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+ROWS = 40
+LABELS = np.array(["a", "b"] * (ROWS // 2))
+
+
+@pytest.mark.parametrize("arrays, expected", [
+    ({"X": np.empty((4 * 10**8, 0), dtype=np.float32)}, "400,000,000 x 0"),
+    ({"X": np.empty((10**6, 0), dtype=np.float32), "labels": np.empty((10**6,), dtype="<U0")}, "x 0"),
+    ({"X": np.zeros((100_000, 1), dtype=np.float32)}, "100,000 x 1"),
+    ({"X": np.zeros((5, 10_000), dtype=np.float32)}, "5 x 10,000"),
+    ({"X": np.zeros((ROWS, 2, 2), dtype=np.float32)}, "2-D"),
+    ({"X": np.ones((ROWS, 3), dtype=np.float32), "labels": LABELS[:-1]}, "labels"),
+    ({"X": np.ones((ROWS, 3), dtype=np.float32), "batches": np.array(["b"] * (10**6))}, "batches"),
+    ({"X": np.ones((ROWS, 3), dtype=np.float32), "cells": np.arange(10**6)}, "cells"),
+    ({"X": np.ones((ROWS, 3), dtype=np.float32), "labels": np.empty((10**7,), dtype="<U0")}, "labels"),
+])
+def test_sample_with_shapes_that_are_no_sample_is_skipped_before_reading(tmp_path, arrays, expected):
+    results = tmp_path / "results"
+    _sample_arrays(results / "embeddings" / "s.npz", **arrays)
+    write_record(results, "r.json", record(sample="embeddings/s.npz"))
+    out = tmp_path / "report.html"
+    # VmHWM is this process's own peak (ru_maxrss would carry the forking pytest's over exec).
+    code = ("import sys\nfrom czb.cli import main\nsys.argv = ['czb', *sys.argv[1:]]\n"
+            "try:\n    main()\nfinally:\n"
+            "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "    print('peak-kb', hwm.split()[1], file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code, "report", str(results), "--output", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "map skipped" in done.stderr and expected in done.stderr, done.stderr
+    assert out.exists() and "Traceback" not in done.stderr
+    peak_kb = int(done.stderr.split("peak-kb")[1].split()[0])
+    assert peak_kb < 600_000, peak_kb  # the fault run saw 3.6 GB for the first case
+
+
+def test_sample_with_a_few_thousand_dimensions_is_still_mapped(tmp_path):
+    results = tmp_path / "results"
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(20, 3000)), rng.normal(loc=3, size=(20, 3000))]).astype(np.float32)
+    _sample_arrays(results / "embeddings" / "s.npz", X=X, cells=np.arange(40), labels=LABELS)
+    write_record(results, "r.json", record(sample="embeddings/s.npz"))
+    out = tmp_path / "report.html"
+    result = invoke("report", results, "--output", out, "--map-cells", "40")
+    assert result.exit_code == 0, result.output
+    assert "map skipped" not in result.stderr and "<svg" in out.read_text()
+
+
+# ----------------------------------------------------------------------------- unreadable result files in a folder
+
+
+def test_unreadable_results_in_a_folder_are_named_and_left_out(tmp_path):
+    results = _small_results(tmp_path)
+    (results / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (results / "secret.json").write_text(f"{SECRET} not json")
+    (results / "adir.json").mkdir()
+    newer = record("future").model_dump(mode="json")
+    newer["schema_version"] = 7
+    (results / "newer.json").write_text(json.dumps(newer))
+    out = tmp_path / "r.html"
+    result = invoke("report", results, "-o", out)
+    assert result.exit_code == 0, result.output
+    warnings_ = " ".join(result.stderr.split())
+    for name in ("deep.json", "secret.json", "adir.json", "newer.json"):
+        assert f"warning: {results / name}:" in warnings_
+    assert "written by a newer czb (schema 7); this czb reads schema 1" in warnings_
+    assert "mine" in out.read_text() and SECRET not in out.read_text() + result.output
+    for fmt in ("csv", "md", "table"):
+        result = invoke("report", results, "--format", fmt, env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        assert_no_traceback(result)
+        assert "mine" in result.stdout and "future" not in result.stdout and SECRET not in result.output
+
+
+def test_unreadable_result_named_on_the_command_line_is_an_error(tmp_path):
+    results = _small_results(tmp_path)
+    newer = record("future").model_dump(mode="json")
+    newer["schema_version"] = 2
+    bad = tmp_path / "newer.json"
+    bad.write_text(json.dumps(newer))
+    result = invoke("report", results, bad, "--format", "csv")
+    assert result.exit_code == 1
+    assert error_line(result) == (f"error: {bad}: written by a newer czb (schema 2); "
+                                  "this czb reads schema 1")
+
+
+# ----------------------------------------------------------------------------- terminal escapes
+
+
+ESCAPES = ["\x1b[2J", "\x1b]0;PWNED\x07", "\x9b31m", "\u202eevil", "\x1b[1A\x1b[2K", "a\rb", "\x00", "\u2066"]
+RAW = ("\x1b", "\x07", "\x9b", "\u202e", "\u2066", "\x00", "\r")
+
+
+def assert_no_raw_controls(text: str) -> None:
+    for char in RAW:
+        assert char not in text, (repr(char), text)
+
+
+def test_terminal_table_shows_escape_sequences_escaped(tmp_path):
+    results = tmp_path / "results"
+    write_record(results, "base.json", record("pca", value=0.6, dataset="ds" + ESCAPES[0]))
+    for i, text in enumerate(ESCAPES):
+        write_record(results, f"m{i}.json", record("m" + text, value=0.4, dataset="ds" + ESCAPES[0],
+                                                   task="clustering"))
+    write_record(results, "fail.json", record("failing" + ESCAPES[1], status="failed",
+                                              dataset="ds" + ESCAPES[0], error="boom" + "".join(ESCAPES)))
+    for fmt in ("table", "csv", "md"):
+        result = invoke("report", results, "--format", fmt, env={"COLUMNS": "500"})
+        assert result.exit_code == 0, result.output
+        assert_no_raw_controls(result.output)
+        assert "\\x1b[2J" in result.output.replace("\\\\", "\\").replace("\\[", "[")
+    # HTML too: a bidi override cannot reorder a name, and the file can be printed.
+    out = tmp_path / "r.html"
+    result = invoke("report", results, "-o", out)
+    assert result.exit_code == 0, result.output
+    html = out.read_text()
+    assert_no_raw_controls(html)
+    assert "m\\u202eevil" in html and "\\x1b]0;PWNED\\x07" in html
+
+
+def test_hostile_result_file_name_is_printed_escaped(tmp_path):
+    results = _small_results(tmp_path)
+    (results / "\x1b]0;PWNED\x07\x1b[2J\u202e.json").write_text("{")
+    result = invoke("report", results, "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert_no_raw_controls(result.output)
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J\\u202e.json" in result.stderr

@@ -67,6 +67,9 @@ def _degenerate(pca: np.ndarray) -> dict[str, tuple[np.ndarray, str]]:
         "offset_swamps_spread": (pca * 1e-4 + 1e3, "spread"),
         "half_duplicates": (half, "repeat another row"),
         "integer_constant": (np.full((PBMC_CELLS, 4), 7, dtype=np.int64), "same vector"),
+        # float32 squared distances overflow: every metric came out at its chance value, status ok
+        "scaled_1e18": (pca * 1e18, "rescale it"),
+        "one_huge_row": (np.vstack([pca[:-1], np.full((1, pca.shape[1]), 3e38)]), "rescale it"),
     }
 
 
@@ -95,6 +98,22 @@ def test_sound_embeddings_pass(pbmc_pca):
             warnings.simplefilter("error")
             out = check_embedding(values, name="m")
         assert out.dtype == np.float32 and out.shape == np.shape(values)
+
+
+def test_large_but_safe_scales_score_as_the_unscaled_embedding(tmp_path, pbmc_pca):
+    """Below the overflow bound the scale-free metrics do not move: no number is wrong."""
+    values = {}
+    for scale in (1.0, 1e12):
+        path = tmp_path / f"x{scale:g}.npy"
+        np.save(path, pbmc_pca * scale)
+        out = tmp_path / f"out{scale:g}"
+        result = invoke("run", "--embedding", path, "--task", "embedding", "--task", "clustering", *PBMC,
+                        "--no-baseline", "--output-dir", out)
+        assert_clean_exit(result, 0)
+        values[scale] = {(r.task.name, m.name): m.value for r in records_in(out) for m in r.metrics}
+    assert values[1e12].keys() == values[1.0].keys()
+    for key, value in values[1.0].items():
+        assert values[1e12][key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_a_few_duplicate_rows_warn_and_pass(pbmc_pca):

@@ -545,3 +545,42 @@ def test_name_pattern_is_one_rule_for_everything():
     assert specs_module.is_valid_name("scgpt_whole-human.v2")
     for bad in ("", ".", "..", "a..b", "a/b", "-a", "_a", "a" * 129, None, 3):
         assert not specs_module.is_valid_name(bad), bad
+
+
+# ----------------------------------------------------------------------------- values checked at load
+
+
+@pytest.mark.parametrize("paths, shown", [
+    (["w.pt", "w.pt"], "'w.pt' and 'w.pt'"),
+    (["vocab", "vocab/genes.json"], "'vocab' and 'vocab/genes.json'"),
+    (["a/b/c.bin", "a/b"], "'a/b/c.bin' and 'a/b'"),
+    (["./w.pt", "w.pt"], "'./w.pt' and 'w.pt'"),
+    (["Model.pt", "model.pt"], "'Model.pt' and 'model.pt'"),  # one file on a case-insensitive disk
+])
+def test_colliding_weights_paths_are_refused_at_load(tmp_path, paths, shown):
+    weights = "[" + ", ".join(f"{{uri: /nonexistent/{i}.pt, path: {p}}}" for i, p in enumerate(paths)) + "]"
+    spec = write(tmp_path / "cfg", "models.yaml", docker_model_yaml(weights=weights))
+    for args in (("list", "models"), ("models", "fetch-weights", "tiny")):
+        line = assert_clean_failure(invoke(*args, "--config-dir", spec.parent))
+        assert f"weights paths {shown} collide" in line and "internal error" not in line
+
+
+def test_weights_paths_that_only_share_a_folder_are_fine(tmp_path):
+    weights = "[{uri: /nonexistent/a, path: vocab/a.json}, {uri: /nonexistent/b, path: vocab/b.json}, " \
+              "{uri: /nonexistent/c, path: vocab2}]"
+    spec = write(tmp_path / "cfg", "models.yaml", docker_model_yaml(weights=weights))
+    assert invoke("list", "models", "--config-dir", spec.parent).exit_code == 0
+
+
+@pytest.mark.parametrize("field, value", [
+    ("resources", "{memory_gb: -1}"), ("resources", "{memory_gb: 0}"), ("resources", "{memory_gb: .inf}"),
+    ("resources", "{memory_gb: .nan}"), ("resources", "{shm_gb: 0}"), ("resources", "{shm_gb: -0.5}"),
+    ("resources", "{timeout_s: 0}"), ("resources", "{timeout_s: -5}"), ("resources", "{timeout_s: 1.0e+30}"),
+    ("output_dim", "-1"), ("output_dim", "0"),
+])
+def test_resources_and_output_dim_must_be_positive_at_load(tmp_path, field, value):
+    text = docker_model_yaml().replace("        kind: docker\n", f"        kind: docker\n        {field}: {value}\n")
+    spec = write(tmp_path / "cfg", "models.yaml", text)
+    line = assert_clean_failure(invoke("list", "models", "--config-dir", spec.parent))
+    key = value.strip("{}").split(":")[0] if field == "resources" else field
+    assert key in line and "internal error" not in line

@@ -67,7 +67,7 @@ def published(tmp_path) -> dict[str, Path]:
     src.mkdir()
     ckpt = src / "model.pt"
     ckpt.write_bytes(b"\x00\x01weights" * 100)
-    ckpt.chmod(0o600)  # a private file of the user
+    ckpt.chmod(0o604)  # readable by others, with a mode staging must not change
     tar = make_tar(src / "vocab.tar.gz", {"vocab/genes.json": b'["CD4"]', "vocab/args.json": b"{}"},
                    dirs=("vocab",))
     zf = make_zip(src / "extra.zip", {"extra/readme.txt": b"hello", "top.txt": b"top"})
@@ -211,8 +211,9 @@ def test_staged_weights_are_readable_by_others(spec, published):
         else:
             assert mode(path) & 0o444 == 0o444, path
     assert mode(folder / "tokenizer" / "vocab") == 0o755  # was 0o700 in the archive
-    # The user's own private file is not made readable by others as a side effect.
-    assert mode(published["ckpt"]) == 0o600
+    # The user's own file is copied: its mode is not changed and it gains no second name.
+    assert mode(published["ckpt"]) == 0o604
+    assert published["ckpt"].stat().st_nlink == 1
 
 
 def test_stage_weights_is_idempotent(spec, published, monkeypatch):
@@ -344,3 +345,155 @@ def test_directory_checksum_covers_names_and_contents(tmp_path):
     renamed = directory_checksum(a)
     assert len({before, changed, renamed}) == 3
     assert directory_checksum(tmp_path / "empty-or-absent") is None
+
+
+# --------------------------------------------------------------------------- local sources (spec-named files)
+
+SECRET = "PRIVATE-9d1e7b-not-for-images"
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from czb.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def _spec_folder(tmp_path: Path, weights: list[dict]) -> Path:
+    folder = tmp_path / "cfg"
+    folder.mkdir(exist_ok=True)
+    (folder / "models.yaml").write_text(json.dumps({"models": {"tiny": {
+        "kind": "docker", "image": "czb-test/tiny:1", "container": "tiny", "default_variant": "v",
+        "variants": {"v": {"weights": weights}}}}}))
+    return folder
+
+
+def _nothing_holds_the_secret(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("uri_of", [str, lambda p: p.as_uri()], ids=["path", "file-uri"])
+@pytest.mark.parametrize("private_mode", [0o640, 0o600, 0o400, 0o660], ids=lambda m: f"{m:04o}")
+def test_private_local_weights_are_refused_without_being_read(tmp_path, uri_of, private_mode):
+    """A spec naming a private file (say /etc/shadow) must not hand it to the image."""
+    private = tmp_path / "home" / "shadow"
+    private.parent.mkdir()
+    private.write_text(SECRET)
+    private.chmod(private_mode)
+    link = tmp_path / "home" / "innocent.pt"
+    link.symlink_to(private)  # a link of mode 777 to it is no way round
+    for source in (private, link):
+        config = _spec_folder(tmp_path, [{"uri": uri_of(source), "path": "model.pt"}])
+        result = _cli("models", "fetch-weights", "tiny", "--config-dir", config)
+        assert result.exit_code == 1, result.output
+        (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert f"is private (mode {private_mode:04o})" in line and "anyone on the machine may read" in line
+        assert SECRET not in result.output
+    assert stat.S_IMODE(private.stat().st_mode) == private_mode and private.stat().st_nlink == 1
+    _nothing_holds_the_secret(Path(os.environ["CZB_CACHE_DIR"]))
+    assert not list((Path(os.environ["CZB_CACHE_DIR"]) / "weights").rglob("model.pt"))
+
+
+def test_private_local_archive_is_refused_too(tmp_path):
+    archive = make_tar(tmp_path / "w.tar.gz", {"w/secret.txt": SECRET.encode()})
+    archive.chmod(0o600)
+    config = _spec_folder(tmp_path, [{"uri": str(archive), "path": "w", "extract": True}])
+    result = _cli("models", "fetch-weights", "tiny", "--config-dir", config)
+    assert result.exit_code == 1 and "is private (mode 0600)" in result.stderr
+    _nothing_holds_the_secret(Path(os.environ["CZB_CACHE_DIR"]))
+
+
+def _fifo(tmp_path: Path) -> str:
+    os.mkfifo(tmp_path / "pipe", 0o666)
+    return str(tmp_path / "pipe")
+
+
+def _folder(tmp_path: Path) -> str:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.bin").write_bytes(b"a")
+    return str(tmp_path / "dir")
+
+
+@pytest.mark.parametrize("source, message", [
+    (_fifo, "not a regular file"),
+    (lambda _t: "/dev/zero", "not a regular file"),
+    (_folder, "is a folder"),
+    (lambda _t: "/proc/self/cmdline", "changed size while it was copied"),  # reads 0 bytes by size, has more
+    (lambda _t: "/proc/self/environ", "is private"),
+])
+def test_local_weights_must_be_plain_files(tmp_path, source, message):
+    config = _spec_folder(tmp_path, [{"uri": source(tmp_path), "path": "model.pt"}])
+    result = _cli("models", "fetch-weights", "tiny", "--config-dir", config)
+    assert result.exit_code == 1, result.output
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert message in line
+    assert not list((Path(os.environ["CZB_CACHE_DIR"]) / "weights").rglob("model.pt"))
+
+
+def test_local_weights_are_copied_and_the_users_file_is_left_as_it_was(tmp_path):
+    source = tmp_path / "mine.bin"
+    source.write_bytes(b"original weights")
+    source.chmod(0o604)
+    before = source.stat()
+    spec = docker_spec(default_variant="v", variants={"v": {"weights": [
+        {"uri": str(source), "path": "m.bin", "sha256": sha256(source)}]}})
+    staged = stage_weights(spec)
+    after = source.stat()
+    assert (stat.S_IMODE(after.st_mode), after.st_nlink, after.st_ctime_ns) == (0o604, 1, before.st_ctime_ns)
+    copy = staged.path / "m.bin"
+    assert copy.stat().st_ino != after.st_ino and mode(copy) == 0o644
+    # Editing the user's file afterwards does not change what is mounted.
+    source.write_bytes(b"EDITED!! weights")
+    resolved = resolve_weights(spec)
+    assert (resolved.path / "m.bin").read_bytes() == b"original weights"
+    assert resolved.checksum == staged.checksum == directory_checksum(resolved.path)
+
+
+def test_sha256_is_checked_on_the_staged_copy(tmp_path):
+    source = tmp_path / "mine.bin"
+    source.write_bytes(b"weights")
+    spec = docker_spec(default_variant="v", variants={"v": {"weights": [
+        {"uri": str(source), "path": "m.bin", "sha256": hashlib.sha256(b"other").hexdigest()}]}})
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        stage_weights(spec)
+    assert not staged_path(spec, "v").exists()
+
+
+def test_staged_weights_edited_in_place_are_noticed(spec, published):
+    staged = stage_weights(spec)
+    file = staged.path / "ckpt" / "best_model.pt"
+    original = file.read_bytes()
+    info = file.stat()
+    with file.open("r+b") as f:  # same size, mtime put back: only the ctime tells
+        f.write(b"X")
+    os.utime(file, ns=(info.st_atime_ns, info.st_mtime_ns))
+    with pytest.raises(EmbeddingError, match=r"changed since they were staged .*czb models fetch-weights tiny"):
+        resolve_weights(spec)
+    restaged = stage_weights(spec)  # staged again from the source
+    assert restaged.checksum == staged.checksum and file.read_bytes() == original
+    assert resolve_weights(spec) == restaged
+    (staged.path / "extra.bin").write_bytes(b"planted")  # a file added is a change too
+    with pytest.raises(EmbeddingError, match="changed since they were staged"):
+        resolve_weights(spec)
+
+
+def test_manifest_without_stamps_is_checked_by_content(spec):
+    staged = stage_weights(spec)
+    manifest_path = staged.path.with_name("v1.json")
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["stamps"]  # as an older czb wrote it
+    manifest_path.write_text(json.dumps(manifest))
+    assert resolve_weights(spec) == staged
+    assert "stamps" in json.loads(manifest_path.read_text())  # remembered for next time
+    manifest_path.write_text(json.dumps(manifest))
+    (staged.path / "ckpt" / "best_model.pt").write_bytes(b"other")
+    with pytest.raises(EmbeddingError, match="changed since they were staged"):
+        resolve_weights(spec)

@@ -61,14 +61,24 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).splitlines()).strip()
+def _one_line(text: object) -> str:
+    """``text`` as one line safe on a terminal (:func:`czb.terminal.printable`): names,
+    errors and paths come from records, specs and containers, and may hold escape
+    sequences."""
+    from czb.terminal import printable
+
+    return printable(text).strip()
+
+
+def _safe(text: object) -> str:
+    """:func:`_one_line` for a rich markup string: its brackets are not read as markup."""
+    from rich.markup import escape
+
+    return escape(_one_line(text))
 
 
 def _fail(message: str, code: int) -> None:
-    from rich.markup import escape
-
-    _console(stderr=True).print(f"[bold red]error:[/] {escape(_one_line(message))}", markup=True, soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {_safe(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -148,9 +158,7 @@ def _route_warnings() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CzbWarning):
-            from rich.markup import escape
-
-            _console(stderr=True).print(f"[yellow]warning:[/] {escape(_one_line(str(message)))}", soft_wrap=True)
+            _console(stderr=True).print(f"[yellow]warning:[/] {_safe(message)}", soft_wrap=True)
         else:
             default(message, category, filename, lineno, file, line)
 
@@ -171,7 +179,6 @@ def list_(
         if fmt is Format.json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        from rich.markup import escape
         from rich.table import Table
 
         if kind is Kind.models:
@@ -180,7 +187,7 @@ def list_(
         for column in rows[0] if rows else ["name"]:
             table.add_column(column, no_wrap=column == "name")
         for row in rows:
-            table.add_row(*(escape(_cell(v)) for v in row.values()))
+            table.add_row(*(_safe(_cell(v)) for v in row.values()))
         _console().print(table)
 
     _guarded(body)
@@ -246,18 +253,48 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
     return rows
 
 
-def _parse_seeds(text: str) -> list[int]:
-    from czb.errors import CzbError
+#: Largest seed: numpy's random generators take seeds below 2**32.
+MAX_SEED = 2**32 - 1
 
-    try:
-        seeds = [int(s) for s in text.replace(",", " ").split()]
-    except ValueError:
-        msg = f"--seeds must be integers separated by commas, got {text!r}"
-        raise CzbError(msg) from None
-    if not seeds or min(seeds) < 0:
-        msg = f"--seeds needs one or more non-negative integers, got {text!r}"
-        raise CzbError(msg)
+
+def _parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds 0,1,2``: distinct integers from 0 to :data:`MAX_SEED`
+    (a repeated seed would pass the same run off as a spread over seeds).
+
+    Raises
+    ------
+    typer.BadParameter
+        Naming what is wrong (bad usage: exit 2).
+    """
+    parts = text.replace(",", " ").split()
+    if not parts:
+        msg = "needs one or more seeds, e.g. 0,1,2"
+        raise typer.BadParameter(msg)
+    bad = [p for p in parts if not (p.isascii() and p.isdigit() and len(p) <= 10) or int(p) > MAX_SEED]
+    if bad:
+        shown = ", ".join(_one_line(p)[:40] for p in bad[:3])
+        msg = f"seeds are integers from 0 to {MAX_SEED} separated by commas; not: {shown}"
+        raise typer.BadParameter(msg)
+    seeds = [int(p) for p in parts]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        msg = f"each seed once; repeated: {', '.join(map(str, repeated))}"
+        raise typer.BadParameter(msg)
     return seeds
+
+
+def _seeds_option(text: str) -> str:
+    """Callback of ``--seeds``: refuse bad seeds before any work."""
+    _parse_seeds(text)
+    return text
+
+
+def _gpus_option(text: str | None) -> str | None:
+    """Callback of ``--gpus``: ``all``, ``none`` or a number (``0`` is ``none``)."""
+    if text is None or text in ("all", "none") or (text.isascii() and text.isdigit() and len(text) <= 4):
+        return "none" if text is not None and text.isdigit() and not text.strip("0") else text
+    msg = f"GPUs are all, none or a number, got {_one_line(text)[:40]!r}"
+    raise typer.BadParameter(msg)
 
 
 @app.command()
@@ -269,7 +306,9 @@ def run(
         Optional[Path], typer.Option(help="Your own embeddings: .npy, .npz, .parquet or .h5ad.")
     ] = None,
     embedding_key: Annotated[Optional[str], typer.Option(help="Array/obsm key inside --embedding.")] = None,
-    seeds: Annotated[str, typer.Option(help="Seeds of stochastic steps, e.g. 0,1,2.")] = "0,1,2",
+    seeds: Annotated[
+        str, typer.Option(callback=_seeds_option, help="Seeds of stochastic steps, distinct, e.g. 0,1,2.")
+    ] = "0,1,2",
     output_dir: Annotated[Optional[Path], typer.Option(help="Folder for result JSONs [default: CZB_OUTPUT_DIR].")] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also score the PCA baseline.")] = True,
     offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
@@ -283,7 +322,9 @@ def run(
         ),
     ] = False,
     gpus: Annotated[
-        Optional[str], typer.Option(help="GPUs for model containers: all, none or a number [default: from the model spec].")
+        Optional[str],
+        typer.Option(callback=_gpus_option,
+                     help="GPUs for model containers: all, none or a number [default: from the model spec]."),
     ] = None,
     weights: Annotated[
         Optional[Path], typer.Option(help="Local weights folder, mounted at /weights instead of the staged copy.")
@@ -313,6 +354,8 @@ def run(
 
         if not task or not dataset:
             _fail("give at least one --task and one --dataset", 2)
+        if not model and embedding is None:
+            _fail("nothing to score: give --model or --embedding", 2)
         from rich.text import Text
 
         from czb.runner.containers import RunOptions
@@ -322,9 +365,9 @@ def run(
         command = "czb " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         err = _console(stderr=True)
         options = RunOptions(
-            variant=variant, weights_dir=weights, gpus=_parse_gpus(gpus), memory_gb=memory_gb,
+            variant=variant, weights_dir=weights, gpus=gpus, memory_gb=memory_gb,
             shm_gb=shm_gb, timeout_s=timeout_s, batch_size=batch_size, use_cache=cache,
-            log=lambda line: err.print(Text(f"  | {line}", style="dim"), soft_wrap=True),
+            log=lambda line: err.print(Text(f"  | {_one_line(line)}", style="dim"), soft_wrap=True),
         )
         with err.status("starting") as status:
             records = run_benchmark(
@@ -340,7 +383,7 @@ def run(
                 offline=offline or settings.offline,
                 n_jobs=n_jobs,
                 command=command,
-                progress=lambda message: status.update(message),
+                progress=lambda message: status.update(_safe(message)),
                 raise_errors=_State.debug,
                 model_options=options,
                 exact=True if exact else None,
@@ -350,30 +393,18 @@ def run(
         else:
             _print_results(records)
             _print_hierarchy(records)
-            err.print(f"results written to {out}", soft_wrap=True)
+            err.print(f"results written to {_safe(out)}", soft_wrap=True)
         failed = [r for r in records if r.status == "failed"]
         # The table cell may be too narrow to read; each distinct failure gets its own line.
-        from rich.markup import escape
-
         for message in dict.fromkeys(f"{r.dataset.name}/{r.model.name}: {r.error}" for r in failed):
-            err.print(f"[bold red]failed:[/] {escape(_one_line(message))}", soft_wrap=True, markup=True)
+            err.print(f"[bold red]failed:[/] {_safe(message)}", soft_wrap=True, markup=True)
         if failed:
             raise typer.Exit(1)
 
     _guarded(body)
 
 
-def _parse_gpus(text: str | None) -> str | None:
-    from czb.errors import CzbError
-
-    if text is None or text in ("all", "none") or (text.isdigit() and int(text) >= 0):
-        return "none" if text == "0" else text
-    msg = f"--gpus must be all, none or a number of GPUs, got {text!r}"
-    raise CzbError(msg)
-
-
 def _print_results(records) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from czb.report.tables import metric_label
@@ -386,25 +417,24 @@ def _print_results(records) -> None:
         table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "status")
     for r in records:
         if r.status != "ok":
-            table.add_row(escape(r.dataset.name), escape(r.task.name), escape(r.model.name), "", "", "",
-                          escape(f"{r.status}: {r.error}"))
+            table.add_row(_safe(r.dataset.name), _safe(r.task.name), _safe(r.model.name), "", "", "",
+                          _safe(f"{r.status}: {r.error}"))
             continue
         for m in r.metrics:
-            label = escape(metric_label(m.name, m.params))
+            label = _safe(metric_label(m.name, m.params))
             value = "n/a" if m.value is None else f"{m.value:.4f}"
             if m.value_std_dev is not None:
                 value += f" ± {m.value_std_dev:.4f}"
             key = (r.dataset.name, r.task.name, m.name,
                    tuple(sorted((k, str(v)) for k, v in m.params.items())), r.model.name)
             d = diffs.get(key)
-            table.add_row(escape(r.dataset.name), escape(r.task.name), escape(r.model.name), label, value,
+            table.add_row(_safe(r.dataset.name), _safe(r.task.name), _safe(r.model.name), label, value,
                           "" if d is None else f"{d:+.4f}", r.status)
     _console().print(table)
 
 
 def _print_hierarchy(records) -> None:
     """Table 2 of Bendidi et al. (2024): best post-processing per model and metric."""
-    from rich.markup import escape
     from rich.table import Table
 
     from czb.runner.summary import hierarchy_grid
@@ -416,13 +446,13 @@ def _print_hierarchy(records) -> None:
     table.add_column("dataset")
     table.add_column("metric")
     for model in models:
-        table.add_column(escape(model), justify="right")
+        table.add_column(_safe(model), justify="right")
     for row, cells, best in grid:
         values = []
         for cell, is_best in zip(cells, best):
-            text = "" if cell is None else escape(f"{cell.value:.3f} ({cell.postprocessing})")
+            text = "" if cell is None else _safe(f"{cell.value:.3f} ({cell.postprocessing})")
             values.append(f"[bold]{text} *[/bold]" if is_best else text)
-        table.add_row(escape(row.dataset), escape(row.label + ("" if row.higher_is_better else " ↓")), *values)
+        table.add_row(_safe(row.dataset), _safe(row.label + ("" if row.higher_is_better else " ↓")), *values)
     _console().print(table)
 
 
@@ -463,7 +493,7 @@ def report(
         if output is None:
             typer.echo(text, nl=False)
         else:
-            _console(stderr=True).print(f"wrote {output}")
+            _console(stderr=True).print(f"wrote {_safe(output)}", soft_wrap=True)
 
     _guarded(body)
 
@@ -526,11 +556,12 @@ def bench(
             target = open_store(store or settings.output_dir / suite_name)  # checked before planning fetches
             plan = plan_suite(catalog, suite_name, offline=offline or settings.offline)
             done = set.union(*done_units(plan, target))
-            err.print(f"suite {suite_name}: {len(plan.embeds)} embed and {len(plan.scores)} score units "
-                      f"({len(done)} already done) for {len(plan.records)} results; store {target.url}")
+            err.print(f"suite {_safe(suite_name)}: {len(plan.embeds)} embed and {len(plan.scores)} score units "
+                      f"({len(done)} already done) for {len(plan.records)} results; store {_safe(target.url)}")
             if dry_run:
                 for unit in [*plan.embeds.values(), *plan.scores.values()]:
-                    typer.echo(f"{'done' if unit.key in done else 'todo'}  {unit.key[:12]}  {unit.label}")
+                    state = "done" if unit.key in done else "todo"
+                    typer.echo(f"{state}  {unit.key[:12]}  {_one_line(unit.label)}")
                 return
             options = {"address": address} if executor is ExecutorName.ray else {"cpus": cpus, "memory_gb": memory_gb}
             outcome = run_suite(plan, target, make_executor(executor.value, **options), retries=retries,
@@ -540,10 +571,8 @@ def bench(
         again = f" ({outcome.retried} after a retry)" if outcome.retried else ""
         err.print(f"{outcome.ran} units ran{again}, {outcome.cached} were done before; "
                   f"results in {target.url}/results")
-        from rich.markup import escape
-
         for label, reason in {**outcome.failed, **outcome.blocked}.values():
-            err.print(f"[bold red]failed:[/] {escape(_one_line(f'{label}: {reason}'))}", soft_wrap=True, markup=True)
+            err.print(f"[bold red]failed:[/] {_safe(f'{label}: {reason}')}", soft_wrap=True, markup=True)
         if not outcome.complete:
             raise typer.Exit(1)
 
@@ -563,10 +592,10 @@ def datasets_fetch(
         catalog = _catalog(config_dir)
         for spec in catalog.resolve("dataset", names):
             if not is_remote(spec.uri):
-                _console(stderr=True).print(f"{spec.name}: nothing to fetch ({spec.uri})")
+                _console(stderr=True).print(_safe(f"{spec.name}: nothing to fetch ({spec.uri})"), soft_wrap=True)
                 continue
             path = fetch(spec.uri, sha256=spec.sha256, progress=True)
-            _console().print(f"{spec.name}: {path}")
+            _console().print(_safe(f"{spec.name}: {path}"), soft_wrap=True)
 
     _guarded(body)
 
@@ -597,9 +626,9 @@ def models_build(
         err = _console(stderr=True)
         image = build_model_image(
             spec, base_image=base_image, torch_spec=torch, find_links=find_links, tag=tag,
-            log=lambda line: err.print(Text(f"  | {line}", style="dim"), soft_wrap=True),
+            log=lambda line: err.print(Text(f"  | {_one_line(line)}", style="dim"), soft_wrap=True),
         )
-        _console().print(f"{name}: built {image.tag} ({image.id})")
+        _console().print(_safe(f"{name}: built {image.tag} ({image.id})"), soft_wrap=True)
 
     _guarded(body)
 
@@ -624,7 +653,7 @@ def models_fetch_weights(
                 staged = stage_weights(spec, v, progress=True)
                 where = staged.path or "no weights needed"
                 licence = f" (licence: {staged.license})" if staged.license else ""
-                _console().print(f"{spec.name}/{staged.variant}: {where}{licence}", soft_wrap=True)
+                _console().print(_safe(f"{spec.name}/{staged.variant}: {where}{licence}"), soft_wrap=True)
 
     _guarded(body)
 

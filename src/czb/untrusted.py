@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,46 @@ def _finite_float(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: A lone UTF-16 surrogate: valid in JSON (``"\\ud800"``), but no UTF-8 text can hold it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Where a JSON text may produce one: a ``\\uD800``-``\\uDFFF`` escape, or a raw surrogate.
+_MAY_HOLD_SURROGATE = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD, so it can be written as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _replace_surrogates(value: Any) -> Any:
+    """``value`` with every string in it (keys too) passed through :func:`without_surrogates`;
+    lists and dicts are changed in place, walked without recursion."""
+    if isinstance(value, str):
+        return without_surrogates(value)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            for i, child in enumerate(item):
+                if isinstance(child, str):
+                    item[i] = without_surrogates(child)
+                elif isinstance(child, (list, dict)):
+                    stack.append(child)
+        elif isinstance(item, dict):
+            pairs = list(item.items())
+            item.clear()
+            for key, child in pairs:
+                if isinstance(child, str):
+                    child = without_surrogates(child)
+                elif isinstance(child, (list, dict)):
+                    stack.append(child)
+                item[without_surrogates(key) if isinstance(key, str) else key] = child
+    return value
+
+
 def parse_json(data: bytes | str, *, max_depth: int) -> Any:
-    """Parse an untrusted JSON document; NaN and infinities become ``None``.
+    """Parse an untrusted JSON document; NaN and infinities become ``None``, and lone
+    surrogates (``"\\ud800"``, which nothing can write as UTF-8) become U+FFFD.
 
     Raises
     ------
@@ -94,6 +133,9 @@ def parse_json(data: bytes | str, *, max_depth: int) -> Any:
         parser would run out of stack).
     """
     try:
+        if isinstance(data, (bytes, bytearray)):
+            # As json.loads decodes bytes (it lets encoded surrogates through: replaced below).
+            data = bytes(data).decode(json.detect_encoding(data), "surrogatepass")
         value = json.loads(data, parse_constant=lambda _c: None, parse_float=_finite_float)
     except RecursionError:
         value = None
@@ -112,4 +154,4 @@ def parse_json(data: bytes | str, *, max_depth: int) -> Any:
     if deep:
         msg = f"nested more than {max_depth} levels deep"
         raise UntrustedInputError(msg)
-    return value
+    return _replace_surrogates(value) if _MAY_HOLD_SURROGATE.search(data) else value

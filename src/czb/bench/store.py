@@ -20,7 +20,11 @@ same file twice, never two files.
 A store can still be damaged from outside (a full disk, a copy cut short, an edit): an
 output that cannot be read is treated as absent. It is deleted with a one-line
 :class:`StoreWarning` naming it, and its unit runs again (:meth:`Store.read_output`,
-:func:`czb.bench.run.done_units`). Error messages name files, never their content.
+:func:`czb.bench.run.done_units`). In a folder store, an output that is not a regular
+file (a folder, symlink, FIFO or device in its place) is such an output, and czb never
+reads or writes through a symlink in it; a folder of the layout above (``scores``...)
+replaced by something else is a :class:`StoreError` when the store is opened. Error
+messages name files, never their content.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import stat
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
@@ -52,6 +58,21 @@ class StoreError(CzbError):
 
 class StoreWarning(CzbWarning):
     """An output in the store could not be read; it is deleted and its unit runs again."""
+
+
+class UnreadableOutput(StoreError):
+    """An entry of the store is not a file czb can read (a folder, symlink, FIFO or
+    device where an output should be).
+
+    Attributes
+    ----------
+    why
+        What it is, as the end of a sentence naming it (``"is a folder"``).
+    """
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
 
 
 class Store(ABC):
@@ -90,13 +111,17 @@ class Store(ABC):
     def read_json(self, relative: str) -> Any:
         """A JSON file's value, ``None`` when there is no such file; :class:`StoreError`
         (naming the file, not its content) when it is not JSON."""
+        from czb.untrusted import parse_json
+
         data = self.read_bytes(relative)
         if data is None:
             return None
         try:
-            return json.loads(data)
-        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            msg = f"{self.url}/{relative} is not valid JSON ({type(e).__name__}); delete it to redo its unit"
+            # As any untrusted JSON: bounded depth, lone surrogates replaced (czb writes
+            # nothing deeper than a result record, which readers accept up to 64 levels).
+            return parse_json(data, max_depth=64)
+        except ValueError as e:  # UntrustedInputError is a ValueError
+            msg = f"{self.url}/{relative} is not valid JSON ({e}); delete it to redo its unit"
             raise StoreError(msg) from None
 
     def read_output(self, relative: str, *, keys: tuple[str, ...] = ("status",),
@@ -106,6 +131,9 @@ class Store(ABC):
         (:meth:`discard`) so its unit runs again."""
         try:
             value = self.read_json(relative)
+        except UnreadableOutput as e:
+            self.discard(relative, e.why, repair=repair)
+            return None
         except StoreError:
             self.discard(relative, "is not valid JSON", repair=repair)
             return None
@@ -208,7 +236,18 @@ def _npz_problem(source: Any, names: tuple[str, ...]) -> str | None:
 
 
 class LocalStore(Store):
-    """A store in a folder (a local disk, or a file system every node mounts)."""
+    """A store in a folder (a local disk, or a file system every node mounts).
+
+    Only regular files reached through real folders are outputs: an entry that is
+    something else is never read or written through (a symlink could lead anywhere, a
+    FIFO or device would block or never end); where a file should be it is an
+    unreadable output (reported, deleted, redone), where a unit's folder should be it is
+    removed when the unit writes there.
+    """
+
+    #: Folders of the layout: one replaced by something else is not any unit's output,
+    #: so it is reported when the store is opened rather than removed.
+    LAYOUT = ("embeddings", "scores", "failures", "results", "results/embeddings")
 
     def __init__(self, root: str | os.PathLike[str]):
         from czb.errors import ResultsError
@@ -220,34 +259,139 @@ class LocalStore(Store):
         except ResultsError as e:
             raise StoreError(str(e)) from None
         self.url = str(self.root)
+        for folder in self.LAYOUT:
+            kind = self._kind(folder)
+            if kind not in (None, "folder"):
+                why = "is a file" if kind == "file" else kind
+                msg = f"store {self.url}: {folder} {why}, not a folder; move it away or use another store"
+                raise StoreError(msg)
+
+    def _kind(self, relative: str) -> str | None:
+        """What the entry ``relative`` is, without following a symlink: ``None`` when
+        absent, ``"folder"``, ``"file"`` (regular), else ``"is a ..."``."""
+        try:
+            mode = os.lstat(self.root / relative).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            msg = f"{self.url}/{relative} cannot be examined ({e.strerror or type(e).__name__})"
+            raise StoreError(msg) from None
+        if stat.S_ISDIR(mode):
+            return "folder"
+        if stat.S_ISREG(mode):
+            return "file"
+        if stat.S_ISLNK(mode):
+            return "is a symbolic link"
+        return "is a FIFO, device or socket"
+
+    def _blocker(self, relative: str) -> str | None:
+        """The first entry on the way to ``relative`` (below the root) that is there but
+        not a real folder, or ``None``."""
+        parts = relative.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "/".join(parts[:i])
+            kind = self._kind(folder)
+            if kind is None:
+                return None
+            if kind != "folder":
+                return folder
+        return None
+
+    def _regular(self, relative: str) -> bool:
+        """Whether ``relative`` is a regular file reached through real folders; ``False``
+        when absent; :class:`UnreadableOutput` when something else is in its place."""
+        if self._blocker(relative) is not None:
+            return False  # no file can be there; a write there removes what blocks it
+        kind = self._kind(relative)
+        if kind is None or kind == "file":
+            return kind == "file"
+        why = "is a folder" if kind == "folder" else kind
+        msg = f"{self.url}/{relative} {why}, not a file; delete it to redo its unit"
+        raise UnreadableOutput(msg, f"{why}, not a file")
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         from czb.runner.results import write_atomically
 
+        while (blocker := self._blocker(relative)) is not None:
+            if blocker in self.LAYOUT:
+                msg = f"store {self.url}: {blocker} is not a folder; move it away or use another store"
+                raise StoreError(msg)
+            warnings.warn(f"{self.url}/{blocker} is not a folder; removed to write its unit's output",
+                          StoreWarning, stacklevel=2)
+            self._remove(blocker)
+        if self._kind(relative) == "folder":
+            warnings.warn(f"{self.url}/{relative} is a folder, not a file; removed to write its unit's output",
+                          StoreWarning, stacklevel=2)
+            self._remove(relative)
         write_atomically(self.root / relative, data, what="store file")
 
     def read_bytes(self, relative: str) -> bytes | None:
+        if not self._regular(relative):
+            return None
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        flags |= getattr(os, "O_CLOEXEC", 0)
         try:
-            return (self.root / relative).read_bytes()
+            fd = os.open(self.root / relative, flags)
         except FileNotFoundError:
             return None
+        except OSError as e:  # replaced meanwhile (ELOOP: now a symlink), or no permission
+            msg = f"{self.url}/{relative} cannot be read ({e.strerror or type(e).__name__})"
+            raise UnreadableOutput(msg, f"cannot be read ({e.strerror or type(e).__name__})") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                msg = f"{self.url}/{relative} is not a regular file"
+                raise UnreadableOutput(msg, "is not a regular file")
+            return f.read()
 
     def exists(self, relative: str) -> bool:
-        return (self.root / relative).is_file()
+        try:
+            return self._regular(relative)
+        except UnreadableOutput:
+            return False
 
     def arrays_problem(self, relative: str, names: tuple[str, ...] = EMBEDDING_ARRAYS) -> str | None:
-        path = self.root / relative
-        if not path.is_file():
-            return "is missing"
-        return _npz_problem(path, names)  # reads the zip directory and headers, not the data
+        try:
+            if not self._regular(relative):
+                return "is missing"
+        except UnreadableOutput as e:
+            return e.why
+        return _npz_problem(self.root / relative, names)  # reads the zip directory and headers, not the data
 
     def files(self, prefix: str) -> list[str]:
-        folder = self.root / prefix
-        return [p.relative_to(self.root).as_posix() for p in folder.rglob("*")
-                if p.is_file() and not p.name.startswith(".")]
+        prefix = prefix.strip("/")
+        if self._blocker(f"{prefix}/x") is not None or self._kind(prefix) != "folder":
+            return []
+        out = []
+        for folder, _, names in os.walk(self.root / prefix, followlinks=False):
+            for name in names:
+                path = Path(folder) / name
+                if not name.startswith(".") and stat.S_ISREG(_lstat_mode(path)):
+                    out.append(path.relative_to(self.root).as_posix())
+        return sorted(out)
 
     def delete(self, relative: str) -> None:
-        (self.root / relative).unlink(missing_ok=True)
+        if self._blocker(relative) is None and self._kind(relative) is not None:
+            self._remove(relative)
+
+    def _remove(self, relative: str) -> None:
+        """Remove the entry ``relative``: a folder with what it holds (symlinks in it are
+        removed, not followed), anything else by its name."""
+        path = self.root / relative
+        try:
+            if self._kind(relative) == "folder":
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as e:
+            msg = f"{self.url}/{relative} cannot be removed ({e.strerror or type(e).__name__})"
+            raise StoreError(msg) from None
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 class S3Store(Store):

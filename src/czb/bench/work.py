@@ -78,10 +78,9 @@ def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = No
     a failure. Returns ``{"status", "runtime_s"}``.
     """
     from czb.runner import results as R
+    from czb.runner.containers import RunOptions
     from czb.runner.embeddings import source_for_model
     from czb.runner.run import dataset_record, dataset_roles, embed_dataset, map_labels
-
-    from czb.runner.containers import RunOptions
 
     store = open_store(store_url)
     ds = _load(unit.dataset, offline)
@@ -210,7 +209,12 @@ def _scoring_input(
     no expression (no task over several datasets reads it)."""
     from czb.runner.embeddings import Embedding
     from czb.runner.run import (
-        Embedded, GroupMember, dataset_expression, dataset_record, dataset_roles, stack_members,
+        Embedded,
+        GroupMember,
+        dataset_expression,
+        dataset_record,
+        dataset_roles,
+        stack_members,
     )
 
     members = []

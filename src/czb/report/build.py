@@ -15,7 +15,7 @@ import numpy as np
 from czb.errors import EmbeddingWarning, ResultsError
 from czb.report.html import EmbeddingMap, render_html
 from czb.report.layout import umap_layout
-from czb.report.tables import Comparison, compare, find_results
+from czb.report.tables import Comparison, compare, load_results
 from czb.runner import results as R
 from czb.untrusted import read_bounded
 
@@ -25,7 +25,14 @@ MAP_CELLS = 5_000
 MAX_SAMPLE_BYTES = 256 << 20
 #: Most bytes the arrays of a sample may unpack to (as declared, and as read).
 MAX_SAMPLE_UNPACKED = 1 << 30
+#: Most cells a sample may hold: czb keeps :data:`~czb.runner.results.MAP_SAMPLE_CELLS`,
+#: plus whole small labels.
+MAX_SAMPLE_ROWS = 8 * R.MAP_SAMPLE_CELLS
+#: Most dimensions of a sample's embedding (models give tens to a few thousand).
+MAX_SAMPLE_DIMS = 8192
+#: Arrays read for a map; ``cells`` is only checked to line up.
 _SAMPLE_ARRAYS = ("X", "labels", "batches")
+_ROW_ARRAYS = ("labels", "batches", "cells")
 
 
 def _sample_location(result_file: Path, root: Path, relative: str) -> Path | None:
@@ -37,9 +44,9 @@ def _sample_location(result_file: Path, root: Path, relative: str) -> Path | Non
     return location if root.resolve() in location.parents else None
 
 
-def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
-    """One array of an ``.npz``, after checking from its header that it is no bigger than
-    its member says (no pickles)."""
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype of one array of an ``.npz`` from its header, or ``None`` when it
+    holds objects (pickles) or claims more bytes than its member has."""
     from numpy.lib import format as npy
 
     with zf.open(info) as f:
@@ -48,8 +55,27 @@ def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
         shape, _, dtype = read_header(f)
     if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
         return None
-    with zf.open(info) as f:
-        return npy.read_array(f, allow_pickle=False)
+    return shape, dtype
+
+
+def _shape_problem(headers: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
+    """Why arrays of these shapes cannot be a map's sample (checked before any is read:
+    a tiny file can declare a huge array of empty rows), or ``None``."""
+    if "X" not in headers:
+        return "holds no array X"
+    shape, dtype = headers["X"]
+    if len(shape) != 2 or dtype.kind not in "fiu":
+        return "holds no 2-D numeric array X"
+    rows, dims = shape
+    if not 3 <= rows <= MAX_SAMPLE_ROWS or not 1 <= dims <= MAX_SAMPLE_DIMS:
+        return (f"has an X of {rows:,} x {dims:,}; a sample has 3 to {MAX_SAMPLE_ROWS:,} cells "
+                f"of 1 to {MAX_SAMPLE_DIMS:,} dimensions")
+    for key in _ROW_ARRAYS:
+        if key in headers:
+            other, kind = headers[key]
+            if other != (rows,) or kind.kind not in ("U", "S", "i", "u"):
+                return f"has {key} that do not line up with its {rows:,} cells"
+    return None
 
 
 def read_embedding_sample(result_file: Path, root: Path, relative: str) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -64,26 +90,33 @@ def read_embedding_sample(result_file: Path, root: Path, relative: str) -> tuple
         return None, "its embedding sample cannot be read"
     except ValueError as e:
         return None, f"its embedding sample is {e}"
+    from numpy.lib import format as npy
+
     arrays = {}
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             infos = {i.filename.removesuffix(".npy"): i for i in zf.infolist()}
             if sum(i.file_size for i in infos.values()) > MAX_SAMPLE_UNPACKED:
                 return None, "its embedding sample unpacks to more than the limit"
+            headers = {}
+            for key in {*_SAMPLE_ARRAYS, *_ROW_ARRAYS} & infos.keys():
+                header = _npy_header(zf, infos[key])
+                if header is None:
+                    return None, "its embedding sample is not a plain array file"
+                headers[key] = header
+            problem = _shape_problem(headers)
+            if problem is not None:
+                return None, f"its embedding sample {problem}"
             for key in _SAMPLE_ARRAYS:
                 if key in infos:
-                    array = _read_npy(zf, infos[key])
-                    if array is None:
-                        return None, "its embedding sample is not a plain array file"
-                    arrays[key] = array
+                    with zf.open(infos[key]) as f:
+                        arrays[key] = npy.read_array(f, allow_pickle=False)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError):
         return None, "its embedding sample is not a readable .npz"
-    X = arrays.get("X")
-    if X is None or X.ndim != 2 or X.dtype.kind not in "fiu" or len(X) < 3 or not np.isfinite(X).all():
-        return None, "its embedding sample holds no finite 2-D array X of 3 or more cells"
-    for key in ("labels", "batches"):
-        if key in arrays and (arrays[key].ndim != 1 or len(arrays[key]) != len(X)):
-            del arrays[key]  # does not line up: map without it
+    if any(arrays[k].shape != headers[k][0] for k in arrays):
+        return None, "its embedding sample is not a readable .npz"
+    if not np.isfinite(arrays["X"]).all():
+        return None, "its embedding sample holds values that are not finite"
     return arrays, ""
 
 
@@ -139,7 +172,8 @@ def make_report(
     paths
         Result JSONs or folders of them.
     output
-        File to write (atomically); ``None``: only return the text.
+        File to write (:func:`~czb.runner.results.write_output`: atomically, or into a
+        device or FIFO such as ``/dev/stdout``); ``None``: only return the text.
     fmt
         ``html``, ``csv`` or ``md``.
     maps
@@ -151,12 +185,13 @@ def make_report(
     """
     from czb.report.exports import to_csv, to_markdown
 
-    files = find_results(paths)
-    loaded = [(file, R.read_result(file)) for file, _ in files]
+    results = load_results(paths)
+    loaded = [(file, record) for file, _, record in results]
     comparison = compare([r for _, r in loaded])
     if fmt == "html":
         notes: dict[tuple[str, str], str] = {}
-        found = (embedding_maps(loaded, comparison, max_cells=max_map_cells, roots=dict(files), notes=notes)
+        roots = {file: root for file, root, _ in results}
+        found = (embedding_maps(loaded, comparison, max_cells=max_map_cells, roots=roots, notes=notes)
                  if maps else {})
         text = render_html(comparison, maps=found, command=command, notes=notes)
     elif fmt == "csv":
@@ -167,5 +202,5 @@ def make_report(
         msg = f"unknown report format {fmt!r}: html, csv or md"
         raise ResultsError(msg)
     if output is not None:
-        R.write_atomically(Path(output), text.encode("utf-8"), what="report")
+        R.write_output(Path(output), text.encode("utf-8"), what="report")
     return text

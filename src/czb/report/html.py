@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from html import escape
 
 import numpy as np
 
 import czb
 from czb.report import plots
+from czb.report.plots import escape
 from czb.report.tables import VERDICT_MARKS, Column, Comparison, Entry
 from czb.runner import results as R
 

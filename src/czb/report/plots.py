@@ -7,11 +7,13 @@ was laid out.
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
-from html import escape
 
 import numpy as np
+
+from czb.terminal import printable
 
 #: Colour-blind-safe qualitative palette (Okabe & Ito), then Tableau's for more groups.
 PALETTE = (
@@ -20,6 +22,13 @@ PALETTE = (
     "#9C755F", "#BAB0AC",
 )
 BASELINE_COLOUR = "#888888"
+
+
+def escape(text: object) -> str:
+    """Text from a record for HTML: special characters as entities, and control and
+    bidirectional-text characters shown escaped (:func:`~czb.terminal.printable`), so a
+    name cannot reorder what a report shows, nor reach a terminal the HTML is printed on."""
+    return html.escape(printable(text))
 
 
 def _fmt(x: float) -> str:
@@ -117,7 +126,7 @@ def scatter_map(
         f'<svg class="plot" data-plot="{escape(plot_id)}" viewBox="0 0 {size + legend_w} {size + 20}" '
         f'width="{size + legend_w}" height="{size + 20}" role="img" aria-label="{escape(title)}">',
         f'<text x="{pad}" y="14" class="plot-title">{escape(title)}</text>',
-        f'<g transform="translate(0,18)">',
+        '<g transform="translate(0,18)">',
     ]
     order = np.random.default_rng(0).permutation(len(xy))  # no group painted over all others
     for code in range(len(names)):

@@ -10,12 +10,13 @@ superseded. Every value is compared with the baseline of its kind (PCA for embed
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from czb.errors import ResultsError
+from czb.errors import CzbWarning, ResultsError
 from czb.evaluation.registry import METRICS, load_all
 from czb.runner import results as R
 from czb.runner.run import reference_baseline
@@ -35,6 +36,10 @@ def metric_label(name: str, params: dict[str, Any]) -> str:
         if key in params:
             parts.append(str(params[key]))
     return name + (f" [{', '.join(parts)}]" if parts else "")
+
+
+class ReportWarning(CzbWarning):
+    """A result file found in a folder cannot be read; the report leaves it out."""
 
 
 def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
@@ -69,17 +74,41 @@ def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
-def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, R.ResultRecord]]:
-    """Every result JSON in ``paths`` (files, or folders searched recursively), with
-    the file it came from.
+def load_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path, R.ResultRecord]]:
+    """Every result JSON in ``paths`` (files, or folders searched recursively), with its
+    results folder (:func:`find_results`) and its record.
+
+    A file found in a folder that cannot be read (not JSON, too big or deep, not a czb
+    result, written by a newer czb) is left out with one :class:`ReportWarning` naming
+    it, never quoting it: one damaged file does not cost the report of the others.
 
     Raises
     ------
     ResultsError
-        A path that does not exist, a folder without results, or a file that is not a
-        czb result (named in the message; its content never is).
+        A path that does not exist, a folder without results, a file named in ``paths``
+        that cannot be read, or no readable result at all.
     """
-    return [(file, R.read_result(file)) for file, _ in find_results(paths)]
+    paths = [Path(p) for p in paths]
+    named = {p for p in paths if not p.is_dir()}
+    loaded, skipped = [], 0
+    for file, root in find_results(paths):
+        try:
+            loaded.append((file, root, R.read_result(file)))
+        except ResultsError as e:
+            if file in named:
+                raise
+            skipped += 1
+            warnings.warn(f"{e}; left out of the report", ReportWarning, stacklevel=2)
+    if not loaded:
+        where = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        msg = f"{where}: none of the {skipped} result files found can be read (each is named above)"
+        raise ResultsError(msg)
+    return loaded
+
+
+def read_results(paths: Iterable[str | Path]) -> list[tuple[Path, R.ResultRecord]]:
+    """:func:`load_results` without the results folders: ``(file, record)`` pairs."""
+    return [(file, record) for file, _, record in load_results(paths)]
 
 
 @dataclass

@@ -30,6 +30,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from czb.errors import EmbeddingError, ModelRunError, NotApplicableError
+from czb.errors import EmbeddingError, EmbeddingWarning, ModelRunError, NotApplicableError
 from czb.runner.contract import (
     CELL_IDS_FILE,
     CONTRACT_VERSION,
@@ -197,6 +198,7 @@ def write_input(
     import h5py
     import pandas as pd
 
+    from czb.evaluation.applicability import missing_mask
     from czb.runner.datasets import iter_row_chunks
     from czb.runner.genes import model_genes
 
@@ -206,7 +208,10 @@ def write_input(
     cols = None if np.array_equal(keep, np.arange(x.shape[1])) else keep
     obs = pd.DataFrame(index=pd.Index(dataset.adata.obs_names.astype(str), name=None))
     for key in request.get("batch_keys", []):
-        obs[key] = dataset.adata.obs[key].astype(str).to_numpy()
+        column = dataset.adata.obs[key]
+        text = column.astype(str).to_numpy().astype(object)
+        text[missing_mask(column)] = ""  # no value: empty, never the text "nan"
+        obs[key] = text
     var = pd.DataFrame(
         {
             "gene_symbol": [s or "" for s in genes.symbols],
@@ -343,6 +348,53 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def discard_tree(path: Path, what: str) -> None:
+    """:func:`~czb.runner.contract.remove_tree`, with a one-line warning instead of an
+    error when something cannot be removed."""
+    try:
+        remove_tree(path)
+    except OSError as e:
+        message = f"could not remove {what} {path} ({e.strerror or type(e).__name__}); remove it by hand"
+        warnings.warn(message, EmbeddingWarning, stacklevel=2)
+
+
+def process_tag() -> str:
+    """``<pid>@<host>``: lets a later run tell whether the process that made a folder is gone."""
+    from czb.runner.weights import host_tag
+
+    return f"{os.getpid()}@{host_tag()}"
+
+
+def remove_stale_work(runs: Path) -> None:
+    """Remove the work folders under ``runs`` left by czb processes of this host that are
+    gone (killed mid-run), and those without a process tag (an older czb's) more than a day
+    old; another host's and a live process's are left."""
+    import time
+
+    from czb.runner.weights import STALE_STAGING_S, host_tag, process_gone
+
+    tagged = re.compile(r".+-(\d+)@([A-Za-z0-9._]+)-[A-Za-z0-9_]+")
+    host = host_tag()
+    try:
+        entries = list(os.scandir(runs))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            match = tagged.fullmatch(entry.name)
+            if match is None:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING_S
+            else:
+                pid = int(match.group(1))
+                stale = match.group(2) == host and pid != os.getpid() and process_gone(pid)
+        except OSError:
+            continue
+        if stale:
+            discard_tree(Path(entry.path), "stale work folder")
+
+
 KEY_FILE = "key.json"
 #: What a cache entry may hold besides key.json and the container log.
 _ENTRY_OUTPUTS = (META_FILE, CELL_IDS_FILE, EMBEDDINGS_FILE)
@@ -382,7 +434,7 @@ class EmbeddingCache:
                 return read_output(entry, name=name, limits=limits, known_cells=known_cells)
             except EmbeddingError:
                 pass
-        remove_tree(entry)  # damaged: forget it, run again
+        discard_tree(entry, "damaged embedding cache entry")  # forget it, run again
         return None
 
     def put(self, key: str, folder: Path, parts: Mapping[str, Any], *, log_file: Path | None = None) -> Path:
@@ -417,9 +469,10 @@ class EmbeddingCache:
         staging.rmdir()
         shutil.move(str(folder), staging)
         if os.path.lexists(entry):
-            old = entry.with_name(f".{key[:12]}-old-{os.getpid()}")
+            old = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key[:12]}-old-"))
+            old.rmdir()  # a fresh name for the old entry
             entry.rename(old)
-            remove_tree(old)
+            discard_tree(old, "replaced embedding cache entry")
         staging.rename(entry)
         return entry
 
@@ -616,7 +669,8 @@ class DockerModelSource:
 
         runs = self.cache_dir / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=runs, prefix=f"{self.name}-"))
+        remove_stale_work(runs)
+        work = Path(tempfile.mkdtemp(dir=runs, prefix=f"{self.name}-{process_tag()}-"))
         try:
             input_dir, output_dir = work / "input", work / "output"
             input_dir.mkdir()
@@ -642,7 +696,9 @@ class DockerModelSource:
             self._check_exit(run, output_dir)
             return read(output_dir, log_file), run_info
         finally:
-            remove_tree(work)
+            # What the run produced is read and kept by now: a folder that will not go
+            # away is a warning (the next run removes it), never a failed run.
+            discard_tree(work, "work folder")
 
     # Perturbation predictions (models with ``output: predictions``) ------------------
 

@@ -17,9 +17,9 @@ that descriptor into a folder czb made, which the container never had.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import shutil
 import stat
 import tempfile
 import unicodedata
@@ -57,10 +57,12 @@ LOG_FILE = "container.log"
 # within its size cap, is opened with O_NOFOLLOW | O_NONBLOCK, and is copied through that
 # descriptor into a folder czb made, which the container never had (collect_output).
 
-#: Caps of the small JSON files (parsed whole) and of their nesting.
+#: Caps of the small JSON files (parsed whole) and of their nesting. ``meta.json`` is kept
+#: in results about 4 levels down (``model.info.container_meta``), so its cap leaves room
+#: under what result readers accept (``czb.runner.results.MAX_RESULT_DEPTH``, 64).
 MAX_META_BYTES = 4 << 20
 MAX_REASON_BYTES = 64 << 10
-MAX_JSON_DEPTH = 64
+MAX_JSON_DEPTH = 32
 #: ``reason.json``'s reason is shown to the user: one line of at most this many characters.
 MAX_REASON_CHARS = 300
 #: The widest embedding accepted (the largest models' are a few thousand).
@@ -532,34 +534,113 @@ def read_predictions(
 
 
 def remove_tree(path: Path) -> None:
-    """Remove ``path`` (a folder, or anything else) without following links, whatever its
-    owner did to the permissions of the folders inside."""
+    """Remove ``path`` (a folder, or anything else) without following links or leaving
+    its file system, however deep it goes and whatever its owner did to the permissions
+    of the folders inside.
+
+    A container may leave a tree thousands of folders deep (deeper than Python's
+    recursion and than ``PATH_MAX``), so the walk is iterative and goes by descriptor,
+    one folder at a time: it never builds long paths and holds at most three
+    descriptors.
+
+    Raises
+    ------
+    OSError
+        Something could not be removed (the caller decides whether that matters).
+    """
     path = Path(path)
     try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            path.unlink()
-            return
+        info = os.lstat(path)
     except FileNotFoundError:
         return
-    except OSError:
-        pass
+    if not stat.S_ISDIR(info.st_mode):
+        path.unlink()
+        return
+    fd = _open_folder_to_remove(os.fspath(path), None)
+    try:
+        _empty_folder(fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
 
-    unlocked: list[str] = []
 
-    def unlock(_function: Any, failed: str, _exc: Any) -> None:
-        # A folder left without read/write/search permission (e.g. mode 000) by the
-        # container's user, which on a rootless engine is ours: make it removable.
-        for candidate in (failed, os.path.dirname(failed)):
-            with contextlib.suppress(OSError):
-                if stat.S_ISDIR(os.lstat(candidate).st_mode):
-                    os.chmod(candidate, 0o700)
-                    unlocked.append(candidate)
+def _open_folder_to_remove(name: str, dir_fd: int | None) -> int:
+    """A descriptor of folder ``name``, made readable and writable (a container's user,
+    which on a rootless engine is ours, may have left it mode 000)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        _unlock(name, dir_fd)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o700 != 0o700:
+            os.fchmod(fd, 0o700)
+    return fd
 
-    for _ in range(64):  # one level of locked folders per pass
-        unlocked.clear()
-        shutil.rmtree(path, onerror=unlock)
-        if not os.path.lexists(path) or not unlocked:
-            break
+
+def _unlock(name: str, dir_fd: int | None) -> None:
+    """``chmod 700`` the folder ``name`` itself, never what a link in its place points to:
+    through an ``O_PATH`` descriptor opened without following links, where Linux has one."""
+    o_path = getattr(os, "O_PATH", 0)
+    if not o_path or not os.path.isdir("/proc/self/fd"):
+        os.chmod(name, 0o700, dir_fd=dir_fd)
+        return
+    fd = os.open(name, o_path | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.chmod(f"/proc/self/fd/{fd}", 0o700)
+    finally:
+        os.close(fd)
+
+
+def _empty_folder(root_fd: int) -> None:
+    """Remove everything inside the folder ``root_fd``, depth first, without recursion.
+
+    Going down opens a child relative to its parent; going up opens ``..`` and checks it
+    is the folder that was left (device and inode), so a tree changed meanwhile stops
+    the walk rather than leading it elsewhere. A folder on another file system (a mount
+    point) is refused, never entered.
+    """
+    root = os.fstat(root_fd)
+    trail: list[tuple[str, int, int]] = []  # (name, device, inode) of each folder above the current one
+    fd = os.dup(root_fd)
+    try:
+        while True:
+            child, removed = None, 0
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+                    removed += 1
+            if child is None and removed:
+                continue  # look again: a listing need not show names while others go
+            if child is not None:
+                here = os.fstat(fd)
+                child_fd = _open_folder_to_remove(child, fd)
+                if os.fstat(child_fd).st_dev != root.st_dev:
+                    os.close(child_fd)
+                    msg = f"{child} is a mount point"
+                    raise OSError(errno.EXDEV, msg)
+                trail.append((child, here.st_dev, here.st_ino))
+                os.close(fd)
+                fd = child_fd
+                continue
+            if not trail:
+                return  # the root is empty
+            name, device, inode = trail.pop()
+            parent_fd = root_fd if not trail else os.open("..", _DIR_FLAGS, dir_fd=fd)
+            parent = os.fstat(parent_fd)
+            if (parent.st_dev, parent.st_ino) != (device, inode):
+                if parent_fd != root_fd:
+                    os.close(parent_fd)
+                msg = "the tree changed while it was being removed"
+                raise OSError(errno.ESTALE, msg)
+            os.close(fd)
+            fd = os.dup(parent_fd) if parent_fd == root_fd else parent_fd
+            os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def read_tail(folder: Path, file: str, n: int, *, max_bytes: int = 1 << 20) -> list[str]:

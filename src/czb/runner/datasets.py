@@ -121,20 +121,30 @@ class Dataset:
 
     @cached_property
     def labels(self) -> np.ndarray:
-        """Cell labels from ``obs[spec.label_key]`` as strings, shape ``(n_cells,)``."""
-        return self.adata.obs[self.spec.label_key].astype(str).to_numpy()
+        """Cell labels from ``obs[spec.label_key]``: ``(n_cells,)`` object array of
+        strings, ``None`` for a cell without one (NaN, ``None``, empty text:
+        :func:`~czb.evaluation.applicability.missing_mask`), never the text ``"nan"``."""
+        return self._annotation([self.spec.label_key])
 
     @cached_property
     def batches(self) -> np.ndarray | None:
-        """Batch labels (several batch columns joined with ``"|"``), or ``None`` without batches."""
+        """Batch labels (several batch columns joined with ``"|"``; ``None`` for a cell
+        missing any of them), or ``None`` for a dataset without batches."""
         keys = self.spec.batch_keys
-        if not keys:
-            return None
-        cols = [self.adata.obs[k].astype(str).to_numpy() for k in keys]
-        out = cols[0]
-        for c in cols[1:]:
-            out = np.char.add(np.char.add(out, "|"), c)
-        return out.astype(object)
+        return self._annotation(keys) if keys else None
+
+    def _annotation(self, keys: list[str]) -> np.ndarray:
+        from czb.evaluation.applicability import missing_mask
+
+        missing = np.zeros(self.n_cells, dtype=bool)
+        out = None
+        for key in keys:
+            column = self.adata.obs[key]
+            missing |= missing_mask(column)
+            text = column.astype(str).to_numpy().astype(object)
+            out = text if out is None else out + "|" + text
+        out[missing] = None
+        return out
 
     @cached_property
     def controls(self) -> np.ndarray | None:
@@ -1301,12 +1311,11 @@ def _check_obs_keys(ds: Dataset) -> None:
                 f"available: {_available(key, obs.columns)}"
             )
             raise DatasetError(msg)
-    labels = obs[spec.label_key]
-    n_missing = int(labels.isna().sum())
+    n_missing = sum(label is None for label in ds.labels)
     if n_missing:
         warnings.warn(
-            f"dataset {ds.name!r}: {n_missing} of {len(labels)} cells have no value "
-            f"in label_key {spec.label_key!r}",
+            f"dataset {ds.name!r}: {n_missing} of {ds.n_cells} cells have no value in label_key "
+            f"{spec.label_key!r}; tasks that need a label leave them out and count them",
             DatasetWarning,
             stacklevel=3,
         )

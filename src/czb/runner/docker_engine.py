@@ -3,7 +3,8 @@
 Everything that talks to the daemon is here; :mod:`czb.runner.containers` decides what
 to run. A container runs sandboxed by default: no network (weights are staged on the
 host), all capabilities dropped, no privilege escalation, a non-root user, a read-only
-root filesystem where the model allows it (``/tmp`` is a tmpfs), and no Docker socket.
+root filesystem where the model allows it (``/tmp`` is a tmpfs), a bound on its processes
+and threads (a fork bomb cannot use up the host's), and no Docker socket.
 It is always removed, whatever happens. Its log is its own text: control characters are
 replaced before a line is shown or kept, lines are cut, and the log is bounded.
 """
@@ -38,6 +39,11 @@ _UNPRINTABLE = {
 }
 #: uid:gid the container runs as when czb itself runs as root (matches the images' user).
 CONTAINER_USER = "10001:10001"
+#: Processes and threads a container may have at once: generous (a data loader with many
+#: workers, each with its thread pools, stays far below), but a fork bomb stops there.
+MAX_PIDS = 16384
+#: The longest wait for a container (a socket timeout must fit the platform's time type).
+MAX_TIMEOUT_S = 10**8
 
 LogSink = Callable[[str], None]
 
@@ -126,6 +132,8 @@ class RunLimits:
         Mount the image read-only.
     network
         ``False`` (default) gives the container no network at all.
+    pids
+        Processes and threads the container may have at once.
     """
 
     gpus: str = "none"
@@ -135,6 +143,7 @@ class RunLimits:
     timeout_s: int | None = None
     read_only_rootfs: bool = True
     network: bool = False
+    pids: int = MAX_PIDS
 
 
 @dataclass
@@ -220,6 +229,7 @@ def run_container(
         "read_only": limits.read_only_rootfs,
         "tmpfs": {"/tmp": f"rw,exec,size={int(limits.tmp_gb * 1024)}m,mode=1777"},
         "shm_size": f"{int(limits.shm_gb * 1024)}m",
+        "pids_limit": int(limits.pids),
         "device_requests": _device_requests(limits.gpus),
         "detach": True,
         "name": f"czb-{name}-{os.urandom(4).hex()}",
@@ -258,7 +268,9 @@ def run_container(
         reader.start()
         timed_out = False
         try:
-            status = container.wait(timeout=limits.timeout_s) if limits.timeout_s else container.wait()
+            # Beyond about 3 years a socket timeout overflows; no run is meant to last that long.
+            timeout = min(limits.timeout_s, MAX_TIMEOUT_S) if limits.timeout_s else None
+            status = container.wait(timeout=timeout) if timeout else container.wait()
             exit_code: int | None = int(status.get("StatusCode", -1))
         except Exception as e:  # noqa: BLE001 - requests' ReadTimeout/ConnectionError on timeout
             if limits.timeout_s is None or not _is_timeout(e):

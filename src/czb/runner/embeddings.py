@@ -58,6 +58,10 @@ MIN_TOTAL_VARIANCE = 1e-12
 #: Spread (root total variance) below this fraction of the rows' RMS norm: the
 #: differences between rows are within ~100 float32 rounding steps of their values.
 MIN_RELATIVE_SPREAD = 1e-5
+#: Largest squared distance the float32 neighbour and silhouette kernels may meet
+#: (``4 · dim · max|x|²`` bounds it): a million times below float32's 3.4e38, so norms,
+#: GEMM partial sums and their differences neither overflow nor lose the distances.
+MAX_SQUARED_DISTANCE = 1e32
 
 #: The PCA baselines stream (:mod:`czb.runner.streaming_pca`) when the expression matrix
 #: stores more values than this (non-zeros; every entry of a dense matrix): 100M values
@@ -188,8 +192,9 @@ def check_embedding(
     EmbeddingError
         When ``values`` is not 2-D, has no rows or columns, is not numeric, or holds NaN or
         infinite values (also after conversion to float32); or when it is degenerate
-        (:func:`_check_spread`): fewer than 2 rows, every row the same, more than
-        :data:`MAX_DUPLICATE_ROW_SHARE` of the rows repeating another, or a total variance
+        (:func:`_check_spread`): fewer than 2 rows, values so large that float32
+        squared distances overflow (:data:`MAX_SQUARED_DISTANCE`), every row the same, more
+        than :data:`MAX_DUPLICATE_ROW_SHARE` of the rows repeating another, or a total variance
         below :data:`MIN_TOTAL_VARIANCE` or below :data:`MIN_RELATIVE_SPREAD` squared times
         the rows' mean squared norm. Such embeddings give neighbour graphs decided by
         ties, and scores that look like structure where there is none.
@@ -200,7 +205,7 @@ def check_embedding(
     try:
         values = np.asarray(values)
     except (TypeError, ValueError) as e:  # ragged nested lists and the like
-        msg = f"{name}: embedding cannot be read as an array ({e})"
+        msg = f"{name}: embedding cannot be read as an array ({type(e).__name__}: ragged or mixed values)"
         raise EmbeddingError(msg) from None
     if values.ndim != 2:
         msg = f"{name}: embedding must be 2-D (cells × dims), got shape {values.shape}"
@@ -244,8 +249,10 @@ def _check_spread(values: np.ndarray, *, name: str) -> None:
     sums = np.zeros(dim)
     squares = np.zeros(dim)
     hashes = np.empty(n, dtype=np.uint64)
+    largest = 0.0
     for start in range(0, n, _BLOCK_ROWS):
         block = values[start : start + _BLOCK_ROWS]
+        largest = max(largest, float(np.abs(block).max()))
         shifted = block.astype(np.float64) - first
         sums += shifted.sum(axis=0)
         squares += np.einsum("ij,ij->j", shifted, shifted)
@@ -256,6 +263,14 @@ def _check_spread(values: np.ndarray, *, name: str) -> None:
     total_variance = float(np.clip(squares / n - mean_shift**2, 0.0, None).sum())
     mean_square_norm = total_variance + float(np.sum((first + mean_shift) ** 2))
     n_distinct = len(pd.unique(hashes))
+    if 4.0 * dim * largest**2 > MAX_SQUARED_DISTANCE:
+        msg = (
+            f"{name}: the embedding's values reach {largest:.3g}; squared distances between its "
+            f"{dim}-dimensional rows would reach {4.0 * dim * largest**2:.2g}, beyond what float32 "
+            f"distance kernels compute reliably ({MAX_SQUARED_DISTANCE:g}); rescale it (e.g. divide "
+            "by its standard deviation)"
+        )
+        raise EmbeddingError(msg)
     if n_distinct == 1 or total_variance == 0.0:
         msg = (
             f"{name}: all {n} rows of the embedding are the same vector (a constant embedding); "
@@ -875,8 +890,9 @@ class FileEmbeddingSource:
     @property
     def sha256(self) -> str:
         """Checksum of the file (recomputed if the file changed)."""
-        stat = self.path.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
+        # Size and times alone can be put back after an edit; ctime and inode cannot.
+        st = self.path.stat()
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
         if self._digest is None or self._digest[0] != stamp:
             self._digest = (stamp, _sha256(self.path))
         return self._digest[1]
@@ -959,8 +975,8 @@ class FileEmbeddingSource:
 
     def _unreadable(self, error: Exception) -> EmbeddingError:
         # Never the parser's message itself: numpy, zipfile and h5py quote the file.
-        from czb.runner.hdf5_checks import read_error_cause
         from czb.runner.fetch import describe_content, expected_kind
+        from czb.runner.hdf5_checks import read_error_cause
 
         what = describe_content(self.path, expected=expected_kind(self.path.name))
         if what is not None:

@@ -12,11 +12,12 @@ This module turns specs into predictors and datasets into the task's
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from czb.errors import DatasetError, SpecError
+from czb.errors import DatasetError, DatasetWarning, SpecError
 
 if TYPE_CHECKING:
     from czb.runner.datasets import Dataset
@@ -116,7 +117,22 @@ def perturbation_data(ds: Dataset) -> Any:
     if spec.expression != "raw_counts":
         msg = f"dataset {ds.name!r}: perturbation tasks read raw counts; the spec declares {spec.expression}"
         raise DatasetError(msg)
-    conditions = np.asarray(ds.role(CONDITION_ROLE)).astype(str)
+    from czb.evaluation.applicability import missing_mask
+
+    raw_conditions = ds.role(CONDITION_ROLE)
+    # A cell without a condition (or a batch, for control matching) is no perturbation.
+    known = ~missing_mask(raw_conditions)
+    if ds.batches is not None:
+        known &= np.array([b is not None for b in ds.batches])
+    if not known.all():
+        warnings.warn(
+            f"dataset {ds.name!r}: {int((~known).sum())} of {ds.n_cells} cells have no condition or no "
+            "batch; perturbation tasks leave them out",
+            DatasetWarning,
+            stacklevel=2,
+        )
+    rows = np.flatnonzero(known)
+    conditions = np.asarray(raw_conditions).astype(str)[rows]
     if not np.any(conditions == spec.control_label):
         shown = ", ".join(sorted(set(conditions))[:5])
         msg = (
@@ -136,11 +152,13 @@ def perturbation_data(ds: Dataset) -> Any:
         counts = sp.vstack(parts, format="csr")
     elif keep is not None:
         counts = counts[:, keep]
+    if len(rows) < ds.n_cells:
+        counts = counts[rows]
     return PerturbationData(
         counts=counts,
         conditions=conditions.astype(object),
         control_label=spec.control_label,
         genes=np.asarray(genes.ids, dtype=object),
-        batches=ds.batches,
-        cell_ids=np.asarray(ds.adata.obs_names, dtype=object),
+        batches=None if ds.batches is None else ds.batches[rows],
+        cell_ids=np.asarray(ds.adata.obs_names, dtype=object)[rows],
     )

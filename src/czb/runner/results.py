@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from czb.errors import ResultsError
-from czb.untrusted import UntrustedInputError, parse_json, read_bounded
+from czb.untrusted import UntrustedInputError, json_depth, parse_json, read_bounded
 
 #: Bumped whenever a field changes meaning or is removed.
 SCHEMA_VERSION = 1
@@ -129,9 +129,22 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def slug(text: str) -> str:
-    """``text`` with every run of characters unsafe in file names replaced by ``-``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "unnamed"
+#: Longest :func:`slug`: the four parts of a result file name stay well under the 255
+#: bytes a file system allows in one name, whatever the names (up to 128 characters each).
+MAX_SLUG = 60
+
+
+def slug(text: str, max_length: int = MAX_SLUG) -> str:
+    """``text`` as part of a file name: every run of characters unsafe in file names
+    replaced by ``-``; a longer one cut to ``max_length`` characters, ending with a short
+    hash of the whole ``text`` so that names cut alike stay apart."""
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "unnamed"
+    if len(safe) <= max_length:
+        return safe
+    digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe[: max_length - len(digest) - 1].rstrip('-')}-{digest}"
 
 
 def write_result(record: ResultRecord, output_dir: Path) -> Path:
@@ -151,10 +164,14 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
     except OSError as e:
         msg = f"cannot create output folder {output_dir}: {e.strerror}"
         raise ResultsError(msg) from e
-    stamp = record.created_at.replace(":", "").replace("+0000", "Z").replace("+00:00", "Z")
-    stem = "__".join(slug(s) for s in (record.dataset.name, record.model.name, record.task.name, stamp))
+    stamp = slug(record.created_at.replace(":", "").replace("+0000", "Z").replace("+00:00", "Z"), 32)
+    stem = "__".join(slug(s) for s in (record.dataset.name, record.model.name, record.task.name)) + "__" + stamp
+    data = record.model_dump(mode="json")
+    if json_depth(data) > MAX_RESULT_DEPTH:  # what czb writes, czb must be able to read back
+        msg = f"result {stem} nests more than {MAX_RESULT_DEPTH} levels deep; it would not be readable"
+        raise ResultsError(msg)
     try:
-        payload = json.dumps(record.model_dump(mode="json"), indent=2, allow_nan=False)
+        payload = json.dumps(data, indent=2, allow_nan=False)
     except ValueError as e:
         msg = f"result {stem} holds a value JSON cannot represent: {e}"
         raise ResultsError(msg) from e
@@ -228,35 +245,140 @@ def embedding_sample(
     return relative.as_posix(), buffer.getvalue()
 
 
-def write_embedding_sample(values: Any, output_dir: Path, **what: Any) -> str:
+def write_embedding_sample(values: Any, output_dir: Path, **what: Any) -> str | None:
     """Write :func:`embedding_sample` under ``output_dir``, atomically.
+
+    The sample only serves report maps: one that cannot be written (``embeddings`` is
+    a file, the disk is full) is an :class:`~czb.errors.EmbeddingWarning`, not the loss
+    of the scores it belongs to.
 
     Returns
     -------
-    The file's path relative to ``output_dir`` (what :attr:`ResultRecord.embedding_sample` holds).
+    The file's path relative to ``output_dir`` (what :attr:`ResultRecord.embedding_sample`
+    holds), or ``None`` when it could not be written.
     """
+    import warnings
+
+    from czb.errors import EmbeddingWarning
+
     relative, payload = embedding_sample(values, **what)
-    write_atomically(Path(output_dir) / relative, payload, what="embedding sample")
+    try:
+        write_atomically(Path(output_dir) / relative, payload, what="embedding sample")
+    except ResultsError as e:
+        warnings.warn(f"{e}; reports will have no map of it", EmbeddingWarning, stacklevel=2)
+        return None
     return relative
 
 
-def write_atomically(path: Path, payload: bytes, *, what: str = "file") -> None:
-    """Write ``payload`` to ``path`` through a temporary file in the same folder renamed
-    over it, so readers see the old file or the new one, never a part; the file is
-    readable as the umask allows (not mkstemp's 0600)."""
+def write_atomically(path: Path, payload: bytes, *, what: str = "file", mode: int | None = None) -> None:
+    """Write czb's own file ``path`` (in a folder czb writes: results, samples, a store)
+    through a temporary file in the same folder renamed over it, so readers see the old
+    file or the new one, never a part. Missing folders are created. Whatever entry has
+    the name is replaced, never written through (a symlink planted there cannot send
+    the write elsewhere). The file gets ``mode``, by default as readable as the umask
+    allows (not mkstemp's 0600).
+
+    A path the user named is written with :func:`write_output`.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        msg = f"cannot create folder {path.parent} for {what} {path.name}: {e.strerror}"
+        msg = f"cannot create folder {path.parent} for {what} {path.name}: {e.strerror or type(e).__name__}"
         raise ResultsError(msg) from e
     with _staged(path.parent, path.suffix, f"{what} {path}") as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+
+
+def write_output(path: Path, payload: bytes, *, what: str = "file") -> None:
+    """Write ``payload`` to a path the user named (``czb report -o``) as a shell
+    redirection would, but whole or not at all.
+
+    - A character device or FIFO, also behind a symlink (``/dev/stdout``, ``/dev/null``,
+      a named pipe): opened and written, never replaced (a device node is never turned
+      into a file).
+    - A symlink to a regular file (or to nothing yet): its target is replaced
+      atomically; the link stays.
+    - A regular file or nothing: written atomically (:func:`write_atomically`),
+      keeping an existing file's permissions.
+
+    Raises
+    ------
+    ResultsError
+        One line naming the path: a folder, a block device or socket, a file that is
+        not writable, or a folder that does not exist (none is created).
+    """
+    import stat
+
+    path = Path(path)
+    try:
+        info = os.stat(path)  # follows links: what the path leads to
+    except FileNotFoundError:
+        info = None
+    except OSError as e:
+        msg = f"cannot write {what} {path}: {e.strerror or type(e).__name__}"
+        raise ResultsError(msg) from None
+    if info is not None:
+        kind = info.st_mode
+        if stat.S_ISCHR(kind) or stat.S_ISFIFO(kind):
+            _write_stream(path, payload, what)
+            return
+        if stat.S_ISDIR(kind):
+            msg = f"cannot write {what} {path}: it is a folder"
+            raise ResultsError(msg)
+        if not stat.S_ISREG(kind):
+            msg = f"cannot write {what} {path}: it is a {'block device' if stat.S_ISBLK(kind) else 'socket'}"
+            raise ResultsError(msg)
+        if not os.access(path, os.W_OK):
+            msg = f"cannot write {what} {path}: the file is not writable"
+            raise ResultsError(msg)
+    if info is not None and _through_proc(path):
+        # An open file (/dev/stdout redirected to a file, /proc/self/fd/N): write through
+        # the descriptor's file at its end, as the shell's ">" or ">>" expects.
+        _write_stream(path, payload, what, append=True)
+        return
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    folder = target.parent
+    if not folder.is_dir():
+        msg = f"cannot write {what} {path}: folder {folder} does not exist"
+        raise ResultsError(msg)
+    write_atomically(target, payload, what=what, mode=None if info is None else stat.S_IMODE(info.st_mode))
+
+
+def _through_proc(path: Path) -> bool:
+    """Whether ``path`` is, or its chain of symlinks passes, a ``/proc`` file (the magic
+    links of open descriptors, which ``/dev/stdout`` and ``/dev/fd/N`` point to)."""
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        # Folders resolved (/dev/fd is a link to /proc/self/fd), the last part as it is.
+        current = os.path.join(os.path.realpath(os.path.dirname(current)), os.path.basename(current))
+        if current == "/proc" or current.startswith("/proc/"):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.normpath(os.path.join(os.path.dirname(current), os.readlink(current)))
+    return False
+
+
+def _write_stream(path: Path, payload: bytes, what: str, *, append: bool = False) -> None:
+    """Write ``payload`` into the device, FIFO or open file ``path`` leads to, in place
+    (a FIFO waits for its reader, as a shell redirection does)."""
+    flags = os.O_WRONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_APPEND if append else 0
+    try:
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+    except OSError as e:
+        msg = f"cannot write {what} to {path}: {e.strerror or type(e).__name__}"
+        raise ResultsError(msg) from None
 
 
 #: Largest result JSON :func:`read_result` reads (records are kilobytes).
@@ -281,6 +403,11 @@ def read_result(path: Path) -> ResultRecord:
         problem = str(e)
     if problem is not None:
         msg = f"{path}: not a readable result JSON ({problem})"
+        raise ResultsError(msg)
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        shown = f"schema {version}" if version < 10**6 else "a newer schema"
+        msg = f"{path}: written by a newer czb ({shown}); this czb reads schema {SCHEMA_VERSION}"
         raise ResultsError(msg)
     try:
         return ResultRecord.model_validate(data)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import czb
-from czb.errors import CzbError, NotApplicableError
+from czb.errors import CzbError, NotApplicableError, ResultsError
 from czb.evaluation.context import DEFAULT_SEEDS, EvaluationContext, TaskResult, run_task
 from czb.evaluation.registry import get_task
 from czb.evaluation.resources import measure
@@ -75,10 +75,9 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
     batch keys, a cell missing any of them), never the text ``"nan"``: the evaluation
     leaves those cells out of the tasks that need the role and counts them.
     """
-    roles: dict[str, np.ndarray] = {"labels": _annotation(ds, [ds.spec.label_key]),
-                                    "species": ds.role("species")}
-    if ds.spec.batch_keys:
-        roles["batch"] = _annotation(ds, ds.spec.batch_keys)
+    roles: dict[str, np.ndarray] = {"labels": ds.labels, "species": ds.role("species")}
+    if ds.batches is not None:
+        roles["batch"] = ds.batches
     if ds.controls is not None:
         roles["control"] = ds.controls
     for role in ds.spec.extra_keys:
@@ -86,22 +85,6 @@ def dataset_roles(ds: Dataset, cell_index: np.ndarray | None = None) -> dict[str
     if cell_index is not None:
         roles = {k: v[cell_index] for k, v in roles.items()}
     return roles
-
-
-def _annotation(ds: Dataset, keys: Sequence[str]) -> np.ndarray:
-    """obs columns ``keys`` as one ``(n_cells,)`` object array of strings (several
-    joined with ``"|"``), ``None`` where any of them has no value."""
-    from czb.evaluation.applicability import missing_mask
-
-    missing = np.zeros(ds.n_cells, dtype=bool)
-    out = None
-    for key in keys:
-        column = ds.adata.obs[key]
-        missing |= missing_mask(column)
-        text = column.astype(str).to_numpy().astype(object)
-        out = text if out is None else out + "|" + text
-    out[missing] = None
-    return out
 
 
 def map_labels(labels: np.ndarray | None) -> np.ndarray | None:
@@ -577,12 +560,22 @@ def run_benchmark(
 
     say = progress or (lambda _m: None)
     records: list[R.ResultRecord] = []
+    unwritten: list[str] = []
 
     def keep(new: list[R.ResultRecord]) -> None:
         if output_dir is not None:
             for record in new:
-                R.write_result(record, output_dir)
+                try:
+                    R.write_result(record, output_dir)
+                except ResultsError as e:  # one record that cannot be written loses no other
+                    unwritten.append(str(e))
         records.extend(new)
+
+    def done() -> list[R.ResultRecord]:
+        if unwritten:
+            msg = f"{len(unwritten)} result(s) could not be written (the others were): {unwritten[0]}"
+            raise ResultsError(msg)
+        return records
 
     members: list[list[GroupMember]] = [[] for _ in sources]
     for spec in dataset_specs:
@@ -609,7 +602,7 @@ def run_benchmark(
                 # The user's own file (first source) does not fit: stop before the baselines run.
                 keep(_unscored(embedded, dataset_record(ds), [*cell_level, *perturbation], seeds=seeds,
                                command=command))
-                return records
+                return done()
             if cell_level:
                 reads_expression = any("expression" in p.task.info.requires for p in cell_level)
                 expression = dataset_expression(ds, embedded.cell_index) if reads_expression else None
@@ -635,7 +628,7 @@ def run_benchmark(
         for group in members:
             keep(score_group(group, multi, seeds=seeds, n_jobs=n_jobs, command=command,
                              progress=progress, raise_errors=raise_errors, exact=exact))
-    return records
+    return done()
 
 
 def reference_baseline(record: R.ResultRecord) -> str:

@@ -181,15 +181,21 @@ class DatasetSpec(_Spec):
         return [self.batch_key] if isinstance(self.batch_key, str) else list(self.batch_key)
 
 
+#: Upper bounds of the resources a spec may ask for: far beyond any machine, but numbers
+#: the container engine (and a socket timeout) can take.
+MAX_RESOURCE_GB = 1e6
+MAX_TIMEOUT_S = 10**8
+
+
 class Resources(BaseModel):
-    """What a model needs to run."""
+    """What a model needs to run: positive, finite amounts (``None``: the default)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gpu: bool = False
-    memory_gb: float | None = None
-    shm_gb: float | None = None
-    timeout_s: int | None = None
+    memory_gb: float | None = Field(default=None, gt=0, le=MAX_RESOURCE_GB, allow_inf_nan=False)
+    shm_gb: float | None = Field(default=None, gt=0, le=MAX_RESOURCE_GB, allow_inf_nan=False)
+    timeout_s: int | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
 
 
 class WeightFile(BaseModel):
@@ -238,6 +244,28 @@ class WeightsVariant(BaseModel):
             raise ValueError(msg)
         return value
 
+    @field_validator("weights")
+    @classmethod
+    def _distinct_paths(cls, value: list[WeightFile]) -> list[WeightFile]:
+        # Each file needs a place of its own in the weights folder: the same path twice,
+        # or a file where another entry needs a folder, cannot both be staged. Compared
+        # without case, so a spec stages the same way on a case-insensitive disk.
+        taken: dict[tuple[str, ...], str] = {}  # every entry's parts -> its path
+        folders: dict[tuple[str, ...], str] = {}  # every folder above an entry -> that entry's path
+        for item in value:
+            parts = tuple(part.casefold() for part in Path(item.path).parts)
+            above = [parts[:i] for i in range(1, len(parts))]
+            other = taken.get(parts) or folders.get(parts) or next(
+                (taken[folder] for folder in above if folder in taken), None)
+            if other is not None:
+                msg = (f"weights paths {_shown(other)} and {_shown(item.path)} collide (the same path, "
+                       "or one inside the other); each entry needs a place of its own")
+                raise ValueError(msg)
+            taken[parts] = item.path
+            for folder in above:
+                folders.setdefault(folder, item.path)
+        return value
+
 
 class ModelSpec(_Spec):
     """A model that turns a dataset into cell embeddings."""
@@ -257,7 +285,7 @@ class ModelSpec(_Spec):
     output: Literal["embedding", "predictions"] = "embedding"
     gene_id_type: GeneIdType | Literal["any"] = "any"
     input: ExpressionKind | Literal["any"] = "any"
-    output_dim: int | None = None
+    output_dim: int | None = Field(default=None, gt=0)
     organisms: list[str] = Field(default_factory=list)  # empty: any organism
     resources: Resources = Field(default_factory=Resources)
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -402,7 +430,9 @@ def _format_validation_error(path: Path, section: str, name: str, error: Validat
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: Lists and mappings nested deeper than this are refused before the YAML is composed
 #: (libyaml's composer recurses in C: a deep enough document would crash the process).
-MAX_YAML_DEPTH = 64
+#: Spec parameters are copied into results a few levels down, and result files are read
+#: back only up to 64 levels (:data:`czb.runner.results.MAX_RESULT_DEPTH`): 32 leaves room.
+MAX_YAML_DEPTH = 32
 #: Nodes that aliases may add to one spec file, all aliases together (an alias adds the
 #: size of what its anchor names): shared citations and weight files fit; quadratic alias
 #: bombs (one big anchor, many aliases) do not.

@@ -4,14 +4,23 @@
 variant (:class:`~czb.runner.specs.WeightFile`) through the dataset cache, verifies its
 sha256 when the spec gives one, and lays the files out under
 ``<cache>/weights/<model>/<variant>/`` exactly as the container expects them at
-``/weights``. A manifest beside that folder records the files, their licence and the
-folder's checksum, which identifies the weights in cache keys and result files.
-``--weights DIR`` uses a local copy instead.
+``/weights``. A manifest beside that folder records the files, their licence, the
+folder's checksum, which identifies the weights in cache keys and result files, and a
+stamp of every entry (size, times, inode), so a staged folder changed afterwards is
+noticed. ``--weights DIR`` uses a local copy instead.
+
+A spec may name a local file (a path or ``file://``). The model's image reads whatever is
+staged, and can write it into ``meta.json`` and so into results: a spec and an image
+together could carry any file the user can read (``~/.ssh/id_rsa``) into a result. So a
+local source must be a regular file that anyone on the machine may read (mode ``o+r``),
+and it is copied (never linked: the user's file keeps its mode, and editing it later does
+not change what is staged); its sha256 is checked on the copy.
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import json
@@ -146,17 +155,19 @@ def stage_weights(
     EmbeddingError
         An archive is corrupt or tries to write outside its folder.
     """
-    from czb.runner.fetch import fetch
+    from czb.runner.contract import remove_tree
+    from czb.runner.fetch import fetch, is_remote
 
     name, chosen = spec.variant(variant)
     if not chosen.weights:
         return StagedWeights(None, None, name, chosen.license)
     folder = staged_path(spec, name, cache_dir=cache_dir)
-    manifest = _read_manifest(folder)
-    if manifest is not None:
-        return StagedWeights(folder, manifest["checksum"], name, chosen.license)
-
     root = _cache_dir(cache_dir) / "weights"
+    manifest = _read_manifest(folder)
+    if manifest is not None and _still_staged(folder, manifest, root=root):
+        return StagedWeights(folder, manifest["checksum"], name, chosen.license)
+    # Not staged yet, or changed since: stage again (the old folder is replaced).
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     _require_inside(folder.parent, root, "weights folder")
     _remove_stale_staging(folder.parent, name)
@@ -164,15 +175,27 @@ def stage_weights(
     try:
         files = []
         for item in chosen.weights:
-            local = Path(fetch(item.uri, sha256=item.sha256, cache_dir=cache_dir, offline=offline,
-                               progress=progress))
             target = staging / item.path
             _require_inside(target, staging, f"weights file {item.path!r:.60} of")
-            if item.extract:
-                _extract(local, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if is_remote(item.uri):
+                # A download: czb's own file in its cache, checked against sha256 by fetch.
+                local = Path(fetch(item.uri, sha256=item.sha256, cache_dir=cache_dir, offline=offline,
+                                   progress=progress))
+                if item.extract:
+                    _extract(local, target)
+                else:
+                    _link_or_copy(local, target)
             else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(local, target)
+                source = Path(fetch(item.uri, cache_dir=cache_dir, offline=offline))  # resolves file://
+                if item.extract:
+                    # Unpacked from czb's own copy: what was checked is what is unpacked.
+                    archive = staging / f".archive-{len(files)}"
+                    _copy_local_source(source, archive, sha256=item.sha256, model=spec.name, variant=name)
+                    _extract(archive, target, shown=source)
+                    archive.unlink()
+                else:
+                    _copy_local_source(source, target, sha256=item.sha256, model=spec.name, variant=name)
             files.append({"uri": item.uri, "path": item.path, "sha256": item.sha256, "extract": item.extract})
         checksum = directory_checksum(staging)
         _make_readable(staging)  # containers read it as a non-root user
@@ -180,10 +203,12 @@ def stage_weights(
             folder.unlink()
         elif folder.exists():
             _require_inside(folder, root, "weights folder")
-            shutil.rmtree(folder)  # an unfinished earlier staging without a manifest
+            _manifest_path(folder).unlink(missing_ok=True)  # never a manifest without its folder
+            remove_tree(folder)  # an unfinished or changed earlier staging
         staging.rename(folder)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(staging)
         raise
     _write_manifest(folder, {
         "model": spec.name,
@@ -191,20 +216,125 @@ def stage_weights(
         "license": chosen.license,
         "files": files,
         "checksum": checksum,
+        "stamps": _stamps(folder),
     }, root=root)
     return StagedWeights(folder, checksum, name, chosen.license)
 
 
+def _copy_local_source(source: Path, target: Path, *, sha256: str | None, model: str, variant: str) -> None:
+    """Copy the local weights file ``source`` to the new file ``target``, checking it first.
+
+    It must be a regular file (not a folder, device, FIFO or socket; opened without
+    blocking and checked on the descriptor) that others may read, and must not change
+    size while it is copied (a ``/proc`` file, or one still being written). Its sha256,
+    when the spec gives one, is checked on the bytes copied.
+
+    Raises
+    ------
+    FetchError
+        One line naming the file and what is wrong with it; its content is never read
+        unless it may be staged.
+    """
+    shown = f"weights of {model} (variant {variant}): {source}"
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        msg = f"{shown}: cannot open ({e.strerror or type(e).__name__})"
+        raise FetchError(msg) from None
+    digest = hashlib.sha256()
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            msg = f"{shown} is a folder; weights are files (an archive with extract: true for a folder)"
+            raise FetchError(msg)
+        if not stat.S_ISREG(info.st_mode):
+            msg = f"{shown} is not a regular file (a device, pipe or socket)"
+            raise FetchError(msg)
+        if not info.st_mode & stat.S_IROTH:
+            msg = (f"{shown}: the file is private (mode {stat.S_IMODE(info.st_mode):04o}); czb hands weights to "
+                   "the model's image, so it only stages files anyone on the machine may read; "
+                   "copy it somewhere readable if you mean to")
+            raise FetchError(msg)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        copied = 0
+        with os.fdopen(out, "wb") as f:
+            while chunk := os.read(fd, 1 << 22):
+                copied += len(chunk)
+                if copied > info.st_size:
+                    break
+                f.write(chunk)
+                digest.update(chunk)
+        if copied != info.st_size:
+            msg = (f"{shown} changed size while it was copied (a file still being written, or one "
+                   "of /proc or /sys, which holds no weights); weights are staged from regular files only")
+            raise FetchError(msg)
+    except OSError as e:
+        msg = f"{shown}: cannot copy ({e.strerror or type(e).__name__})"
+        raise FetchError(msg) from None
+    finally:
+        os.close(fd)
+    actual = digest.hexdigest()
+    if sha256 is not None and actual != sha256.lower():
+        msg = (f"{source}: sha256 mismatch: expected {sha256.lower()}, got {actual}; the file changed "
+               "since the spec was written: restore it, or update the spec's sha256 if the change is intended")
+        raise FetchError(msg)
+
+
+def _stamps(folder: Path) -> dict[str, list[int]]:
+    """``{relative path: [mode, size, mtime, ctime, inode]}`` of every entry under ``folder``
+    (links not followed, walked without recursion): what tells that a staged folder was
+    changed (a file edited, added or removed) without reading it. The ctime matters:
+    setting size and mtime back after an edit is easy, setting the ctime back is not."""
+    stamps: dict[str, list[int]] = {}
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(os.path.join(folder, relative) if relative else folder) as entries:
+            for entry in entries:
+                name = f"{relative}/{entry.name}" if relative else entry.name
+                info = entry.stat(follow_symlinks=False)
+                stamps[name] = [info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+                if stat.S_ISDIR(info.st_mode):
+                    pending.append(name)
+    return stamps
+
+
+def _still_staged(folder: Path, manifest: dict[str, Any], *, root: Path) -> bool:
+    """Whether ``folder`` still holds the weights its manifest records.
+
+    The stamps decide when they match (nothing changed); otherwise (a change, or a
+    manifest of an older czb without stamps) the checksum is computed again, and the
+    stamps are refreshed when the content is the same after all.
+    """
+    try:
+        if manifest.get("stamps") == _stamps(folder):
+            return True
+        if directory_checksum(folder) != manifest["checksum"]:
+            return False
+        with contextlib.suppress(OSError, SpecError):
+            _write_manifest(folder, {**manifest, "stamps": _stamps(folder)}, root=root)
+    except OSError:
+        return False
+    return True
+
+
+def host_tag() -> str:
+    """This host's name as it goes into folder names (letters, digits, '.', '_')."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
 def _staging_prefix(variant: str) -> str:
     """``.<variant>-staging-<pid>@<host>-``: a later run can tell whether its process is gone."""
-    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
-    return f".{variant}-staging-{os.getpid()}@{host}-"
+    return f".{variant}-staging-{os.getpid()}@{host_tag()}-"
 
 
-def _process_gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (``False`` when it cannot tell)."""
+    if pid <= 0:
+        return False  # 0 and below name process groups, not a process
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # the second: a number no process can have
         return True
     except (PermissionError, OSError):  # alive (another user's), or cannot tell
         return False
@@ -215,7 +345,9 @@ def _remove_stale_staging(parent: Path, variant: str) -> None:
     """Remove the staging folders of ``variant`` left by a czb process that died mid-way
     (killed while unpacking): its process is gone on this host, or the folder is more
     than a day old (another host's, or an older czb's without a process ID in its name)."""
-    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+    from czb.runner.contract import remove_tree
+
+    host = host_tag()
     pattern = re.compile(rf"\.{re.escape(variant)}-staging-(?:(\d+)@(.+)-)?[A-Za-z0-9_]+")
     for entry in parent.iterdir():
         match = pattern.fullmatch(entry.name)
@@ -223,9 +355,10 @@ def _remove_stale_staging(parent: Path, variant: str) -> None:
             continue
         pid, where = match.group(1), match.group(2)
         stale = time.time() - entry.stat().st_mtime > STALE_STAGING_S or (
-            pid is not None and where == host and int(pid) != os.getpid() and _process_gone(int(pid)))
+            pid is not None and where == host and int(pid) != os.getpid() and process_gone(int(pid)))
         if stale and _inside(entry, parent):
-            shutil.rmtree(entry, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(entry)
 
 
 def resolve_weights(
@@ -260,18 +393,33 @@ def resolve_weights(
             f"`czb models fetch-weights {spec.name} --variant {name}` or pass --weights DIR"
         )
         raise EmbeddingError(msg)
+    if not _still_staged(folder, manifest, root=_cache_dir(cache_dir) / "weights"):
+        msg = (
+            f"the staged weights of {spec.name} (variant {name}) in {folder} changed since they were "
+            f"staged (their checksum no longer matches); run `czb models fetch-weights {spec.name} "
+            f"--variant {name}` to stage them again"
+        )
+        raise EmbeddingError(msg)
     return StagedWeights(folder, manifest["checksum"], name, chosen.license)
 
 
+#: Largest manifest read (a stamp is about 100 bytes a staged file).
+MAX_MANIFEST_BYTES = 1 << 28
+
+
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of ``folder``; ``None`` when there is none or it cannot be read (the
+    weights are then staged again)."""
+    from czb import untrusted
+
     path = _manifest_path(folder)
-    if not folder.is_dir() or not path.is_file():
+    if folder.is_symlink() or not folder.is_dir():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        manifest = untrusted.parse_json(untrusted.read_bounded(path, MAX_MANIFEST_BYTES), max_depth=8)
+    except (OSError, ValueError):  # UntrustedInputError is a ValueError
         return None
-    return manifest if isinstance(manifest, dict) and "checksum" in manifest else None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("checksum"), str) else None
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any], *, root: Path) -> None:
@@ -297,11 +445,7 @@ def _make_readable(folder: Path) -> None:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    # A hard link shares the mode bits, and the staged folder is made readable by others:
-    # copy a file that is private, so the user's own file keeps its permissions.
-    if not source.stat().st_mode & stat.S_IROTH:
-        shutil.copy2(source, target)
-        return
+    """A download (czb's own file in its cache) is linked when it can be: weights are large."""
     try:
         os.link(source, target)
     except OSError:  # another filesystem
@@ -312,11 +456,11 @@ class _Budget:
     """What an archive may still unpack: bytes (counted as written, and as decompressed)
     and members."""
 
-    def __init__(self, archive: Path):
+    def __init__(self, archive: Path, shown: str | Path):
         from czb.settings import get_settings
 
         settings = get_settings()
-        self.archive = archive
+        self.archive = shown
         self.ratio, self.floor_mb = settings.max_unpack_ratio, settings.min_unpack_mb
         self.max_bytes = max(int(self.ratio * archive.stat().st_size), int(self.floor_mb * 1e6))
         self.max_members = settings.max_unpack_files
@@ -408,17 +552,19 @@ def _copy_counted(source, dest: Path, budget: _Budget) -> None:
             out.write(chunk)
 
 
-def _extract(archive: Path, target: Path) -> None:
+def _extract(archive: Path, target: Path, *, shown: str | Path | None = None) -> None:
     """Unpack a tar or zip archive into ``target``, member by member.
 
     Refuses members that would land outside ``target`` (also through links) and special
     members (devices, FIFOs; symlinks in zips), and stops once the bytes or members
     exceed the limits (``CZB_MAX_UNPACK_RATIO``, ``CZB_MAX_UNPACK_FILES``): bytes are
-    counted as they are decompressed and written, never taken from headers.
+    counted as they are decompressed and written, never taken from headers. Messages
+    name the archive as ``shown`` (default: its path), e.g. the file czb's copy came from.
     """
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
-    budget = _Budget(archive)
+    archive_file, archive = archive, shown or archive
+    budget = _Budget(archive_file, archive)
 
     def safe(member: str) -> Path:
         dest = (root / member).resolve()
@@ -432,9 +578,9 @@ def _extract(archive: Path, target: Path) -> None:
         raise EmbeddingError(msg)
 
     try:
-        stream = _tar_stream(archive)
-        if stream is None and zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
+        stream = _tar_stream(archive_file)
+        if stream is None and zipfile.is_zipfile(archive_file):
+            with zipfile.ZipFile(archive_file) as zf:
                 for info in zf.infolist():
                     budget.member()
                     dest = safe(info.filename)

@@ -229,7 +229,13 @@ def require_classes(labels: np.ndarray, min_class_size: int) -> int:
 
 def score_fold(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
     """Accuracy, F1, precision, recall (macro, or binary for two classes) and OvR macro AUROC."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
 
     average = "binary" if n_classes == 2 else "macro"
     labels = np.arange(n_classes)

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from czb.evaluation import distances
-from czb.evaluation.neighbors import NearestSoFar, exact_sorted
 from czb.evaluation.estimates import (  # noqa: F401 - MIN_PER_STRATUM, stratified_sample re-exported
     MIN_PER_STRATUM,
     SAMPLE_SIZE,
@@ -25,6 +24,7 @@ from czb.evaluation.estimates import (  # noqa: F401 - MIN_PER_STRATUM, stratifi
     stratified_mean,
     stratified_sample,
 )
+from czb.evaluation.neighbors import NearestSoFar, exact_sorted
 from czb.evaluation.registry import MetricInfo, register_metric
 
 #: Up to this many cells silhouettes are exact (10^5 cells: ~25 s on 2 cores; the

@@ -49,8 +49,8 @@ from pydantic import Field
 
 from czb.errors import NotApplicableError, TaskError
 from czb.evaluation import perturbation_baselines as pb
-from czb.evaluation.metrics import perturbation as pm
 from czb.evaluation.context import TaskContext
+from czb.evaluation.metrics import perturbation as pm
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
 

@@ -11,11 +11,15 @@ from czb.errors import NotApplicableError
 from czb.evaluation.applicability import topk_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
-from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, stratified_subsample, unique_codes
+from czb.evaluation.perturbation_analysis import (
+    ScreenDesign,
+    ScreenSplit,
+    stratified_subsample,
+    unique_codes,
+)
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
 from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
-
 
 #: Tx-Evaluation subsamples the kNN reference (train) to this many cells, stratified
 #: by perturbation, whenever it has more (``downsample_data``, ``sampled_size``).

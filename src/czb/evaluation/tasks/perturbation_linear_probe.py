@@ -9,7 +9,12 @@ from czb.errors import NotApplicableError
 from czb.evaluation.applicability import topk_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import perturbation_analysis as pa
-from czb.evaluation.perturbation_analysis import ScreenDesign, ScreenSplit, standard_scale_params, unique_codes
+from czb.evaluation.perturbation_analysis import (
+    ScreenDesign,
+    ScreenSplit,
+    standard_scale_params,
+    unique_codes,
+)
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
 from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
