@@ -1031,7 +1031,7 @@ def test_stale_work_folders_of_dead_processes_are_removed_at_the_next_run(tmp_pa
     import subprocess
     import time
 
-    from czb.runner.weights import host_tag
+    from czb.runner.workdirs import host_tag
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=30)

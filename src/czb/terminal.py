@@ -27,3 +27,14 @@ def printable(text: object) -> str:
     space, other control characters and bidirectional controls their escaped form
     (``\\x1b``, ``\\u202e``)."""
     return _UNSAFE.sub(_visible, _BREAKS.sub(" ", str(text)))
+
+
+def human_bytes(n: float) -> str:
+    """A size for messages: ``"812 bytes"``, ``"1.2 kB"``, ``"4.3 GB"`` (powers of 1000)."""
+    if n < 1000:
+        return f"{int(n)} bytes"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+    return f"{n / 1000:.3g} TB"

@@ -21,13 +21,13 @@ class UntrustedInputError(ValueError):
     """A file or document refused by these helpers; the message never quotes it."""
 
 
-def read_bounded(path: str | Path, max_bytes: int, *, follow_symlinks: bool = True,
+def read_bounded(path: str | Path, max_bytes: int | None, *, follow_symlinks: bool = True,
                  allow_hard_links: bool = True) -> bytes:
     """The bytes of the regular file ``path``, refusing anything else before reading.
 
     A FIFO, device or socket is refused without blocking (opened non-blocking, then
-    checked with ``fstat``), a file larger than ``max_bytes`` is refused from its size
-    and again while reading (``/proc`` files report size 0); with
+    checked with ``fstat``), a file larger than ``max_bytes`` (``None``: no limit) is
+    refused from its size and again while reading (``/proc`` files report size 0); with
     ``follow_symlinks=False`` a symlink as the last component is refused (``O_NOFOLLOW``),
     with ``allow_hard_links=False`` a file with more than one name (``st_nlink > 1``).
 
@@ -50,6 +50,8 @@ def read_bounded(path: str | Path, max_bytes: int, *, follow_symlinks: bool = Tr
         if not allow_hard_links and info.st_nlink > 1:
             msg = "a file with several names (hard links)"
             raise UntrustedInputError(msg)
+        if max_bytes is None:
+            return f.read()
         if info.st_size > max_bytes:
             msg = f"larger than the limit of {max_bytes:,} bytes"
             raise UntrustedInputError(msg)

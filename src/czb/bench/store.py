@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from czb.errors import CzbError, CzbWarning
+from czb.untrusted import UntrustedInputError, read_bounded
 
 UNIT_FILE = "unit.json"
 EMBEDDING_FILE = "embedding.npz"
@@ -328,20 +329,15 @@ class LocalStore(Store):
     def read_bytes(self, relative: str) -> bytes | None:
         if not self._regular(relative):
             return None
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        flags |= getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.root / relative, flags)
+            return read_bounded(self.root / relative, None, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as e:  # replaced meanwhile (ELOOP: now a symlink), or no permission
-            msg = f"{self.url}/{relative} cannot be read ({e.strerror or type(e).__name__})"
-            raise UnreadableOutput(msg, f"cannot be read ({e.strerror or type(e).__name__})") from None
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                msg = f"{self.url}/{relative} is not a regular file"
-                raise UnreadableOutput(msg, "is not a regular file")
-            return f.read()
+            why = f"cannot be read ({e.strerror or type(e).__name__})"
+        except UntrustedInputError as e:  # replaced meanwhile by a FIFO or device
+            why = f"is {e}"
+        raise UnreadableOutput(f"{self.url}/{relative} {why}", why)
 
     def exists(self, relative: str) -> bool:
         try:

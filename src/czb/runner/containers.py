@@ -67,6 +67,7 @@ from czb.runner.contract import (
 )
 from czb.runner.embeddings import Embedding, _align
 from czb.runner.specs import ModelSpec
+from czb.runner.workdirs import TAG_PATTERN, process_tag, stale_folders
 
 if TYPE_CHECKING:
     from czb.runner.datasets import Dataset
@@ -358,41 +359,12 @@ def discard_tree(path: Path, what: str) -> None:
         warnings.warn(message, EmbeddingWarning, stacklevel=2)
 
 
-def process_tag() -> str:
-    """``<pid>@<host>``: lets a later run tell whether the process that made a folder is gone."""
-    from czb.runner.weights import host_tag
-
-    return f"{os.getpid()}@{host_tag()}"
-
-
 def remove_stale_work(runs: Path) -> None:
     """Remove the work folders under ``runs`` left by czb processes of this host that are
     gone (killed mid-run), and those without a process tag (an older czb's) more than a day
-    old; another host's and a live process's are left."""
-    import time
-
-    from czb.runner.weights import STALE_STAGING_S, host_tag, process_gone
-
-    tagged = re.compile(r".+-(\d+)@([A-Za-z0-9._]+)-[A-Za-z0-9_]+")
-    host = host_tag()
-    try:
-        entries = list(os.scandir(runs))
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            match = tagged.fullmatch(entry.name)
-            if match is None:
-                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING_S
-            else:
-                pid = int(match.group(1))
-                stale = match.group(2) == host and pid != os.getpid() and process_gone(pid)
-        except OSError:
-            continue
-        if stale:
-            discard_tree(Path(entry.path), "stale work folder")
+    old; another host's and a live process's are left (a run may take longer than a day)."""
+    for entry in stale_folders(runs, rf".+?-(?:{TAG_PATTERN}-)?[A-Za-z0-9_]+", age_clears_tagged=False):
+        discard_tree(entry, "stale work folder")
 
 
 KEY_FILE = "key.json"

@@ -47,6 +47,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from czb.errors import DatasetWarning, FetchError
+from czb.terminal import human_bytes
 
 __all__ = [
     "cache_entries",
@@ -506,7 +507,7 @@ def _refuse_wrong_content(uri: str, part: Path, name: str, content_type: str | N
     with contextlib.suppress(OSError):
         part.unlink()
     wanted = _KIND_NAMES.get(kind, "the file") if kind else "the file"
-    served = f"{declared or 'no content type'}, {_human_size(size)}"
+    served = f"{declared or 'no content type'}, {human_bytes(size)}"
     hint = (
         "the URL may need a login or be wrong"
         if what.startswith(("an HTML", "an XML", "a JSON"))
@@ -514,16 +515,6 @@ def _refuse_wrong_content(uri: str, part: Path, name: str, content_type: str | N
     )
     msg = f"{uri}: received {what} ({served}) instead of {wanted}; {hint}. Nothing was cached"
     raise FetchError(msg)
-
-
-def _human_size(n: float) -> str:
-    if n < 1000:
-        return f"{int(n)} bytes"
-    for unit in ("kB", "MB", "GB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.3g} {unit}"
-    return f"{n / 1000:.3g} TB"
 
 
 # --------------------------------------------------------------------------- the cache

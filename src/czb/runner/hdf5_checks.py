@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from czb.errors import DatasetError
+from czb.terminal import human_bytes
 
 __all__ = [
     "FileCheck",
@@ -328,14 +329,6 @@ def check_sparse_group(group: Any, scope: FileCheck) -> tuple[str, tuple[int, in
     return storage, shape, indptr
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n} bytes" if unit == "bytes" else f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n} bytes"  # pragma: no cover
-
-
 def check_array(dset: Any, scope: FileCheck) -> None:
     """What an HDF5 array claims (shape × item size) against what the file stores.
 
@@ -359,20 +352,20 @@ def check_array(dset: Any, scope: FileCheck) -> None:
         if h5py.check_dtype(ref=dset.dtype) is not None:
             raise fail("holds object references; only plain values are accepted")
         if claimed > scope.limits.max_bytes:
-            raise fail(f"claims {_human_bytes(claimed)}, over the limit of {_human_bytes(scope.limits.max_bytes)}")
+            raise fail(f"claims {human_bytes(claimed)}, over the limit of {human_bytes(scope.limits.max_bytes)}")
     if claimed == 0:
         return
     plist = dset.id.get_create_plist()
     layout = plist.get_layout()
     stored = int(dset.id.get_storage_size())
-    what = f"claims {dset.size} values ({_human_bytes(claimed)})"
+    what = f"claims {dset.size} values ({human_bytes(claimed)})"
     if stored > scope.file_size:
-        raise fail(f"{what} in {_human_bytes(stored)}, more than the whole file; the file is corrupt")
+        raise fail(f"{what} in {human_bytes(stored)}, more than the whole file; the file is corrupt")
     if layout == h5py.h5d.CONTIGUOUS:
         offset = dset.id.get_offset()
         if stored < claimed or offset is None or offset + claimed > scope.file_size:
             available = min(stored, max(scope.file_size - (offset or 0), 0))
-            raise fail(f"{what} but the file stores {_human_bytes(available)} of them; the file is truncated or forged")
+            raise fail(f"{what} but the file stores {human_bytes(available)} of them; the file is truncated or forged")
     elif layout == h5py.h5d.CHUNKED:
         expected = 1
         for size, chunk in zip(dset.shape, dset.chunks):
@@ -381,10 +374,10 @@ def check_array(dset: Any, scope: FileCheck) -> None:
         if allocated < expected:
             raise fail(f"{what} in {expected} chunks, but only {allocated} are stored; the file is truncated or forged")
         if plist.get_nfilters() == 0 and stored < claimed:
-            raise fail(f"{what} but stores only {_human_bytes(stored)}; the file is truncated or forged")
+            raise fail(f"{what} but stores only {human_bytes(stored)}; the file is truncated or forged")
         if claimed >= _RATIO_MIN_BYTES and claimed > stored * _MAX_COMPRESSION_RATIO:
             raise fail(
-                f"{what} from {_human_bytes(stored)} of compressed data (more than "
+                f"{what} from {human_bytes(stored)} of compressed data (more than "
                 f"{_MAX_COMPRESSION_RATIO}-fold); refusing it as implausible"
             )
 

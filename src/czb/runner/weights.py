@@ -28,11 +28,9 @@ import lzma
 import os
 import re
 import shutil
-import socket
 import stat
 import tarfile
 import tempfile
-import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -41,9 +39,7 @@ from typing import Any
 
 from czb.errors import EmbeddingError, FetchError, SpecError
 from czb.runner.specs import NAME_RULE, ModelSpec, is_valid_name
-
-#: A staging folder this old is removed whoever made it (no unpacking takes a day).
-STALE_STAGING_S = 24 * 3600
+from czb.runner.workdirs import TAG_PATTERN, process_tag, stale_folders
 
 
 @dataclass(frozen=True)
@@ -318,45 +314,20 @@ def _still_staged(folder: Path, manifest: dict[str, Any], *, root: Path) -> bool
     return True
 
 
-def host_tag() -> str:
-    """This host's name as it goes into folder names (letters, digits, '.', '_')."""
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
-
-
 def _staging_prefix(variant: str) -> str:
     """``.<variant>-staging-<pid>@<host>-``: a later run can tell whether its process is gone."""
-    return f".{variant}-staging-{os.getpid()}@{host_tag()}-"
-
-
-def process_gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs on this host (``False`` when it cannot tell)."""
-    if pid <= 0:
-        return False  # 0 and below name process groups, not a process
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # the second: a number no process can have
-        return True
-    except (PermissionError, OSError):  # alive (another user's), or cannot tell
-        return False
-    return False
+    return f".{variant}-staging-{process_tag()}-"
 
 
 def _remove_stale_staging(parent: Path, variant: str) -> None:
     """Remove the staging folders of ``variant`` left by a czb process that died mid-way
     (killed while unpacking): its process is gone on this host, or the folder is more
-    than a day old (another host's, or an older czb's without a process ID in its name)."""
+    than a day old (another host's, or an older czb's without a process tag)."""
     from czb.runner.contract import remove_tree
 
-    host = host_tag()
-    pattern = re.compile(rf"\.{re.escape(variant)}-staging-(?:(\d+)@(.+)-)?[A-Za-z0-9_]+")
-    for entry in parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match is None or entry.is_symlink() or not entry.is_dir():
-            continue
-        pid, where = match.group(1), match.group(2)
-        stale = time.time() - entry.stat().st_mtime > STALE_STAGING_S or (
-            pid is not None and where == host and int(pid) != os.getpid() and process_gone(int(pid)))
-        if stale and _inside(entry, parent):
+    pattern = rf"\.{re.escape(variant)}-staging-(?:{TAG_PATTERN}-)?[A-Za-z0-9_]+"
+    for entry in stale_folders(parent, pattern, age_clears_tagged=True):
+        if _inside(entry, parent):
             with contextlib.suppress(OSError):
                 remove_tree(entry)
 

@@ -19,7 +19,7 @@ from czb.evaluation.perturbation_analysis import (
 )
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
-from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
+from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask, topk_accuracies
 
 #: Tx-Evaluation subsamples the kNN reference (train) to this many cells, stratified
 #: by perturbation, whenever it has more (``downsample_data``, ``sampled_size``).
@@ -84,10 +84,5 @@ class PerturbationKnn(ScreenTask):
         query_codes = pa.class_codes(classes, design.perturbations[query])
         k = self.params.k or default_k(len(reference))
         ranks = pa.knn_vote_ranks(X[reference], ref_codes, X[query], query_codes, k, exact=self.params.exact)
-        out = [MetricValue(pa.KNN_TOP1.name, float(np.mean(ranks < 1)))]
-        top5_problem = topk_problem(len(classes), 5)
-        if top5_problem is None:
-            out.append(MetricValue(pa.KNN_TOP5.name, float(np.mean(ranks < 5))))
-        else:
-            context.skip_metric(pa.KNN_TOP5.name, f"the reference (train) cells hold {top5_problem}")
-        return out
+        return topk_accuracies(ranks, len(classes), pa.KNN_TOP1.name, pa.KNN_TOP5.name, context,
+                               cells="the reference (train) cells")

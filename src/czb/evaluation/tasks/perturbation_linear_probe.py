@@ -17,7 +17,7 @@ from czb.evaluation.perturbation_analysis import (
 )
 from czb.evaluation.registry import TaskInfo, register_task
 from czb.evaluation.tasks.base import MetricValue
-from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask
+from czb.evaluation.tasks.screen_task import ScreenParams, ScreenTask, topk_accuracies
 
 
 class LinearProbeParams(ScreenParams):
@@ -78,10 +78,5 @@ class PerturbationLinearProbe(ScreenTask):
             rows = test[start:start + step]
             logits = model.decision_function(((X[rows] - mean) / scale).astype(np.float32))
             ranks[start:start + step] = pa.topk_ranks(logits, test_codes[start:start + step])
-        out = [MetricValue(pa.LINEAR_PROBE_TOP1.name, float(np.mean(ranks < 1)))]
-        top5_problem = topk_problem(len(classes), 5)
-        if top5_problem is None:
-            out.append(MetricValue(pa.LINEAR_PROBE_TOP5.name, float(np.mean(ranks < 5))))
-        else:
-            context.skip_metric(pa.LINEAR_PROBE_TOP5.name, f"the train cells hold {top5_problem}")
-        return out
+        return topk_accuracies(ranks, len(classes), pa.LINEAR_PROBE_TOP1.name, pa.LINEAR_PROBE_TOP5.name,
+                               context, cells="the train cells")

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from czb.errors import NotApplicableError
+from czb.evaluation.applicability import topk_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.perturbation_analysis import (
     POSTPROCESSINGS,
@@ -62,6 +63,20 @@ def postprocessed(context: EvaluationContext, method: str) -> np.ndarray:
             cache.clear()
         cache[method] = X
     return cache[method]
+
+
+def topk_accuracies(ranks: np.ndarray, n_classes: int, top1: str, top5: str, context: EvaluationContext,
+                    *, cells: str) -> list[MetricValue]:
+    """Top-1 and top-5 accuracy of ``(n_queries,)`` true-class ``ranks`` (0 = first);
+    top-5 is left out, with the reason, when ``cells`` hold 5 classes or fewer
+    (:func:`~czb.evaluation.applicability.topk_problem`)."""
+    out = [MetricValue(top1, float(np.mean(ranks < 1)))]
+    problem = topk_problem(n_classes, 5)
+    if problem is None:
+        out.append(MetricValue(top5, float(np.mean(ranks < 5))))
+    else:
+        context.skip_metric(top5, f"{cells} hold {problem}")
+    return out
 
 
 class ScreenTask(Task):
