@@ -1,4 +1,10 @@
+import hashlib
+import os
+import re
+import textwrap
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +76,162 @@ def s3(_moto: tuple[str, object], monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     return admin
+
+
+# --------------------------------------------------------------------------- an HTTP server
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves ``files`` with ETag, Content-Length, HEAD and Range (and ``content_types``); can
+    cut responses short."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.reset()
+
+    def reset(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.content_types: dict[str, str] = {}  # path -> Content-Type header, where one is sent
+        self.log: list[tuple[str, str, dict[str, str]]] = []
+        self.cut_after = 0  # bytes of the body sent before the connection is dropped...
+        self.cuts_left = 0  # ...for this many GETs
+        self.ignore_range = False
+        self.send_etag = True
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+    def gets(self) -> list[dict[str, str]]:
+        return [headers for method, _, headers in self.log if method == "GET"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FileServer
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        srv = self.server
+        srv.log.append((self.command, self.path, dict(self.headers)))
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        etag = f'"{hashlib.sha1(data).hexdigest()[:16]}"'
+        start, status = 0, 200
+        range_ = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if range_ and not srv.ignore_range and if_range in (None, etag):
+            start = int(re.fullmatch(r"bytes=(\d+)-", range_).group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        payload = data[start:]
+        self.send_response(status)
+        if srv.send_etag:
+            self.send_header("ETag", etag)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Accept-Ranges", "bytes")
+        if self.path in srv.content_types:
+            self.send_header("Content-Type", srv.content_types[self.path])
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if not body:
+            return
+        if srv.cuts_left > 0:
+            srv.cuts_left -= 1
+            payload = payload[: srv.cut_after]  # then the connection closes: a truncated body
+        self.wfile.write(payload)
+
+
+@pytest.fixture(scope="session")
+def _file_server() -> Iterator[FileServer]:
+    server = FileServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def file_server(_file_server: FileServer) -> FileServer:
+    """The loopback HTTP server, emptied."""
+    _file_server.reset()
+    return _file_server
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def invoke(*args, **kwargs):
+    """``czb ARGS`` through Typer's runner (arguments turned into strings)."""
+    from typer.testing import CliRunner
+
+    from czb.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
+
+
+def error_line(result, *, usage: bool = False) -> str:
+    """The one ``error:`` line on stderr (fails if there is none or more than one); with
+    ``usage``, click's own ``Error:`` lines count too."""
+    prefixes = ("error:", "Error:") if usage else ("error:",)
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith(prefixes)]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def assert_clean_exit(result, code: int | tuple[int, ...]) -> None:
+    """Exit ``code`` (or one of them), with no traceback and no exception escaping."""
+    codes = code if isinstance(code, tuple) else (code,)
+    assert result.exit_code in codes, result.output
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def assert_clean_failure(result, code: int | tuple[int, ...] = 1, *, usage: bool = False) -> str:
+    """:func:`assert_clean_exit`, and the failure's one error line."""
+    assert_clean_exit(result, code)
+    return error_line(result, usage=usage)
+
+
+def write_text(folder: Path, name: str, text: str) -> Path:
+    """``text`` (dedented) written to ``folder/name``, the folder made as needed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# --------------------------------------------------------------------------- Docker
+
+
+def docker_engine_or_skip():
+    """A Docker client whose engine holds the test base image (``CZB_TEST_BASE_IMAGE``);
+    skips without one, fails instead under ``CZB_REQUIRE_DOCKER=1`` (as CI sets)."""
+    from czb.runner import docker_engine
+
+    base_image = os.environ.get("CZB_TEST_BASE_IMAGE", "czb-base:bookworm")
+    try:
+        engine = docker_engine.client()
+        engine.images.get(base_image)
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("CZB_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"CZB_REQUIRE_DOCKER=1 but Docker is not usable: {e}")
+        pytest.skip(f"no Docker engine with base image {base_image}: {e}")
+    return engine

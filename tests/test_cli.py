@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import error_line, invoke
 
 import czb
-from czb.cli import app
 from czb.errors import EmbeddingError
 from czb.runner.results import read_result
 
@@ -34,10 +33,6 @@ SCHEMA_FIELDS = {
 }
 
 
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
-
-
 def json_stdout(result):
     """The JSON printed on stdout; fails with the whole output if it does not parse."""
     try:
@@ -48,13 +43,6 @@ def json_stdout(result):
 
 def results_in(folder: Path) -> list:
     return [read_result(p) for p in sorted(folder.glob("*.json"))]
-
-
-def error_line(result) -> str:
-    """The one ``error:`` line on stderr (fails if there is none, or more than one)."""
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def assert_no_traceback(result) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import docker_engine_or_skip
 from typer.testing import CliRunner
 
 from czb.cli import app
@@ -35,22 +36,9 @@ BASE_IMAGE = os.environ.get("CZB_TEST_BASE_IMAGE", "czb-base:bookworm")
 DATASET = "synthetic_cells_tiny"  # 300 cells × 500 genes, Ensembl IDs
 
 
-def _engine_or_skip():
-    from czb.runner import docker_engine
-
-    try:
-        engine = docker_engine.client()
-        engine.images.get(BASE_IMAGE)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CZB_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"CZB_REQUIRE_DOCKER=1 but Docker is not usable: {e}")
-        pytest.skip(f"no Docker engine with base image {BASE_IMAGE}: {e}")
-    return engine
-
-
 @pytest.fixture(scope="module")
 def engine():
-    return _engine_or_skip()
+    return docker_engine_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,10 @@ import hashlib
 import random
 import re
 import socket
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import S3_TEST_BUCKET
+from conftest import S3_TEST_BUCKET, FileServer
 
 from czb.errors import DatasetWarning, FetchError
 from czb.runner import fetch as fetch_module
@@ -27,97 +24,10 @@ def _files_named(root: Path, name: str) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.name.startswith(name)]
 
 
-# --------------------------------------------------------------------------- an HTTP server
-
-
-class FileServer(ThreadingHTTPServer):
-    """Serves ``files`` with ETag, Content-Length, HEAD and Range; can cut responses short."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.reset()
-
-    def reset(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.log: list[tuple[str, str, dict[str, str]]] = []
-        self.cut_after = 0  # bytes of the body sent before the connection is dropped...
-        self.cuts_left = 0  # ...for this many GETs
-        self.ignore_range = False
-        self.send_etag = True
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-    def gets(self) -> list[dict[str, str]]:
-        return [headers for method, _, headers in self.log if method == "GET"]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FileServer
-
-    def log_message(self, *args: object) -> None:  # keep the test output clean
-        pass
-
-    def do_HEAD(self) -> None:
-        self._serve(body=False)
-
-    def do_GET(self) -> None:
-        self._serve(body=True)
-
-    def _serve(self, body: bool) -> None:
-        srv = self.server
-        srv.log.append((self.command, self.path, dict(self.headers)))
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        etag = f'"{hashlib.sha1(data).hexdigest()[:16]}"'
-        start, status = 0, 200
-        range_ = self.headers.get("Range")
-        if_range = self.headers.get("If-Range")
-        if range_ and not srv.ignore_range and if_range in (None, etag):
-            start = int(re.fullmatch(r"bytes=(\d+)-", range_).group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            status = 206
-        payload = data[start:]
-        self.send_response(status)
-        if srv.send_etag:
-            self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Accept-Ranges", "bytes")
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        if not body:
-            return
-        if srv.cuts_left > 0:
-            srv.cuts_left -= 1
-            payload = payload[: srv.cut_after]  # then the connection closes: a truncated body
-        self.wfile.write(payload)
-
-
-@pytest.fixture(scope="session")
-def _file_server() -> Iterator[FileServer]:
-    server = FileServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
-def http(_file_server: FileServer) -> FileServer:
-    _file_server.reset()
-    _file_server.files["/d/data.bin"] = DATA
-    return _file_server
+def http(file_server: FileServer) -> FileServer:
+    file_server.files["/d/data.bin"] = DATA
+    return file_server
 
 
 # --------------------------------------------------------------------------- HTTP

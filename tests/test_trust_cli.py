@@ -7,40 +7,26 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
+import conftest
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke, write_text
 
-from czb.cli import app
 from czb.runner.specs import Catalog
 
 SECRET = "s3cr3t-content-42"
 
 
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
+write = write_text
 
 
 def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith(("error:", "Error:"))]
-    assert len(lines) == 1, result.output
-    return lines[0]
+    return conftest.error_line(result, usage=True)
 
 
 def assert_clean_failure(result, codes=(1, 2)) -> str:
-    assert result.exit_code in codes, result.output
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return error_line(result)
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
+    """Exit 1 or 2 (or ``codes``), and its one error line (click's ``Error:`` counts)."""
+    return conftest.assert_clean_failure(result, codes, usage=True)
 
 
 # ----------------------------------------------------------------------------- the last-resort handler

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import docker_engine_or_skip
 from typer.testing import CliRunner
 
 from czb.cli import app
@@ -720,17 +721,6 @@ def test_readme_reference_snippet_computes_the_staged_checksum(tmp_path):
 # --------------------------------------------------------------------------- a real engine
 
 
-def _engine_or_skip():
-    try:
-        engine = docker_engine.client()
-        engine.images.get(BASE_IMAGE)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CZB_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"CZB_REQUIRE_DOCKER=1 but Docker is not usable: {e}")
-        pytest.skip(f"no Docker engine with base image {BASE_IMAGE}: {e}")
-    return engine
-
-
 _HOSTILE_DOCKERFILE = """\
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
@@ -797,7 +787,7 @@ def test_hostile_image_through_the_cli(tmp_path, secret, monkeypatch):
     from czb.runner.datasets import load_dataset
     from czb.runner.specs import Catalog
 
-    engine = _engine_or_skip()
+    engine = docker_engine_or_skip()
     monkeypatch.setenv("CZB_CACHE_DIR", str(tmp_path / "cache"))
     container = tmp_path / "hostile"
     container.mkdir()

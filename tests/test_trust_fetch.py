@@ -11,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FileServer
 from test_trust_data import write_h5ad
 from typer.testing import CliRunner
 
@@ -29,54 +27,14 @@ from czb.runner.fetch import cache_entries, describe_content, fetch
 MARKER = "PAGE-CONTENT-5f2a9c-never-echoed"
 
 
-class Server(ThreadingHTTPServer):
-    """Serves ``files``: path -> (body, Content-Type), with an ETag and Content-Length."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, tuple[bytes, str]] = {}
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Server
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._serve(body=False)
-
-    def do_GET(self) -> None:
-        self._serve(body=True)
-
-    def _serve(self, body: bool) -> None:
-        entry = self.server.files.get(self.path)
-        if entry is None:
-            self.send_error(404)
-            return
-        data, content_type = entry
-        self.send_response(200)
-        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()[:16]}"')
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Content-Type", content_type)
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-
 @pytest.fixture
-def server() -> Iterator[Server]:
-    srv = Server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+def server(file_server: FileServer) -> FileServer:
+    return file_server
+
+
+def serve(server: FileServer, path: str, body: bytes, content_type: str) -> None:
+    server.files[path] = body
+    server.content_types[path] = content_type
 
 
 def specs(tmp_path: Path, uri: str, **fields) -> Path:
@@ -128,7 +86,7 @@ WRONG_BODIES = {
 @pytest.mark.parametrize("kind", sorted(WRONG_BODIES))
 def test_a_page_instead_of_a_dataset_is_never_cached(tmp_path, server, kind):
     body, content_type, fragment = WRONG_BODIES[kind]
-    server.files["/data/cells.h5ad"] = (body, content_type)
+    serve(server, "/data/cells.h5ad", body, content_type)
     result = run(tmp_path, specs(tmp_path, server.url("/data/cells.h5ad")), offline=False)
     line = error_line(result)
     assert fragment in line and "instead of an HDF5 file" in line and "Nothing was cached" in line
@@ -144,7 +102,7 @@ def test_a_page_instead_of_a_dataset_is_never_cached(tmp_path, server, kind):
 def test_a_page_already_in_the_cache_is_evicted_and_fetched_again(tmp_path, server):
     """An HTML page cached by an older czb is dropped on the next use, not read as a dataset."""
     good = write_h5ad(tmp_path / "good.h5ad").read_bytes()
-    server.files["/data/cells.h5ad"] = (good, "application/octet-stream")
+    serve(server, "/data/cells.h5ad", good, "application/octet-stream")
     path = fetch(server.url("/data/cells.h5ad"))
     page = f"<html>{MARKER}</html>".encode().ljust(len(good), b" ")
     path.write_bytes(page)  # same size: the sidecar's size still matches
@@ -212,7 +170,7 @@ def test_local_dataset_edited_in_place_is_detected(tmp_path):
 def test_cached_download_edited_in_place_is_detected_and_evicted(tmp_path, server):
     good = write_h5ad(tmp_path / "good.h5ad").read_bytes()
     digest = hashlib.sha256(good).hexdigest()
-    server.files["/data/cells.h5ad"] = (good, "application/x-hdf5")
+    serve(server, "/data/cells.h5ad", good, "application/x-hdf5")
     config = specs(tmp_path, server.url("/data/cells.h5ad"), sha256=digest)
     fetched = CliRunner().invoke(app, ["datasets", "fetch", "remote", "--config-dir", str(config)])
     assert fetched.exit_code == 0, fetched.output
@@ -235,7 +193,7 @@ def test_cached_download_edited_in_place_is_detected_and_evicted(tmp_path, serve
 def test_cached_download_edited_in_place_without_a_pinned_sha256_is_also_caught(tmp_path, server):
     """The digest recorded at download time stands in for the spec's."""
     good = write_h5ad(tmp_path / "good.h5ad").read_bytes()
-    server.files["/data/cells.h5ad"] = (good, "application/x-hdf5")
+    serve(server, "/data/cells.h5ad", good, "application/x-hdf5")
     path = fetch(server.url("/data/cells.h5ad"))
     edit_in_place(path)
     with pytest.raises(FetchError, match="not the .* recorded when it was downloaded"):
@@ -270,5 +228,5 @@ def test_special_files_are_refused_as_datasets(tmp_path):
 
 def test_a_valid_file_is_kept_whatever_content_type_the_server_declares(tmp_path, server):
     good = write_h5ad(tmp_path / "good.h5ad").read_bytes()
-    server.files["/data/cells.h5ad"] = (good, "text/html")
+    serve(server, "/data/cells.h5ad", good, "text/html")
     assert fetch(server.url("/data/cells.h5ad")).read_bytes() == good

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import assert_clean_exit, error_line, invoke
 
-from czb.cli import app
 from czb.runner.results import read_result
 
 TINY = ["--dataset", "synthetic_cells_tiny", "--seeds", "0", "--n-jobs", "1"]
@@ -26,24 +25,8 @@ TINY_CELLS = 300
 PBMC = ["--dataset", "pbmc68k_reduced", "--offline", "--seeds", "0", "--n-jobs", "1"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def records_in(folder: Path) -> list:
     return [read_result(p) for p in sorted(Path(folder).glob("*.json"))]
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
-def assert_clean_exit(result, code: int) -> None:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,27 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import error_line, invoke
 
-from czb.cli import app
 from czb.runner import results as R
 
 SECRET = "TOPSECRET-label-7f3a"
 
 
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
-
-
 def assert_no_traceback(result) -> None:
     assert "Traceback" not in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def record(model: str = "pca", *, dataset: str = "toy", task: str = "clustering", value: float = 0.5,

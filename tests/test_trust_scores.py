@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
+from conftest import assert_clean_exit, invoke
 
-from czb.cli import app
 from czb.errors import EmbeddingError, EmbeddingWarning
 from czb.evaluation.applicability import group_problem, missing_mask, topk_problem
 from czb.evaluation.context import EvaluationContext, evaluate, run_task
@@ -31,18 +30,8 @@ PBMC_CELLS = 700
 LABEL_TASKS = ["clustering", "embedding", "label_prediction", "batch_integration"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def records_in(folder: Path) -> list:
     return [read_result(p) for p in sorted(Path(folder).glob("*.json"))]
-
-
-def assert_clean_exit(result, code: int) -> None:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
 
 
 @pytest.fixture(scope="module")

@@ -20,38 +20,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import assert_clean_failure, invoke
+from conftest import write_text as write
 
-from czb.cli import app
 from czb.runner import specs as specs_module
 from czb.runner.specs import Catalog, ModelSpec, WeightFile, WeightsVariant
 
 NAME_ERROR = "is not a valid name"
-
-
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
-
-
-def error_line(result) -> str:
-    """The one ``error:`` line on stderr (fails if there is none or more than one)."""
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
-def assert_clean_failure(result, code: int = 1) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return error_line(result)
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def victim_folder(tmp_path: Path) -> Path:
