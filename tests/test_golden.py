@@ -2,12 +2,14 @@
 
 Recorded before the package was reorganised (issue 18) so that moving code cannot move a
 number: every record's status, metrics, parameters, values and per-seed values must
-come out as stored in ``tests/data/golden.json``. On the machine that recorded them they
-are equal to the bit; they are compared to 1e-6 relative (1e-9 absolute) because the
-float32 distance kernels move iLISI by ~1e-8 with the number of BLAS threads. (Logistic
-regression stopped at scikit-learn's iteration cap moves by ~1e-5 with the thread count:
-record and compare on machines with the same number of cores until its threads are
-pinned.)
+come out as stored in ``tests/data/golden.json``.
+
+Floating point differs between CPUs: OpenBLAS and numpy pick kernels by instruction set
+(AVX2, AVX-512) and thread count, and a last-bit change in a PCA coordinate can move a
+random-forest split or a near-tied DE-gene rank. Each run therefore goes through ``czb`` in
+a subprocess with the numerics pinned (:data:`PINNED_NUMERICS`: OpenBLAS's Haswell kernels
+on one thread, numpy's dispatch capped at AVX2, faiss's AVX2 build), which every x86-64-v3
+CPU computes alike. Values are compared to 1e-6 relative (1e-9 absolute).
 
 Regenerate only when a change of values is intended, and say so in the commit:
 ``CZB_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py``.
@@ -18,16 +20,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from czb.cli import app
-from czb.runner.results import read_result
+from czb.core.records import read_result
 
 GOLDEN = Path(__file__).parent / "data" / "golden.json"
 OFFLINE = ["--offline", "--n-jobs", "2"]
+
+#: Environment that makes the runs' floating point the same on every x86-64-v3 CPU.
+PINNED_NUMERICS = {
+    "OPENBLAS_CORETYPE": "Haswell",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+    "FAISS_OPT_LEVEL": "avx2",
+}
 
 #: name -> the command line of one run (``czb run`` gets ``--output-dir``; ``czb bench`` a store).
 RUNS: dict[str, list[str]] = {
@@ -84,8 +96,10 @@ def _run(name: str, tmp_path: Path) -> list[dict]:
     args = RUNS[name]
     out = tmp_path / name
     where = ["--store", str(out)] if args[0] == "bench" else ["--output-dir", str(out)]
-    result = CliRunner().invoke(app, [*args, *where, *OFFLINE[:1], *([] if args[0] == "bench" else OFFLINE[1:])])
-    assert result.exit_code == 0, result.output
+    command = [sys.executable, "-m", "czb", *args, *where, *OFFLINE[:1], *([] if args[0] == "bench" else OFFLINE[1:])]
+    env = {**os.environ, **PINNED_NUMERICS}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
     folder = out / "results" if args[0] == "bench" else out
     records = [_summary(read_result(p)) for p in sorted(folder.glob("*.json"))]
     assert records, f"{name}: no records"
