@@ -88,7 +88,7 @@ def _peak_rss_gib() -> float:
 
 
 def _czb_worker(task: str, data: dict[str, np.ndarray], seed: int) -> dict:
-    from czb.evaluation.context import evaluate
+    from czb.evaluation.runner import evaluate
 
     tasks = TOGETHER if task == "together" else (task,)
     results = evaluate(

@@ -75,8 +75,8 @@ def write_dataset(path: Path, n_cells: int, n_genes: int, reads: int, seed: int 
     import pandas as pd
     import scipy.sparse as sp
 
-    from czb.runner.containers import _write_csr_rows
-    from czb.runner.synthetic import ensembl_like_ids
+    from czb.data.synthetic.common import ensembl_like_ids
+    from czb.models.docker.request import write_csr_rows
 
     n_types, n_states = 12, 8
     cum = profiles(n_genes, n_types, n_states, seed)
@@ -120,7 +120,7 @@ def write_dataset(path: Path, n_cells: int, n_genes: int, reads: int, seed: int 
     tmp = path.with_name(path.name + ".tmp")
     ad.AnnData(obs=obs, var=var).write_h5ad(tmp)
     with h5py.File(tmp, "a") as f:
-        _write_csr_rows(f, "X", blocks(), n_cols=n_genes, chunk_values=1 << 20)
+        write_csr_rows(f, "X", blocks(), n_cols=n_genes, chunk_values=1 << 20)
     os.replace(tmp, path)
 
 
@@ -195,9 +195,10 @@ def main() -> None:
         row("write h5ad (child process)", time.perf_counter() - start, child_peak,
             f"{path.stat().st_size / 1e9:.1f} GB on disk")
 
-    from czb.runner.datasets import load_dataset, validate_dataset
-    from czb.runner.embeddings import PCABaseline, RawPCABaseline
-    from czb.runner.specs import DatasetSpec
+    from czb.data.reading import load_dataset
+    from czb.data.validation import validate_dataset
+    from czb.models.baselines import PCABaseline, RawPCABaseline
+    from czb.specs.schema import DatasetSpec
 
     spec = DatasetSpec(
         name="pca_scale", uri=str(path), organism="human", label_key="cell_type",

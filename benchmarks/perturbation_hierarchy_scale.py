@@ -15,7 +15,7 @@ gene pairs (the recall source, a CSV). Then:
 - the design and the seeded split, and the post-processings ``center_scale`` and
   ``tvn`` on their own;
 - every hierarchy task end to end through :class:`~czb.evaluation.context.EvaluationContext`
-  and :func:`~czb.evaluation.context.run_task` (seed 0) on the ``--postprocessing`` variants
+  and :func:`~czb.evaluation.runner.run_task` (seed 0) on the ``--postprocessing`` variants
   (default ``tvn`` only; each further variant repeats a task's scoring), in one context
   as a run shares it (the design, split, post-processed copies and gene means are
   memoised by the first task that needs them).
@@ -35,10 +35,14 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from czb.evaluation.context import EvaluationContext, run_task
-from czb.evaluation.perturbation_analysis import Expression, ScreenDesign, postprocess, split_screen
+from czb.data.relationship_sources import load_sources
+from czb.evaluation.context import EvaluationContext
+from czb.evaluation.perturbation.expression import Expression
+from czb.evaluation.perturbation.hierarchy.design import ScreenDesign, split_screen
+from czb.evaluation.perturbation.hierarchy.postprocessing import postprocess
 from czb.evaluation.registry import get_task, load_all
 from czb.evaluation.resources import measure
+from czb.evaluation.runner import run_task
 
 TASKS = ("perturbation_ilisi", "perturbation_linear_probe", "perturbation_consistency", "perturbation_knn",
          "perturbation_recall", "perturbation_reconstruction")
@@ -134,10 +138,11 @@ def main() -> None:
         timed("postprocess center_scale", lambda: postprocess(X, design, "center_scale").shape)
         timed("postprocess tvn", lambda: postprocess(X, design, "tvn").shape)
         with tempfile.TemporaryDirectory() as tmp:
+            pairs = relationship_file(n_perts, args.pairs, Path(tmp))
             context = EvaluationContext(
                 X, labels=labels, batches=batches, roles={"control": controls},
                 expression=Expression(Y, np.char.add("G", np.arange(args.genes).astype(str))),
-                relationship_sources=[relationship_file(n_perts, args.pairs, Path(tmp))],
+                relationship_sources=[pairs], relationships=load_sources([pairs]),
             )
             for name in args.tasks:
                 task = get_task(name)(postprocessing=tuple(args.postprocessing))

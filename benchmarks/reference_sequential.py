@@ -19,8 +19,10 @@ import json
 import numpy as np
 import pandas as pd
 from czbenchmarks.metrics.utils import _compute_random_baseline, sequential_alignment
-from czbenchmarks.tasks.sequential import SequentialOrganizationTask, SequentialOrganizationTaskInput
-
+from czbenchmarks.tasks.sequential import (
+    SequentialOrganizationTask,
+    SequentialOrganizationTaskInput,
+)
 from sequential_cases import make_cases  # beside this script
 
 REPEATS = 20

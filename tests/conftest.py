@@ -224,8 +224,7 @@ def write_text(folder: Path, name: str, text: str) -> Path:
 def docker_engine_or_skip():
     """A Docker client whose engine holds the test base image (``CZB_TEST_BASE_IMAGE``);
     skips without one, fails instead under ``CZB_REQUIRE_DOCKER=1`` (as CI sets)."""
-    from czb.runner import docker_engine
-
+    from czb.models.docker import engine as docker_engine
     base_image = os.environ.get("CZB_TEST_BASE_IMAGE", "czb-base:bookworm")
     try:
         engine = docker_engine.client()

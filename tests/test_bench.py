@@ -14,12 +14,12 @@ from czb.bench.executors import Job
 from czb.bench.executors.local import LocalExecutor
 from czb.bench.plan import BenchWarning, plan_suite
 from czb.bench.progress import SuiteProgress
-from czb.bench.run import run_suite
 from czb.bench.store import open_store
+from czb.bench.suite import run_suite
 from czb.cli import app
-from czb.errors import CzbError, SpecError
-from czb.runner.results import read_result
-from czb.runner.specs import Catalog
+from czb.core.errors import CzbError, SpecError
+from czb.core.records import read_result
+from czb.specs.catalog import Catalog
 
 SUITES = Path(__file__).parent / "data" / "bench" / "suite.yaml"
 
@@ -71,8 +71,8 @@ def test_included_suites_merge_and_share_units(catalog):
 
 
 def test_bad_suites_fail_before_anything_runs(catalog, tmp_path):
-    from czb.errors import UnknownNameError
-    from czb.runner.specs import SuiteSpec
+    from czb.core.errors import UnknownNameError
+    from czb.specs.schema import SuiteSpec
 
     catalog.suites["typo"] = SuiteSpec(name="typo", models=["randm"], datasets=["synthetic_cells_tiny"],
                                        tasks=["clustering"])
@@ -156,8 +156,7 @@ def test_suite_runs_then_resumes_and_a_second_run_does_nothing(catalog, tmp_path
 
 @pytest.mark.filterwarnings("ignore:pca. n_top_genes=3000 capped")
 def test_tasks_over_several_datasets_score_the_stacked_embeddings(catalog, tmp_path):
-    from czb.runner.run import run_benchmark
-
+    from czb.pipeline.run import run_benchmark
     plan = plan_suite(catalog, "cross_species")
     group_units = [u for u in plan.scores.values() if len(u.embed_keys) == 2]
     assert len(group_units) == 2 * 2  # two models, two seeds, each reading both datasets' embeddings
@@ -174,8 +173,7 @@ def test_tasks_over_several_datasets_score_the_stacked_embeddings(catalog, tmp_p
 
 
 def test_perturbation_predictors_are_scored_like_czb_run(catalog, tmp_path):
-    from czb.runner.run import run_benchmark
-
+    from czb.pipeline.run import run_benchmark
     plan = plan_suite(catalog, "perturbations")
     assert not plan.embeds  # predictors read no embedding; the embedding model gets no units
     assert {u.model for u in plan.scores.values()} == {"control_mean", "additive_linear"}
@@ -231,7 +229,7 @@ def crash_on_first_attempt(units, store_url, **kwargs):
 
 
 def test_a_job_whose_worker_dies_is_retried(catalog, tmp_path, monkeypatch):
-    import czb.bench.run as bench_run
+    import czb.bench.suite as bench_run
 
     monkeypatch.setenv("CZB_TEST_CRASH_MARKER", str(tmp_path / "crashed"))
     monkeypatch.setattr(bench_run, "run_score_units", crash_on_first_attempt)
@@ -282,7 +280,7 @@ def test_local_executor_gives_each_gpu_job_its_own_gpu(monkeypatch):
 
 def test_a_gpu_model_uses_the_gpus_it_was_given(catalog, monkeypatch):
     from czb.bench.work import assigned_gpus
-    from czb.runner.docker_engine import _device_requests
+    from czb.models.docker.engine import _device_requests
 
     plan = plan_suite(catalog, "smoke")
     cpu_unit = next(iter(plan.embeds.values()))

@@ -20,13 +20,13 @@ if os.environ.get("CZB_REQUIRE_RAY"):  # CI installs Ray: there this test must n
 else:
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'czb[cluster]')")
 
-import czb.bench.run as bench_run  # noqa: E402
+import czb.bench.suite as bench_run  # noqa: E402
 from czb.bench.executors.ray import RayExecutor  # noqa: E402
 from czb.bench.plan import plan_suite  # noqa: E402
-from czb.bench.run import run_suite  # noqa: E402
 from czb.bench.store import open_store  # noqa: E402
-from czb.runner.results import read_result  # noqa: E402
-from czb.runner.specs import Catalog  # noqa: E402
+from czb.bench.suite import run_suite  # noqa: E402
+from czb.core.records import read_result  # noqa: E402
+from czb.specs.catalog import Catalog  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

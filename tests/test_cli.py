@@ -20,8 +20,8 @@ import pytest
 from conftest import error_line, invoke
 
 import czb
-from czb.errors import EmbeddingError
-from czb.runner.results import read_result
+from czb.core.errors import EmbeddingError
+from czb.core.records import read_result
 
 TINY = ["--dataset", "synthetic_cells_tiny", "--seeds", "0", "--n-jobs", "1"]
 TINY_CELLS = 300
@@ -59,7 +59,7 @@ def write_spec(folder: Path, name: str, text: str) -> Path:
 
 # ----------------------------------------------------------------------------- version, lazy imports
 
-HEAVY = ("scanpy", "sklearn", "anndata", "scipy", "pandas", "numpy", "czb.runner.run")
+HEAVY = ("scanpy", "sklearn", "anndata", "scipy", "pandas", "numpy", "czb.pipeline.run")
 
 
 def test_version():

@@ -1,4 +1,4 @@
-"""Host side of the model container contract (czb.runner.containers), without Docker.
+"""Host side of the model container contract (czb.models.docker), without Docker.
 
 The container side (``containers/common/czb_container.py``) is imported directly, so the
 tests check that what the host writes is what an image reads, and the other way round.
@@ -20,23 +20,23 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from czb.errors import EmbeddingError, ModelRunError, NotApplicableError, SpecError
-from czb.runner import docker_engine
-from czb.runner.containers import (
-    CONTRACT_VERSION,
+from czb.core.errors import EmbeddingError, ModelRunError, NotApplicableError, SpecError
+from czb.core.hashing import cache_key
+from czb.data.dataset import Dataset
+from czb.data.reading import load_dataset
+from czb.models.docker import engine as docker_engine
+from czb.models.docker.cache import EmbeddingCache
+from czb.models.docker.contract import CONTRACT_VERSION, read_output
+from czb.models.docker.request import (
     DEFAULT_BATCH_SIZE,
-    DockerModelSource,
-    EmbeddingCache,
     RunOptions,
     build_request,
-    cache_key,
     check_applicable,
     write_input,
 )
-from czb.runner.contract import read_output
-from czb.runner.datasets import Dataset, load_dataset
-from czb.runner.specs import DatasetSpec, ModelSpec, Resources, WeightsVariant
-from czb.runner.weights import directory_checksum
+from czb.models.docker.source import DockerModelSource
+from czb.models.weights import directory_checksum
+from czb.specs.schema import DatasetSpec, ModelSpec, Resources, WeightsVariant
 
 COMMON = Path(__file__).resolve().parents[1] / "containers" / "common"
 if str(COMMON) not in sys.path:
@@ -138,8 +138,7 @@ def test_request_json_is_what_the_container_reads(dataset, tmp_path):
 
 def test_host_and_container_name_the_same_files_and_exit_codes():
     # Two copies by design (images never import czb); they must not drift apart.
-    from czb.runner import contract as host
-
+    from czb.models.docker import contract as host
     for name in ("CONTRACT_VERSION", "EXIT_OK", "EXIT_NOT_APPLICABLE", "DATASET_FILE", "REQUEST_FILE",
                  "EMBEDDINGS_FILE", "CELL_IDS_FILE", "META_FILE", "REASON_FILE"):
         assert getattr(host, name) == getattr(czb_container, name), name
@@ -420,7 +419,7 @@ def test_damaged_cache_entry_is_dropped(tmp_path):
 
 
 def test_limits_precedence():
-    from czb.runner.docker_engine import RunLimits
+    from czb.models.docker.engine import RunLimits
 
     spec = model_spec(resources=Resources(gpu=True, memory_gb=3, shm_gb=0.5, timeout_s=300),
                       read_only_rootfs=False)

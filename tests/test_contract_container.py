@@ -308,7 +308,7 @@ def test_write_outputs_writes_float32_and_no_partial_files(tmp_path):
 
 
 def test_prediction_output_round_trips_through_the_host_reader(folders):
-    from czb.runner.contract import read_predictions
+    from czb.models.docker.contract import read_predictions
 
     def predict(job):
         adata = job.read_dataset()

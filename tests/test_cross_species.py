@@ -10,11 +10,11 @@ import itertools
 import numpy as np
 import pytest
 
-from czb.errors import TaskError
+from czb.core.errors import TaskError
 from czb.evaluation import EvaluationContext
-from czb.evaluation.context import run_task
 from czb.evaluation.metrics import classification
 from czb.evaluation.registry import get_task, load_all
+from czb.evaluation.runner import run_task
 
 load_all()
 

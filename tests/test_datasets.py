@@ -12,16 +12,17 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from czb.errors import DatasetError, DatasetWarning, FetchError, SpecError
-from czb.runner.datasets import (
-    Dataset,
-    ensembl_share,
-    load_dataset,
-    row_sums,
-    validate_dataset,
-)
-from czb.runner.specs import Catalog, DatasetSpec
-from czb.runner.synthetic import GENERATORS, ensembl_like_ids, planted_cells
+from czb.core.errors import DatasetError, DatasetWarning, FetchError, SpecError
+from czb.data.dataset import Dataset
+from czb.data.gene_ids import ensembl_share
+from czb.data.matrix import row_sums
+from czb.data.reading import load_dataset
+from czb.data.synthetic.cells import planted_cells
+from czb.data.synthetic.common import ensembl_like_ids
+from czb.data.synthetic.generators import GENERATORS
+from czb.data.validation import validate_dataset
+from czb.specs.catalog import Catalog
+from czb.specs.schema import DatasetSpec
 
 TSV2_TISSUES = [
     "bladder", "blood", "bone_marrow", "ear", "eye", "fat", "heart", "large_intestine", "liver",

@@ -23,11 +23,13 @@ from conftest import docker_engine_or_skip
 from typer.testing import CliRunner
 
 from czb.cli import app
-from czb.errors import ModelRunError
-from czb.runner.containers import DockerModelSource, RunOptions, build_model_image
-from czb.runner.datasets import load_dataset
-from czb.runner.run import run_benchmark
-from czb.runner.specs import Catalog
+from czb.core.errors import ModelRunError
+from czb.data.reading import load_dataset
+from czb.models.docker.images import build_model_image
+from czb.models.docker.request import RunOptions
+from czb.models.docker.source import DockerModelSource
+from czb.pipeline.run import run_benchmark
+from czb.specs.catalog import Catalog
 
 pytestmark = pytest.mark.docker
 
@@ -173,7 +175,7 @@ def test_unsupported_organism_is_not_applicable(engine, catalog, tiny_image, wei
 
 
 def test_killed_container_is_a_failure_and_nothing_is_kept(engine, catalog, tiny_image, weights, dataset, tmp_path):
-    from czb.settings import get_settings
+    from czb.core.settings import get_settings
 
     spec = _with_parameters(catalog, sleep_s=120)
     killed = threading.Event()
@@ -384,8 +386,7 @@ gate.set()
 def test_container_processes_and_threads_are_bounded(engine, tmp_path):
     """A fork bomb stops at the container's pids limit, never at the host's; the default
     limit leaves room for hundreds of threads."""
-    from czb.runner import docker_engine
-
+    from czb.models.docker import engine as docker_engine
     folder = tmp_path / "threads"
     folder.mkdir()
     (folder / "Dockerfile").write_text(

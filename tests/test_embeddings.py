@@ -1,4 +1,4 @@
-"""Tests of czb.runner.embeddings: baselines, bring-your-own files, shared checks."""
+"""Tests of the embedding sources (czb.models): baselines, bring-your-own files, shared checks."""
 
 from __future__ import annotations
 
@@ -15,21 +15,13 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from czb.errors import EmbeddingError, EmbeddingWarning, SpecError
-from czb.runner.datasets import Dataset
-from czb.runner.embeddings import (
-    BASELINES,
-    Embedding,
-    EmbeddingSource,
-    FileEmbeddingSource,
-    PCABaseline,
-    RandomBaseline,
-    RawPCABaseline,
-    check_embedding,
-    source_for_file,
-    source_for_model,
-)
-from czb.runner.specs import DatasetSpec, ModelSpec
+from czb.core.errors import EmbeddingError, EmbeddingWarning, SpecError
+from czb.data.dataset import Dataset
+from czb.models.baselines import BASELINES, PCABaseline, RandomBaseline, RawPCABaseline
+from czb.models.embedding import Embedding, EmbeddingSource, check_embedding
+from czb.models.embedding_files import FileEmbeddingSource
+from czb.models.sources import source_for_file, source_for_model
+from czb.specs.schema import DatasetSpec, ModelSpec
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -249,7 +241,8 @@ def test_incomplete_model_specs_are_rejected():
 
 
 def test_docker_specs_run_in_their_image():
-    from czb.runner.containers import DockerModelSource, RunOptions
+    from czb.models.docker.request import RunOptions
+    from czb.models.docker.source import DockerModelSource
 
     spec = ModelSpec(name="m", kind="docker", image="x/y:1", container="m")
     source = source_for_model(spec, RunOptions(gpus="none"))
@@ -558,7 +551,7 @@ def test_file_source_is_an_embedding_source(tmp_path):
 
 def test_import_stays_light():
     heavy = ("scanpy", "anndata", "pyarrow", "h5py", "sklearn")
-    code = f"import sys, czb.runner.embeddings; print([m for m in {heavy} if m in sys.modules])"
+    code = f"import sys, czb.models.sources; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -1,4 +1,4 @@
-"""Tests of czb.runner.fetch against real servers on loopback (no patched clients)."""
+"""Tests of czb.io (fetch, cache) against real servers on loopback (no patched clients)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import S3_TEST_BUCKET, FileServer
 
-from czb.errors import DatasetWarning, FetchError
-from czb.runner import fetch as fetch_module
-from czb.runner.fetch import cache_entries, cached_sha256, fetch, file_sha256, is_remote
+from czb.core.errors import DatasetWarning, FetchError
+from czb.io import cache as cache_module
+from czb.io.cache import cache_entries, cached_sha256, file_sha256
+from czb.io.fetch import fetch, is_remote
 
 DATA = random.Random(0).randbytes(300_000)
 DATA_SHA = hashlib.sha256(DATA).hexdigest()
@@ -329,8 +330,8 @@ def test_local_sha256_is_checked_once(tmp_path: Path, monkeypatch: pytest.Monkey
     local.write_bytes(DATA)
     cache = tmp_path / "cache"
     calls = []
-    real = fetch_module.file_sha256
-    monkeypatch.setattr(fetch_module, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda p: calls.append(p) or real(p))
 
     assert fetch(str(local), sha256=DATA_SHA, cache_dir=cache) == local
     assert fetch(str(local), sha256=DATA_SHA, cache_dir=cache) == local
@@ -372,14 +373,13 @@ def test_file_sha256(tmp_path: Path) -> None:
 def test_known_sha256_hashes_a_local_file_once(tmp_path, monkeypatch):
     import hashlib
 
-    from czb.runner import fetch as fetch_module
-
+    from czb.io import cache as cache_module
     path = tmp_path / "data.bin"
     path.write_bytes(b"abc" * 1000)
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
     cache = tmp_path / "cache"
-    assert fetch_module.known_sha256(path, cache_dir=cache) == expected
+    assert cache_module.known_sha256(path, cache_dir=cache) == expected
     calls = []
-    monkeypatch.setattr(fetch_module, "file_sha256", lambda p: calls.append(p) or "x")
-    assert fetch_module.known_sha256(path, cache_dir=cache) == expected
+    monkeypatch.setattr(cache_module, "file_sha256", lambda p: calls.append(p) or "x")
+    assert cache_module.known_sha256(path, cache_dir=cache) == expected
     assert calls == []

@@ -1,4 +1,4 @@
-"""Gene IDs for model input (czb.runner.genes): symbols ↔ Ensembl IDs, never guessed.
+"""Gene IDs for model input (czb.data.genes): symbols ↔ Ensembl IDs, never guessed.
 
 Everything is offline: mapping tables are small TSV files written by the tests in the
 published HGNC (header) and MGI (no header) layouts.
@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from czb.errors import DatasetError, FetchError
-from czb.runner import fetch as fetch_module
-from czb.runner.datasets import Dataset, load_dataset
-from czb.runner.genes import GENE_MAPS, GeneMap, model_genes, published_gene_map
-from czb.runner.specs import DatasetSpec
+from czb.core.errors import DatasetError, FetchError
+from czb.data.dataset import Dataset
+from czb.data.genes import GENE_MAPS, GeneMap, model_genes, published_gene_map
+from czb.data.reading import load_dataset
+from czb.io import fetch as fetch_module
+from czb.specs.schema import DatasetSpec
 
 # Real human/mouse Ensembl IDs and symbols (the tests need the shapes, not the biology).
 HUMAN = {

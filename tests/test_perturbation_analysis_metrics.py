@@ -14,10 +14,39 @@ from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from czb.errors import NotApplicableError
-from czb.evaluation import perturbation_analysis as pa
-from czb.evaluation.metrics import perturbation_analysis as pam
+from czb.core.errors import NotApplicableError
 from czb.evaluation.neighbors import knn_search
+from czb.evaluation.perturbation.expression import Expression
+from czb.evaluation.perturbation.hierarchy.consistency_knn_metrics import (
+    empirical_pvalues,
+    knn_vote_ranks,
+    mean_pairwise_cosine,
+    vote_ranks,
+    weighted_votes,
+)
+from czb.evaluation.perturbation.hierarchy.design import (
+    ScreenDesign,
+    split_screen,
+    stratified_subsample,
+    unique_codes,
+)
+from czb.evaluation.perturbation.hierarchy.mixing_probe_metrics import SoftmaxRegression, ilisi
+from czb.evaluation.perturbation.hierarchy.postprocessing import postprocess
+from czb.evaluation.perturbation.hierarchy.ranking import topk_hits, topk_ranks
+from czb.evaluation.perturbation.hierarchy.recall_metrics import (
+    cosine_matrix,
+    mean_average_precision,
+    tail_recall,
+    tail_recall_upper_bound,
+    upper_triangle,
+)
+from czb.evaluation.perturbation.hierarchy.reconstruction_metrics import (
+    _column_ranks,
+    centred_distance_terms,
+    per_gene_spearman,
+    sparse_column_ranks,
+    structural_integrity,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -32,7 +61,7 @@ def random_design(n_batches=10, n_perts=40, n_perturbed=1500, controls_per_batch
     controls = np.concatenate([np.zeros(n_perturbed, bool), np.ones(len(ctrl_batches), bool)])
     all_batches = np.concatenate([batches, ctrl_batches])
     order = rng.permutation(len(labels))
-    return pa.ScreenDesign.from_roles(labels[order], controls[order], all_batches[order])
+    return ScreenDesign.from_roles(labels[order], controls[order], all_batches[order])
 
 
 def harmony_lisi_reference(X, labels, perplexity, tol=1e-5, n_iter=50):
@@ -86,7 +115,7 @@ def design():
 def test_split_screen_sizes_and_disjoint(design):
     """Train holds floor(0.7 * 10) batches and floor(0.7 * 40) perturbations; the three
     splits share no perturbed cell."""
-    s = pa.split_screen(design, 0.7, seed=3)
+    s = split_screen(design, 0.7, seed=3)
     assert len(s.train_batches) == 7 and len(s.test_batches) == 3
     assert len(s.train_perturbations) == 28 and len(s.test_perturbations) == 12
     assert not set(s.train_batches) & set(s.test_batches)
@@ -101,7 +130,7 @@ def test_split_screen_sizes_and_disjoint(design):
 def test_split_screen_membership(design):
     """test1 = test batches x perturbations seen in train; test2 = test batches x held-out
     perturbations; train = train batches x train perturbations; each complete."""
-    s = pa.split_screen(design, 0.7, seed=3)
+    s = split_screen(design, 0.7, seed=3)
     pert, batch, ctrl = design.perturbations, design.batches, design.controls
     tb, tp = set(s.train_batches), set(s.train_perturbations)
     seen = {pert[i] for i in s.train if not ctrl[i]}
@@ -119,7 +148,7 @@ def test_split_screen_membership(design):
 def test_split_screen_controls(design):
     """Controls of test batches are in both test sets and not in train; controls of train
     batches are in train only."""
-    s = pa.split_screen(design, 0.7, seed=3)
+    s = split_screen(design, 0.7, seed=3)
     ctrl_idx = np.flatnonzero(design.controls)
     in_test_batch = np.isin(design.batches[ctrl_idx], s.test_batches)
     test_ctrl, train_ctrl = set(ctrl_idx[in_test_batch]), set(ctrl_idx[~in_test_batch])
@@ -134,7 +163,7 @@ def test_split_screen_equals_isin_recipe(seed):
     """The code-based membership tests give the sets of the direct recipe (np.unique of
     names, seeded shuffles, np.isin on names)."""
     d = random_design(n_batches=7, n_perts=25, seed=seed)
-    split = pa.split_screen(d, 0.6, seed=seed)
+    split = split_screen(d, 0.6, seed=seed)
     rng = np.random.default_rng(seed)
     perturbed = ~d.controls
 
@@ -157,7 +186,7 @@ def test_split_screen_equals_isin_recipe(seed):
 
 def test_split_screen_seeded(design):
     """The same seed gives the same split; another seed a different one."""
-    a, b, c = (pa.split_screen(design, seed=s) for s in (5, 5, 6))
+    a, b, c = (split_screen(design, seed=s) for s in (5, 5, 6))
     for field in ("train", "test1", "test2"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert (a.train_batches, a.train_perturbations) == (b.train_batches, b.train_perturbations)
@@ -168,7 +197,7 @@ def test_split_screen_needs_two_batches():
     """A screen with a single batch cannot hold one out."""
     d = random_design(n_batches=1, n_perturbed=100, controls_per_batch=5)
     with pytest.raises(NotApplicableError):
-        pa.split_screen(d)
+        split_screen(d)
 
 
 # --------------------------------------------------------------------------- stratified_subsample
@@ -181,7 +210,7 @@ def test_unique_codes_equals_np_unique(kind):
     values = rng.integers(0, 50, 500)
     if kind != "int":
         values = np.char.add("G", values.astype(str)).astype(object if kind == "object" else str)
-    uniques, codes = pa.unique_codes(values)
+    uniques, codes = unique_codes(values)
     expected_u, expected_c = np.unique(values, return_inverse=True)
     np.testing.assert_array_equal(uniques, expected_u)
     np.testing.assert_array_equal(codes, expected_c)
@@ -195,7 +224,7 @@ def test_stratified_subsample_keeps_requested_size():
     labels = np.concatenate([np.full(n, k) for k, n in sizes.items()] + [np.array([f"s{i}" for i in range(5)])])
     labels = labels[np.random.default_rng(0).permutation(len(labels))]
     assert len(labels) == 1500
-    idx = pa.stratified_subsample(labels, 1000, seed=1)
+    idx = stratified_subsample(labels, 1000, seed=1)
     assert len(idx) == 1000
     assert len(np.unique(idx)) == 1000 and np.all(np.diff(idx) > 0)
     kept = labels[idx]
@@ -210,23 +239,23 @@ def test_stratified_subsample_keeps_requested_size():
 def test_stratified_subsample_all_and_seed():
     """n >= len returns every index; the same seed gives the same subset."""
     labels = np.array(list("aabbbcccc"))
-    np.testing.assert_array_equal(pa.stratified_subsample(labels, 9), np.arange(9))
-    np.testing.assert_array_equal(pa.stratified_subsample(labels, 50), np.arange(9))
-    np.testing.assert_array_equal(pa.stratified_subsample(labels, 5, seed=2),
-                                  pa.stratified_subsample(labels, 5, seed=2))
+    np.testing.assert_array_equal(stratified_subsample(labels, 9), np.arange(9))
+    np.testing.assert_array_equal(stratified_subsample(labels, 50), np.arange(9))
+    np.testing.assert_array_equal(stratified_subsample(labels, 5, seed=2),
+                                  stratified_subsample(labels, 5, seed=2))
 
 
 def test_stratified_subsample_more_singletons_than_room():
     """With more singletons than n, n singletons are returned."""
     labels = np.array([f"s{i}" for i in range(10)] + ["a"] * 5)
-    idx = pa.stratified_subsample(labels, 4, seed=0)
+    idx = stratified_subsample(labels, 4, seed=0)
     assert len(idx) == 4 and np.all(idx < 10)
 
 
 def test_stratified_subsample_at_least_one_per_label():
     """Every non-singleton label keeps at least one item when n >= number of labels."""
     labels = np.array(["a"] * 1000 + [x for x in "bcdef" for _ in range(2)])
-    idx = pa.stratified_subsample(labels, 100, seed=0)
+    idx = stratified_subsample(labels, 100, seed=0)
     assert len(idx) == 100
     assert set(labels[idx]) == set("abcdef")
 
@@ -244,13 +273,13 @@ def embedded():
     labels = np.where(controls, "ctrl", "P")
     X = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) * np.arange(1, dim + 1)
     X += np.array([rng.normal(size=dim) * 3 for _ in range(3)])[np.char.lstrip(batches, "b").astype(int)]
-    return X, pa.ScreenDesign.from_roles(labels, controls, batches)
+    return X, ScreenDesign.from_roles(labels, controls, batches)
 
 
 def test_postprocess_none_returns_input(embedded):
     """'none' gives back the embedding unchanged."""
     X, d = embedded
-    np.testing.assert_array_equal(pa.postprocess(X, d, "none"), X)
+    np.testing.assert_array_equal(postprocess(X, d, "none"), X)
 
 
 def test_postprocess_center_equals_loop(embedded):
@@ -260,7 +289,7 @@ def test_postprocess_center_equals_loop(embedded):
     for b in np.unique(d.batches):
         rows = d.batches == b
         expected[rows] = X[rows] - X[rows & d.controls].mean(axis=0)
-    np.testing.assert_allclose(pa.postprocess(X, d, "center"), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(postprocess(X, d, "center"), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_postprocess_center_scale_equals_standard_scaler(embedded):
@@ -273,7 +302,7 @@ def test_postprocess_center_scale_equals_standard_scaler(embedded):
     for b in np.unique(d.batches):
         rows = d.batches == b
         expected[rows] = StandardScaler().fit(X[rows & d.controls]).transform(X[rows])
-    got = pa.postprocess(X, d, "center_scale")
+    got = postprocess(X, d, "center_scale")
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(got[:, 0], X[:, 0] - 5.0, atol=1e-12)
 
@@ -298,7 +327,7 @@ def test_postprocess_tvn_equals_efaar_recipe(embedded):
     """'tvn' matches the scikit-learn/scipy recipe up to per-column sign flips of the PCA
     components: same pairwise distances, and equal after aligning column signs."""
     X, d = embedded
-    got = pa.postprocess(X, d, "tvn")
+    got = postprocess(X, d, "tvn")
     ref = tvn_reference(X, d)
     assert got.shape == ref.shape
     np.testing.assert_allclose(pairwise_distances(got), pairwise_distances(ref), rtol=1e-8, atol=1e-8)
@@ -322,21 +351,21 @@ def tvn_degenerate_cases(kind, n_seeds=30):
             controls[:6] = True
             X = rng.normal(size=(n, dim))
         batches = np.array(["b0", "b1"])[np.arange(n) % 2]
-        yield X, pa.ScreenDesign(np.where(controls, "ctrl", "P").astype(object), controls, batches)
+        yield X, ScreenDesign(np.where(controls, "ctrl", "P").astype(object), controls, batches)
 
 
 def test_postprocess_tvn_fewer_controls_than_dims_shape():
     """With 6 controls in 8 dimensions the centred controls span 5 axes: TVN keeps those 5
     (a sixth would be rounding noise)."""
     X, d = next(tvn_degenerate_cases("few_controls", 1))
-    assert pa.postprocess(X, d, "tvn").shape == (60, 5)
+    assert postprocess(X, d, "tvn").shape == (60, 5)
 
 
 @pytest.mark.parametrize("kind", ["constant_column", "few_controls"])
 def test_postprocess_tvn_degenerate_axis_stays_bounded(kind):
     """An axis along which controls do not vary is dropped rather than divided by rounding
     noise, so TVN output stays of the order of the input (|value| < 1e3) for every seed."""
-    worst = max(np.abs(pa.postprocess(X, d, "tvn")).max() for X, d in tvn_degenerate_cases(kind))
+    worst = max(np.abs(postprocess(X, d, "tvn")).max() for X, d in tvn_degenerate_cases(kind))
     assert worst < 1e3
 
 
@@ -345,18 +374,18 @@ def test_postprocess_needs_controls_in_every_batch(embedded):
     unknown method is a ValueError."""
     X, d = embedded
     controls = d.controls & (d.batches != "b1")
-    no_ctrl = pa.ScreenDesign(d.perturbations, controls, d.batches)
+    no_ctrl = ScreenDesign(d.perturbations, controls, d.batches)
     for method in ("center", "center_scale", "tvn"):
         with pytest.raises(NotApplicableError):
-            pa.postprocess(X, no_ctrl, method)
+            postprocess(X, no_ctrl, method)
     one = d.controls & (d.batches != "b1")
     one[np.flatnonzero(d.batches == "b1")[0]] = True
-    one_ctrl = pa.ScreenDesign(d.perturbations, one, d.batches)
-    pa.postprocess(X, one_ctrl, "center")  # one control is enough to centre
+    one_ctrl = ScreenDesign(d.perturbations, one, d.batches)
+    postprocess(X, one_ctrl, "center")  # one control is enough to centre
     with pytest.raises(NotApplicableError):
-        pa.postprocess(X, one_ctrl, "tvn")
+        postprocess(X, one_ctrl, "tvn")
     with pytest.raises(ValueError):
-        pa.postprocess(X, d, "zscore")
+        postprocess(X, d, "zscore")
 
 
 # --------------------------------------------------------------------------- iLISI
@@ -369,7 +398,7 @@ def test_ilisi_matches_harmony_loop():
     X = rng.normal(size=(200, 5))
     batches = np.array(["x", "y", "z"])[rng.integers(0, 3, 200)]
     X[batches == "x"] += 0.7
-    mean, norm = pam.ilisi(X, batches, perplexity=10)
+    mean, norm = ilisi(X, batches, perplexity=10)
     expected = harmony_lisi_reference(X, batches, 10).mean()
     assert mean == pytest.approx(expected, abs=1e-6)
     assert norm == pytest.approx(1 + (mean - 1) / 2, abs=1e-12)
@@ -382,8 +411,8 @@ def test_ilisi_approximate_neighbours_small_case():
     X = rng.normal(size=(200, 5))
     batches = np.array(["p", "q", "r"])[rng.integers(0, 3, 200)]
     X[batches == "p"] += 0.5
-    exact = pam.ilisi(X, batches, perplexity=10, exact=True)
-    approx = pam.ilisi(X, batches, perplexity=10, exact=False)
+    exact = ilisi(X, batches, perplexity=10, exact=True)
+    approx = ilisi(X, batches, perplexity=10, exact=False)
     assert approx == pytest.approx(exact, abs=1e-5)  # faiss returns float32 distances
 
 
@@ -394,18 +423,18 @@ def test_ilisi_extremes():
     X = rng.normal(size=(200, 4))
     b = np.repeat(["a", "b"], 100)
     X[b == "b"] += 100.0
-    mean, norm = pam.ilisi(X, b, perplexity=10)
+    mean, norm = ilisi(X, b, perplexity=10)
     assert mean == pytest.approx(1.0, abs=1e-6) and norm == pytest.approx(1.0, abs=1e-6)
     X = rng.normal(size=(600, 4))
     b3 = np.array(["a", "b", "c"])[rng.integers(0, 3, 600)]
-    mean, norm = pam.ilisi(X, b3, perplexity=30)
+    mean, norm = ilisi(X, b3, perplexity=30)
     assert 2.5 < mean <= 3.0 and 1.75 < norm <= 2.0
 
 
 def test_ilisi_single_batch_is_nan():
     """With one batch there is no mixing to measure."""
     X = np.random.default_rng(0).normal(size=(20, 3))
-    assert all(np.isnan(pam.ilisi(X, np.zeros(20), perplexity=3)))
+    assert all(np.isnan(ilisi(X, np.zeros(20), perplexity=3)))
 
 
 # --------------------------------------------------------------------------- top-k
@@ -425,13 +454,13 @@ def topk_loop(scores, true_codes, k):
 def test_topk_hits_hand_cases():
     """Strictly higher scores rank above; ties go to the first-indexed class; -1 is a miss."""
     s = np.array([[0.1, 0.5, 0.4]])
-    assert not pam.topk_hits(s, np.array([2]), 1)[0]
-    assert pam.topk_hits(s, np.array([2]), 2)[0]
+    assert not topk_hits(s, np.array([2]), 1)[0]
+    assert topk_hits(s, np.array([2]), 2)[0]
     const = np.ones((4, 3))
     codes = np.array([0, 1, 2, -1])
-    np.testing.assert_array_equal(pam.topk_hits(const, codes, 1), [True, False, False, False])
-    np.testing.assert_array_equal(pam.topk_hits(const, codes, 2), [True, True, False, False])
-    np.testing.assert_array_equal(pam.topk_hits(const, codes, 3), [True, True, True, False])
+    np.testing.assert_array_equal(topk_hits(const, codes, 1), [True, False, False, False])
+    np.testing.assert_array_equal(topk_hits(const, codes, 2), [True, True, False, False])
+    np.testing.assert_array_equal(topk_hits(const, codes, 3), [True, True, True, False])
 
 
 @pytest.mark.parametrize("discrete", [False, True])
@@ -443,7 +472,7 @@ def test_topk_hits_matches_argsort_loop(discrete):
         scores = np.round(scores * 3)
     codes = rng.integers(-1, 12, 300)
     for k in (1, 3, 5):
-        np.testing.assert_array_equal(pam.topk_hits(scores, codes, k), topk_loop(scores, codes, k))
+        np.testing.assert_array_equal(topk_hits(scores, codes, k), topk_loop(scores, codes, k))
 
 
 # --------------------------------------------------------------------------- kNN votes
@@ -451,7 +480,7 @@ def test_topk_hits_matches_argsort_loop(discrete):
 
 def dense_votes(ref, codes, query, n_classes, k):
     idx, dist = knn_search(ref, query, k, exact=True)
-    rows, classes, votes = pam.weighted_votes(codes[idx], dist)
+    rows, classes, votes = weighted_votes(codes[idx], dist)
     out = np.zeros((len(query), n_classes))
     out[rows, classes] = votes
     return out
@@ -479,8 +508,8 @@ def test_knn_votes_match_sklearn_and_brute_force():
     weight_sum = np.sort(1.0 / (D + 1e-5), axis=1)[:, ::-1][:, :k].sum(axis=1)
     np.testing.assert_allclose(votes.sum(axis=1), weight_sum, rtol=1e-9)
     true = rng.integers(-1, 5, 37)
-    ranks = pam.knn_vote_ranks(ref, codes, query, true, k, exact=True, chunk_rows=8)
-    dense = pam.topk_ranks(votes, true)
+    ranks = knn_vote_ranks(ref, codes, query, true, k, exact=True, chunk_rows=8)
+    dense = topk_ranks(votes, true)
     voted = (true >= 0) & (votes[np.arange(37), np.maximum(true, 0)] > 0)
     np.testing.assert_array_equal(ranks[voted], dense[voted])
     assert np.isinf(ranks[~voted]).all() and (~voted).any()
@@ -505,16 +534,16 @@ def test_vote_ranks_match_dense_topk_with_ties():
     neighbor_codes = rng.integers(0, n_classes, (n, k))
     distances = rng.integers(1, 3, (n, k)).astype(float) - 1e-5  # weights exactly 1 or 1/2
     true = rng.integers(-1, n_classes, n)
-    rows, classes, votes = pam.weighted_votes(neighbor_codes, distances)
+    rows, classes, votes = weighted_votes(neighbor_codes, distances)
     assert np.all(np.diff(rows * n_classes + classes) > 0)
     dense = np.zeros((n, n_classes))
     dense[rows, classes] = votes
-    ranks = pam.vote_ranks(rows, classes, votes, true)
+    ranks = vote_ranks(rows, classes, votes, true)
     voted = (true >= 0) & (dense[np.arange(n), np.maximum(true, 0)] > 0)
-    np.testing.assert_array_equal(ranks[voted], pam.topk_ranks(dense, true)[voted])
+    np.testing.assert_array_equal(ranks[voted], topk_ranks(dense, true)[voted])
     assert np.isinf(ranks[~voted]).all()
     for t in (1, 5):  # the previous dense tally: topk_hits & voted
-        np.testing.assert_array_equal(ranks < t, pam.topk_hits(dense, true, t) & voted)
+        np.testing.assert_array_equal(ranks < t, topk_hits(dense, true, t) & voted)
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -537,13 +566,13 @@ def test_softmax_regression_matches_sklearn(n_jobs):
     Xs, Xt = scaler.transform(X), scaler.transform(X_test)
     for C in (1.0, 0.05):
         sk = LogisticRegression(C=C, max_iter=1000).fit(Xs, y)
-        me = pam.SoftmaxRegression(C, max_iter=1000, chunk_rows=128, n_jobs=n_jobs).fit(Xs, y, n_classes)
+        me = SoftmaxRegression(C, max_iter=1000, chunk_rows=128, n_jobs=n_jobs).fit(Xs, y, n_classes)
         assert me.n_iter_ == sk.n_iter_[0] and me.converged_
         np.testing.assert_allclose(me.predict_proba(Xt), sk.predict_proba(Xt), atol=1e-4)
         np.testing.assert_allclose(me.coef_, sk.coef_, atol=1e-3)
         for t in (1, 5):
-            mine = (pam.topk_ranks(me.decision_function(Xt), y_test) < t).mean()
-            theirs = pam.topk_hits(sk.predict_proba(Xt), y_test, t).mean()
+            mine = (topk_ranks(me.decision_function(Xt), y_test) < t).mean()
+            theirs = topk_hits(sk.predict_proba(Xt), y_test, t).mean()
             assert mine == pytest.approx(theirs, abs=0.01)
 
 
@@ -553,9 +582,9 @@ def test_softmax_regression_max_iter_and_unseen_class_rows():
     rng = np.random.default_rng(14)
     X = rng.normal(size=(200, 3))
     y = rng.integers(0, 4, 200)
-    me = pam.SoftmaxRegression(1.0, max_iter=2).fit(X, y, 5)
+    me = SoftmaxRegression(1.0, max_iter=2).fit(X, y, 5)
     assert me.n_iter_ <= 2 and not me.converged_
-    me = pam.SoftmaxRegression(1.0).fit(X, y, 5)
+    me = SoftmaxRegression(1.0).fit(X, y, 5)
     assert np.isfinite(me.coef_).all() and me.intercept_[4] < me.intercept_[:4].min()
 
 
@@ -571,7 +600,7 @@ def test_mean_pairwise_cosine_matches_sklearn():
     codes[:2] = 0
     X[0] = 0.0
     codes[-1] = 4  # a group of one
-    means, sizes = pam.mean_pairwise_cosine(X, codes, 6)
+    means, sizes = mean_pairwise_cosine(X, codes, 6)
     np.testing.assert_array_equal(sizes, np.bincount(codes, minlength=6))
     for g in range(4):
         S = cosine_similarity(X[codes == g])
@@ -583,7 +612,7 @@ def test_mean_pairwise_cosine_matches_sklearn():
 def test_empirical_pvalues_hand_case():
     """p = (1 + #null >= x) / (1 + #null): ties count as >=, NaN stays NaN."""
     null = np.array([0.3, 0.1, 0.4, 0.2])
-    p = pam.empirical_pvalues(np.array([0.25, 0.2, 0.5, 0.0, np.nan]), null)
+    p = empirical_pvalues(np.array([0.25, 0.2, 0.5, 0.0, np.nan]), null)
     np.testing.assert_allclose(p[:4], [3 / 5, 4 / 5, 1 / 5, 5 / 5])
     assert np.isnan(p[4])
 
@@ -605,9 +634,9 @@ def test_cosine_matrix_and_upper_triangle():
     rng = np.random.default_rng(9)
     M = rng.normal(size=(10, 5))
     M[3] = 0.0
-    np.testing.assert_allclose(pam.cosine_matrix(M), cosine_similarity(M), atol=1e-6)
+    np.testing.assert_allclose(cosine_matrix(M), cosine_similarity(M), atol=1e-6)
     S = np.arange(16.0).reshape(4, 4)
-    np.testing.assert_array_equal(pam.upper_triangle(S), [S[i, j] for i in range(4) for j in range(i + 1, 4)])
+    np.testing.assert_array_equal(upper_triangle(S), [S[i, j] for i in range(4) for j in range(i + 1, 4)])
 
 
 def test_tail_recall_matches_efaar_and_counting():
@@ -616,21 +645,21 @@ def test_tail_recall_matches_efaar_and_counting():
     rng = np.random.default_rng(10)
     null = np.round(rng.normal(size=500), 1)
     query = np.round(rng.normal(size=200) * 1.5, 1)
-    got = pam.tail_recall(np.sort(null), query)
+    got = tail_recall(np.sort(null), query)
     assert got == pytest.approx(compute_recall_reference(null, query), abs=1e-12)
     counted = np.mean([(np.mean(null <= q) <= 0.05) or (np.mean(null < q) >= 0.95) for q in query])
     assert got == pytest.approx(counted, abs=1e-12)
-    assert np.isnan(pam.tail_recall(np.sort(null), np.array([])))
+    assert np.isnan(tail_recall(np.sort(null), np.array([])))
 
 
 def test_tail_recall_random_embedding_near_ten_percent():
     """Random known pairs of a random embedding land in the two 5% tails about 10% of the time."""
     rng = np.random.default_rng(13)
-    S = pam.cosine_matrix(rng.normal(size=(200, 16)))
-    null = np.sort(pam.upper_triangle(S))
+    S = cosine_matrix(rng.normal(size=(200, 16)))
+    null = np.sort(upper_triangle(S))
     i, j = np.triu_indices(200, k=1)
     pick = rng.choice(len(i), 2000, replace=False)
-    recall = pam.tail_recall(null, S[i[pick], j[pick]])
+    recall = tail_recall(null, S[i[pick], j[pick]])
     assert 0.05 < recall < 0.15
     assert recall == pytest.approx(compute_recall_reference(null, S[i[pick], j[pick]]), abs=1e-12)
 
@@ -639,12 +668,12 @@ def test_tail_recall_upper_bound_counts_tails():
     """With 1000 distinct null values, 100 lie in the two tails: the bound is 1 for 50 pairs
     and 0.1 (not 0.9) for 1000; the whole null as query reaches it exactly."""
     null = np.sort(np.random.default_rng(14).random(1000))
-    assert pam.tail_recall_upper_bound(null, 50) == 1.0
-    assert pam.tail_recall_upper_bound(null, 1000) == pytest.approx(0.1)
-    assert pam.tail_recall(null, null) == pytest.approx(0.1)
+    assert tail_recall_upper_bound(null, 50) == 1.0
+    assert tail_recall_upper_bound(null, 1000) == pytest.approx(0.1)
+    assert tail_recall(null, null) == pytest.approx(0.1)
     tails = np.concatenate([null[:50], null[-50:]])
-    assert pam.tail_recall(null, tails) == 1.0
-    assert np.isnan(pam.tail_recall_upper_bound(null, 0))
+    assert tail_recall(null, tails) == 1.0
+    assert np.isnan(tail_recall_upper_bound(null, 0))
 
 
 def average_precision_loop(S, A):
@@ -677,7 +706,7 @@ def test_mean_average_precision_matches_loop():
     A = A | A.T
     A[0], A[:, 0] = False, False  # a gene without partners is not a query
     expected, n = average_precision_loop(S, A)
-    got, n_got = pam.mean_average_precision(S, sp.csr_matrix(A), block_rows=7)
+    got, n_got = mean_average_precision(S, sp.csr_matrix(A), block_rows=7)
     assert n_got == n
     assert got == pytest.approx(expected, abs=1e-12)
 
@@ -692,7 +721,7 @@ def test_mean_average_precision_hand_cases():
     A = np.zeros((4, 4), bool)
     A[0, 1] = A[1, 0] = True
     A[0, 2] = A[2, 0] = True
-    got, n = pam.mean_average_precision(S, sp.csr_matrix(A))
+    got, n = mean_average_precision(S, sp.csr_matrix(A))
     # Query 0: partners 1, 2 at ranks 1, 2 -> 1. Query 1: partner 0 at rank 1 -> 1.
     # Query 2: partner 0 at rank 1 -> 1.
     assert n == 3 and got == pytest.approx(1.0)
@@ -700,13 +729,13 @@ def test_mean_average_precision_hand_cases():
     B[3, 1] = B[1, 3] = True
     # Query 3 ranks 2 (0.3), 1 (0.2), 0 (0.1): partner 1 at rank 2 -> 1/2.
     # Query 1 ranks 0 (0.9), 3 (0.2), 2 (0.1): partner 3 at rank 2 -> 1/2.
-    assert pam.mean_average_precision(S, sp.csr_matrix(B))[0] == pytest.approx(0.5)
+    assert mean_average_precision(S, sp.csr_matrix(B))[0] == pytest.approx(0.5)
     T = np.array([[1.0, 0.5, 0.5], [0.5, 1.0, 0.0], [0.5, 0.0, 1.0]])
     C = np.zeros((3, 3), bool)
     C[0, 1] = C[1, 0] = True
     # Query 0: partner 1 tied with non-partner 2, ranked after it -> 1/2. Query 1: rank 1 -> 1.
-    assert pam.mean_average_precision(T, sp.csr_matrix(C))[0] == pytest.approx(0.75)
-    got, n = pam.mean_average_precision(S, sp.csr_matrix((4, 4), dtype=bool))
+    assert mean_average_precision(T, sp.csr_matrix(C))[0] == pytest.approx(0.75)
+    got, n = mean_average_precision(S, sp.csr_matrix((4, 4), dtype=bool))
     assert np.isnan(got) and n == 0
 
 
@@ -719,7 +748,7 @@ def test_per_gene_spearman_matches_scipy():
     pred = np.round(rng.normal(size=(50, 6)), 1)
     truth = np.round(pred + rng.normal(size=(50, 6)), 1)
     truth[:, 5] = 2.0
-    got = pam.per_gene_spearman(pred, truth)
+    got = per_gene_spearman(pred, truth)
     for g in range(5):
         assert got[g] == pytest.approx(stats.spearmanr(pred[:, g], truth[:, g]).statistic, abs=1e-12)
     assert np.isnan(got[5])
@@ -743,15 +772,15 @@ def test_sparse_column_ranks_and_spearman_match_scipy():
     rng = np.random.default_rng(17)
     M = sparse_truth(rng)
     dense = M.toarray()
-    T, ranks, zero_rank = pam.sparse_column_ranks(M)
+    T, ranks, zero_rank = sparse_column_ranks(M)
     full = np.repeat(zero_rank[None, :], M.shape[0], axis=0)
     full[T.indices, np.repeat(np.arange(T.shape[1]), np.diff(T.indptr))] = ranks
     np.testing.assert_allclose(full, stats.rankdata(dense, axis=0), rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(pam._column_ranks(dense, block=2, n_jobs=2), stats.rankdata(dense, axis=0))
+    np.testing.assert_array_equal(_column_ranks(dense, block=2, n_jobs=2), stats.rankdata(dense, axis=0))
     pred = np.round(rng.normal(size=dense.shape), 1)
     pred[:, 4] = 3.0
-    got = pam.per_gene_spearman(pred, M)
-    np.testing.assert_allclose(got, pam.per_gene_spearman(pred, dense), atol=1e-12, equal_nan=True)
+    got = per_gene_spearman(pred, M)
+    np.testing.assert_allclose(got, per_gene_spearman(pred, dense), atol=1e-12, equal_nan=True)
     for g in (0, 1, 3, 5):
         assert got[g] == pytest.approx(stats.spearmanr(pred[:, g], dense[:, g]).statistic, abs=1e-12)
     assert np.isnan(got[2]) and np.isnan(got[4])
@@ -766,18 +795,18 @@ def test_centred_distance_terms_sparse_equals_dense():
     controls = rows[:6]
     Pc = P[rows] - P[controls].mean(axis=0)
     Tc = M.toarray()[rows] - M.toarray()[controls].mean(axis=0)
-    d, t = pam.centred_distance_terms(P, M, rows, controls)
+    d, t = centred_distance_terms(P, M, rows, controls)
     assert d == pytest.approx(np.sum((Pc - Tc) ** 2), rel=1e-12)
     assert t == pytest.approx(np.sum(Tc**2), rel=1e-12)
-    assert pam.centred_distance_terms(P, M.toarray(), rows, controls) == pytest.approx((d, t), rel=1e-12)
+    assert centred_distance_terms(P, M.toarray(), rows, controls) == pytest.approx((d, t), rel=1e-12)
 
 
 def test_structural_integrity_hand_case():
     """1 - mean(d) / (2 mean(m)): d = [1, 3], m = [2, 2] gives 0.5; no batches or zero truth is NaN."""
-    assert pam.structural_integrity(np.array([1.0, 3.0]), np.array([2.0, 2.0])) == pytest.approx(0.5)
-    assert pam.structural_integrity(np.array([0.0]), np.array([4.0])) == 1.0
-    assert np.isnan(pam.structural_integrity(np.array([]), np.array([])))
-    assert np.isnan(pam.structural_integrity(np.array([1.0]), np.array([0.0])))
+    assert structural_integrity(np.array([1.0, 3.0]), np.array([2.0, 2.0])) == pytest.approx(0.5)
+    assert structural_integrity(np.array([0.0]), np.array([4.0])) == 1.0
+    assert np.isnan(structural_integrity(np.array([]), np.array([])))
+    assert np.isnan(structural_integrity(np.array([1.0]), np.array([0.0])))
 
 
 # --------------------------------------------------------------------------- Expression
@@ -802,7 +831,7 @@ def lognorm_numpy(C, target=1e4):
 def test_expression_rows_log_normalise_raw_counts(counts, sparse):
     """rows() of raw counts is log1p(counts / total * 1e4), dense or sparse input."""
     X = sp.csr_matrix(counts) if sparse else counts
-    e = pa.Expression(X, None)
+    e = Expression(X, None)
     idx = np.array([0, 4, 7, 2])
     block = e.rows(idx)
     assert sp.issparse(block) and block.dtype == np.float64
@@ -813,8 +842,8 @@ def test_expression_gene_means_and_chunking(counts):
     """gene_means is the column mean of the log-normalised matrix; 3-row chunks agree with
     one chunk, and iter_rows covers the index in order."""
     ref = lognorm_numpy(counts)
-    one = pa.Expression(sp.csr_matrix(counts), None)
-    chunked = pa.Expression(sp.csr_matrix(counts), None, chunk_rows=3)
+    one = Expression(sp.csr_matrix(counts), None)
+    chunked = Expression(sp.csr_matrix(counts), None, chunk_rows=3)
     np.testing.assert_allclose(one.gene_means(), ref.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(chunked.gene_means(), one.gene_means(), rtol=1e-12)
     sub = np.array([1, 3, 5, 6, 9])
@@ -827,7 +856,7 @@ def test_expression_gene_means_and_chunking(counts):
 def test_expression_log_normalized_kept_as_stored(counts):
     """kind='log_normalized' returns the stored values as float64."""
     stored = np.log1p(counts).astype(np.float32)
-    e = pa.Expression(sp.csr_matrix(stored), None, kind="log_normalized")
+    e = Expression(sp.csr_matrix(stored), None, kind="log_normalized")
     block = e.rows(np.arange(5))
     assert block.dtype == np.float64
     np.testing.assert_array_equal(block.toarray(), stored[:5].astype(np.float64))

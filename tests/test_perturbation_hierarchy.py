@@ -10,14 +10,16 @@ import pytest
 import scipy.sparse as sp
 from sklearn.preprocessing import StandardScaler
 
-from czb.errors import DatasetError
-from czb.evaluation.context import EvaluationContext, run_task
-from czb.evaluation.metrics.perturbation import log_normalize
-from czb.evaluation.perturbation_analysis import Expression
+from czb.core.errors import DatasetError
+from czb.data.dataset import parse_control_flags
+from czb.data.relationship_sources import load_sources
+from czb.data.synthetic import KNOWN_COMPLEXES
+from czb.data.synthetic.screen import planted_screen
+from czb.evaluation.context import EvaluationContext
+from czb.evaluation.perturbation.expression import Expression, log_normalize
+from czb.evaluation.perturbation.hierarchy.screen_task import ScreenTask
 from czb.evaluation.registry import TASKS, get_task, load_all
-from czb.evaluation.tasks.screen_task import ScreenTask
-from czb.runner.datasets import parse_control_flags
-from czb.runner.synthetic import KNOWN_COMPLEXES, planted_screen
+from czb.evaluation.runner import run_task
 
 load_all()
 SCREEN_TASKS = sorted(n for n, t in TASKS.items() if issubclass(t, ScreenTask))
@@ -38,6 +40,7 @@ def context(adata, X, sources=("known_complexes",)):
         roles={"control": adata.obs["is_control"].to_numpy()},
         expression=Expression(adata.X, adata.var_names.to_numpy()),
         relationship_sources=list(sources),
+        relationships=load_sources(sources),
     )
 
 
@@ -99,10 +102,14 @@ def test_knn_task_equals_scikit_learn_vote(contexts):
     k = floor(sqrt(n)) made odd; a true class without votes is a miss."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    from czb.evaluation.metrics import perturbation_analysis as pam
-    from czb.evaluation.perturbation_analysis import stratified_subsample
-    from czb.evaluation.tasks.perturbation_knn import default_k
-    from czb.evaluation.tasks.screen_task import postprocessed, screen_design, screen_split
+    from czb.evaluation.perturbation.hierarchy.design import stratified_subsample
+    from czb.evaluation.perturbation.hierarchy.knn_organization import default_k
+    from czb.evaluation.perturbation.hierarchy.ranking import class_codes, topk_hits
+    from czb.evaluation.perturbation.hierarchy.screen_task import (
+        postprocessed,
+        screen_design,
+        screen_split,
+    )
 
     assert [default_k(n) for n in (1, 4, 99, 100, 121, 100_000)] == [1, 3, 9, 11, 11, 317]
     ctx = contexts["pca"]
@@ -116,10 +123,10 @@ def test_knn_task_equals_scikit_learn_vote(contexts):
     clf = KNeighborsClassifier(n_neighbors=k, weights=lambda d: 1.0 / (d + 1e-5))
     clf.fit(X[reference], design.perturbations[reference])
     proba = clf.predict_proba(X[query])
-    codes = pam.class_codes(clf.classes_, design.perturbations[query])
+    codes = class_codes(clf.classes_, design.perturbations[query])
     voted = (codes >= 0) & (proba[np.arange(len(query)), np.maximum(codes, 0)] > 0)
     for t, name in ((1, "knn_top1"), (5, "knn_top5")):
-        expected = np.mean(pam.topk_hits(proba, codes, t) & voted)
+        expected = np.mean(topk_hits(proba, codes, t) & voted)
         assert result.metric(name).value == pytest.approx(expected, abs=1e-12)
 
 
@@ -128,8 +135,12 @@ def test_linear_probe_task_equals_scikit_learn(contexts):
     C = 1) on standardised train cells, up to the float32 fit (within one test cell in 100)."""
     from sklearn.linear_model import LogisticRegression
 
-    from czb.evaluation.metrics import perturbation_analysis as pam
-    from czb.evaluation.tasks.screen_task import postprocessed, screen_design, screen_split
+    from czb.evaluation.perturbation.hierarchy.ranking import class_codes, topk_hits
+    from czb.evaluation.perturbation.hierarchy.screen_task import (
+        postprocessed,
+        screen_design,
+        screen_split,
+    )
 
     ctx = contexts["pca"]
     result = score(ctx, "perturbation_linear_probe", ("center",))
@@ -140,9 +151,9 @@ def test_linear_probe_task_equals_scikit_learn(contexts):
     scaler = StandardScaler().fit(X[train])
     model = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(X[train]), design.perturbations[train])
     proba = model.predict_proba(scaler.transform(X[test]))
-    codes = pam.class_codes(model.classes_, design.perturbations[test])
+    codes = class_codes(model.classes_, design.perturbations[test])
     for t, name in ((1, "linear_probe_top1"), (5, "linear_probe_top5")):
-        expected = np.mean(pam.topk_hits(proba, codes, t))
+        expected = np.mean(topk_hits(proba, codes, t))
         assert result.metric(name).value == pytest.approx(expected, abs=0.01)
 
 
@@ -184,7 +195,8 @@ def test_recall_map_excludes_controls_whatever_the_flag_type(screen):
         assert controls.sum() == screen.obs["is_control"].sum()
         ctx = EvaluationContext(X, labels=screen.obs["gene"].astype(str).to_numpy(),
                                 batches=screen.obs["gem_group"].astype(str).to_numpy(),
-                                roles={"control": controls}, relationship_sources=["known_complexes"])
+                                roles={"control": controls}, relationship_sources=["known_complexes"],
+                                relationships=load_sources(["known_complexes"]))
         m = score(ctx, "perturbation_recall", ("none",)).metric("relationship_recall")
         assert m.params["n_genes"] == n_perturbed
 
@@ -211,8 +223,12 @@ def test_reconstruction_equals_dense_reference(contexts):
     gene over test2 and per-batch control-centred Frobenius norms of dense blocks."""
     from scipy import stats
 
-    from czb.evaluation.tasks.perturbation_reconstruction import RidgeDecoder
-    from czb.evaluation.tasks.screen_task import postprocessed, screen_design, screen_split
+    from czb.evaluation.perturbation.hierarchy.reconstruction import RidgeDecoder
+    from czb.evaluation.perturbation.hierarchy.screen_task import (
+        postprocessed,
+        screen_design,
+        screen_split,
+    )
 
     ctx = contexts["pca"]
     result = score(ctx, "perturbation_reconstruction", ("center",))
@@ -278,7 +294,7 @@ def test_cli_runs_the_hierarchy_offline_and_prints_table_2(tmp_path, monkeypatch
     from typer.testing import CliRunner
 
     from czb.cli import app
-    from czb.runner.results import read_result
+    from czb.core.records import read_result
 
     monkeypatch.setenv("CZB_OFFLINE", "1")
     monkeypatch.setenv("COLUMNS", "200")
@@ -302,8 +318,8 @@ def test_cli_runs_the_hierarchy_offline_and_prints_table_2(tmp_path, monkeypatch
 
 
 def test_hierarchy_table_picks_the_best_postprocessing():
-    from czb.runner import results as R
-    from czb.runner.summary import hierarchy_table
+    from czb.core import records as R
+    from czb.report.summary import hierarchy_table
 
     def record(model, values):
         return R.ResultRecord.model_construct(
@@ -321,8 +337,9 @@ def test_hierarchy_table_picks_the_best_postprocessing():
 
 
 def test_suites_expand_and_reject_bad_definitions(tmp_path):
-    from czb.errors import SpecError
-    from czb.runner.specs import Catalog, load_spec_file
+    from czb.core.errors import SpecError
+    from czb.specs.catalog import Catalog
+    from czb.specs.loading import load_spec_file
 
     catalog = Catalog.load()
     names = [t.name for t in catalog.resolve("task", ["perturbation_hierarchy", "perturbation_knn"])]
@@ -345,8 +362,9 @@ SCREEN_TASKS_IN_PAPER_ORDER = [
 
 
 def test_screen_spec_without_controls_is_reported_before_work():
-    from czb.runner.datasets import Dataset, validate_dataset
-    from czb.runner.specs import DatasetSpec
+    from czb.data.dataset import Dataset
+    from czb.data.validation import validate_dataset
+    from czb.specs.schema import DatasetSpec
 
     adata = planted_screen(n_genes=400, n_unexpressed=20, n_singletons=6, n_complexes=8, n_batches=6,
                            n_cells_per_perturbation=9, n_control_cells_per_batch=24)
@@ -360,7 +378,7 @@ def test_screen_spec_without_controls_is_reported_before_work():
 
 
 @pytest.mark.internet
-def test_pca_recalls_real_corum_far_above_random(contexts, tmp_path, monkeypatch):
+def test_pca_recalls_real_corum_far_above_random(screen, contexts, tmp_path, monkeypatch):
     """With the real CORUM file (efaar-benchmarking 1.0, fetched from PyPI), PCA of the planted
     screen recalls CORUM links far above a random embedding, which sits near 10."""
     import socket
@@ -370,17 +388,19 @@ def test_pca_recalls_real_corum_far_above_random(contexts, tmp_path, monkeypatch
     except OSError:
         pytest.skip("files.pythonhosted.org is not reachable")
     monkeypatch.setenv("CZB_CACHE_DIR", str(tmp_path))
-    good = score(contexts["pca"], "perturbation_recall", ("none",), sources=("CORUM",))
-    rnd = score(contexts["random"], "perturbation_recall", ("none",), sources=("CORUM",))
+    corum = {name: context(screen, ctx.X, sources=("CORUM",)) for name, ctx in contexts.items()}
+    good = score(corum["pca"], "perturbation_recall", ("none",), sources=("CORUM",))
+    rnd = score(corum["random"], "perturbation_recall", ("none",), sources=("CORUM",))
     g, r = good.metric("relationship_recall"), rnd.metric("relationship_recall")
     assert g.params["n_pairs"] > 200  # the planted complexes' pairs, plus any CORUM links among them
     assert g.value > 50 and 3 < r.value < 20
     assert (tmp_path / "annotations" / "efaar-benchmarking-1.0" / "manifest.json").is_file()
 
 
-def test_unavailable_relationship_source_fails_only_the_recall_task(contexts):
+def test_unavailable_relationship_source_fails_only_the_recall_task(screen, contexts):
     """A source that cannot be read is a failed recall record naming it, not a crashed run."""
-    result = run_task(get_task("perturbation_recall")(postprocessing=("none",), sources=("/no/such/pairs.csv",)),
-                      contexts["pca"], (0,))
+    task = get_task("perturbation_recall")(postprocessing=("none",), sources=("/no/such/pairs.csv",))
+    ctx = context(screen, contexts["pca"].X, sources=task.relationship_sources(None))
+    result = run_task(task, ctx, (0,))
     assert result.status == "failed"
     assert "/no/such/pairs.csv" in result.error

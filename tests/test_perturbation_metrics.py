@@ -7,10 +7,18 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from czb.evaluation import perturbation_baselines as pb
-from czb.evaluation.metrics import perturbation as pm
+from czb.data.synthetic.generators import GENERATORS
+from czb.data.synthetic.perturbations import planted_perturbations
+from czb.evaluation.perturbation.expression import condition_means, log_normalize
+from czb.evaluation.perturbation.prediction import baselines as pb
+from czb.evaluation.perturbation.prediction import metrics as pm
+from czb.evaluation.perturbation.prediction.controls import match_controls
+from czb.evaluation.perturbation.prediction.differential_expression import (
+    benjamini_hochberg,
+    differential_expression,
+    top_de_genes,
+)
 from czb.evaluation.registry import METRICS, load_all
-from czb.runner.synthetic import GENERATORS, planted_perturbations
 
 
 def bh_by_hand(p):
@@ -33,17 +41,17 @@ def small():
     """Counts of a small screen (controls, 5 singles, 2 pairs) and their log-normalised X."""
     adata = planted_perturbations(n_genes=200, n_targets=5, n_doubles=2, n_control_cells=80,
                                   n_cells_per_condition=30, seed=1)
-    return adata, pm.log_normalize(adata.X)
+    return adata, log_normalize(adata.X)
 
 
 @pytest.fixture(scope="module")
 def screen():
     """The default planted screen, log-normalised, with per-condition means."""
     adata = planted_perturbations(seed=0)
-    X = pm.log_normalize(adata.X)
+    X = log_normalize(adata.X)
     conditions = adata.obs["condition"].astype(str).to_numpy()
     labels = list(adata.obs["condition"].cat.categories)
-    _, means = pm.condition_means(X, conditions, labels)
+    _, means = condition_means(X, conditions, labels)
     return adata, X, conditions, dict(zip(labels, means))
 
 
@@ -78,13 +86,13 @@ def test_log_normalize_matches_scanpy(small):
     sc.pp.normalize_total(ref, target_sum=1e4)
     sc.pp.log1p(ref)
     assert abs(X - ref.X).max() < 1e-12
-    dense = pm.log_normalize(adata.X.toarray())
+    dense = log_normalize(adata.X.toarray())
     np.testing.assert_allclose(dense, X.toarray(), atol=1e-12)
 
 
 def test_condition_means_hand_checked():
     X = sp.csr_matrix(np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]]))
-    cats, means = pm.condition_means(X, np.array(["b", "a", "a"]), ["a", "b", "c"])
+    cats, means = condition_means(X, np.array(["b", "a", "a"]), ["a", "b", "c"])
     assert list(cats) == ["a", "b", "c"]
     np.testing.assert_allclose(means[:2], [[4.0, 3.0], [1.0, 0.0]])
     assert np.isnan(means[2]).all()
@@ -93,10 +101,10 @@ def test_condition_means_hand_checked():
 def test_benjamini_hochberg_by_hand():
     rng = np.random.default_rng(0)
     p = np.concatenate([rng.uniform(size=200), rng.uniform(0, 1e-4, size=20), [0.5, 0.5, 1.0]])
-    np.testing.assert_allclose(pm.benjamini_hochberg(p), bh_by_hand(p), rtol=1e-12)
+    np.testing.assert_allclose(benjamini_hochberg(p), bh_by_hand(p), rtol=1e-12)
     # Textbook case: p = 0.01, 0.04, 0.03 -> 0.03, 0.04, 0.04
-    np.testing.assert_allclose(pm.benjamini_hochberg([0.01, 0.04, 0.03]), [0.03, 0.04, 0.04])
-    assert pm.benjamini_hochberg([np.nan, 0.01])[0] == 1.0
+    np.testing.assert_allclose(benjamini_hochberg([0.01, 0.04, 0.03]), [0.03, 0.04, 0.04])
+    assert benjamini_hochberg([np.nan, 0.01])[0] == 1.0
 
 
 # --------------------------------------------------------------------------- #
@@ -114,7 +122,7 @@ def test_wilcoxon_equals_mannwhitneyu(sparse):
     X[:, 0] = 0.0  # a gene with no stored values
     X[:, 1] = rng.normal(size=n1 + n2)  # no ties
     conditions = np.array(["g"] * n1 + ["c"] * n2)
-    de = pm.differential_expression(sp.csr_matrix(X) if sparse else X, conditions, control="c",
+    de = differential_expression(sp.csr_matrix(X) if sparse else X, conditions, control="c",
                                     tie_correct=True, block_size=7 * (n1 + n2))
     for j in range(1, n_genes):
         ref = stats.mannwhitneyu(X[:n1, j], X[n1:, j], use_continuity=False, method="asymptotic")
@@ -138,7 +146,7 @@ def test_de_equals_scanpy_rank_genes_groups(small, method, tie_correct):
 
     adata, X = small
     conditions = adata.obs["condition"].astype(str).to_numpy()
-    de = pm.differential_expression(X, conditions, control="ctrl", genes=adata.var_names,
+    de = differential_expression(X, conditions, control="ctrl", genes=adata.var_names,
                                     method=method, tie_correct=tie_correct)
     assert list(de.conditions) == [c for c in adata.obs["condition"].cat.categories if c != "ctrl"]
     table = de.table()
@@ -166,12 +174,12 @@ def test_de_matched_controls_and_gene_filter(small):
     ctrl = np.flatnonzero(conditions == "ctrl")
     first, second = list(adata.obs["condition"].cat.categories[1:3])
     reference = {first: ctrl[:30], second: ctrl[30:70]}
-    de = pm.differential_expression(X, conditions, reference=reference, min_cells_per_gene=45)
+    de = differential_expression(X, conditions, reference=reference, min_cells_per_gene=45)
     assert list(de.n_cells) == [30, 30]
     for i, condition in enumerate(reference):
         rows = np.concatenate([np.flatnonzero(conditions == condition), reference[condition]])
         sub = X[rows]
-        one = pm.differential_expression(sub, conditions[rows], control="ctrl", groups=[condition])
+        one = differential_expression(sub, conditions[rows], control="ctrl", groups=[condition])
         detected = np.asarray((sub > 0).sum(axis=0)).ravel()
         tested = detected >= 45
         assert 0 < (~tested).sum() < len(tested) - 50 and np.isnan(de.scores[i, ~tested]).all()
@@ -184,8 +192,8 @@ def test_de_matched_controls_and_gene_filter(small):
 
 def test_top_de_genes_takes_both_directions():
     scores = np.array([[0.5, -9.0, 3.0, np.nan, -0.1, 8.0]])
-    assert pm.top_de_genes(scores, 3).tolist() == [[1, 5, 2]]
-    assert pm.top_de_genes(scores, 6)[0, -1] == 3  # untested last
+    assert top_de_genes(scores, 3).tolist() == [[1, 5, 2]]
+    assert top_de_genes(scores, 6)[0, -1] == 3  # untested last
 
 
 def test_match_controls_one_to_one_within_groups():
@@ -195,7 +203,7 @@ def test_match_controls_one_to_one_within_groups():
     groups = rng.integers(0, 3, n)
     features = np.column_stack([rng.lognormal(8, 0.3, n), rng.lognormal(7, 0.2, n)])
     names = np.array([f"c{i}" for i in range(n)])
-    matched = pm.match_controls(names, conditions, "ctrl", groups=groups, features=features, min_cells=50)
+    matched = match_controls(names, conditions, "ctrl", groups=groups, features=features, min_cells=50)
     assert set(matched) == {"A", "B"}  # C has fewer than 50 cells
     position = {name: i for i, name in enumerate(names)}
     for condition, pairs in matched.items():
@@ -246,7 +254,7 @@ def test_expression_shift_no_change_prediction():
 def test_expression_shift_pearson_matches_scipy_on_random_rows():
     rng = np.random.default_rng(5)
     pred, obs, ctrl = rng.normal(size=(7, 50)), rng.normal(size=(7, 50)), rng.normal(size=50)
-    top = pm.top_de_genes(rng.normal(size=(7, 50)), 20)
+    top = top_de_genes(rng.normal(size=(7, 50)), 20)
     s = pm.expression_shift_scores(pred, obs, ctrl, top)
     for i in range(7):
         ref_top = stats.pearsonr(pred[i, top[i]] - ctrl[top[i]], obs[i, top[i]] - ctrl[top[i]]).statistic
@@ -263,8 +271,8 @@ def test_planted_truth_ranking_on_held_out_pairs(screen):
     train = [c for c in labels if c != "ctrl" and c not in held_out]
     control = means["ctrl"]
     observed = np.stack([means[c] for c in held_out])
-    de = pm.differential_expression(X, conditions, control="ctrl", groups=held_out, genes=adata.var_names)
-    top = pm.top_de_genes(de.scores, 20)
+    de = differential_expression(X, conditions, control="ctrl", groups=held_out, genes=adata.var_names)
+    top = top_de_genes(de.scores, 20)
     additive = pb.additive_linear(np.stack([means[c] for c in train]), train, control, held_out, adata.var_names)
     assert set(additive.sources) == {"observed"}
     summary = {
@@ -330,7 +338,7 @@ def test_linear_model_beats_control_on_unseen_singles(screen):
     train = [c for c in singles if c not in held_out]
     control = means["ctrl"]
     observed = np.stack([means[c] for c in held_out])
-    top = pm.top_de_genes(pm.differential_expression(X, conditions, control="ctrl", groups=held_out).scores, 20)
+    top = top_de_genes(differential_expression(X, conditions, control="ctrl", groups=held_out).scores, 20)
     linear = pb.additive_linear(np.stack([means[c] for c in train]), train, control, held_out, adata.var_names)
     assert set(linear.sources) == {"linear"}
     lin = pm.summarize_expression_shift(pm.expression_shift_scores(linear.profiles, observed, control, top))
@@ -413,11 +421,11 @@ def test_masked_gene_pipeline_on_planted_screen(screen):
     features = np.column_stack([np.asarray(adata.X.sum(1)).ravel(), np.asarray((adata.X > 0).sum(1)).ravel()])
     singles = [c for c in adata.obs["condition"].cat.categories if c != "ctrl" and "+" not in c]
     keep = np.isin(conditions, singles + ["ctrl"])
-    cmap = pm.match_controls(adata.obs_names[keep], conditions[keep], "ctrl",
+    cmap = match_controls(adata.obs_names[keep], conditions[keep], "ctrl",
                              groups=adata.obs["batch"].to_numpy()[keep], features=features[keep], min_cells=50)
     assert set(cmap) == set(singles)
     reference = {c: adata.obs_names.get_indexer(list(m.values())) for c, m in cmap.items()}
-    de = pm.differential_expression(X, conditions, reference=reference, genes=adata.var_names)
+    de = differential_expression(X, conditions, reference=reference, genes=adata.var_names)
     table = de.table(pval_threshold=1e-4, min_abs_logfoldchange=1.0)
     masked = pm.sample_masked_genes(table, seed=42)
     n_de = table.groupby("condition").size()

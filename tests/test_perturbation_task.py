@@ -5,20 +5,23 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from czb.errors import NotApplicableError, TaskError
-from czb.evaluation.context import run_task
-from czb.evaluation.metrics import perturbation as pm
-from czb.evaluation.registry import METRICS, get_task
-from czb.evaluation.tasks.genetic_perturbation_prediction import (
+from czb.core.errors import NotApplicableError, TaskError
+from czb.data.synthetic.perturbations import planted_perturbations
+from czb.evaluation.perturbation.expression import condition_means, log_normalize
+from czb.evaluation.perturbation.prediction import metrics as pm
+from czb.evaluation.perturbation.prediction.baseline_predictors import (
     AdditiveLinearPredictor,
     ControlMeanPredictor,
-    GeneticPerturbationPrediction,
+)
+from czb.evaluation.perturbation.prediction.data import (
     PerturbationContext,
     PerturbationData,
     Predictor,
-    split_conditions,
 )
-from czb.runner.synthetic import planted_perturbations
+from czb.evaluation.perturbation.prediction.splits import split_conditions
+from czb.evaluation.perturbation.prediction.task import GeneticPerturbationPrediction
+from czb.evaluation.registry import METRICS, get_task
+from czb.evaluation.runner import run_task
 
 SEEDS = (0, 1, 2)
 
@@ -58,7 +61,7 @@ class Oracle:
         self.conditions = data.conditions
 
     def predict_expression_shift(self, train, test_conditions, *, seed):
-        return pm.condition_means(self.X, self.conditions, list(test_conditions))[1]
+        return condition_means(self.X, self.conditions, list(test_conditions))[1]
 
     def predict_masked_genes(self, data, cells, masked, *, seed):
         return self.X[cells].toarray()
@@ -109,7 +112,7 @@ def masked(screen):
 
 
 def test_registered_with_both_specs():
-    from czb.runner.specs import Catalog
+    from czb.specs.catalog import Catalog
 
     cls = get_task("genetic_perturbation_prediction")
     assert cls is GeneticPerturbationPrediction
@@ -137,7 +140,7 @@ def test_predictors_follow_the_protocol():
 def test_data_log_normalized_cached_subset_and_hidden(screen):
     X = screen.log_normalized
     assert sp.isspmatrix_csr(X) and X.dtype == np.float32 and screen.log_normalized is X
-    np.testing.assert_allclose(X.toarray(), pm.log_normalize(screen.counts).toarray(), rtol=1e-6)
+    np.testing.assert_allclose(X.toarray(), log_normalize(screen.counts).toarray(), rtol=1e-6)
     rows = np.array([5, 3, 700])
     sub = screen.subset(rows)
     assert (sub.log_normalized != X[rows]).nnz == 0 and list(sub.conditions) == list(screen.conditions[rows])

@@ -2,8 +2,9 @@
 
 import pytest
 
-from czb.runner.run import run_benchmark
-from czb.runner.specs import Catalog, DatasetSpec
+from czb.pipeline.run import run_benchmark
+from czb.specs.catalog import Catalog
+from czb.specs.schema import DatasetSpec
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_clustering_beyond_8192_cells():
 
 
 def test_cross_species_tasks_score_stacked_embeddings_of_each_dataset(tmp_path):
-    from czb.runner.results import read_result
+    from czb.core.records import read_result
 
     catalog = Catalog.load()
     out = run_benchmark(
@@ -113,7 +114,7 @@ def test_cross_species_tasks_score_stacked_embeddings_of_each_dataset(tmp_path):
 
 
 def test_cross_species_needs_several_datasets():
-    from czb.errors import CzbError
+    from czb.core.errors import CzbError
 
     with pytest.raises(CzbError, match="give two or more --dataset"):
         run_benchmark(Catalog.load(), datasets=["synthetic_species_human"],
@@ -123,10 +124,11 @@ def test_cross_species_needs_several_datasets():
 def test_a_member_without_embedding_fails_the_group_and_says_which():
     import numpy as np
 
-    from czb.runner.embeddings import Embedding
-    from czb.runner.results import DatasetRecord
-    from czb.runner.run import Embedded, GroupMember, build_tasks, score_group
-
+    from czb.core.records import DatasetRecord
+    from czb.models.embedding import Embedding
+    from czb.pipeline.groups import GroupMember, score_group
+    from czb.pipeline.scoring import Embedded
+    from czb.pipeline.tasks import build_tasks
     catalog = Catalog.load()
     planned = build_tasks([catalog.task("cross_species_integration")])
     roles = {"labels": np.array(["a", "b"] * 20, dtype=object), "batch": None}
@@ -157,9 +159,10 @@ def test_ordered_string_time_points_run_through_the_declared_order(tmp_path):
     import pandas as pd
     import scipy.sparse as sp
 
-    from czb.errors import DatasetError
-    from czb.runner.datasets import load_dataset, validate_dataset
-    from czb.runner.synthetic import planted_cells
+    from czb.core.errors import DatasetError
+    from czb.data.reading import load_dataset
+    from czb.data.synthetic.cells import planted_cells
+    from czb.data.validation import validate_dataset
 
     cells = planted_cells(n_cells=300, n_genes=200, n_time_points=3, seed=0)
     stage = np.array(["young", "middle", "old"])[cells.obs["time_point"].astype(int).to_numpy()]
@@ -188,8 +191,7 @@ def test_ordered_string_time_points_run_through_the_declared_order(tmp_path):
 
 
 def test_perturbation_tasks_score_predictors_beside_both_baselines():
-    from czb.runner.run import baseline_differences
-
+    from czb.pipeline.baselines import baseline_differences
     catalog = Catalog.load()
     out = run_benchmark(
         catalog,
@@ -219,9 +221,9 @@ def test_perturbation_tasks_score_predictors_beside_both_baselines():
 
 
 def test_perturbation_dataset_needs_conditions_and_a_control_label():
-    from czb.errors import DatasetError
-    from czb.runner.datasets import load_dataset
-    from czb.runner.predictors import perturbation_data
+    from czb.core.errors import DatasetError
+    from czb.data.reading import load_dataset
+    from czb.models.predictors import perturbation_data
 
     spec = Catalog.load().dataset("synthetic_perturbations")
     with pytest.raises(DatasetError, match="need control_label"):
@@ -233,9 +235,9 @@ def test_perturbation_dataset_needs_conditions_and_a_control_label():
 
 
 def test_predictor_specs_are_checked():
-    from czb.errors import SpecError
-    from czb.runner.predictors import predictor_for_model
-    from czb.runner.specs import ModelSpec
+    from czb.core.errors import SpecError
+    from czb.models.predictors import predictor_for_model
+    from czb.specs.schema import ModelSpec
 
     spec = Catalog.load().model("additive_linear")
     assert predictor_for_model(spec).describe()["implementation"] == "additive_linear"

@@ -9,9 +9,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from czb.errors import DatasetError
-from czb.runner import relationships as rel
-from czb.runner.synthetic import KNOWN_COMPLEXES
+from czb.core.errors import DatasetError
+from czb.data import relationship_sources as sources
+from czb.data import relationships as rel
+from czb.data.synthetic import KNOWN_COMPLEXES
 
 MEMBER_DIR = "efaar_benchmarking/benchmark_annotations/"
 FAKE_ROWS = {
@@ -87,12 +88,12 @@ def test_known_complex_relationships():
     """Every member pair of every planted complex, n (n - 1) / 2 per complex, no repeats."""
     members = [g for genes in KNOWN_COMPLEXES.values() for g in genes]
     assert len(members) == len(set(members))  # complexes share no gene
-    r = rel.known_complex_relationships()
+    r = sources.known_complex_relationships()
     assert len(r.pairs) == sum(len(g) * (len(g) - 1) // 2 for g in KNOWN_COMPLEXES.values())
     assert len(as_set(r.pairs)) == len(r.pairs)
     expected = {tuple(sorted(p)) for genes in KNOWN_COMPLEXES.values() for p in itertools.combinations(genes, 2)}
     assert as_set(r.pairs) == expected
-    assert rel.load_relationships("known_complexes").name == "known_complexes"
+    assert sources.load_relationships("known_complexes").name == "known_complexes"
 
 
 # --------------------------------------------------------------------------- EFAAR files
@@ -102,7 +103,7 @@ def test_efaar_annotations_from_local_wheel(tmp_path):
     """The five files, LICENSE and a manifest with each file's licence are extracted; a
     second call reuses them without extracting again."""
     wheel = build_wheel(tmp_path / "efaar_benchmarking-1.0-py2.py3-none-any.whl")
-    folder = rel.efaar_annotations_dir(cache_dir=tmp_path / "cache", wheel_uri=str(wheel), wheel_sha256=None)
+    folder = sources.efaar_annotations_dir(cache_dir=tmp_path / "cache", wheel_uri=str(wheel), wheel_sha256=None)
     names = [f"{n}.txt" for n in ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")] + ["LICENSE"]
     for n in names:
         assert (folder / n).is_file(), n
@@ -114,7 +115,7 @@ def test_efaar_annotations_from_local_wheel(tmp_path):
     mtimes = {n: (folder / n).stat().st_mtime_ns for n in [*names, "manifest.json"]}
     (folder / "HuMAP.txt").write_text("entity1,entity2\nKEEP,ME\n")  # re-extraction would overwrite it
     mtimes["HuMAP.txt"] = (folder / "HuMAP.txt").stat().st_mtime_ns
-    again = rel.efaar_annotations_dir(cache_dir=tmp_path / "cache", wheel_uri=str(wheel), wheel_sha256=None)
+    again = sources.efaar_annotations_dir(cache_dir=tmp_path / "cache", wheel_uri=str(wheel), wheel_sha256=None)
     assert again == folder
     assert {n: (folder / n).stat().st_mtime_ns for n in mtimes} == mtimes
     assert (folder / "HuMAP.txt").read_text() == "entity1,entity2\nKEEP,ME\n"
@@ -124,12 +125,12 @@ def test_efaar_annotations_incomplete_or_bad_wheel(tmp_path):
     """A wheel lacking one file, or a file that is not a zip, is a DatasetError naming the problem."""
     partial = build_wheel(tmp_path / "partial.whl", skip=("SIGNOR.txt",))
     with pytest.raises(DatasetError, match="SIGNOR.txt"):
-        rel.efaar_annotations_dir(cache_dir=tmp_path / "c1", wheel_uri=str(partial), wheel_sha256=None)
+        sources.efaar_annotations_dir(cache_dir=tmp_path / "c1", wheel_uri=str(partial), wheel_sha256=None)
     assert not (tmp_path / "c1" / "annotations" / "efaar-benchmarking-1.0" / "manifest.json").exists()
     junk = tmp_path / "junk.whl"
     junk.write_bytes(b"this is not a zip file")
     with pytest.raises(DatasetError, match="not a valid wheel"):
-        rel.efaar_annotations_dir(cache_dir=tmp_path / "c2", wheel_uri=str(junk), wheel_sha256=None)
+        sources.efaar_annotations_dir(cache_dir=tmp_path / "c2", wheel_uri=str(junk), wheel_sha256=None)
 
 
 def test_load_relationships_from_env_wheel(tmp_path, monkeypatch):
@@ -138,20 +139,20 @@ def test_load_relationships_from_env_wheel(tmp_path, monkeypatch):
     wheel = build_wheel(tmp_path / "fake.whl")
     monkeypatch.setenv("CZB_EFAAR_WHEEL_URI", str(wheel))
     monkeypatch.setenv("CZB_CACHE_DIR", str(tmp_path / "cache"))
-    r = rel.load_relationships("CORUM")
+    r = sources.load_relationships("CORUM")
     assert r.name == "CORUM" and r.license == "CC-BY-NC-4.0"
     assert as_set(r.pairs) == {("GENEA", "GENEB"), ("GENEA", "GENEC")}
     assert (tmp_path / "cache" / "annotations" / "efaar-benchmarking-1.0" / "manifest.json").is_file()
-    assert as_set(rel.load_relationships("StringDB").pairs) == {("T1", "T2"), ("T3", "T4")}
+    assert as_set(sources.load_relationships("StringDB").pairs) == {("T1", "T2"), ("T3", "T4")}
 
 
 def test_load_relationships_path_and_unknown(tmp_path):
     """A CSV path is read as a file; an unknown name is a DatasetError listing the known sources."""
     csv = tmp_path / "mine.csv"
     csv.write_text("entity1,entity2\nA,B\n")
-    assert as_set(rel.load_relationships(str(csv)).pairs) == {("A", "B")}
+    assert as_set(sources.load_relationships(str(csv)).pairs) == {("A", "B")}
     with pytest.raises(DatasetError) as info:
-        rel.load_relationships("NotADatabase")
+        sources.load_relationships("NotADatabase")
     for known in ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB", "known_complexes"):
         assert known in str(info.value)
 
@@ -170,7 +171,7 @@ def test_real_efaar_wheel_corum(tmp_path):
     member pair of the planted complexes is a CORUM pair."""
     if not _pypi_reachable():
         pytest.skip("files.pythonhosted.org is not reachable")
-    folder = rel.efaar_annotations_dir(cache_dir=tmp_path / "cache", offline=False)
+    folder = sources.efaar_annotations_dir(cache_dir=tmp_path / "cache", offline=False)
     corum = rel.read_relationship_file(folder / "CORUM.txt", name="CORUM")
     assert abs(len(corum.pairs) - 37649) <= 0.01 * 37649
     known = as_set(corum.pairs)

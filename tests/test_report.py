@@ -17,11 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 from czb.cli import app
+from czb.core import records as R
 from czb.report import exports
 from czb.report.html import render_html, scaled_scores
 from czb.report.layout import curve_parameters, umap_layout
 from czb.report.tables import compare, metric_label, model_labels
-from czb.runner import results as R
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def test_html_report_is_self_contained_and_complete():
 
 
 def test_html_hierarchy_section_marks_the_best_post_processing():
-    from czb.runner.summary import HIERARCHY_ROWS
+    from czb.report.summary import HIERARCHY_ROWS
 
     task, metric = HIERARCHY_ROWS[1]
     recs = [

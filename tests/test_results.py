@@ -1,4 +1,4 @@
-"""Tests of czb.runner.results (result files) and czb.runner.run.baseline_differences."""
+"""Tests of czb.core.records (result files) and czb.pipeline.baselines.baseline_differences."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from czb.errors import ResultsError
-from czb.runner import results as R
-from czb.runner.run import BASELINE_MODEL, baseline_differences
+from czb.core import records as R
+from czb.core.errors import ResultsError
+from czb.pipeline.baselines import BASELINE_MODEL, baseline_differences
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -89,7 +89,7 @@ def _nested(depth: int) -> dict:
 def test_what_write_result_writes_read_result_reads(tmp_path):
     """A spec's deepest parameters (YAML is capped at 32 levels) still give a readable
     record; anything that would nest past the reader's limit is refused when writing."""
-    from czb.runner.specs import MAX_YAML_DEPTH
+    from czb.specs.loading import MAX_YAML_DEPTH
 
     record = make_record()
     record.model.parameters = {"p": _nested(MAX_YAML_DEPTH)}
@@ -210,9 +210,10 @@ def test_read_result_rejects_unknown_and_mistyped_fields(tmp_path):
 def test_nan_metric_values_are_written_as_null(tmp_path, monkeypatch):
     """A task whose metric is NaN for some/all seeds: the written JSON is strict, NaN → null."""
     from czb.evaluation import registry
-    from czb.evaluation.tasks.base import MetricValue, Task
-    from czb.runner.run import run_benchmark
-    from czb.runner.specs import Catalog, TaskSpec
+    from czb.evaluation.task import MetricValue, Task
+    from czb.pipeline.run import run_benchmark
+    from czb.specs.catalog import Catalog
+    from czb.specs.schema import TaskSpec
 
     class NanTask(Task):
         info = registry.TaskInfo(

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 from conftest import planted_embedding
 
+from czb.core import sampling
 from czb.evaluation import distances, estimates, neighbors
-from czb.evaluation.context import EvaluationContext, evaluate, run_task
+from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import classification, clustering, mixing, silhouette
 from czb.evaluation.registry import get_task
+from czb.evaluation.runner import evaluate, run_task
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_sampled_silhouette_of_a_whole_sample_is_exact(planted):
 
 def test_stratified_sample_keeps_rare_labels():
     strata = np.r_[np.zeros(10_000, int), np.ones(20, int)]
-    picked = silhouette.stratified_sample(strata, 500, seed=0)
+    picked = sampling.stratified_sample(strata, 500, seed=0)
     assert len(picked[0]) == round(500 * 10_000 / 10_020) and len(picked[1]) == 20  # the rare label whole
 
 
@@ -231,7 +233,7 @@ def test_sample_cells_is_a_simple_random_sample_topped_up_per_stratum():
     both = np.r_[uniform, extra]
     counts = np.bincount(strata[both], minlength=3)
     assert counts[1] == 30  # the rare stratum whole
-    assert counts[2] == max(estimates.MIN_PER_STRATUM, np.count_nonzero(strata[uniform] == 2))
+    assert counts[2] == max(sampling.MIN_PER_STRATUM, np.count_nonzero(strata[uniform] == 2))
     assert counts[0] == np.count_nonzero(strata[uniform] == 0)  # never topped up
 
 

@@ -22,27 +22,25 @@ import scanpy as sc
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-import czb.runner.datasets as datasets_module
-import czb.runner.embeddings as embeddings_module
-from czb.errors import DatasetError, DatasetWarning, EmbeddingWarning
-from czb.runner.containers import build_request, write_input
-from czb.runner.datasets import (
-    BackedMatrix,
-    Dataset,
-    iter_row_chunks,
-    load_dataset,
-    row_sums,
-    validate_dataset,
-)
-from czb.runner.embeddings import PCABaseline, RawPCABaseline
-from czb.runner.specs import DatasetSpec, ModelSpec
-from czb.runner.streaming_pca import (
+import czb.data.matrix as matrix_module
+import czb.data.reading as reading_module
+import czb.data.row_major as row_major_module
+import czb.models.pca as pca_module
+from czb.core.errors import DatasetError, DatasetWarning, EmbeddingWarning
+from czb.data.dataset import Dataset
+from czb.data.matrix import BackedMatrix, iter_row_chunks, row_sums
+from czb.data.reading import load_dataset
+from czb.data.synthetic.cells import planted_cells
+from czb.data.validation import validate_dataset
+from czb.models.baselines import PCABaseline, RawPCABaseline
+from czb.models.docker.request import build_request, write_input
+from czb.models.streaming_pca import (
     ColumnMoments,
     highly_variable_seurat,
     randomized_pca,
     svd_flip_rows,
 )
-from czb.runner.synthetic import planted_cells
+from czb.specs.schema import DatasetSpec, ModelSpec
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +52,7 @@ def _offline(tmp_path, monkeypatch):
 
 @pytest.fixture
 def stream_always(monkeypatch):
-    monkeypatch.setattr(embeddings_module, "STREAMED_PCA_MIN_VALUES", 0)
+    monkeypatch.setattr(pca_module, "STREAMED_PCA_MIN_VALUES", 0)
 
 
 def spec_for(path: Path, **kw) -> DatasetSpec:
@@ -88,7 +86,7 @@ def test_small_files_load_into_memory_large_ones_stay_on_disk(tmp_path, planted,
     path = write(planted, tmp_path / "p.h5ad")
     ds = load_dataset(spec_for(path))
     assert not ds.backed and sp.issparse(ds.adata.X)
-    monkeypatch.setattr(datasets_module, "BACKED_MIN_VALUES", planted.X.nnz - 1)
+    monkeypatch.setattr(reading_module, "BACKED_MIN_VALUES", planted.X.nnz - 1)
     ds = load_dataset(spec_for(path))
     assert ds.backed and isinstance(ds.adata.X, BackedMatrix)
     assert ds.adata.X.nnz == planted.X.nnz and ds.adata.X.shape == planted.shape
@@ -181,8 +179,8 @@ def test_backed_and_in_memory_validate_alike(tmp_path, kind, storage):
 
 def test_csc_files_are_rewritten_row_major_once(tmp_path, planted, monkeypatch):
     # Tiny bands and column blocks: the conversion takes many passes.
-    monkeypatch.setattr(datasets_module, "CSC_BAND_VALUES", 40_000)
-    monkeypatch.setattr(datasets_module, "CHUNK_VALUES", 25_000)
+    monkeypatch.setattr(row_major_module, "CSC_BAND_VALUES", 40_000)
+    monkeypatch.setattr(row_major_module, "CHUNK_VALUES", 25_000)
     path = write(planted, tmp_path / "csc.h5ad", storage="csc")
     rewriting = r"stored column-major \(CSC\).*rewriting it row-major once"
     with pytest.warns(DatasetWarning, match=rewriting):
@@ -372,7 +370,7 @@ def test_streamed_raw_pca_matches_exact_pca(planted, stream_always):
 @pytest.mark.parametrize("cls", [PCABaseline, RawPCABaseline])
 def test_backed_and_in_memory_pca_are_identical(tmp_path, planted, monkeypatch, cls, streamed):
     if streamed:
-        monkeypatch.setattr(embeddings_module, "STREAMED_PCA_MIN_VALUES", 0)
+        monkeypatch.setattr(pca_module, "STREAMED_PCA_MIN_VALUES", 0)
     path = write(planted, tmp_path / "p.h5ad")
     params = {"n_top_genes": 300, "n_comps": 20} if cls is PCABaseline else {"n_comps": 20}
     a = cls(**params).embed(load_dataset(spec_for(path), backed=False), seed=1)
@@ -384,7 +382,7 @@ def test_backed_and_in_memory_pca_are_identical(tmp_path, planted, monkeypatch, 
 
 def test_streamed_pca_memory_does_not_grow_with_the_matrix(tmp_path, monkeypatch, stream_always):
     """Peak allocations are O(chunk + cells x components): 3x the non-zeros, same peak."""
-    monkeypatch.setattr(datasets_module, "CHUNK_VALUES", 1 << 15)
+    monkeypatch.setattr(matrix_module, "CHUNK_VALUES", 1 << 15)
     n_cells, n_genes = 2000, 4000
     rng = np.random.default_rng(0)
     warm = Dataset(spec=spec_for(Path("w.h5ad")), adata=planted_cells(n_cells=100, n_genes=200))
@@ -436,9 +434,9 @@ def test_model_input_from_a_backed_matrix_is_the_same_file(tmp_path, planted):
 
 
 def test_task_expression_and_perturbation_counts_from_a_backed_matrix(tmp_path):
-    from czb.runner.predictors import perturbation_data
-    from czb.runner.run import dataset_expression
-    from czb.runner.specs import Catalog
+    from czb.models.predictors import perturbation_data
+    from czb.pipeline.dataset_views import dataset_expression
+    from czb.specs.catalog import Catalog
 
     spec = Catalog.load().dataset("synthetic_perturbations")
     generated = load_dataset(spec)

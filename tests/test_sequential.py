@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from czb.errors import TaskError
+from czb.core.errors import TaskError
 from czb.evaluation import EvaluationContext
-from czb.evaluation.context import run_task
 from czb.evaluation.metrics import sequential as seq
 from czb.evaluation.neighbors import exact_knn
 from czb.evaluation.registry import METRICS, TASKS, get_task, load_all
+from czb.evaluation.runner import run_task
 from czb.evaluation.tasks.sequential_organization import ordered_time_points
 
 load_all()

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from conftest import planted_embedding
 
-from czb.errors import TaskError
+from czb.core.errors import TaskError
 from czb.evaluation import EvaluationContext, evaluate
-from czb.evaluation.context import aggregate, run_task
+from czb.evaluation.perturbation.hierarchy.screen_task import ScreenTask
 from czb.evaluation.registry import TASKS, get_task, load_all
-from czb.evaluation.tasks.base import MetricValue
-from czb.evaluation.tasks.screen_task import ScreenTask
+from czb.evaluation.runner import aggregate, run_task
+from czb.evaluation.task import MetricValue
 
 load_all()
 
@@ -150,7 +150,7 @@ def test_neighbour_graph_is_computed_once_for_all_tasks(monkeypatch):
 
 
 def test_context_rejects_bad_embeddings():
-    from czb.errors import EmbeddingError
+    from czb.core.errors import EmbeddingError
 
     with pytest.raises(EmbeddingError, match="NaN"):
         EvaluationContext(np.array([[1.0, np.nan], [0.0, 1.0]]))

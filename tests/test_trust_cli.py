@@ -12,7 +12,7 @@ import conftest
 import pytest
 from conftest import invoke, write_text
 
-from czb.runner.specs import Catalog
+from czb.specs.catalog import Catalog
 
 SECRET = "s3cr3t-content-42"
 
@@ -176,7 +176,7 @@ def test_bad_seeds_are_bad_usage_before_any_work(tmp_path, seeds, named):
 
 
 def test_distinct_seeds_in_any_order_are_accepted():
-    from czb.cli import _parse_seeds
+    from czb.cli.common import _parse_seeds
 
     assert _parse_seeds("2, 0 1") == [2, 0, 1]
     assert _parse_seeds(str(2**32 - 1)) == [2**32 - 1]

@@ -35,18 +35,18 @@ from conftest import docker_engine_or_skip
 from typer.testing import CliRunner
 
 from czb.cli import app
-from czb.errors import EmbeddingError
-from czb.runner import docker_engine
-from czb.runner.containers import EmbeddingCache
-from czb.runner.contract import (
+from czb.core.errors import EmbeddingError
+from czb.models.docker import engine as docker_engine
+from czb.models.docker.cache import EmbeddingCache
+from czb.models.docker.contract import (
     MAX_JSON_DEPTH,
     MAX_REASON_CHARS,
     OutputLimits,
-    collect_output,
     read_output,
     read_predictions,
     read_reason,
 )
+from czb.models.docker.output_files import collect_output
 
 TINY_DIR = Path(__file__).parent / "data" / "tiny_model"
 BASE_IMAGE = os.environ.get("CZB_TEST_BASE_IMAGE", "czb-base:bookworm")
@@ -449,8 +449,8 @@ def test_predictions_with_a_corrupt_csr_fail_cleanly_in_a_fresh_process(tmp_path
             else:
                 f["X/indptr"][...] = np.array([0, 2, 1], dtype=f["X/indptr"].dtype)
     script = (
-        "import sys\nfrom pathlib import Path\nfrom czb.errors import EmbeddingError\n"
-        "from czb.runner.contract import read_predictions\n"
+        "import sys\nfrom pathlib import Path\nfrom czb.core.errors import EmbeddingError\n"
+        "from czb.models.docker.contract import read_predictions\n"
         "for case in ('indices', 'indptr'):\n"
         "    try:\n"
         "        read_predictions(Path(sys.argv[1]) / case, name='m', rows=['A', 'B'], genes=['g1', 'g2', 'g3'])\n"
@@ -682,7 +682,7 @@ def test_readme_single_file_sha256_is_accepted(tmp_path, fake_engine):
 
 @pytest.mark.parametrize("reported", ["0" * 64, "not a digest \x1b[2J" + SECRET])
 def test_wrong_weights_checksum_says_what_was_expected_and_how(tmp_path, fake_engine, reported):
-    from czb.runner.weights import directory_checksum
+    from czb.models.weights import directory_checksum
 
     weights = _weights(tmp_path)
     config = _config(tmp_path, {"wrong": {"mode": "ok", "weights_checksum": reported}})
@@ -701,7 +701,7 @@ def test_wrong_weights_checksum_says_what_was_expected_and_how(tmp_path, fake_en
 
 def test_readme_reference_snippet_computes_the_staged_checksum(tmp_path):
     """The README's snippet, run as written, gives what the host computes."""
-    from czb.runner.weights import directory_checksum
+    from czb.models.weights import directory_checksum
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Wrap your own model")[1].split("\n## ")[0]
@@ -783,9 +783,9 @@ elif mode == "reason_link":
 @pytest.mark.docker
 def test_hostile_image_through_the_cli(tmp_path, secret, monkeypatch):
     """A real image plants links to a host file (by its host path), a FIFO and junk."""
-    from czb.runner.containers import build_model_image
-    from czb.runner.datasets import load_dataset
-    from czb.runner.specs import Catalog
+    from czb.data.reading import load_dataset
+    from czb.models.docker.images import build_model_image
+    from czb.specs.catalog import Catalog
 
     engine = docker_engine_or_skip()
     monkeypatch.setenv("CZB_CACHE_DIR", str(tmp_path / "cache"))
@@ -828,8 +828,7 @@ def test_hostile_image_through_the_cli(tmp_path, secret, monkeypatch):
 
 
 def test_parse_json_replaces_lone_surrogates_in_keys_values_and_lists():
-    from czb import untrusted
-
+    from czb.core import untrusted
     text = ('{"s": "a\\ud800b", "k\\udfff": 1, "pair": "\\ud83d\\ude00", "l": ["\\udc00", [{"\\udbff": "\\uD800"}]],'
             ' "escaped": "\\\\ud800"}')
     for data in (text, text.encode()):
@@ -860,7 +859,7 @@ def _report_formats(tmp_path: Path, folder: Path) -> None:
 
 
 def test_lone_surrogates_in_container_json_lose_no_result(tmp_path, fake_engine):
-    from czb.runner.results import read_result
+    from czb.core.records import read_result
 
     config = _config(tmp_path, {"sur": {"mode": "surrogates"}, "good": {"mode": "ok"},
                                 "why": {"mode": "fail_reason_surrogates"}})
@@ -901,8 +900,8 @@ def test_store_json_with_lone_surrogates_or_deep_nesting_is_read_safely(tmp_path
 
 def test_deepest_accepted_meta_is_written_and_read_back(tmp_path, fake_engine):
     """What czb accepts from a container, it can write into a result and read again."""
-    from czb.runner import results as R
-    from czb.untrusted import json_depth
+    from czb.core import records as R
+    from czb.core.untrusted import json_depth
 
     config = _config(tmp_path, {"deep": {"mode": "deep_meta"}})
     result, records, out = _run_cli(tmp_path, ["deep"], config)
@@ -920,9 +919,8 @@ def test_deepest_accepted_meta_is_written_and_read_back(tmp_path, fake_engine):
 
 
 def test_one_record_that_cannot_be_written_loses_no_other(tmp_path, fake_engine, monkeypatch):
-    from czb.errors import ResultsError
-    from czb.runner import results as R
-
+    from czb.core import records as R
+    from czb.core.errors import ResultsError
     write_result = R.write_result
 
     def failing_for_bad(record, output_dir):
@@ -949,7 +947,7 @@ def test_one_record_that_cannot_be_written_loses_no_other(tmp_path, fake_engine,
 
 
 def test_remove_tree_handles_any_depth_and_never_follows_links(tmp_path, secret):
-    from czb.runner.contract import remove_tree
+    from czb.models.workdirs import remove_tree
 
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -1003,12 +1001,11 @@ def test_deep_output_tree_keeps_the_run_and_leaves_no_work_folder(tmp_path, secr
 
 
 def test_a_work_folder_that_will_not_go_is_a_warning_not_a_failed_run(tmp_path, fake_engine, monkeypatch):
-    from czb.runner import containers
-
+    from czb.models.docker import cache
     def cannot_remove(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(containers, "remove_tree", cannot_remove)
+    monkeypatch.setattr(cache, "remove_tree", cannot_remove)
     config = _config(tmp_path, {"good": {"mode": "ok"}})
     result, records, _ = _run_cli(tmp_path, ["good"], config)
     assert result.exit_code == 0, result.output
@@ -1021,7 +1018,7 @@ def test_stale_work_folders_of_dead_processes_are_removed_at_the_next_run(tmp_pa
     import subprocess
     import time
 
-    from czb.runner.workdirs import host_tag
+    from czb.models.workdirs import host_tag
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=30)

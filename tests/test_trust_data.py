@@ -28,10 +28,11 @@ import yaml
 from typer.testing import CliRunner
 
 from czb.cli import app
-from czb.errors import DatasetError, EmbeddingError
-from czb.runner.datasets import load_dataset, validate_dataset
-from czb.runner.hdf5_checks import check_h5ad_structure
-from czb.runner.specs import DatasetSpec
+from czb.core.errors import DatasetError, EmbeddingError
+from czb.data.hdf5_checks import check_h5ad_structure
+from czb.data.reading import load_dataset
+from czb.data.validation import validate_dataset
+from czb.specs.schema import DatasetSpec
 
 N_CELLS, N_GENES = 60, 40
 SECRET = "TOPSECRET-8d1f0c3a-do-not-print"
@@ -131,7 +132,7 @@ def czb(tmp_path: Path, *args: str, backed: bool = False, timeout: int = 240) ->
     """``czb ARGS`` in a fresh interpreter; ``backed`` leaves every matrix on disk."""
     code = "import sys; from czb.cli import main; sys.argv = ['czb', *sys.argv[1:]]; main()"
     if backed:  # the size threshold at 0: the backed path without a 20M-value file
-        code = "import czb.runner.datasets as D; D.BACKED_MIN_VALUES = 0; " + code
+        code = "import czb.data.reading as R; R.BACKED_MIN_VALUES = 0; " + code
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "500"}
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
@@ -395,8 +396,7 @@ def test_check_h5ad_structure_covers_every_sparse_group(tmp_path):
 
 def test_chunked_index_check_reads_a_bounded_amount(tmp_path, monkeypatch):
     """Indices are checked in blocks of INDEX_CHUNK, so memory stays at one block."""
-    from czb.runner import hdf5_checks
-
+    from czb.data import hdf5_checks
     path = write_h5ad(tmp_path / "chunks.h5ad")
     corrupt(path, "X", "indices_out_of_range")
     monkeypatch.setattr(hdf5_checks, "INDEX_CHUNK", 4)
@@ -451,7 +451,7 @@ def test_forged_npy_header_is_refused_before_allocating(tmp_path):
 
 def test_npy_parser_messages_never_quote_the_file(tmp_path):
     """numpy's own message quotes the file's first bytes; czb says what the file is instead."""
-    from czb.runner.embeddings import FileEmbeddingSource
+    from czb.models.embedding_files import FileEmbeddingSource
 
     data = write_h5ad(tmp_path / "good.h5ad")
     spec = DatasetSpec(name="crafted", uri=str(data), organism="human", label_key="cell_type")
@@ -516,7 +516,7 @@ def test_secret_file_as_relationship_source_is_never_echoed(tmp_path, kind):
 
 
 def test_relationship_source_that_is_a_device_or_folder(tmp_path):
-    from czb.runner.relationships import load_relationships
+    from czb.data.relationship_sources import load_relationships
 
     for source in ("/dev/null", str(tmp_path)):
         with pytest.raises(DatasetError, match="not a regular file"):
@@ -524,7 +524,7 @@ def test_relationship_source_that_is_a_device_or_folder(tmp_path):
 
 
 def test_gene_table_errors_never_quote_the_table(tmp_path):
-    from czb.runner.genes import GENE_MAPS, GeneMap
+    from czb.data.genes import GENE_MAPS, GeneMap
 
     table = tmp_path / "hgnc.txt"
     for content, fragment in (
@@ -577,7 +577,7 @@ def test_wrong_generator_params_are_one_line(tmp_path, params, fragment):
 
 
 def test_planted_screen_without_targets_is_a_clear_error():
-    from czb.runner.synthetic import planted_screen
+    from czb.data.synthetic.screen import planted_screen
 
     with pytest.raises(ValueError, match="needs at least one perturbed gene"):
         planted_screen(n_complexes=0, n_singletons=0, n_unexpressed=0)

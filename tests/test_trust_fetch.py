@@ -20,9 +20,11 @@ from test_trust_data import write_h5ad
 from typer.testing import CliRunner
 
 from czb.cli import app
-from czb.errors import DatasetWarning, FetchError
-from czb.runner import fetch as fetch_module
-from czb.runner.fetch import cache_entries, describe_content, fetch
+from czb.core.errors import DatasetWarning, FetchError
+from czb.io import cache as cache_module
+from czb.io.cache import cache_entries
+from czb.io.content import describe_content
+from czb.io.fetch import fetch
 
 MARKER = "PAGE-CONTENT-5f2a9c-never-echoed"
 
@@ -107,14 +109,14 @@ def test_a_page_already_in_the_cache_is_evicted_and_fetched_again(tmp_path, serv
     page = f"<html>{MARKER}</html>".encode().ljust(len(good), b" ")
     path.write_bytes(page)  # same size: the sidecar's size still matches
     sidecar = json.loads((path.parent / ".czb-entry.json").read_text())
-    sidecar.update(fetch_module._stamp(path.stat()))  # as if the page had been downloaded
+    sidecar.update(cache_module.stamp(path.stat()))  # as if the page had been downloaded
     (path.parent / ".czb-entry.json").write_text(json.dumps(sidecar))
     with pytest.raises(FetchError, match="was damaged or edited in the cache .*it is an HTML page.*deleted"):
         fetch(server.url("/data/cells.h5ad"), offline=True)
     assert not path.exists()
     assert fetch(server.url("/data/cells.h5ad")).read_bytes() == good  # online: downloaded again
     path.write_bytes(page)  # the same, found online: evicted with a warning, downloaded again
-    sidecar.update(fetch_module._stamp(path.stat()))
+    sidecar.update(cache_module.stamp(path.stat()))
     (path.parent / ".czb-entry.json").write_text(json.dumps(sidecar))
     with pytest.warns(DatasetWarning, match="damaged or edited in the cache .*downloading it again"):
         assert fetch(server.url("/data/cells.h5ad")).read_bytes() == good
@@ -204,10 +206,10 @@ def test_hash_memo_is_not_fooled_by_a_restored_mtime(tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(b"a" * 4096)
     cache = tmp_path / "cache"
-    first = fetch_module.known_sha256(path, cache_dir=cache)
+    first = cache_module.known_sha256(path, cache_dir=cache)
     edit_in_place(path)
-    assert fetch_module.cached_sha256(path, cache_dir=cache) is None
-    assert fetch_module.known_sha256(path, cache_dir=cache) == hashlib.sha256(path.read_bytes()).hexdigest() != first
+    assert cache_module.cached_sha256(path, cache_dir=cache) is None
+    assert cache_module.known_sha256(path, cache_dir=cache) == hashlib.sha256(path.read_bytes()).hexdigest() != first
 
 
 def test_record_carries_the_computed_digest_when_the_spec_pins_none(tmp_path):

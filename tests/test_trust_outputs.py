@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import assert_clean_exit, error_line, invoke
 
-from czb.runner.results import read_result
+from czb.core.records import read_result
 
 TINY = ["--dataset", "synthetic_cells_tiny", "--seeds", "0", "--n-jobs", "1"]
 TINY_CELLS = 300
@@ -32,21 +32,21 @@ def records_in(folder: Path) -> list:
 @pytest.fixture(scope="module", autouse=True)
 def _warm():
     """Import what a run imports once, so the timings below measure work, not imports."""
-    import czb.runner.datasets
-    import czb.runner.run
+    import czb.data.reading
+    import czb.pipeline.run
     from czb.evaluation.registry import load_all
 
     load_all()
-    assert czb.runner.run.run_benchmark and czb.runner.datasets.load_dataset
+    assert czb.pipeline.run.run_benchmark and czb.data.reading.load_dataset
 
 
 @pytest.fixture
 def spies(monkeypatch):
     """Count dataset loads and PCA baseline runs."""
-    from czb.runner import datasets, embeddings
-
+    from czb.data import reading
+    from czb.models import baselines
     calls = {"load": 0, "pca": 0}
-    load, pca = datasets.load_dataset, embeddings.PCABaseline.embed
+    load, pca = reading.load_dataset, baselines.PCABaseline.embed
 
     def counted_load(*args, **kwargs):
         calls["load"] += 1
@@ -56,8 +56,8 @@ def spies(monkeypatch):
         calls["pca"] += 1
         return pca(self, *args, **kwargs)
 
-    monkeypatch.setattr(datasets, "load_dataset", counted_load)
-    monkeypatch.setattr(embeddings.PCABaseline, "embed", counted_pca)
+    monkeypatch.setattr(reading, "load_dataset", counted_load)
+    monkeypatch.setattr(baselines.PCABaseline, "embed", counted_pca)
     return calls
 
 
@@ -101,8 +101,7 @@ def test_read_only_output_dir_fails_before_any_work(tmp_path, spies):
 
 
 def test_output_dir_probe_leaves_nothing_behind(tmp_path):
-    from czb.runner.run import check_output_dir
-
+    from czb.pipeline.run import check_output_dir
     folder = tmp_path / "a" / "b"
     assert check_output_dir(folder) == folder
     assert folder.is_dir() and list(folder.iterdir()) == []
@@ -314,9 +313,9 @@ def test_unreadable_unit_json_is_redone(tmp_path, suite_file):
 def test_unreadable_failure_record_does_not_break_assembly(tmp_path):
     """A damaged ``failures/<key>.json`` is named, deleted, and the record still says failed."""
     from czb.bench.plan import plan_suite
-    from czb.bench.run import assemble_records
     from czb.bench.store import StoreWarning, open_store
-    from czb.runner.specs import Catalog
+    from czb.bench.suite import assemble_records
+    from czb.specs.catalog import Catalog
 
     (tmp_path / "suite.yaml").write_text(SUITE)
     plan = plan_suite(Catalog.load(extra_files=[tmp_path / "suite.yaml"]), "tiny")
@@ -418,7 +417,7 @@ def test_long_embedding_file_name_is_written(tmp_path):
 
 
 def test_slug_keeps_long_names_apart_and_short_names_as_they_were():
-    from czb.runner.results import MAX_SLUG, slug
+    from czb.core.records import MAX_SLUG, slug
 
     assert slug("pca") == "pca" and slug("file:my emb.npy") == "file-my-emb.npy"
     long_a, long_b = "a" * 128, "a" * 127 + "b"

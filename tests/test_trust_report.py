@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import error_line, invoke
 
-from czb.runner import results as R
+from czb.core import records as R
 
 SECRET = "TOPSECRET-label-7f3a"
 

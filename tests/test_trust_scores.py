@@ -18,12 +18,14 @@ import pandas as pd
 import pytest
 from conftest import assert_clean_exit, invoke
 
-from czb.errors import EmbeddingError, EmbeddingWarning
-from czb.evaluation.applicability import group_problem, missing_mask, topk_problem
-from czb.evaluation.context import EvaluationContext, evaluate, run_task
+from czb.core.errors import EmbeddingError, EmbeddingWarning
+from czb.core.missing import missing_mask
+from czb.core.records import read_result
+from czb.evaluation.applicability import group_problem, topk_problem
+from czb.evaluation.context import EvaluationContext
 from czb.evaluation.registry import get_task
-from czb.runner.embeddings import check_embedding
-from czb.runner.results import read_result
+from czb.evaluation.runner import evaluate, run_task
+from czb.models.embedding import check_embedding
 
 PBMC = ["--dataset", "pbmc68k_reduced", "--offline", "--seeds", "0", "--n-jobs", "1"]
 PBMC_CELLS = 700
@@ -136,13 +138,12 @@ def test_degenerate_check_is_one_cheap_pass():
 
 
 def test_a_baseline_producing_a_constant_embedding_fails(tmp_path, monkeypatch):
-    from czb.runner import embeddings
-
+    from czb.models import baselines
     def constant_pca(x, n_comps, *, info, **_):
         info["n_comps"] = n_comps
         return np.zeros((x.shape[0], n_comps))
 
-    monkeypatch.setattr(embeddings, "_sparse_pca", constant_pca)
+    monkeypatch.setattr(baselines, "sparse_pca", constant_pca)
     out = tmp_path / "out"
     result = invoke("run", "--model", "pca", "--task", "embedding", *PBMC, "--output-dir", out)
     assert_clean_exit(result, 1)
@@ -297,7 +298,7 @@ def crafted(tmp_path_factory) -> Path:
     import anndata as ad
     import scipy.sparse as sp
 
-    from czb.runner.synthetic import planted_cells
+    from czb.data.synthetic.cells import planted_cells
 
     folder = tmp_path_factory.mktemp("crafted")
     cells = planted_cells(n_cells=240, n_genes=200, n_cell_types=4, n_batches=3, seed=0)

@@ -23,8 +23,9 @@ import pytest
 from conftest import assert_clean_failure, invoke
 from conftest import write_text as write
 
-from czb.runner import specs as specs_module
-from czb.runner.specs import Catalog, ModelSpec, WeightFile, WeightsVariant
+from czb.specs.catalog import Catalog
+from czb.specs.names import is_valid_name
+from czb.specs.schema import ModelSpec, WeightFile, WeightsVariant
 
 NAME_ERROR = "is not a valid name"
 
@@ -464,7 +465,7 @@ def test_a_good_archive_still_unpacks(tmp_path):
 
 SLOW_FETCH = """\
 import sys, time
-import czb.runner.weights as w
+import czb.models.archives as w
 original = w._copy_counted
 def slow(*args):
     original(*args)
@@ -517,9 +518,9 @@ def test_old_style_staging_folder_is_removed_once_stale(tmp_path):
 
 
 def test_name_pattern_is_one_rule_for_everything():
-    assert specs_module.is_valid_name("scgpt_whole-human.v2")
+    assert is_valid_name("scgpt_whole-human.v2")
     for bad in ("", ".", "..", "a..b", "a/b", "-a", "_a", "a" * 129, None, 3):
-        assert not specs_module.is_valid_name(bad), bad
+        assert not is_valid_name(bad), bad
 
 
 # ----------------------------------------------------------------------------- values checked at load

@@ -1,4 +1,4 @@
-"""Model specs of docker models and staging their weights (czb.runner.specs, czb.runner.weights).
+"""Model specs of docker models and staging their weights (czb.specs.schema, czb.models.weights).
 
 Weights come from local files in tmp folders (absolute paths), so nothing touches the
 network; archives are built by the tests.
@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from czb.errors import EmbeddingError, FetchError, SpecError
-from czb.runner import fetch as fetch_module
-from czb.runner import specs as specs_module
-from czb.runner.specs import ModelSpec, WeightFile, WeightsVariant, load_spec_file
-from czb.runner.weights import directory_checksum, resolve_weights, stage_weights, staged_path
+from czb.core.errors import EmbeddingError, FetchError, SpecError
+from czb.io import fetch as fetch_module
+from czb.models.weights import directory_checksum, resolve_weights, stage_weights, staged_path
+from czb.specs import schema as schema_module
+from czb.specs.loading import load_spec_file
+from czb.specs.schema import ModelSpec, WeightFile, WeightsVariant
 
 TESTS = Path(__file__).resolve().parent
 
@@ -153,7 +154,7 @@ def test_container_dir_next_to_the_spec_then_bundled(tmp_path, monkeypatch):
     bundled = tmp_path / "bundled"
     (bundled / "tiny").mkdir(parents=True)
     (bundled / "tiny" / "Dockerfile").write_text("FROM scratch\n")
-    monkeypatch.setattr(specs_module, "BUNDLED_CONTAINERS_DIR", bundled)
+    monkeypatch.setattr(schema_module, "BUNDLED_CONTAINERS_DIR", bundled)
     assert docker_spec().container_dir() == (bundled / "tiny").resolve()
 
     mine = tmp_path / "mine"

@@ -369,7 +369,7 @@ def weights_checksum(weights_dir: Path) -> str | None:
 
     sha256 fed, for every file under the folder in pathlib's sort order (sorted ``Path``
     objects: by path components), its POSIX path relative to the folder, a NUL byte, its
-    bytes and a NUL byte: the host's ``czb.runner.weights.directory_checksum``, as the
+    bytes and a NUL byte: the host's ``czb.models.weights.directory_checksum``, as the
     README's container contract defines it. ``None`` when the folder is empty or absent
     (a model trained on the data itself).
     """

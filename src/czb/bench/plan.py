@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import czb
-from czb.errors import CzbError, CzbWarning
-from czb.runner.containers import cache_key
-from czb.runner.specs import Catalog, DatasetSpec, ModelSpec, SuiteSpec, TaskSpec
+from czb.core.errors import CzbError, CzbWarning
+from czb.core.hashing import cache_key
+from czb.specs.catalog import Catalog
+from czb.specs.schema import DatasetSpec, ModelSpec, SuiteSpec, TaskSpec
 
 #: Dataset fields a model's output depends on (besides the file's content).
 EMBED_DATASET_FIELDS = ("organism", "layer", "gene_key", "gene_id_type", "expression", "batch_key")
@@ -125,16 +126,16 @@ class Plan:
 def dataset_checksum(spec: DatasetSpec, *, offline: bool | None = None) -> str:
     """The sha256 a dataset's units are keyed by: declared in the spec, of its generator's
     arguments (``synthetic:``), or of its file (fetched into the cache if needed; hashed once)."""
-    from czb.runner import datasets as D
-    from czb.runner import fetch
-
+    from czb.data import sources
+    from czb.io import fetch
+    from czb.io.cache import known_sha256
     if spec.sha256 is not None:
         return spec.sha256
     if spec.uri.startswith("synthetic:"):
-        return D.synthetic_digest(spec)
+        return sources.synthetic_digest(spec)
     if spec.uri.startswith("builtin:"):
-        return fetch.known_sha256(D.builtin_path(spec))
-    return fetch.known_sha256(fetch.fetch(spec.uri, offline=offline))
+        return known_sha256(sources.builtin_path(spec))
+    return known_sha256(fetch.fetch(spec.uri, offline=offline))
 
 
 def model_identity(spec: ModelSpec, *, resolve_images: bool = True) -> dict[str, Any]:
@@ -164,8 +165,7 @@ def model_identity(spec: ModelSpec, *, resolve_images: bool = True) -> dict[str,
 
 
 def _image_id(spec: ModelSpec) -> str | None:
-    from czb.runner import docker_engine
-
+    from czb.models.docker import engine as docker_engine
     try:
         return docker_engine.image_info(docker_engine.client(), spec.image, model=spec.name).id
     except CzbError:
@@ -285,7 +285,6 @@ def resolve_matrix(
 
 def _with_baselines(matrix: SuiteSpec, kinds: Iterable[str]) -> list[str]:
     """The matrix's models plus the baselines its tasks are compared with, as ``czb run`` adds them."""
-    from czb.runner.run import baselines_for
-
+    from czb.pipeline.baselines import baselines_for
     wanted = baselines_for(kinds) if matrix.baseline else []
     return list(matrix.models) + [m for m in wanted if m not in matrix.models]

@@ -20,7 +20,7 @@ same file twice, never two files.
 A store can still be damaged from outside (a full disk, a copy cut short, an edit): an
 output that cannot be read is treated as absent. It is deleted with a one-line
 :class:`StoreWarning` naming it, and its unit runs again (:meth:`Store.read_output`,
-:func:`czb.bench.run.done_units`). In a folder store, an output that is not a regular
+:func:`czb.bench.suite.done_units`). In a folder store, an output that is not a regular
 file (a folder, symlink, FIFO or device in its place) is such an output, and czb never
 reads or writes through a symlink in it; a folder of the layout above (``scores``...)
 replaced by something else is a :class:`StoreError` when the store is opened. Error
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from czb.errors import CzbError, CzbWarning
-from czb.untrusted import UntrustedInputError, read_bounded
+from czb.core.errors import CzbError, CzbWarning
+from czb.core.untrusted import UntrustedInputError, read_bounded
 
 UNIT_FILE = "unit.json"
 EMBEDDING_FILE = "embedding.npz"
@@ -112,7 +112,7 @@ class Store(ABC):
     def read_json(self, relative: str) -> Any:
         """A JSON file's value, ``None`` when there is no such file; :class:`StoreError`
         (naming the file, not its content) when it is not JSON."""
-        from czb.untrusted import parse_json
+        from czb.core.untrusted import parse_json
 
         data = self.read_bytes(relative)
         if data is None:
@@ -251,9 +251,8 @@ class LocalStore(Store):
     LAYOUT = ("embeddings", "scores", "failures", "results", "results/embeddings")
 
     def __init__(self, root: str | os.PathLike[str]):
-        from czb.errors import ResultsError
-        from czb.runner.run import check_output_dir
-
+        from czb.core.errors import ResultsError
+        from czb.pipeline.run import check_output_dir
         self.root = Path(root).expanduser().resolve()
         try:  # created and written to now, so a bad folder fails before any work
             check_output_dir(self.root, what="store folder")
@@ -311,7 +310,7 @@ class LocalStore(Store):
         raise UnreadableOutput(msg, f"{why}, not a file")
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        from czb.runner.results import write_atomically
+        from czb.core.records import write_atomically
 
         while (blocker := self._blocker(relative)) is not None:
             if blocker in self.LAYOUT:
@@ -407,7 +406,7 @@ class S3Store(Store):
         if self._client is None:
             import boto3
 
-            from czb.settings import get_settings
+            from czb.core.settings import get_settings
 
             self._client = boto3.session.Session().client("s3", endpoint_url=get_settings().s3_endpoint_url)
         return self._client

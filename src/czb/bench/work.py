@@ -17,7 +17,7 @@ import numpy as np
 
 from czb.bench.plan import EmbedUnit, ScoreUnit
 from czb.bench.store import EMBEDDING_FILE, UNIT_FILE, StoreError, open_store
-from czb.errors import CzbError
+from czb.core.errors import CzbError
 
 
 class UnitFailed(CzbError):
@@ -45,7 +45,8 @@ def _unit_failed(key: str, message: str, log_tail: list[str]) -> UnitFailed:
 
 
 def _load(spec: Any, offline: bool | None) -> Any:
-    from czb.runner.datasets import load_dataset, validate_dataset
+    from czb.data.reading import load_dataset
+    from czb.data.validation import validate_dataset
 
     ds = load_dataset(spec, offline=offline)
     validate_dataset(ds)
@@ -77,11 +78,11 @@ def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = No
     A model that does not apply to the dataset is an outcome (``not_applicable``), not
     a failure. Returns ``{"status", "runtime_s"}``.
     """
-    from czb.runner import results as R
-    from czb.runner.containers import RunOptions
-    from czb.runner.embeddings import source_for_model
-    from czb.runner.run import dataset_record, dataset_roles, embed_dataset, map_labels
-
+    from czb.core import records as R
+    from czb.models.docker.request import RunOptions
+    from czb.models.sources import source_for_model
+    from czb.pipeline.dataset_views import dataset_record, dataset_roles, map_labels
+    from czb.pipeline.scoring import embed_dataset
     store = open_store(store_url)
     ds = _load(unit.dataset, offline)
     _check_unchanged(ds, unit.parts["dataset"]["sha256"])
@@ -129,8 +130,8 @@ def run_score_units(
     halfway keeps what it finished. Returns ``{key: {"status", "error", "runtime_s"}}``;
     a failed task is reported there (and not written), not raised.
     """
-    from czb.runner.run import build_tasks, embedding_context
-
+    from czb.pipeline.scoring import embedding_context
+    from czb.pipeline.tasks import build_tasks
     if len({u.embed_keys for u in units}) != 1:
         msg = "a score job reads one embedding (or one group's); these units read several"
         raise CzbError(msg)
@@ -141,8 +142,8 @@ def run_score_units(
     reads_expression = any("expression" in p.task.info.requires for p in planned)
     values, roles, expression, relationship_sources = _scoring_input(units[0], store, offline,
                                                                      expression=reads_expression)
-    context = embedding_context(values, roles, expression=expression, relationship_sources=relationship_sources,
-                                n_jobs=n_jobs, exact=units[0].exact)
+    context = embedding_context(values, roles, tasks=[p.task for p in planned], expression=expression,
+                                relationship_sources=relationship_sources, n_jobs=n_jobs, exact=units[0].exact)
     context.plan(p.task for p in planned)
     return _run_units(units, planned, context, store)
 
@@ -151,9 +152,8 @@ def _run_units(units: Sequence[ScoreUnit], planned: Sequence[Any], context: Any,
                extra: Any = None) -> dict[str, dict[str, Any]]:
     """Each unit's task on ``context`` with its seed, its output written as soon as it is
     known (with ``extra()``'s fields, read after the task)."""
-    from czb.evaluation.context import run_task
-    from czb.runner import results as R
-
+    from czb.core import records as R
+    from czb.evaluation.runner import run_task
     outcomes: dict[str, dict[str, Any]] = {}
     for unit, p in zip(units, planned):
         result = run_task(p.task, context, [unit.seed])
@@ -175,12 +175,11 @@ def _run_units(units: Sequence[ScoreUnit], planned: Sequence[Any], context: Any,
 def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[Any], store: Any, *, n_jobs: int,
                        offline: bool | None) -> dict[str, dict[str, Any]]:
     """Perturbation tasks on one predictor and dataset: the predictor runs inside them."""
-    from czb.errors import NotApplicableError
-    from czb.evaluation.tasks.genetic_perturbation_prediction import PerturbationContext
-    from czb.runner.containers import RunOptions
-    from czb.runner.predictors import perturbation_data, predictor_for_model
-    from czb.runner.run import dataset_record
-
+    from czb.core.errors import NotApplicableError
+    from czb.evaluation.perturbation.prediction.data import PerturbationContext
+    from czb.models.docker.request import RunOptions
+    from czb.models.predictors import perturbation_data, predictor_for_model
+    from czb.pipeline.dataset_views import dataset_record
     spec = units[0].predictor
     ds = _load(units[0].datasets[0], offline)
     _check_unchanged(ds, units[0].parts["dataset"]["sha256"])
@@ -205,17 +204,12 @@ def _scoring_input(
     unit: ScoreUnit, store: Any, offline: bool | None, *, expression: bool
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """What the unit scores: ``(values, roles, expression, relationship_sources)``; for a
-    group, the members' embeddings stacked (:func:`czb.runner.run.stack_members`), with
+    group, the members' embeddings stacked (:func:`czb.pipeline.groups.stack_members`), with
     no expression (no task over several datasets reads it)."""
-    from czb.runner.embeddings import Embedding
-    from czb.runner.run import (
-        Embedded,
-        GroupMember,
-        dataset_expression,
-        dataset_record,
-        dataset_roles,
-        stack_members,
-    )
+    from czb.models.embedding import Embedding
+    from czb.pipeline.dataset_views import dataset_expression, dataset_record, dataset_roles
+    from czb.pipeline.groups import GroupMember, stack_members
+    from czb.pipeline.scoring import Embedded
 
     members = []
     for key, spec in zip(unit.embed_keys, unit.datasets):

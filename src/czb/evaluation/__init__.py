@@ -6,7 +6,8 @@
 Needs only numpy, scipy, scikit-learn, pandas, igraph and leidenalg (no torch, no jax).
 """
 
-from czb.evaluation.context import EvaluationContext, evaluate
+from czb.evaluation.context import EvaluationContext
 from czb.evaluation.registry import METRICS, TASKS, MetricInfo, TaskInfo
+from czb.evaluation.runner import evaluate
 
 __all__ = ["METRICS", "TASKS", "EvaluationContext", "MetricInfo", "TaskInfo", "evaluate"]

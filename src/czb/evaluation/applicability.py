@@ -22,50 +22,24 @@ cannot judge:
 A task whose core grouping fails the rule is ``not_applicable`` with the reason
 (:func:`require_groups`); a metric that alone fails it is left out, and the reason
 recorded in the result's ``computation['not_applicable']``
-(:meth:`~czb.evaluation.context.TaskContext.skip_metric`).
+(:meth:`~czb.evaluation.task.TaskContext.skip_metric`).
 
-Cells without a value (:func:`missing_mask`: ``None``, NaN, ``pd.NA``, empty text, or
-the text pandas and numpy make of those: ``"nan"``, ``"None"``, ``"<NA>"``, ``"NaT"``)
-are never a group: the evaluation context leaves them out of every task that needs
-that role, and counts them (``computation['cells_without_label']``...).
+Cells without a value (:func:`~czb.core.missing.missing_mask`: ``None``, NaN,
+``pd.NA``, empty text, or the text pandas and numpy make of those: ``"nan"``,
+``"None"``, ``"<NA>"``, ``"NaT"``) are never a group: the evaluation context leaves
+them out of every task that needs that role, and counts them
+(``computation['cells_without_label']``...).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from czb.errors import NotApplicableError
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-#: Text that stands for a missing value once a column has been turned into strings.
-MISSING_TEXT = frozenset({"", "nan", "none", "<na>", "nat"})
+from czb.core.errors import NotApplicableError
 
 #: The roles whose values group cells; a cell without one is left out of the tasks
 #: that need it. Readable names for messages and records.
 GROUP_ROLES = {"labels": "label", "batch": "batch"}
-
-
-def missing_mask(values: np.ndarray | pd.Series) -> np.ndarray:
-    """``(n,)`` bool: which entries hold no value.
-
-    ``None``, NaN, ``pd.NA``/``NaT``, and strings that are empty (after stripping) or
-    spell a missing value (:data:`MISSING_TEXT`, any case). Numbers other than NaN and
-    every other string are values. Works on numeric, string, object and categorical
-    arrays or Series.
-    """
-    import pandas as pd
-
-    codes, uniques = pd.factorize(values if isinstance(values, pd.Series) else np.asarray(values))
-    missing = codes < 0  # None, NaN, pd.NA, NaT
-    text = pd.Index(uniques).astype(str).str.strip().str.lower()
-    spelled = np.flatnonzero(np.isin(np.asarray(text), list(MISSING_TEXT)))
-    if spelled.size:  # checked on the distinct values only
-        missing |= np.isin(codes, spelled)
-    return missing
 
 
 def group_problem(values: np.ndarray, *, what: str = "label") -> str | None:

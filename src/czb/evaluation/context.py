@@ -1,81 +1,26 @@
-"""Run tasks on one embedding: the shared neighbour graph, seeds, and aggregation."""
+"""The evaluation context of one embedding: its cell annotations, the shared neighbour
+graph, memoised values (silhouettes, Leiden partitions) and the cells a task is scoped to."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from czb.errors import EmbeddingError, NotApplicableError
-from czb.evaluation.applicability import GROUP_ROLES, missing_mask
+from czb.core.errors import EmbeddingError, TaskError
+from czb.core.missing import missing_mask
+from czb.data.relationships import Relationships
+from czb.evaluation.applicability import GROUP_ROLES
 from czb.evaluation.neighbors import NeighborGraph, compute_neighbors
-from czb.evaluation.perturbation_analysis import RowSubset
-from czb.evaluation.resources import measure
-from czb.evaluation.tasks.base import MetricValue, Task
+from czb.evaluation.row_subset import RowSubset
+from czb.evaluation.task import Task, TaskContext
 
-Status = Literal["ok", "failed", "not_applicable"]
-DEFAULT_SEEDS = (0, 1, 2)
 #: From this many cells, a Leiden partition started early (:meth:`EvaluationContext.start_leiden`)
 #: runs in a worker process; below, starting the process costs more than the overlap saves.
 BACKGROUND_LEIDEN_MIN_CELLS = 50_000
-
-
-class TaskContext:
-    """What every task reads besides its data: per-cell roles, :meth:`require`, and
-    :meth:`memo` for values several tasks or seeds share.
-
-    Subclasses fill ``_roles`` (role name → ``(n_cells,)`` array) and ``n_jobs``.
-    """
-
-    _roles: dict[str, np.ndarray]
-    _memo: dict[tuple, Any]
-    n_jobs: int
-    #: How estimable values used by the running task were computed (see :meth:`note`).
-    notes: dict[str, Any]
-
-    def role(self, role: str) -> np.ndarray | None:
-        """Per-cell values of a role (``labels``, ``batch``, ``condition``...), or ``None``."""
-        return self._roles.get(role)
-
-    def require(self, role: str) -> np.ndarray:
-        values = self.role(role)
-        if values is None:
-            msg = f"the data have no {role}"
-            raise NotApplicableError(msg)
-        return values
-
-    def plan(self, tasks: Iterable[Task]) -> None:
-        """Prepare shared work for ``tasks`` (nothing by default)."""
-
-    def drop_background(self) -> None:
-        """Stop background work a task started but never collected (none by default)."""
-
-    def note(self, what: str, how: dict[str, Any]) -> None:
-        """Record how ``what`` (e.g. ``neighbors``, ``silhouette_label``) was computed
-        for the task now running (exact, or approximate with its measured error)."""
-        self.notes[what] = how
-
-    def skip_metric(self, metric: str, reason: str) -> None:
-        """Record that the running task leaves ``metric`` out (the task does not report
-        it) because it is not defined on these data (:mod:`czb.evaluation.applicability`);
-        ``reason`` goes into the result's ``computation['not_applicable']``."""
-        self.notes.setdefault("not_applicable", {})[metric] = reason
-
-    def scoped(self, task: Task) -> TaskContext:
-        """The context ``task`` runs on (this one unless a subclass restricts cells)."""
-        return self
-
-    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per key for this context, so tasks (and seeds) share
-        expensive values (e.g. the label silhouette of ``embedding`` and ``batch_integration``)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
 
 
 class EvaluationContext(TaskContext):
@@ -96,10 +41,14 @@ class EvaluationContext(TaskContext):
     roles
         Further per-cell annotations by role (``time_point``, ``donor``, ``control``...).
     expression
-        The cells' expression (:class:`~czb.evaluation.perturbation_analysis.Expression`,
+        The cells' expression (:class:`~czb.evaluation.perturbation.expression.Expression`,
         rows aligned with ``X``) for tasks that read it, or ``None``.
     relationship_sources
         Known-relationship sources the dataset declares (perturbation recall), or ``None``.
+    relationships
+        Known relationships by source name, loaded by the caller for the tasks that read
+        them (:meth:`~czb.evaluation.task.Task.relationship_sources`); a source that
+        could not be loaded maps to the error raised, so only the tasks reading it fail.
     n_jobs
         Processes/threads tasks may use.
     exact
@@ -118,6 +67,7 @@ class EvaluationContext(TaskContext):
         roles: Mapping[str, np.ndarray] | None = None,
         expression: Any = None,
         relationship_sources: Sequence[str] | None = None,
+        relationships: Mapping[str, Relationships | Exception] | None = None,
         n_jobs: int = 1,
         exact: bool | None = None,
     ):
@@ -154,6 +104,7 @@ class EvaluationContext(TaskContext):
             raise EmbeddingError(msg)
         self.expression = expression
         self.relationship_sources = list(relationship_sources) if relationship_sources else None
+        self.relationships = dict(relationships or {})
         self.n_jobs = n_jobs
         self.exact = exact
         self.notes = {}
@@ -203,6 +154,7 @@ class EvaluationContext(TaskContext):
                 roles={role: values[rows] for role, values in self._roles.items()},
                 expression=expression,
                 relationship_sources=self.relationship_sources,
+                relationships=self.relationships,
                 n_jobs=self.n_jobs,
                 exact=self.exact,
             )
@@ -212,6 +164,23 @@ class EvaluationContext(TaskContext):
         sub = self.memo(key, restrict)
         sub.excluded = {f"cells_without_{GROUP_ROLES[role]}": int(m.sum()) for role, m in lacking.items()}
         return sub
+
+    def relationship(self, source: str) -> Relationships:
+        """The known relationships of ``source``, as the caller loaded them.
+
+        Raises
+        ------
+        Exception
+            The error loading the source raised; :class:`TaskError` when it was not loaded.
+        """
+        loaded = self.relationships.get(source)
+        if loaded is None:
+            msg = (f"relationship source {source!r} was not loaded for this embedding "
+                   f"(loaded: {', '.join(self.relationships) or 'none'})")
+            raise TaskError(msg)
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
 
     def plan(self, tasks: Iterable[Task]) -> None:
         """Note the largest neighbourhoods the tasks will ask for, so the graph (and the
@@ -374,151 +343,3 @@ class EvaluationContext(TaskContext):
 def _leiden_key(resolution: float, seed: int, k: int) -> tuple:
     """The memo key of a Leiden partition (shared by :meth:`EvaluationContext.start_leiden`)."""
     return ("leiden", k, float(resolution), seed)
-
-
-@dataclass
-class AggregatedMetric:
-    """A metric over seeds: mean, sample standard deviation, and every value.
-
-    ``ci95`` is the confidence interval of an estimated value; kept only when every seed
-    reports the same estimate (a seed-independent value, computed once)."""
-
-    name: str
-    value: float
-    value_std_dev: float | None
-    values_raw: list[float]
-    params: dict[str, Any] = field(default_factory=dict)
-    ci95: tuple[float, float] | None = None
-
-
-@dataclass
-class TaskResult:
-    """The outcome of one task on one embedding."""
-
-    task: str
-    status: Status
-    metrics: list[AggregatedMetric] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    error: str | None = None
-    runtime_s: float = 0.0
-    peak_memory_mb: float = 0.0
-    #: How estimable values were computed (neighbour graph, silhouettes): see ``TaskContext.note``.
-    computation: dict[str, Any] = field(default_factory=dict)
-
-    def metric(self, name: str, **params: Any) -> AggregatedMetric:
-        """The metric called ``name`` whose params include ``params``."""
-        for m in self.metrics:
-            if m.name == name and all(m.params.get(k) == v for k, v in params.items()):
-                return m
-        msg = f"{self.task} has no metric {name!r} with params {params}"
-        raise KeyError(msg)
-
-
-def aggregate(values: Iterable[MetricValue]) -> list[AggregatedMetric]:
-    """Group per-seed values by (name, params) and summarise each group."""
-    groups: dict[tuple, list[MetricValue]] = {}
-    for v in values:
-        groups.setdefault((v.name, tuple(sorted(v.params.items()))), []).append(v)
-    out = []
-    for (name, params), group in groups.items():
-        raw = [float(v.value) for v in group]
-        finite = [x for x in raw if np.isfinite(x)]
-        mean = statistics.fmean(finite) if finite else float("nan")
-        std = statistics.stdev(finite) if len(finite) > 1 else None
-        cis = {(v.value, v.ci95) for v in group}
-        ci95 = group[0].ci95 if len(cis) == 1 else None
-        out.append(AggregatedMetric(name, mean, std, raw, dict(params), ci95))
-    return out
-
-
-def run_task(
-    task: Task, context: TaskContext, seeds: Sequence[int], *, raise_errors: bool = False
-) -> TaskResult:
-    """Run ``task`` once per seed (once if it is deterministic).
-
-    A failing task becomes a ``failed`` result unless ``raise_errors`` (for debugging).
-    """
-    seeds = list(seeds) if task.info.stochastic else list(seeds)[:1]
-    name = task.info.name
-    context.notes = {}
-    excluded: dict[str, int] = {}
-    try:
-        # Cells without a label (or batch) the task needs are left out, and counted.
-        context = context.scoped(task)
-        context.notes = {}
-        excluded = dict(getattr(context, "excluded", {}))
-        task.check(context)
-    except NotApplicableError as e:
-        return TaskResult(name, "not_applicable", seeds=seeds, error=str(e), computation=excluded)
-    except Exception as e:  # noqa: BLE001 - e.g. a resource the task reads cannot be fetched
-        if raise_errors:
-            raise
-        return TaskResult(name, "failed", seeds=seeds, error=f"{type(e).__name__}: {e}", computation=excluded)
-    values: list[MetricValue] = []
-    error: str | None = None
-    with measure() as usage:
-        try:
-            for seed in seeds:
-                values += task.run(context, seed=seed)
-        except NotApplicableError as e:
-            return TaskResult(name, "not_applicable", seeds=seeds, error=str(e),
-                              computation={**excluded, **context.notes})
-        except Exception as e:  # noqa: BLE001 - one task's crash must not lose the others' results
-            if raise_errors:
-                raise
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            context.drop_background()
-    computation = {**excluded, **context.notes}
-    if error is not None:
-        return TaskResult(name, "failed", seeds=seeds, error=error, runtime_s=usage.runtime_s,
-                          peak_memory_mb=usage.peak_memory_mb, computation=computation)
-    if not values:  # nothing is defined on these data
-        reasons = "; ".join(f"{k}: {v}" for k, v in context.notes.get("not_applicable", {}).items())
-        return TaskResult(name, "not_applicable", seeds=seeds, error=reasons or "the task reported no metric",
-                          runtime_s=usage.runtime_s, peak_memory_mb=usage.peak_memory_mb, computation=computation)
-    return TaskResult(name, "ok", aggregate(values), seeds, None, usage.runtime_s, usage.peak_memory_mb,
-                      computation=computation)
-
-
-def evaluate(
-    X: np.ndarray,
-    *,
-    labels: np.ndarray | None = None,
-    batches: np.ndarray | None = None,
-    roles: Mapping[str, np.ndarray] | None = None,
-    tasks: Sequence[str | Task] = ("clustering", "embedding", "label_prediction", "batch_integration"),
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    n_jobs: int = 1,
-    exact: bool | None = None,
-) -> list[TaskResult]:
-    """Score an embedding on several tasks, sharing one neighbour graph.
-
-    Parameters
-    ----------
-    X
-        ``(n_cells, n_dims)`` embedding.
-    labels, batches
-        ``(n_cells,)`` cell labels and batch labels.
-    roles
-        Further per-cell annotations (``time_point``...).
-    tasks
-        Registered task names (default parameters) or configured :class:`Task` objects.
-    seeds
-        Seeds of stochastic steps; deterministic tasks use the first only.
-    n_jobs
-        Worker processes for tasks that parallelise.
-    exact
-        Exact neighbour graph and silhouettes at any size (``True``), approximate ones at
-        any size (``False``), or by size (``None``); see :class:`EvaluationContext`.
-
-    Returns
-    -------
-    One :class:`TaskResult` per task, in order; failures are results, not exceptions.
-    """
-    from czb.evaluation.registry import get_task
-
-    task_objs = [get_task(t)() if isinstance(t, str) else t for t in tasks]
-    context = EvaluationContext(X, labels=labels, batches=batches, roles=roles, n_jobs=n_jobs, exact=exact)
-    context.plan(task_objs)
-    return [run_task(t, context, seeds) for t in task_objs]

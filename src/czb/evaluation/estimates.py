@@ -12,10 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
-#: Smaller strata (labels) are sampled whole, so rare labels are always represented.
-MIN_PER_STRATUM = 50
+from czb.core.sampling import MIN_PER_STRATUM
+
 #: Cells sampled for per-cell means at atlas scale (label silhouette, entropy, iLISI):
 #: 95% CIs of about ±0.001 for silhouettes and ±0.003 for entropy at 2×10^5 cells.
 SAMPLE_SIZE = 20_000
@@ -55,33 +54,6 @@ class Estimate:
         if self.exact:
             return {"method": "exact"}
         return {"method": "stratified_sample", "n_sampled": self.n_sampled, "ci95": list(self.ci95)}
-
-
-def stratified_sample(strata: np.ndarray, size: int, *, seed: int) -> list[np.ndarray]:
-    """Rows of each stratum to sample: proportional allocation of ``size`` cells, at
-    least :data:`MIN_PER_STRATUM` per stratum (all of a smaller one), without replacement.
-
-    Returns
-    -------
-    One sorted index array per stratum code ``0..strata.max()``.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(strata)
-    out = []
-    for code in range(int(strata.max()) + 1 if n else 0):
-        members = np.flatnonzero(strata == code)
-        take = min(len(members), max(MIN_PER_STRATUM, round(size * len(members) / n)))
-        out.append(np.sort(rng.choice(members, size=take, replace=False)))
-    return out
-
-
-def stratified_rows(n_cells: int, labels: np.ndarray | None, size: int, *, seed: int = 0) -> np.ndarray:
-    """Rows to keep of ``n_cells`` cells: all of them up to ``size``; above, a sorted
-    :func:`stratified_sample` of ``size`` by ``labels`` (simple random when ``None``)."""
-    if n_cells <= size:
-        return np.arange(n_cells)
-    strata = np.zeros(n_cells, dtype=np.int64) if labels is None else pd.factorize(np.asarray(labels))[0]
-    return np.sort(np.concatenate(stratified_sample(strata, size, seed=seed)))
 
 
 def sample_cells(strata: np.ndarray, size: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from czb.evaluation.tasks.base import Task
+from typing import Literal, TypeVar
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,10 @@ class TaskInfo:
 
 
 METRICS: dict[str, MetricInfo] = {}
-TASKS: dict[str, type[Task]] = {}
+#: Task classes (:class:`czb.evaluation.task.Task` subclasses) by name. The registry is
+#: typed without importing them: ``task`` imports ``TaskInfo`` from here.
+TASKS: dict[str, type] = {}
+TaskClass = TypeVar("TaskClass", bound=type)
 
 # Modules whose import registers metrics and tasks; loaded on first lookup.
 _MODULES = (
@@ -85,9 +85,12 @@ _MODULES = (
     "czb.evaluation.metrics.mixing",
     "czb.evaluation.metrics.classification",
     "czb.evaluation.metrics.aggregate",
-    "czb.evaluation.metrics.perturbation",
+    "czb.evaluation.perturbation.prediction.metrics",
     "czb.evaluation.metrics.sequential",
-    "czb.evaluation.metrics.perturbation_analysis",
+    "czb.evaluation.perturbation.hierarchy.mixing_probe_metrics",
+    "czb.evaluation.perturbation.hierarchy.consistency_knn_metrics",
+    "czb.evaluation.perturbation.hierarchy.recall_metrics",
+    "czb.evaluation.perturbation.hierarchy.reconstruction_metrics",
     "czb.evaluation.tasks.clustering",
     "czb.evaluation.tasks.sequential_organization",
     "czb.evaluation.tasks.embedding",
@@ -95,13 +98,13 @@ _MODULES = (
     "czb.evaluation.tasks.batch_integration",
     "czb.evaluation.tasks.cross_species_integration",
     "czb.evaluation.tasks.cross_species_label_prediction",
-    "czb.evaluation.tasks.genetic_perturbation_prediction",
-    "czb.evaluation.tasks.perturbation_ilisi",
-    "czb.evaluation.tasks.perturbation_linear_probe",
-    "czb.evaluation.tasks.perturbation_consistency",
-    "czb.evaluation.tasks.perturbation_knn",
-    "czb.evaluation.tasks.perturbation_recall",
-    "czb.evaluation.tasks.perturbation_reconstruction",
+    "czb.evaluation.perturbation.prediction.task",
+    "czb.evaluation.perturbation.hierarchy.ilisi",
+    "czb.evaluation.perturbation.hierarchy.linear_probe",
+    "czb.evaluation.perturbation.hierarchy.consistency",
+    "czb.evaluation.perturbation.hierarchy.knn_organization",
+    "czb.evaluation.perturbation.hierarchy.relationship_recall",
+    "czb.evaluation.perturbation.hierarchy.reconstruction",
 )
 
 
@@ -114,7 +117,7 @@ def register_metric(info: MetricInfo) -> MetricInfo:
     return info
 
 
-def register_task(cls: type[Task]) -> type[Task]:
+def register_task(cls: TaskClass) -> TaskClass:
     """Class decorator adding a task to :data:`TASKS`."""
     missing = [m for m in cls.info.metrics if m not in METRICS]
     if missing:
@@ -130,9 +133,9 @@ def load_all() -> None:
         importlib.import_module(module)
 
 
-def get_task(name: str) -> type[Task]:
+def get_task(name: str) -> type:
     """The task implementation registered under ``name``."""
-    from czb.errors import UnknownNameError
+    from czb.core.errors import UnknownNameError
 
     load_all()
     try:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from czb.errors import EmbeddingWarning, ResultsError
+from czb.core import records as R
+from czb.core.errors import EmbeddingWarning, ResultsError
+from czb.core.untrusted import read_bounded
 from czb.report.html import EmbeddingMap, render_html
 from czb.report.layout import umap_layout
 from czb.report.tables import Comparison, compare, load_results
-from czb.runner import results as R
-from czb.untrusted import read_bounded
 
 #: Cells per 2-D map (a label-stratified subsample of the stored sample).
 MAP_CELLS = 5_000
@@ -25,7 +25,7 @@ MAP_CELLS = 5_000
 MAX_SAMPLE_BYTES = 256 << 20
 #: Most bytes the arrays of a sample may unpack to (as declared, and as read).
 MAX_SAMPLE_UNPACKED = 1 << 30
-#: Most cells a sample may hold: czb keeps :data:`~czb.runner.results.MAP_SAMPLE_CELLS`,
+#: Most cells a sample may hold: czb keeps :data:`~czb.core.records.MAP_SAMPLE_CELLS`,
 #: plus whole small labels.
 MAX_SAMPLE_ROWS = 8 * R.MAP_SAMPLE_CELLS
 #: Most dimensions of a sample's embedding (models give tens to a few thousand).
@@ -131,7 +131,7 @@ def embedding_maps(
     missing, elsewhere or unreadable is skipped with a warning naming the result file
     (and a note in ``notes``); the rest of the report does not depend on it.
     """
-    from czb.evaluation.estimates import stratified_rows
+    from czb.core.sampling import stratified_rows
 
     roots = roots or {}
     maps: dict[tuple[str, str], EmbeddingMap] = {}
@@ -172,7 +172,7 @@ def make_report(
     paths
         Result JSONs or folders of them.
     output
-        File to write (:func:`~czb.runner.results.write_output`: atomically, or into a
+        File to write (:func:`~czb.core.records.write_output`: atomically, or into a
         device or FIFO such as ``/dev/stdout``); ``None``: only return the text.
     fmt
         ``html``, ``csv`` or ``md``.

@@ -7,8 +7,8 @@ import io
 import json
 import math
 
+from czb.core.terminal import printable
 from czb.report.tables import VERDICT_MARKS, Column, Comparison
-from czb.terminal import printable
 
 CSV_COLUMNS = (
     "dataset", "task", "model", "metric", "params", "baseline", "value", "std", "n_seeds", "values",
@@ -28,7 +28,7 @@ def _num(v: float | None) -> str:
 def csv_text(value: object) -> str:
     """A text cell from a record (names, parameters, errors) made inert for spreadsheets
     and terminals: one that starts like a formula gets a leading ``'``; control
-    characters other than line breaks are shown escaped (:func:`~czb.terminal.printable`).
+    characters other than line breaks are shown escaped (:func:`~czb.core.terminal.printable`).
     Numbers czb computed are written with :func:`_num` and never pass through here."""
     # A lone CR is not quoted by the csv module (its line ends are LF) but ends a row in
     # spreadsheets: make it a LF, which is quoted.
@@ -86,7 +86,7 @@ def _rows(comparison: Comparison, dataset: str) -> tuple[list[str], list[list[st
 
 def markdown_text(text: object) -> str:
     """Text from a record as one inert Markdown table cell: lines joined, control
-    characters shown escaped (:func:`~czb.terminal.printable`), HTML special characters
+    characters shown escaped (:func:`~czb.core.terminal.printable`), HTML special characters
     as entities, table pipes, backticks, brackets and backslashes escaped."""
     text = printable("" if text is None else text)
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -123,7 +123,7 @@ def to_markdown(comparison: Comparison) -> str:
 def print_table(comparison: Comparison, console=None) -> None:
     """Terminal summary (rich): per dataset, metrics × models, then failed runs; every
     text from a record is shown as it is (no markup, no control characters:
-    :func:`~czb.terminal.printable`)."""
+    :func:`~czb.core.terminal.printable`)."""
     from rich.console import Console
     from rich.markup import escape as escape_markup
     from rich.table import Table

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 
 import czb
+from czb.core import records as R
 from czb.report import plots
 from czb.report.plots import escape
 from czb.report.tables import VERDICT_MARKS, Column, Comparison, Entry
-from czb.runner import results as R
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -172,7 +172,7 @@ def _maps(maps: Mapping[tuple[str, str], EmbeddingMap], dataset: str, models: li
 
 
 def _hierarchy(records: list[R.ResultRecord]) -> str:
-    from czb.runner.summary import hierarchy_grid
+    from czb.report.summary import hierarchy_grid
 
     models, grid = hierarchy_grid(records)
     if not grid:

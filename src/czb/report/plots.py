@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from czb.terminal import printable
+from czb.core.terminal import printable
 
 #: Colour-blind-safe qualitative palette (Okabe & Ito), then Tableau's for more groups.
 PALETTE = (
@@ -26,7 +26,7 @@ BASELINE_COLOUR = "#888888"
 
 def escape(text: object) -> str:
     """Text from a record for HTML: special characters as entities, and control and
-    bidirectional-text characters shown escaped (:func:`~czb.terminal.printable`), so a
+    bidirectional-text characters shown escaped (:func:`~czb.core.terminal.printable`), so a
     name cannot reorder what a report shows, nor reach a terminal the HTML is printed on."""
     return html.escape(printable(text))
 

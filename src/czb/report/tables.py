@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from czb.errors import CzbWarning, ResultsError
+from czb.core import records as R
+from czb.core.errors import CzbWarning, ResultsError
 from czb.evaluation.registry import METRICS, load_all
-from czb.runner import results as R
-from czb.runner.run import reference_baseline
+from czb.pipeline.baselines import reference_baseline
 
 Verdict = Literal["better", "worse", "same", "unknown"]
 #: How each verdict is shown next to a value.

@@ -57,7 +57,7 @@ class Executor(Protocol):
 
 def make_executor(name: str, **options: Any) -> Executor:
     """``local`` or ``ray`` (``address=HOST:PORT``)."""
-    from czb.errors import CzbError
+    from czb.core.errors import CzbError
 
     if name == "local":
         from czb.bench.executors.local import LocalExecutor

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from czb.bench.executors import Job
-from czb.errors import CzbError
+from czb.core.errors import CzbError
 
 
 def _call(fn: Any, args: tuple, kwargs: dict) -> Any:

@@ -214,9 +214,9 @@ def filter_small_classes(labels: np.ndarray, min_class_size: int) -> tuple[np.nd
 
 def require_classes(labels: np.ndarray, min_class_size: int) -> int:
     """The number of classes with at least ``min_class_size`` cells, or
-    :class:`~czb.errors.NotApplicableError` when fewer than 2 have that many (a classifier
+    :class:`~czb.core.errors.NotApplicableError` when fewer than 2 have that many (a classifier
     of one class predicts it perfectly, whatever the embedding)."""
-    from czb.errors import NotApplicableError
+    from czb.core.errors import NotApplicableError
 
     counts = pd.Series(np.asarray(labels)).value_counts()
     n_classes = int((counts >= min_class_size).sum())

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from czb.core.sampling import stratified_sample
 from czb.evaluation import distances
-from czb.evaluation.estimates import (  # noqa: F401 - MIN_PER_STRATUM, stratified_sample re-exported
-    MIN_PER_STRATUM,
+from czb.evaluation.estimates import (
     SAMPLE_SIZE,
     Estimate,
     sample_cells,
     stratified_mean,
-    stratified_sample,
 )
 from czb.evaluation.neighbors import NearestSoFar, exact_sorted
 from czb.evaluation.registry import MetricInfo, register_metric
@@ -199,8 +198,8 @@ def silhouette_label(
 
     Exact up to :data:`EXACT_MAX_CELLS` cells (or when ``exact``); above, estimated from
     a random sample of ``sample_size`` cells topped up to at least
-    :data:`MIN_PER_STRATUM` per label (:func:`scan_sample`), each scored exactly against
-    all cells, as a label-stratified mean with its 95% CI.
+    :data:`~czb.core.sampling.MIN_PER_STRATUM` per label (:func:`scan_sample`), each
+    scored exactly against all cells, as a label-stratified mean with its 95% CI.
 
     Parameters
     ----------
@@ -258,7 +257,7 @@ def scan_sample(
     distances (each sampled cell against every cell).
 
     The sample is a simple random one topped up to at least
-    :data:`~czb.evaluation.estimates.MIN_PER_STRATUM` cells per label; the label
+    :data:`~czb.core.sampling.MIN_PER_STRATUM` cells per label; the label
     silhouette is its label-stratified mean (95% CI), the neighbourhoods are those of
     the simple random part (for entropy and iLISI). Both come out the same whether or
     not the other is computed.
@@ -310,7 +309,7 @@ def silhouette_batch(
     scores ``1 - |s|``; cell scores are averaged per label, then over labels. Above
     :data:`EXACT_MAX_CELLS` cells (unless ``exact``), each label's mean is estimated from
     a random sample of its cells (``sample_size`` in all, proportional to label size, at
-    least :data:`MIN_PER_STRATUM` per label).
+    least :data:`~czb.core.sampling.MIN_PER_STRATUM` per label).
 
     Parameters
     ----------

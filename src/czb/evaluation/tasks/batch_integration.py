@@ -11,7 +11,7 @@ from czb.evaluation.metrics import clustering as clu
 from czb.evaluation.metrics import mixing as mix
 from czb.evaluation.metrics import silhouette as sil
 from czb.evaluation.registry import TaskInfo, register_task
-from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+from czb.evaluation.task import MetricValue, Task, TaskParams
 
 
 class BatchIntegrationParams(TaskParams):
@@ -104,7 +104,7 @@ BATCH_PARTS = (sil.BATCH_SILHOUETTE.name, mix.ILISI_NORMALIZED.name)
 
 def scib_totals(context: EvaluationContext, values: dict[str, float]) -> dict[str, float]:
     """scIB's totals of ``values``; a part that is not defined (NaN) is removed from
-    ``values`` and left out with its reason (:meth:`~czb.evaluation.context.TaskContext.skip_metric`),
+    ``values`` and left out with its reason (:meth:`~czb.evaluation.task.TaskContext.skip_metric`),
     and so is every total it is part of (a total of fewer parts would not compare)."""
     reasons: dict[str, str] = {}
     if not np.isfinite(values.get(sil.BATCH_SILHOUETTE.name, 0.0)):

@@ -6,7 +6,7 @@ from czb.evaluation.applicability import require_groups
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import clustering as m
 from czb.evaluation.registry import TaskInfo, register_task
-from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+from czb.evaluation.task import MetricValue, Task, TaskParams
 
 
 class ClusteringParams(TaskParams):

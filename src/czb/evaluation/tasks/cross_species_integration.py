@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from czb.errors import NotApplicableError
+from czb.core.errors import NotApplicableError
 from czb.evaluation.applicability import group_problem, require_groups
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import aggregate as agg
@@ -18,7 +18,7 @@ from czb.evaluation.metrics import clustering as clu
 from czb.evaluation.metrics import mixing as mix
 from czb.evaluation.metrics import silhouette as sil
 from czb.evaluation.registry import TaskInfo, register_task
-from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+from czb.evaluation.task import MetricValue, Task, TaskParams
 from czb.evaluation.tasks.batch_integration import scib_totals
 
 

@@ -30,11 +30,11 @@ import pandas as pd
 from pydantic import Field
 from scipy import sparse
 
-from czb.errors import NotApplicableError, TaskError
+from czb.core.errors import NotApplicableError, TaskError
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import classification as m
 from czb.evaluation.registry import MetricInfo, TaskInfo, register_metric, register_task
-from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+from czb.evaluation.task import MetricValue, Task, TaskParams
 from czb.evaluation.tasks.cross_species_integration import require_species, species_names
 
 _REF = "https://github.com/chanzuckerberg/cz-benchmarks"

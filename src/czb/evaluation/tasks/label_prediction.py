@@ -7,7 +7,7 @@ from typing import Literal
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import classification as m
 from czb.evaluation.registry import TaskInfo, register_task
-from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+from czb.evaluation.task import MetricValue, Task, TaskParams
 
 
 class LabelPredictionParams(TaskParams):

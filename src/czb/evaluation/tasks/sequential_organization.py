@@ -7,13 +7,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from czb.errors import NotApplicableError, TaskError
+from czb.core.errors import NotApplicableError, TaskError
 from czb.evaluation.applicability import group_problem
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.metrics import sequential as seq
 from czb.evaluation.metrics import silhouette as sil
 from czb.evaluation.registry import TaskInfo, register_task
-from czb.evaluation.tasks.base import MetricValue, Task, TaskParams
+from czb.evaluation.task import MetricValue, Task, TaskParams
 
 
 class SequentialOrganizationParams(TaskParams):

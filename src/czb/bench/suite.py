@@ -1,0 +1,419 @@
+"""Run a planned suite on an executor: skip finished units, retry failed ones a bounded
+number of times, record what still fails, and assemble the result records.
+
+Embed units run first; as each embedding lands in the store, the score units that read
+it start as one job (sharing one evaluation context). A job that dies (a killed worker,
+a lost node) is retried for the units it had not yet written. A unit that fails
+``retries + 1`` times is recorded in ``failures/`` with its reason and the suite goes
+on; the suite's records then show it as failed, so a gap is never silent. Failed units
+are tried again by the next run of the suite.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from czb.bench.executors import Executor, Job
+from czb.bench.plan import Plan, RecordPlan, ScoreUnit
+from czb.bench.progress import SuiteProgress
+from czb.bench.store import UNIT_FILE, Store
+from czb.bench.work import not_applicable_output, run_embed_unit, run_score_units
+from czb.core import records as R
+from czb.core.hashing import cache_key
+
+DEFAULT_RETRIES = 2
+
+
+@dataclass
+class SuiteOutcome:
+    """What a run of a suite did and found."""
+
+    plan: Plan
+    store: str
+    #: Units done before this run (skipped), and finished by it.
+    cached: int
+    ran: int
+    #: Units that ran out of retries: key → (label, reason).
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Units never attempted because a unit they need failed: key → (label, reason).
+    blocked: dict[str, tuple[str, str]] = field(default_factory=dict)
+    records: list[R.ResultRecord] = field(default_factory=list)
+    #: Units that finished after failing at least once.
+    retried: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+def run_suite(
+    plan: Plan,
+    store: Store,
+    executor: Executor,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    n_jobs: int = 1,
+    offline: bool | None = None,
+    command: str = "",
+    progress: Callable[[SuiteProgress], None] | None = None,
+    poll_s: float = 1.0,
+) -> SuiteOutcome:
+    """Run every unit of ``plan`` not yet in ``store``; see the module docstring.
+
+    Parameters
+    ----------
+    retries
+        Further attempts of a failed unit before it is recorded as failed.
+    n_jobs
+        Threads per score job (it declares that many CPUs to the executor).
+    progress
+        Called with the suite's counts whenever they change (and every ``poll_s``).
+
+    The executor is shut down when the run ends, whether it finished or was interrupted.
+    """
+    run = _SuiteRun(plan, store, executor, retries=retries, n_jobs=n_jobs, offline=offline)
+    show = progress or (lambda _p: None)
+    try:
+        run.start()
+        while executor.running() or executor.queued():
+            run.tracker.running = sum(run.running_units.values())
+            show(run.tracker)
+            for job, result, error in executor.wait(timeout=poll_s):
+                run.finished(job, result, error)
+        run.tracker.running = 0
+        show(run.tracker)
+    finally:
+        executor.shutdown()
+    records = assemble_records(plan, store, command=command)
+    retried = sum(1 for key in run.attempts if key not in run.failed)
+    return SuiteOutcome(plan, store.url, run.tracker.cached, run.tracker.done - run.tracker.cached,
+                        run.failed, run.blocked, records, retried)
+
+
+#: What every score output holds (:func:`czb.bench.work._run_units`, ``not_applicable_output``).
+SCORE_OUTPUT_KEYS = ("status", "error", "metrics", "runtime_s", "peak_memory_mb", "computation")
+#: What every metric of a score output holds.
+SCORE_METRIC_KEYS = ("name", "value", "params", "ci95")
+
+
+def read_score(store: Store, key: str, *, repair: bool = True) -> dict[str, Any] | None:
+    """Score unit ``key``'s output, or ``None`` when it is absent or unreadable (then
+    named in a :class:`~czb.bench.store.StoreWarning` and, with ``repair``, deleted so
+    the unit runs again)."""
+    relative = f"scores/{key}.json"
+    output = store.read_output(relative, keys=SCORE_OUTPUT_KEYS, repair=repair)
+    if output is None:
+        return None
+    metrics = output["metrics"]
+    if not isinstance(metrics, list) or not all(
+            isinstance(m, dict) and all(k in m for k in SCORE_METRIC_KEYS) for m in metrics):
+        store.discard(relative, "is not a czb score output (malformed metrics)", repair=repair)
+        return None
+    return output
+
+
+def done_units(plan: Plan, store: Store, *, repair: bool = False) -> tuple[set[str], set[str]]:
+    """Keys of the plan's embed and score units whose outputs are in ``store`` and can
+    be read. An output that cannot (a truncated ``embedding.npz``, a damaged JSON) is
+    named in a one-line :class:`~czb.bench.store.StoreWarning`, and its unit is not
+    done: it runs again. With ``repair`` (when the suite runs) such files are deleted."""
+    embeds = {k for k in store.done_embeddings() & set(plan.embeds) if store.readable_embedding(k, repair=repair)}
+    scores = {k for k in store.done_scores() & set(plan.scores) if read_score(store, k, repair=repair) is not None}
+    return embeds, scores
+
+
+class _SuiteRun:
+    """The bookkeeping of one run: what is pending, running, retried and given up."""
+
+    def __init__(self, plan: Plan, store: Store, executor: Executor, *, retries: int, n_jobs: int,
+                 offline: bool | None):
+        self.plan, self.store, self.executor = plan, store, executor
+        self.retries, self.n_jobs, self.offline = retries, n_jobs, offline
+        store.write_json("suite.json", _describe(plan))
+        self.done_embeds, done_scores = done_units(plan, store, repair=True)
+        cached = len(self.done_embeds) + len(done_scores)
+        self.tracker = SuiteProgress(total=plan.n_units, cached=cached, done=cached, slots=executor.slots)
+        self.attempts: Counter[str] = Counter()
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.blocked: dict[str, tuple[str, str]] = {}
+        #: Score units not yet done, by the embeddings they read.
+        self.waiting: dict[tuple[str, ...], list[ScoreUnit]] = defaultdict(list)
+        for key, unit in plan.scores.items():
+            if key not in done_scores:
+                self.waiting[unit.embed_keys].append(unit)
+        self.embedded: set[str] = set()  # embed units done, before or in this run
+        self.running_units: dict[int, int] = {}  # id(job) -> units in it
+        #: Embed units run again because their output became unreadable: key -> times.
+        self.redone: Counter[str] = Counter()
+
+    def start(self) -> None:
+        predictions: dict[tuple[str, str], list[ScoreUnit]] = defaultdict(list)
+        for unit in self.waiting.pop((), []):  # perturbation tasks: they read no embedding
+            predictions[unit.model, unit.dataset_name].append(unit)
+        for units in predictions.values():
+            self.submit_scores(units)
+        for key in self.plan.embeds:
+            if key in self.done_embeds:
+                self.embedding_ready(key)
+            else:
+                self.submit_embed(key)
+
+    # submitting -------------------------------------------------------------------
+
+    def _submit(self, job: Job, n_units: int) -> None:
+        self.executor.submit(job)
+        self.running_units[id(job)] = n_units
+
+    def submit_embed(self, key: str) -> None:
+        unit = self.plan.embeds[key]
+        self._submit(Job(run_embed_unit, (unit, self.store.url), {"offline": self.offline}, label=unit.label,
+                         gpus=unit.gpus, memory_gb=unit.memory_gb, tag=("embed", [key])), 1)
+
+    def submit_scores(self, units: Sequence[ScoreUnit]) -> None:
+        units = sorted(units, key=lambda u: (u.task.name, u.seed))  # a task's seeds share memoised values
+        label = f"{units[0].dataset_name}/{units[0].model}: {len(units)} score unit(s)"
+        kwargs = {"n_jobs": self.n_jobs, "offline": self.offline}
+        predictor = units[0].predictor  # a perturbation predictor runs inside the job: its needs count
+        gpus = 1 if predictor is not None and predictor.resources.gpu else 0
+        memory_gb = predictor.resources.memory_gb if predictor is not None else None
+        self._submit(Job(run_score_units, (units, self.store.url), kwargs, label=label, cpus=self.n_jobs,
+                         gpus=gpus, memory_gb=memory_gb, tag=("score", [u.key for u in units])), len(units))
+
+    def embedding_ready(self, key: str) -> None:
+        """Start (or settle) the score units whose embeddings are now all done."""
+        self.embedded.add(key)
+        for keys in [k for k in self.waiting if key in k and self.embedded.issuperset(k)]:
+            metas = [self.store.read_output(f"embeddings/{k}/{UNIT_FILE}", keys=("status", "error", "dataset"))
+                     for k in keys]
+            if any(m is None for m in metas):  # gone or unreadable since: embed again
+                self.redo_embeddings([k for k, m in zip(keys, metas) if m is None])
+                continue
+            units = self.waiting.pop(keys)
+            if all(m["status"] == "ok" for m in metas):
+                self.submit_scores(units)
+                continue
+            # No embedding to score: each unit's outcome is the model's.
+            odd = [m for m in metas if m["status"] != "ok"]
+            reason = odd[0]["error"] if len(metas) == 1 else "; ".join(
+                f"{m['dataset']['name']}: {m['error']}" for m in odd)
+            for unit in units:
+                self.store.write_json(f"scores/{unit.key}.json", not_applicable_output(unit, reason))
+            self.tracker.finished(len(units), 0.0)
+
+    # outcomes ---------------------------------------------------------------------
+
+    def finished(self, job: Job, result: Any, error: BaseException | None) -> None:
+        n_units = self.running_units.pop(id(job), 0)
+        kind, keys = job.tag
+        if kind == "embed":
+            self._embed_finished(keys[0], job.seconds, error)
+        else:
+            self._scores_finished(keys, n_units, job.seconds, result, error)
+
+    def _embed_finished(self, key: str, seconds: float, error: BaseException | None) -> None:
+        if error is None:
+            self.store.delete(f"failures/{key}.json")
+            self.tracker.finished(1, seconds)
+            self.embedding_ready(key)
+            return
+        self.attempts[key] += 1
+        if self.attempts[key] <= self.retries:
+            self.submit_embed(key)
+        else:
+            self.give_up(key, self.plan.embeds[key].label, _reason(error), getattr(error, "log_tail", ()))
+
+    def redo_embeddings(self, keys: Sequence[str]) -> bool:
+        """Run embed units ``keys`` again (their output was found unreadable and removed),
+        at most ``retries + 1`` times each, else give them up; the score units waiting on
+        them wait on. Returns whether all were resubmitted."""
+        resubmitted = True
+        for key in keys:
+            self.store.forget_embedding(key)
+            if key not in self.embedded:  # already being redone
+                continue
+            self.embedded.discard(key)
+            self.redone[key] += 1
+            self.tracker.done -= 1  # no longer done; counted again when it finishes
+            if key in self.done_embeds:
+                self.done_embeds.discard(key)
+                self.tracker.cached -= 1
+            if self.redone[key] > self.retries + 1:
+                self.give_up(key, self.plan.embeds[key].label, "its output in the store could not be read")
+                resubmitted = False
+            else:
+                self.submit_embed(key)
+        return resubmitted
+
+    def _scores_finished(self, keys: Sequence[str], n_units: int, seconds: float, result: Any,
+                         error: BaseException | None) -> None:
+        outcomes = result or {}
+        if error is None:  # the job says which units it wrote
+            written = {k for k in keys if outcomes.get(k, {}).get("status") not in (None, "failed")}
+        else:  # it died: the store says which units it wrote before
+            written = {k for k in keys if self.store.exists(f"scores/{k}.json")}
+        # An embedding that turned out unreadable was removed by the job: embed it again,
+        # and its units wait for it (no attempt counted against them).
+        unread = {k for key in keys if key not in written for k in self.plan.scores[key].embed_keys
+                  if not self.store.exists(f"embeddings/{k}/{UNIT_FILE}")}
+        if unread and self.redo_embeddings(sorted(unread)):
+            for key in [k for k in keys if k not in written]:
+                unit = self.plan.scores[key]
+                if set(unit.embed_keys) & unread:
+                    self.waiting[unit.embed_keys].append(unit)
+            keys = [k for k in keys if k in written or not set(self.plan.scores[k].embed_keys) & unread]
+        again: list[ScoreUnit] = []
+        for key in keys:
+            if key in written:
+                if self.attempts[key]:
+                    self.store.delete(f"failures/{key}.json")
+                continue
+            self.attempts[key] += 1
+            why = outcomes.get(key, {}).get("error") or (_reason(error) if error else "no output")
+            if self.attempts[key] <= self.retries:
+                again.append(self.plan.scores[key])
+            else:
+                self.give_up(key, self.plan.scores[key].label, why)
+        self.tracker.finished(len(written), seconds * len(written) / max(n_units, 1))
+        if again:
+            self.submit_scores(again)
+
+    def give_up(self, key: str, label: str, reason: str, log_tail: Sequence[str] = ()) -> None:
+        """Record a unit that ran out of retries, and block the units that need it."""
+        self.failed[key] = (label, reason)
+        self.tracker.failed += 1
+        self.store.write_json(f"failures/{key}.json", {
+            "key": key, "label": label, "error": reason, "attempts": self.attempts[key],
+            "log_tail": list(log_tail), "at": R.now_utc(),
+        })
+        for keys in [k for k in self.waiting if key in k]:
+            for unit in self.waiting.pop(keys):
+                self.blocked[unit.key] = (unit.label, f"embedding failed: {reason}")
+                self.tracker.failed += 1
+
+
+def _reason(error: BaseException) -> str:
+    from czb.core.errors import CzbError
+
+    return str(error) if isinstance(error, CzbError) else f"{type(error).__name__}: {error}"
+
+
+def _describe(plan: Plan) -> dict[str, Any]:
+    return {
+        "suite": plan.suite,
+        "embed_units": {k: u.label for k, u in plan.embeds.items()},
+        "score_units": {k: u.label for k, u in plan.scores.items()},
+        "records": [asdict(r) for r in plan.records],
+    }
+
+
+# --------------------------------------------------------------------------- records
+
+
+def assemble_records(plan: Plan, store: Store, *, command: str = "") -> list[R.ResultRecord]:
+    """One result record per model × dataset × task of the plan, from its units' outputs
+    in the store, written to ``results/`` (a record whose units are missing says which
+    failed and why)."""
+    records = []
+    for rp in plan.records:
+        record = _record(plan, rp, store, command)
+        stem = "__".join(R.slug(s) for s in (rp.dataset, rp.model, rp.task))
+        key = cache_key({"embeddings": rp.embed_keys, "scores": rp.score_keys})[:12]
+        store.write_json(f"results/{stem}__{key}.json", record.model_dump(mode="json"))
+        records.append(record)
+    return records
+
+
+def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultRecord:
+    from czb.evaluation.registry import get_task
+    from czb.evaluation.runner import TaskResult
+    from czb.pipeline.groups import group_model, group_record
+    from czb.pipeline.scoring import result_record
+    from czb.pipeline.tasks import PlannedTask
+    first = plan.scores[rp.score_keys[0]]
+    planned = PlannedTask(first.task, get_task(first.task.implementation)(**first.task.parameters))
+    pieces = [read_score(store, k) for k in rp.score_keys]
+    if first.predictor is not None:
+        return _predictor_record(rp, first, planned, pieces, store, command)
+    embeds = [plan.embeds[k] for k in rp.embed_keys]
+    metas = [store.read_output(f"embeddings/{k}/{UNIT_FILE}", keys=("status", "dataset", "model", "runtime_s"))
+             for k in rp.embed_keys]
+    datasets = [R.DatasetRecord.model_validate(m["dataset"]) if m else _unread_dataset(e.dataset, e.parts)
+                for e, m in zip(embeds, metas)]
+    models = [m["model"] if m else _unrun_model(e.model) for e, m in zip(embeds, metas)]
+    grouped = len(embeds) > 1
+    dataset = group_record(datasets) if grouped else datasets[0]
+    model = group_model([d.name for d in datasets], models) if grouped else models[0]
+    if any(m is None for m in metas):
+        reasons = []
+        for e, key, meta in zip(embeds, rp.embed_keys, metas):
+            if meta is None:
+                failure = _read_failure(store, key) or {}
+                reasons.append((f"{e.dataset.name}: " if grouped else "") + _failure_reason(failure))
+                if failure.get("log_tail") and not grouped:
+                    model["info"] = {"log_tail": failure["log_tail"]}
+        result = TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="embedding failed: " + "; ".join(reasons))
+    else:
+        result = _task_result(rp, pieces, store)
+    record = result_record(dataset=dataset, model=model, planned=planned, result=result, command=command,
+                           embedding_runtime_s=sum(m["runtime_s"] for m in metas if m))
+    if not grouped and metas[0] and metas[0].get("embedding_sample"):
+        record.embedding_sample = metas[0]["embedding_sample"]
+    return record
+
+
+def _task_result(rp: RecordPlan, pieces: list[Any], store: Store) -> Any:
+    """The outcome over a record's seeds: its score units' outputs, or why some are missing."""
+    from czb.evaluation.runner import TaskResult, aggregate
+    from czb.evaluation.task import MetricValue
+
+    if any(p is None for p in pieces):
+        reasons = []
+        for seed, key, piece in zip(rp.seeds, rp.score_keys, pieces):
+            if piece is None:
+                reasons.append(f"seed {seed}: " + _failure_reason(_read_failure(store, key)))
+        return TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="; ".join(reasons))
+    if any(p["status"] != "ok" for p in pieces):
+        odd = next(p for p in pieces if p["status"] != "ok")
+        return TaskResult(rp.task, odd["status"], seeds=list(rp.seeds), error=odd["error"])
+    values = [MetricValue(m["name"], float("nan") if m["value"] is None else m["value"], m["params"],
+                          tuple(m["ci95"]) if m["ci95"] is not None else None)
+              for p in pieces for m in p["metrics"]]
+    return TaskResult(rp.task, "ok", aggregate(values), list(rp.seeds),
+                      runtime_s=sum(p["runtime_s"] for p in pieces),
+                      peak_memory_mb=max(p["peak_memory_mb"] for p in pieces),
+                      computation=pieces[0]["computation"])
+
+
+def _predictor_record(rp: RecordPlan, unit: ScoreUnit, planned: Any, pieces: list[Any], store: Store,
+                      command: str) -> R.ResultRecord:
+    """The record of a perturbation predictor: dataset and model as its units saw them."""
+    from czb.pipeline.scoring import result_record
+    seen = next((p for p in pieces if p is not None and p.get("dataset")), None)
+    ds, predictor = unit.datasets[0], unit.predictor
+    dataset = R.DatasetRecord.model_validate(seen["dataset"]) if seen else _unread_dataset(ds, unit.parts)
+    model = seen["model"] if seen else _unrun_model(predictor)
+    return result_record(dataset=dataset, model=model, planned=planned, result=_task_result(rp, pieces, store),
+                         command=command, embedding_runtime_s=0.0)
+
+
+def _read_failure(store: Store, key: str) -> dict[str, Any] | None:
+    """Unit ``key``'s recorded failure, or ``None`` (an unreadable record is deleted, with a warning)."""
+    return store.read_output(f"failures/{key}.json", keys=("error",))
+
+
+def _failure_reason(failure: dict[str, Any] | None) -> str:
+    """Why a unit has no output: its recorded failure, or that the run stopped first."""
+    return str(failure["error"]) if failure else "the suite did not finish"
+
+
+def _unread_dataset(spec: Any, parts: dict[str, Any]) -> R.DatasetRecord:
+    """The record of a dataset no unit loaded: what the plan knows (sizes unknown, 0)."""
+    return R.DatasetRecord(name=spec.name, uri=spec.uri, sha256=parts["dataset"]["sha256"], n_cells=0, n_genes=0)
+
+
+def _unrun_model(spec: Any) -> dict[str, Any]:
+    """A model's description when none of its units ran: what its spec says."""
+    return {"name": spec.name, "kind": spec.kind, "parameters": spec.parameters, "info": {}}

@@ -1,0 +1,94 @@
+"""``czb bench``: run a benchmark suite on a local or Ray executor, resuming where it stopped."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from czb.cli.common import ConfigDirs, _console, _fail, _guarded, _one_line, _positive, _safe
+
+
+class ExecutorName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+
+def bench(
+    suite: Annotated[str, typer.Argument(help="A suite YAML file, or the name of a suite in the catalog.")],
+    name: Annotated[Optional[str], typer.Option("--suite", help="Which suite of the file [default: its only one].")] = None,
+    store: Annotated[
+        Optional[str], typer.Option(help="Folder every worker shares for outputs [default: CZB_OUTPUT_DIR/SUITE].")
+    ] = None,
+    executor: Annotated[ExecutorName, typer.Option(help="local: processes here; ray: a Ray cluster.")] = ExecutorName.local,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address HOST:PORT (with --executor ray).")] = None,
+    retries: Annotated[int, typer.Option(min=0, help="Further attempts of a failed unit before it is recorded as failed.")] = 2,
+    n_jobs: Annotated[int, typer.Option(min=1, help="Threads per scoring job.")] = 1,
+    cpus: Annotated[Optional[int], typer.Option(min=1, help="Local executor: cores to use [default: all].")] = None,
+    memory_gb: Annotated[
+        Optional[float], typer.Option(callback=_positive, help="Local executor: memory to fill [default: 90%].")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and show what would run; run nothing.")] = False,
+    offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
+    config_dir: ConfigDirs = None,
+) -> None:
+    """Run a benchmark suite (models x datasets x tasks x seeds), resuming where it stopped.
+
+    Every unit of work is keyed by its content; units already in the store are skipped,
+    failed ones are retried a bounded number of times, then recorded as failed."""
+
+    def body():
+        from czb.bench.executors import make_executor
+        from czb.bench.plan import plan_suite
+        from czb.bench.store import open_store
+        from czb.bench.suite import done_units, run_suite
+        from czb.core.settings import get_settings
+        from czb.specs.catalog import Catalog
+
+        settings = get_settings()
+        path = Path(suite)
+        files = [path] if path.suffix in (".yaml", ".yml") or path.is_file() else []
+        if files and not path.is_file():
+            _fail(f"suite file {path} does not exist", 2)
+        catalog = Catalog.load(config_dir or (), extra_files=files)
+        if files:
+            from czb.specs.loading import load_spec_file
+
+            in_file = list(load_spec_file(path).get("suites", {}))
+            if name is None and len(in_file) != 1:
+                _fail(f"{path} defines {len(in_file)} suites ({', '.join(in_file) or 'none'}); pick one with --suite", 2)
+            suite_name = name or in_file[0]
+        else:
+            suite_name = name or suite
+        err = _console(stderr=True)
+        with err.status("planning") as status:
+            catalog.suite(suite_name)  # an unknown name fails first
+            target = open_store(store or settings.output_dir / suite_name)  # checked before planning fetches
+            plan = plan_suite(catalog, suite_name, offline=offline or settings.offline)
+            done = set.union(*done_units(plan, target))
+            err.print(f"suite {_safe(suite_name)}: {len(plan.embeds)} embed and {len(plan.scores)} score units "
+                      f"({len(done)} already done) for {len(plan.records)} results; store {_safe(target.url)}")
+            if dry_run:
+                for unit in [*plan.embeds.values(), *plan.scores.values()]:
+                    state = "done" if unit.key in done else "todo"
+                    typer.echo(f"{state}  {unit.key[:12]}  {_one_line(unit.label)}")
+                return
+            options = {"address": address} if executor is ExecutorName.ray else {"cpus": cpus, "memory_gb": memory_gb}
+            outcome = run_suite(plan, target, make_executor(executor.value, **options), retries=retries,
+                                n_jobs=n_jobs, offline=offline or settings.offline,
+                                command=shlex.join(["czb", *sys.argv[1:]]),
+                                progress=lambda p: status.update(p.line()))
+        again = f" ({outcome.retried} after a retry)" if outcome.retried else ""
+        err.print(f"{outcome.ran} units ran{again}, {outcome.cached} were done before; "
+                  f"results in {target.url}/results")
+        for label, reason in {**outcome.failed, **outcome.blocked}.values():
+            err.print(f"[bold red]failed:[/] {_safe(f'{label}: {reason}')}", soft_wrap=True, markup=True)
+        if not outcome.complete:
+            raise typer.Exit(1)
+
+    _guarded(body)

@@ -1,0 +1,186 @@
+"""``czb run``: embed datasets with models (or read given embeddings), score them on
+tasks, and print the results and the perturbation-analysis hierarchy."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from czb.cli.common import (
+    ConfigDirs,
+    Format,
+    OutputFormat,
+    _catalog,
+    _console,
+    _fail,
+    _gpus_option,
+    _guarded,
+    _one_line,
+    _parse_seeds,
+    _positive,
+    _safe,
+    _seeds_option,
+    _State,
+)
+
+
+def run(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model name (repeatable).")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task name (repeatable, or 'all').")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option("--dataset", "-d", help="Dataset name (repeatable).")] = None,
+    embedding: Annotated[
+        Optional[Path], typer.Option(help="Your own embeddings: .npy, .npz, .parquet or .h5ad.")
+    ] = None,
+    embedding_key: Annotated[Optional[str], typer.Option(help="Array/obsm key inside --embedding.")] = None,
+    seeds: Annotated[
+        str, typer.Option(callback=_seeds_option, help="Seeds of stochastic steps, distinct, e.g. 0,1,2.")
+    ] = "0,1,2",
+    output_dir: Annotated[Optional[Path], typer.Option(help="Folder for result JSONs [default: CZB_OUTPUT_DIR].")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also score the PCA baseline.")] = True,
+    offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
+    n_jobs: Annotated[Optional[int], typer.Option(min=1, help="Worker processes [default: all cores].")] = None,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="Exact neighbour graph and silhouettes at any size (slow on atlases) [default: exact up to "
+            "50k cells (graph) and 200k cells (silhouettes), approximate above, with the error recorded].",
+        ),
+    ] = False,
+    gpus: Annotated[
+        Optional[str],
+        typer.Option(callback=_gpus_option,
+                     help="GPUs for model containers: all, none or a number [default: from the model spec]."),
+    ] = None,
+    weights: Annotated[
+        Optional[Path], typer.Option(help="Local weights folder, mounted at /weights instead of the staged copy.")
+    ] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Weights variant [default: the model's default].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Cells per forward pass in the container.")] = None,
+    memory_gb: Annotated[
+        Optional[float], typer.Option(callback=_positive, help="Container memory limit [default: from the model spec].")
+    ] = None,
+    shm_gb: Annotated[
+        Optional[float], typer.Option(callback=_positive, help="Container shared memory (/dev/shm) size.")
+    ] = None,
+    timeout_s: Annotated[
+        Optional[int], typer.Option(min=1, help="Kill a model container after this many seconds.")
+    ] = None,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse finished model runs (--no-cache runs the model again).")
+    ] = True,
+    fmt: OutputFormat = Format.table,
+    config_dir: ConfigDirs = None,
+) -> None:
+    """Embed datasets with models (or read your embeddings) and score them on tasks."""
+
+    def body():
+        from czb.core.settings import get_settings
+        from czb.pipeline.run import run_benchmark
+        if not task or not dataset:
+            _fail("give at least one --task and one --dataset", 2)
+        if not model and embedding is None:
+            _fail("nothing to score: give --model or --embedding", 2)
+        from rich.text import Text
+
+        from czb.models.docker.request import RunOptions
+
+        settings = get_settings()
+        out = output_dir or settings.output_dir
+        command = "czb " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        err = _console(stderr=True)
+        options = RunOptions(
+            variant=variant, weights_dir=weights, gpus=gpus, memory_gb=memory_gb,
+            shm_gb=shm_gb, timeout_s=timeout_s, batch_size=batch_size, use_cache=cache,
+            log=lambda line: err.print(Text(f"  | {_one_line(line)}", style="dim"), soft_wrap=True),
+        )
+        with err.status("starting") as status:
+            records = run_benchmark(
+                _catalog(config_dir),
+                datasets=dataset,
+                tasks=task,
+                models=model or [],
+                embedding=embedding,
+                embedding_key=embedding_key,
+                baseline=baseline,
+                seeds=_parse_seeds(seeds),
+                output_dir=out,
+                offline=offline or settings.offline,
+                n_jobs=n_jobs,
+                command=command,
+                progress=lambda message: status.update(_safe(message)),
+                raise_errors=_State.debug,
+                model_options=options,
+                exact=True if exact else None,
+            )
+        if fmt is Format.json:
+            typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        else:
+            _print_results(records)
+            _print_hierarchy(records)
+            err.print(f"results written to {_safe(out)}", soft_wrap=True)
+        failed = [r for r in records if r.status == "failed"]
+        # The table cell may be too narrow to read; each distinct failure gets its own line.
+        for message in dict.fromkeys(f"{r.dataset.name}/{r.model.name}: {r.error}" for r in failed):
+            err.print(f"[bold red]failed:[/] {_safe(message)}", soft_wrap=True, markup=True)
+        if failed:
+            raise typer.Exit(1)
+
+    _guarded(body)
+
+
+def _print_results(records) -> None:
+    from rich.table import Table
+
+    from czb.pipeline.baselines import baseline_differences
+    from czb.report.tables import metric_label
+
+    diffs = baseline_differences(records)
+    table = Table(title="czb results (mean ± sd over seeds; Δ = model - pca; for perturbations, model - control_mean)")
+    for column in ("dataset", "task", "model", "metric", "value", "Δ", "status"):
+        numeric = column in ("value", "Δ")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "status")
+    for r in records:
+        if r.status != "ok":
+            table.add_row(_safe(r.dataset.name), _safe(r.task.name), _safe(r.model.name), "", "", "",
+                          _safe(f"{r.status}: {r.error}"))
+            continue
+        for m in r.metrics:
+            label = _safe(metric_label(m.name, m.params))
+            value = "n/a" if m.value is None else f"{m.value:.4f}"
+            if m.value_std_dev is not None:
+                value += f" ± {m.value_std_dev:.4f}"
+            key = (r.dataset.name, r.task.name, m.name,
+                   tuple(sorted((k, str(v)) for k, v in m.params.items())), r.model.name)
+            d = diffs.get(key)
+            table.add_row(_safe(r.dataset.name), _safe(r.task.name), _safe(r.model.name), label, value,
+                          "" if d is None else f"{d:+.4f}", r.status)
+    _console().print(table)
+
+
+def _print_hierarchy(records) -> None:
+    """Table 2 of Bendidi et al. (2024): best post-processing per model and metric."""
+    from rich.table import Table
+
+    from czb.report.summary import hierarchy_grid
+
+    models, grid = hierarchy_grid(records)
+    if not grid:
+        return
+    table = Table(title="perturbation-analysis hierarchy (best post-processing per model; * best model)")
+    table.add_column("dataset")
+    table.add_column("metric")
+    for model in models:
+        table.add_column(_safe(model), justify="right")
+    for row, cells, best in grid:
+        values = []
+        for cell, is_best in zip(cells, best):
+            text = "" if cell is None else _safe(f"{cell.value:.3f} ({cell.postprocessing})")
+            values.append(f"[bold]{text} *[/bold]" if is_best else text)
+        table.add_row(_safe(row.dataset), _safe(row.label + ("" if row.higher_is_better else " ↓")), *values)
+    _console().print(table)

@@ -1,1 +1,0 @@
-"""Spec resolution, dataset fetching, embedding sources and orchestration."""
