@@ -1,9 +1,9 @@
-"""Reference label-prediction values from cz-benchmarks 0.15.1, for tests/data.
+"""Reference label-prediction values from cz-benchmarks 0.15.1, for tests/fixtures.
 
 Run in a separate virtual environment (cz-benchmarks pulls torch)::
 
     python -m venv /tmp/czbref && /tmp/czbref/bin/pip install torch==2.13.0 cz-benchmarks==0.15.1
-    /tmp/czbref/bin/python benchmarks/reference_label_prediction.py > tests/data/cz_benchmarks_0.15.1_label_prediction_pbmc68k.json
+    /tmp/czbref/bin/python benchmarks/reference_label_prediction.py > tests/fixtures/cz_benchmarks_0.15.1_label_prediction_pbmc68k.json
 """
 
 import json

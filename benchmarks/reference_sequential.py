@@ -1,8 +1,8 @@
-"""Reference sequential-organization values from cz-benchmarks 0.15.1, for tests/data.
+"""Reference sequential-organization values from cz-benchmarks 0.15.1, for tests/fixtures.
 
 Run in the cz-benchmarks virtual environment (see reference_label_prediction.py)::
 
-    /tmp/czbref/bin/python benchmarks/reference_sequential.py > tests/data/cz_benchmarks_0.15.1_sequential.json
+    /tmp/czbref/bin/python benchmarks/reference_sequential.py > tests/fixtures/cz_benchmarks_0.15.1_sequential.json
 
 cz-benchmarks draws the random baseline of ``sequential_alignment`` from numpy's
 global random state without seeding it, so the normalised score differs call by

@@ -1,6 +1,6 @@
 """The seeded cases of the sequential-organization reference: written by
 ``reference_sequential.py`` (run with cz-benchmarks installed) and read back by
-``tests/test_sequential.py``. numpy only, so both environments import it."""
+``tests/evaluation/test_sequential.py``. numpy only, so both environments import it."""
 
 import numpy as np
 

@@ -32,7 +32,6 @@ and no container of the model left behind. The image must be built first
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -45,7 +44,7 @@ CONTAINERS = Path(__file__).resolve().parent
 sys.path.insert(0, str(CONTAINERS))
 sys.path.insert(0, str(CONTAINERS / "common"))
 
-from conftest import tiny_counts  # noqa: E402
+from conftest import import_file, tiny_counts  # noqa: E402
 
 MODELS = ("scvi", "uce", "transcriptformer", "aido_cell", "scgpt", "geneformer")
 #: Cells of the smoke dataset; AIDO.Cell reads all 19,264 genes per cell (about 1 s per
@@ -58,12 +57,7 @@ CELL_TYPES = ("type_a", "type_b")
 
 def load_tests(model: str):
     """Import ``containers/<model>/test_entrypoint.py`` (its weight writers and constants)."""
-    path = CONTAINERS / model / "test_entrypoint.py"
-    spec = importlib.util.spec_from_file_location(f"czb_smoke_tests_{model}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(CONTAINERS / model / "test_entrypoint.py", f"czb_smoke_tests_{model}")
 
 
 def write_weights(model: str, tests, folder: Path) -> None:

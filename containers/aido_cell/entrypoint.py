@@ -280,7 +280,7 @@ def embed(job: Job) -> ModelOutput:
     """Embed every cell of the dataset with AIDO.Cell."""
     job.require_organism(SUPPORTED_ORGANISMS)
     device = resolve_device(job.request)
-    precision = choose_precision(str(job.parameters.get("precision", "auto")), device)
+    precision = choose_precision(str(job.parameter("precision")), device)
 
     adata = job.read_dataset()
     model_genes = model_gene_symbols()

@@ -19,10 +19,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import load_entrypoint, read_output, tiny_counts, write_job
+from conftest import Entrypoint, assert_failed, assert_not_applicable, read_output, tiny_counts
 
 pytest.importorskip("modelgenerator")
-entrypoint = load_entrypoint("aido_cell")
+# The declared parameters, with their spec defaults (the host sends every one).
+AIDO_CELL = Entrypoint("aido_cell", package="modelgenerator", gene_id_type="symbol",
+                       parameters={"precision": "auto"})
+entrypoint = AIDO_CELL.module
 modeling = entrypoint.install_runtime_fixes()
 
 MODEL_GENES = entrypoint.model_gene_symbols()
@@ -78,9 +81,7 @@ def published(tmp_path_factory):
 
 def stage(tmp_path, published, adata, edit=None, **request):
     """Write the job folders with the checkpoint; ``edit`` may change its state dict."""
-    request.setdefault("gene_id_type", "symbol")
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    dirs = write_job(tmp_path, adata, model="aido_cell", **request)
+    dirs = AIDO_CELL.job(tmp_path, adata, **request)
     shutil.copytree(published["folder"], dirs["weights"], dirs_exist_ok=True)
     if edit is not None:
         path = dirs["weights"] / "pytorch_model.bin"
@@ -90,16 +91,9 @@ def stage(tmp_path, published, adata, edit=None, **request):
     return dirs
 
 
-def run(dirs, contract):
-    return contract.run(
-        entrypoint.embed, model="aido_cell", package="modelgenerator",
-        input_dir=dirs["input"], weights_dir=dirs["weights"], output_dir=dirs["output"],
-    )
-
-
-def embed_cells(tmp_path, contract, published, adata, **request):
+def embed_cells(tmp_path, published, adata, **request):
     dirs = stage(tmp_path, published, adata, **request)
-    assert run(dirs, contract) == 0
+    assert AIDO_CELL.run(dirs) == 0
     return read_output(dirs["output"])
 
 
@@ -124,15 +118,10 @@ def reference_embeddings(folder, adata):
 @pytest.fixture(scope="module")
 def twenty_cells(tmp_path_factory, published):
     """One run on 20 cells whose genes are all known to the model, in model order."""
-    from czb_container import run as contract_run
-
     tmp_path = tmp_path_factory.mktemp("twenty")
     adata = tiny_counts(n_cells=20, symbols=DATASET_GENES)
     dirs = stage(tmp_path, published, adata, seed=3)
-    code = contract_run(
-        entrypoint.embed, model="aido_cell", package="modelgenerator",
-        input_dir=dirs["input"], weights_dir=dirs["weights"], output_dir=dirs["output"],
-    )
+    code = AIDO_CELL.run(dirs)
     return {"code": code, "adata": adata, "dirs": dirs}
 
 
@@ -160,10 +149,10 @@ def test_matches_an_independent_computation(twenty_cells, published):
     np.testing.assert_allclose(values[:4], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_same_seed_same_embeddings(tmp_path, contract, published):
+def test_same_seed_same_embeddings(tmp_path, published):
     adata = tiny_counts(n_cells=4, symbols=DATASET_GENES, seed=5)
-    first, _, _ = embed_cells(tmp_path / "a", contract, published, adata, seed=7)
-    second, _, _ = embed_cells(tmp_path / "b", contract, published, adata, seed=7)
+    first, _, _ = embed_cells(tmp_path / "a", published, adata, seed=7)
+    second, _, _ = embed_cells(tmp_path / "b", published, adata, seed=7)
     np.testing.assert_array_equal(first, second)
 
 
@@ -187,34 +176,29 @@ def test_same_seed_same_embeddings(tmp_path, contract, published):
         ),
     ],
 )
-def test_partial_checkpoint_fails(tmp_path, contract, published, edit):
+def test_partial_checkpoint_fails(tmp_path, published, edit):
     adata = tiny_counts(n_cells=3, symbols=DATASET_GENES)
     dirs = stage(tmp_path, published, adata, edit=edit)
-    assert run(dirs, contract) == 1
-    assert not (dirs["output"] / "meta.json").exists()
-    assert not (dirs["output"] / "embeddings.npy").exists()
-    assert "PartialLoadError" in (dirs["output"] / "reason.json").read_text()
+    assert_failed(AIDO_CELL.run(dirs), dirs, "PartialLoadError")
 
 
-def test_missing_weights_fail(tmp_path, contract, published):
+def test_missing_weights_fail(tmp_path, published):
     adata = tiny_counts(n_cells=3, symbols=DATASET_GENES)
     dirs = stage(tmp_path, published, adata)
     (dirs["weights"] / "pytorch_model.bin").unlink()
-    assert run(dirs, contract) == 1
-    assert not (dirs["output"] / "meta.json").exists()
+    assert_failed(AIDO_CELL.run(dirs), dirs)
 
 
-def test_mouse_is_not_applicable(tmp_path, contract, published):
+def test_mouse_is_not_applicable(tmp_path, published):
     adata = tiny_counts(n_cells=3, symbols=DATASET_GENES)
     dirs = stage(tmp_path, published, adata, organism="mouse")
-    assert run(dirs, contract) == 99
-    assert not (dirs["output"] / "meta.json").exists()
+    assert_not_applicable(AIDO_CELL.run(dirs), dirs)
 
 
-def test_no_known_gene_is_not_applicable(tmp_path, contract, published):
+def test_no_known_gene_is_not_applicable(tmp_path, published):
     adata = tiny_counts(n_cells=3, n_genes=20)  # GENE0, GENE1...: no model symbol
     dirs = stage(tmp_path, published, adata)
-    assert run(dirs, contract) == 99
+    assert_not_applicable(AIDO_CELL.run(dirs), dirs)
 
 
 # --------------------------------------------------------------------------- gene alignment
@@ -231,9 +215,7 @@ def test_alignment_places_counts_at_model_positions():
 
 
 @pytest.mark.filterwarnings("ignore:Variable names are not unique")
-def test_gene_order_unknown_and_duplicate_genes_do_not_change_embeddings(
-    tmp_path, contract, published
-):
+def test_gene_order_unknown_and_duplicate_genes_do_not_change_embeddings(tmp_path, published):
     """Dataset genes shuffled, with unknown and duplicated symbols: same embeddings."""
     ordered = tiny_counts(n_cells=4, symbols=DATASET_GENES, seed=11)
     rng = np.random.default_rng(0)
@@ -249,8 +231,8 @@ def test_gene_order_unknown_and_duplicate_genes_do_not_change_embeddings(
     messy.obs = ordered.obs.copy()
     assert not messy.var_names.is_unique
 
-    expected, _, meta_ordered = embed_cells(tmp_path / "ordered", contract, published, ordered)
-    got, ids, meta_messy = embed_cells(tmp_path / "messy", contract, published, messy)
+    expected, _, meta_ordered = embed_cells(tmp_path / "ordered", published, ordered)
+    got, ids, meta_messy = embed_cells(tmp_path / "messy", published, messy)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert ids == list(ordered.obs_names)
     assert meta_ordered["n_genes_matched"] == meta_messy["n_genes_matched"] == len(DATASET_GENES)
@@ -260,13 +242,13 @@ def test_gene_order_unknown_and_duplicate_genes_do_not_change_embeddings(
     # The check can fail: the same counts under permuted labels embed differently.
     mislabeled = ordered.copy()
     mislabeled.var_names = np.asarray(DATASET_GENES)[order]
-    wrong, _, _ = embed_cells(tmp_path / "mislabeled", contract, published, mislabeled)
+    wrong, _, _ = embed_cells(tmp_path / "mislabeled", published, mislabeled)
     assert not np.allclose(wrong, expected, rtol=1e-3, atol=1e-4)
 
 
-def test_symbols_from_var_column_when_ids_are_ensembl(tmp_path, contract, published):
+def test_symbols_from_var_column_when_ids_are_ensembl(tmp_path, published):
     adata = tiny_counts(n_cells=2, symbols=DATASET_GENES, gene_id_type="ensembl")
-    values, _, meta = embed_cells(tmp_path, contract, published, adata, gene_id_type="ensembl")
+    values, _, meta = embed_cells(tmp_path, published, adata, gene_id_type="ensembl")
     assert meta["n_genes_matched"] == len(DATASET_GENES)
     expected = reference_embeddings(published["folder"], _by_symbol(adata))
     np.testing.assert_allclose(values, expected, atol=1e-5)
@@ -278,14 +260,14 @@ def _by_symbol(adata):
     return adata
 
 
-def test_cells_without_model_gene_counts_are_dropped(tmp_path, contract, published):
+def test_cells_without_model_gene_counts_are_dropped(tmp_path, published):
     symbols = [*DATASET_GENES, "NOT_A_GENE"]
     adata = tiny_counts(n_cells=3, n_genes=len(symbols), symbols=symbols)
     counts = adata.X.toarray()
     counts[1, :-1] = 0  # cell1 counts only a gene the model does not know
     counts[1, -1] = 5
     adata.X = sp.csr_matrix(counts)
-    values, ids, meta = embed_cells(tmp_path, contract, published, adata)
+    values, ids, meta = embed_cells(tmp_path, published, adata)
     assert ids == ["cell0", "cell2"]
     assert values.shape == (2, HIDDEN) and np.isfinite(values).all()
     assert meta["n_cells_dropped_no_counts"] == 1
@@ -294,11 +276,11 @@ def test_cells_without_model_gene_counts_are_dropped(tmp_path, contract, publish
 # --------------------------------------------------------------------------- precision
 
 
-def test_bf16_on_cpu_runs_and_stays_close_to_float32(tmp_path, contract, published):
+def test_bf16_on_cpu_runs_and_stays_close_to_float32(tmp_path, published):
     adata = tiny_counts(n_cells=3, symbols=DATASET_GENES, seed=4)
-    exact, _, meta_exact = embed_cells(tmp_path / "f32", contract, published, adata)
+    exact, _, meta_exact = embed_cells(tmp_path / "f32", published, adata)
     bf16, _, meta_bf16 = embed_cells(
-        tmp_path / "bf16", contract, published, adata, parameters={"precision": "bf16"}
+        tmp_path / "bf16", published, adata, parameters={"precision": "bf16"}
     )
     assert meta_exact["precision"] == "float32" and meta_bf16["precision"] == "bf16"
     assert np.isfinite(bf16).all() and not np.array_equal(bf16, exact)
@@ -307,10 +289,10 @@ def test_bf16_on_cpu_runs_and_stays_close_to_float32(tmp_path, contract, publish
     assert cosine.min() > 0.98
 
 
-def test_unknown_precision_fails(tmp_path, contract, published):
+def test_unknown_precision_fails(tmp_path, published):
     adata = tiny_counts(n_cells=2, symbols=DATASET_GENES)
     dirs = stage(tmp_path, published, adata, parameters={"precision": "fp8"})
-    assert run(dirs, contract) == 1
+    assert_failed(AIDO_CELL.run(dirs), dirs)
 
 
 def test_pyarrow_is_pinned_below_21():

@@ -105,7 +105,8 @@ class Request:
     batch_keys
         obs columns holding batch labels (the host copies them into the dataset).
     parameters
-        Model-specific parameters from the model spec and the command line.
+        Every parameter the model spec declares (but ``batch_size``), valued from the
+        spec's defaults and the command line; read them with :meth:`Job.parameter`.
     """
 
     model: str
@@ -187,6 +188,26 @@ class Job:
     @property
     def parameters(self) -> Mapping[str, Any]:
         return self.request.parameters
+
+    def parameter(self, name: str) -> Any:
+        """The value of a parameter the model spec declares.
+
+        The host sends every declared parameter, its value checked against the
+        declaration, so defaults live in the spec only.
+
+        Raises
+        ------
+        ContractError
+            The request does not hold ``name``: the model spec does not declare it.
+        """
+        if name not in self.request.parameters:
+            sent = ", ".join(sorted(self.request.parameters)) or "none"
+            msg = (
+                f"{REQUEST_FILE}: parameter {name!r} missing (sent: {sent}); the host sends every "
+                f"parameter the model spec declares: declare {name} under the spec's parameters"
+            )
+            raise ContractError(msg)
+        return self.request.parameters[name]
 
     def read_dataset(self) -> Any:
         """The input dataset as an in-memory AnnData (``X`` raw counts, CSR)."""

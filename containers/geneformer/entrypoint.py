@@ -20,7 +20,8 @@ The cell embedding, as cz-benchmarks extracts it (Geneformer's ``EmbExtractor`` 
 for models whose dictionary has ``<cls>`` (V2), else the mean over the gene tokens
 (V1, which has no ``<cls>``). Parameters ``emb_layer`` (0: last layer, -1: penultimate,
 Geneformer's convention; helical's own default is the last layer) and ``emb_mode``
-(``cls`` or ``cell``) override this.
+(``cls`` or ``cell``; ``auto`` the above) override this; their defaults are in the
+model spec (``configs/models/geneformer.yaml``), and the host sends both.
 
 Traps handled:
 
@@ -73,7 +74,6 @@ MODEL_DIR = "model"
 TOKEN_DICTIONARY = "token_dictionary.pkl"
 GENE_MEDIANS = "gene_median_dictionary.pkl"
 ENSEMBL_MAPPING = "ensembl_mapping_dict.pkl"
-DEFAULT_EMB_LAYER = -1  # Geneformer's convention: -1 penultimate layer, 0 last layer
 ENSEMBL_VERSION = re.compile(r"\.\d+$")
 
 
@@ -153,9 +153,9 @@ def embed(job: Job) -> ModelOutput:
     Parameters
     ----------
     job
-        The contract's job; ``job.parameters`` may hold ``emb_layer`` (0 last layer,
-        -1 penultimate, the default) and ``emb_mode`` (``"cls"`` or ``"cell"``; default
-        ``cls`` when the token dictionary has ``<cls>``, else ``cell``).
+        The contract's job; its parameters ``emb_layer`` (0 last layer, -1 penultimate)
+        and ``emb_mode`` (``"cls"``, ``"cell"``, or ``"auto"``: ``cls`` when the token
+        dictionary has ``<cls>``, else ``cell``).
 
     Returns
     -------
@@ -173,14 +173,16 @@ def embed(job: Job) -> ModelOutput:
     with job.weights_path(TOKEN_DICTIONARY).open("rb") as f:
         token_dict = pickle.load(f)
     special_tokens = "<cls>" in token_dict and "<eos>" in token_dict
-    emb_mode = job.parameters.get("emb_mode", "cls" if special_tokens else "cell")
+    emb_mode = job.parameter("emb_mode")
+    if emb_mode == "auto":
+        emb_mode = "cls" if special_tokens else "cell"
     if emb_mode not in ("cls", "cell"):
-        msg = f"emb_mode must be 'cls' or 'cell', got {emb_mode!r}"
+        msg = f"emb_mode must be 'auto', 'cls' or 'cell', got {emb_mode!r}"
         raise ContractError(msg)
     if emb_mode == "cls" and not special_tokens:
         msg = "emb_mode 'cls' needs a model with a <cls> token (Geneformer V2); this one has none"
         raise ContractError(msg)
-    emb_layer = int(job.parameters.get("emb_layer", DEFAULT_EMB_LAYER))
+    emb_layer = int(job.parameter("emb_layer"))
     if emb_layer not in (-1, 0):
         msg = f"emb_layer must be 0 (last layer) or -1 (penultimate), got {emb_layer}"
         raise ContractError(msg)

@@ -8,18 +8,32 @@ and Ensembl-mapping dictionaries as pickles. Run in the model's venv
 
 from __future__ import annotations
 
-import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_entrypoint, read_output, tiny_counts, write_job
-from czb_container import run
+from conftest import (
+    Entrypoint,
+    assert_failed,
+    assert_not_applicable,
+    assert_one_cell_dropped,
+    embeddings,
+    read_output,
+    tiny_counts,
+    without_known_genes,
+)
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM
 
-ep = load_entrypoint("geneformer")
+GENEFORMER = Entrypoint(
+    "geneformer",
+    package="helical",
+    dataset=lambda: tiny_counts(gene_id_type="ensembl"),
+    gene_id_type="ensembl",
+    batch_size=16,
+    parameters={"emb_layer": -1, "emb_mode": "auto"},  # the spec's defaults; the host sends both
+)
 
 INPUT_SIZE = 24  # max_position_embeddings: cells (about 50 expressed genes) get truncated
 N_LAYERS = 2
@@ -63,28 +77,11 @@ def write_weights(weights_dir, special_tokens: bool = True) -> dict[str, dict]:
 
 
 def run_job(tmp_path, adata=None, special_tokens=True, edit_weights=None, **request):
-    request.setdefault("model", "geneformer")
-    request.setdefault("gene_id_type", "ensembl")
-    request.setdefault("batch_size", 16)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    adata = tiny_counts(gene_id_type="ensembl") if adata is None else adata
-    dirs = write_job(tmp_path, adata, **request)
+    dirs = GENEFORMER.job(tmp_path, adata, **request)
     write_weights(dirs["weights"], special_tokens)
     if edit_weights is not None:
         edit_weights(dirs["weights"] / "model" / "model.safetensors")
-    code = run(
-        ep.embed,
-        model="geneformer",
-        package="helical",
-        input_dir=dirs["input"],
-        weights_dir=dirs["weights"],
-        output_dir=dirs["output"],
-    )
-    return code, dirs
-
-
-def reason(dirs) -> str:
-    return json.loads((dirs["output"] / "reason.json").read_text())["reason"]
+    return GENEFORMER.run(dirs), dirs
 
 
 def expected_input_ids(counts: np.ndarray, dicts: dict, special_tokens: bool) -> list[int]:
@@ -129,7 +126,7 @@ def test_rank_value_encoding_and_cls_state(tmp_path):
     adata.X = x.tocsr()
     code, dirs = run_job(tmp_path, adata=adata)
     assert code == 0
-    values = read_output(dirs["output"])[0]
+    values = embeddings(dirs)
     dicts = dictionaries(special_tokens=True)
     for cell, length in ((0, INPUT_SIZE), (1, 5 + 2), (17, INPUT_SIZE)):
         ids = expected_input_ids(adata.X[cell].toarray().ravel(), dicts, special_tokens=True)
@@ -151,17 +148,14 @@ def test_v1_model_mean_pools_genes(tmp_path):
         values[3], reference_embedding(dirs["weights"], ids, False), atol=1e-5
     )
     code, dirs = run_job(tmp_path / "cls", special_tokens=False, parameters={"emb_mode": "cls"})
-    assert code == 1
-    assert "<cls>" in reason(dirs)
+    assert_failed(code, dirs, "<cls>")
 
 
 def test_same_seed_same_embeddings(tmp_path):
     first = run_job(tmp_path / "a", seed=5)
     second = run_job(tmp_path / "b", seed=5)
     assert first[0] == second[0] == 0
-    np.testing.assert_array_equal(
-        read_output(first[1]["output"])[0], read_output(second[1]["output"])[0]
-    )
+    np.testing.assert_array_equal(embeddings(first[1]), embeddings(second[1]))
 
 
 def test_partial_checkpoint_fails(tmp_path):
@@ -171,10 +165,7 @@ def test_partial_checkpoint_fails(tmp_path):
         save_file(state, path, metadata={"format": "pt"})
 
     code, dirs = run_job(tmp_path, edit_weights=drop_tensor)
-    assert code == 1
-    assert not (dirs["output"] / "meta.json").exists()
-    assert not (dirs["output"] / "embeddings.npy").exists()
-    assert "PartialLoadError" in reason(dirs) and "output.dense.weight" in reason(dirs)
+    assert_failed(code, dirs, "PartialLoadError", "output.dense.weight")
     # transformers alone loads it, keeping a random tensor, and only reports it:
     _, info = BertForMaskedLM.from_pretrained(dirs["weights"] / "model", output_loading_info=True)
     assert info["missing_keys"] == {"bert.encoder.layer.1.output.dense.weight"}
@@ -187,55 +178,42 @@ def test_unexpected_tensor_fails(tmp_path):
         save_file(state, path, metadata={"format": "pt"})
 
     code, dirs = run_job(tmp_path, edit_weights=add_pooler)
-    assert code == 1
-    assert "unexpected" in reason(dirs) and "bert.pooler.dense.weight" in reason(dirs)
-    assert not (dirs["output"] / "meta.json").exists()
+    assert_failed(code, dirs, "unexpected", "bert.pooler.dense.weight")
 
 
 def test_unsupported_organism_not_applicable(tmp_path):
-    code, dirs = run_job(tmp_path, organism="mouse")
-    assert code == 99
-    assert not (dirs["output"] / "meta.json").exists()
+    assert_not_applicable(*run_job(tmp_path, organism="mouse"))
 
 
 def test_symbols_only_fail_clearly(tmp_path):
     adata = tiny_counts(gene_id_type="symbol")
     del adata.var["ensembl_id"]
-    code, dirs = run_job(tmp_path / "symbols", adata=adata, gene_id_type="symbol")
-    assert code == 1
-    assert "Ensembl" in reason(dirs)
+    assert_failed(*run_job(tmp_path / "symbols", adata=adata, gene_id_type="symbol"), "Ensembl")
     # Symbols labelled as Ensembl IDs match nothing: a clear failure, not an empty embedding.
     code, dirs = run_job(tmp_path / "mislabelled", adata=tiny_counts(gene_id_type="symbol"))
-    assert code == 1
-    assert "none of the 60 genes" in reason(dirs)
+    assert_failed(code, dirs, "none of the 60 genes")
 
 
 def test_symbol_dataset_uses_ensembl_id_column_and_versions_are_stripped(tmp_path):
     code, dirs = run_job(tmp_path / "ensembl")
     assert code == 0
-    reference = read_output(dirs["output"])[0]
+    reference = embeddings(dirs)
     code, dirs = run_job(
         tmp_path / "symbol", adata=tiny_counts(gene_id_type="symbol"), gene_id_type="symbol"
     )
     assert code == 0
-    np.testing.assert_array_equal(read_output(dirs["output"])[0], reference)
+    np.testing.assert_array_equal(embeddings(dirs), reference)
     versioned = tiny_counts(gene_id_type="ensembl")
     versioned.var_names = [f"{g}.{i % 9 + 1}" for i, g in enumerate(versioned.var_names)]
     code, dirs = run_job(tmp_path / "versioned", adata=versioned)
     assert code == 0
-    np.testing.assert_array_equal(read_output(dirs["output"])[0], reference)
+    np.testing.assert_array_equal(embeddings(dirs), reference)
 
 
 def test_cell_without_vocabulary_genes_is_dropped(tmp_path):
-    adata = tiny_counts(gene_id_type="ensembl")
-    x = adata.X.tolil()
-    x[5, :50] = 0  # cell5 keeps counts only in the 10 genes the dictionary lacks
-    adata.X = x.tocsr()
-    code, dirs = run_job(tmp_path, adata=adata)
-    assert code == 0
-    values, ids, meta = read_output(dirs["output"])
-    assert "cell5" not in ids and len(ids) == values.shape[0] == 39
-    assert meta["n_cells_dropped"] == 1
+    # cell5 keeps counts only in the 10 genes the dictionary lacks.
+    adata = without_known_genes(tiny_counts(gene_id_type="ensembl"), cell=5, n_known=50)
+    assert_one_cell_dropped(*run_job(tmp_path, adata=adata), "cell5", n_cells=40)
 
 
 @pytest.mark.parametrize(
@@ -243,7 +221,7 @@ def test_cell_without_vocabulary_genes_is_dropped(tmp_path):
 )
 def test_layer_and_mode_parameters(tmp_path, parameters, index):
     code, dirs = run_job(tmp_path / "default")
-    default = read_output(dirs["output"])[0]
+    default = embeddings(dirs)
     code, dirs = run_job(tmp_path / "other", parameters=parameters)
     assert code == 0
     values, _, meta = read_output(dirs["output"])

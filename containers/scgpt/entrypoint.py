@@ -79,7 +79,6 @@ log = logging.getLogger("czb_container")
 ORGANISMS = ("human",)
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 N_BINS = 51  # scGPT's DataCollator bins into 51 bins, whatever args.json says
-DEFAULT_MAX_LENGTH = 1200  # embed_data's default, used by cz-benchmarks
 # Checkpoint tensors of training heads the cell embedding does not use: the expression
 # decoders, the classifier and the flag embedding of generative pretraining.
 TRAINING_HEADS = ("decoder.", "mvc_decoder.", "cls_decoder.", "flag_encoder.")
@@ -191,8 +190,8 @@ def embed(job: Job) -> ModelOutput:
     Parameters
     ----------
     job
-        The contract's job; ``job.parameters`` may hold ``max_length`` (genes per cell
-        fed to the model, including ``<cls>``; default 1200).
+        The contract's job; its parameter ``max_length``: genes per cell fed to the
+        model, including ``<cls>`` (the spec's default, 1200, is ``embed_data``'s).
 
     Returns
     -------
@@ -203,7 +202,7 @@ def embed(job: Job) -> ModelOutput:
 
     job.require_organism(ORGANISMS)
     device = resolve_device(job.request)
-    max_length = int(job.parameters.get("max_length", DEFAULT_MAX_LENGTH))
+    max_length = int(job.parameter("max_length"))
 
     args = json.loads(job.weights_path("args.json").read_text())
     vocab = load_vocab(job.weights_path("vocab.json"))

@@ -13,10 +13,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import load_entrypoint, read_output, tiny_counts, write_job
-from czb_container import run
+from conftest import (
+    Entrypoint,
+    assert_failed,
+    assert_not_applicable,
+    assert_one_cell_dropped,
+    embeddings,
+    read_output,
+    tiny_counts,
+    without_known_genes,
+)
 
-ep = load_entrypoint("scgpt")
+# Loading the entrypoint installs the torchtext shim, before scgpt is imported.
+# max_length: the spec's default (the host sends every declared parameter).
+SCGPT = Entrypoint("scgpt", package="scgpt", gene_id_type="symbol", batch_size=16,
+                   parameters={"max_length": 1200})
+ep = SCGPT.module
 
 from scgpt.model import TransformerModel
 from scgpt.tokenizer import GeneVocab
@@ -83,21 +95,9 @@ def write_weights(weights_dir, state=None) -> dict[str, torch.Tensor]:
 
 
 def run_job(tmp_path, adata=None, state=None, **request):
-    request.setdefault("model", "scgpt")
-    request.setdefault("gene_id_type", "symbol")
-    request.setdefault("batch_size", 16)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    dirs = write_job(tmp_path, tiny_counts() if adata is None else adata, **request)
+    dirs = SCGPT.job(tmp_path, adata, **request)
     write_weights(dirs["weights"], state)
-    code = run(
-        ep.embed,
-        model="scgpt",
-        package="scgpt",
-        input_dir=dirs["input"],
-        weights_dir=dirs["weights"],
-        output_dir=dirs["output"],
-    )
-    return code, dirs
+    return SCGPT.run(dirs), dirs
 
 
 def test_embeds_every_cell(tmp_path):
@@ -131,7 +131,7 @@ def test_same_seed_same_embeddings_other_seed_differs(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         code, dirs = run_job(tmp_path / name, seed=seed)
         assert code == 0
-        runs[name] = read_output(dirs["output"])[0]
+        runs[name] = embeddings(dirs)
     np.testing.assert_array_equal(runs["a"], runs["b"])
     # Binning breaks ties at random: another seed gives other bins, other embeddings.
     assert not np.allclose(runs["a"], runs["c"])
@@ -146,7 +146,7 @@ def test_batch_size_does_not_change_embeddings(tmp_path):
             tmp_path / str(batch_size), batch_size=batch_size, parameters={"max_length": 12}
         )
         assert code == 0
-        outputs.append(read_output(dirs["output"])[0])
+        outputs.append(embeddings(dirs))
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
 
 
@@ -171,28 +171,17 @@ def test_partial_checkpoint_fails(tmp_path):
         loaded["transformer_encoder.layers.1.linear1.weight"],
         state["transformer_encoder.layers.1.linear1.weight"],
     )
-    code, dirs = run_job(tmp_path, state=state)
-    assert code == 1
-    assert not (dirs["output"] / "meta.json").exists()
-    assert not (dirs["output"] / "embeddings.npy").exists()
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "PartialLoadError" in reason and "linear2.weight" in reason
+    assert_failed(*run_job(tmp_path, state=state), "PartialLoadError", "linear2.weight")
 
 
 def test_renamed_tensor_fails(tmp_path):
     state = published_state_dict()
     state["encoder.norm.weight"] = state.pop("encoder.enc_norm.weight")
-    code, dirs = run_job(tmp_path, state=state)
-    assert code == 1
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "1 missing" in reason and "1 unexpected" in reason
-    assert not (dirs["output"] / "meta.json").exists()
+    assert_failed(*run_job(tmp_path, state=state), "1 missing", "1 unexpected")
 
 
 def test_unsupported_organism_not_applicable(tmp_path):
-    code, dirs = run_job(tmp_path, organism="mouse")
-    assert code == 99
-    assert not (dirs["output"] / "meta.json").exists()
+    assert_not_applicable(*run_job(tmp_path, organism="mouse"))
 
 
 def test_flash_attention_names_are_mapped(tmp_path):
@@ -236,33 +225,24 @@ def test_genes_outside_vocab_dropped_none_matched_fails(tmp_path):
     # Ensembl IDs where symbols are expected: nothing matches, the run fails clearly.
     adata = tiny_counts()
     adata.var_names = adata.var["ensembl_id"].to_numpy()
-    code, dirs = run_job(tmp_path, adata=adata)
-    assert code == 1
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "none of the 60 genes" in reason
+    assert_failed(*run_job(tmp_path, adata=adata), "none of the 60 genes")
 
 
 def test_ensembl_dataset_uses_gene_symbol_column(tmp_path):
     code, dirs = run_job(tmp_path / "symbol")
     assert code == 0
-    by_symbol = read_output(dirs["output"])[0]
+    by_symbol = embeddings(dirs)
     code, dirs = run_job(
         tmp_path / "ensembl", adata=tiny_counts(gene_id_type="ensembl"), gene_id_type="ensembl"
     )
     assert code == 0
-    np.testing.assert_array_equal(read_output(dirs["output"])[0], by_symbol)
+    np.testing.assert_array_equal(embeddings(dirs), by_symbol)
 
 
 def test_cell_without_vocabulary_genes_is_dropped(tmp_path):
-    adata = tiny_counts()
-    x = adata.X.tolil()
-    x[5, :50] = 0  # cell5 keeps counts only in the 10 genes the vocabulary lacks
-    adata.X = x.tocsr()
-    code, dirs = run_job(tmp_path, adata=adata)
-    assert code == 0
-    values, ids, meta = read_output(dirs["output"])
-    assert "cell5" not in ids and len(ids) == values.shape[0] == 39
-    assert meta["n_cells_dropped"] == 1
+    # cell5 keeps counts only in the 10 genes the vocabulary lacks.
+    adata = without_known_genes(tiny_counts(), cell=5, n_known=50)
+    assert_one_cell_dropped(*run_job(tmp_path, adata=adata), "cell5", n_cells=40)
 
 
 def test_long_cells_are_subsampled_reproducibly(tmp_path):
@@ -275,4 +255,4 @@ def test_long_cells_are_subsampled_reproducibly(tmp_path):
         runs.append(values)
     np.testing.assert_array_equal(runs[0], runs[1])
     code, dirs = run_job(tmp_path / "full")
-    assert not np.allclose(runs[0], read_output(dirs["output"])[0])
+    assert not np.allclose(runs[0], embeddings(dirs))

@@ -59,7 +59,6 @@ ORGANISM_FOLDERS = {"human": "homo_sapiens", "mouse": "mus_musculus"}
 MODEL_FILE = "model.pt"
 # Label of every cell when the dataset has no batch columns (as in the Census notebook)
 SINGLE_BATCH = "unassigned"
-DEFAULT_MIN_GENE_FRACTION = 0.5
 # Registered fields the query cannot provide: a reference using them is not a Census model
 UNSUPPORTED_SETUP_ARGS = (
     "labels_key",
@@ -96,8 +95,8 @@ def embed(job: Job) -> ModelOutput:
         raise NotApplicable(msg)
     model_dir = job.weights_path(folder)
     reference = read_reference(job.weights_path(folder, MODEL_FILE))
-    max_epochs = int(job.parameters.get("max_epochs", 0))
-    min_gene_fraction = float(job.parameters.get("min_gene_fraction", DEFAULT_MIN_GENE_FRACTION))
+    max_epochs = int(job.parameter("max_epochs"))
+    min_gene_fraction = float(job.parameter("min_gene_fraction"))
     device = resolve_device(request)
 
     import scvi

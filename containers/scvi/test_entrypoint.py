@@ -8,16 +8,32 @@ the entrypoint in-process on a query through scvi-tools' own query path.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 import scvi
 import torch
-from conftest import load_entrypoint, read_output, tiny_counts, write_job
+from conftest import (
+    Entrypoint,
+    assert_failed,
+    assert_not_applicable,
+    embeddings,
+    read_output,
+    tiny_counts,
+)
 
-entrypoint = load_entrypoint("scvi")
+SCVI = Entrypoint(
+    "scvi",
+    package="scvi-tools",
+    dataset=lambda: query_counts(),
+    organism="human",
+    gene_id_type="ensembl",
+    seed=0,
+    batch_size=16,
+    parameters={"max_epochs": 0, "min_gene_fraction": 0.5},  # the spec's defaults; the host sends both
+)
+entrypoint = SCVI.module
 
 N_LATENT = 4
 
@@ -57,37 +73,9 @@ def stage(dirs, reference, edit=None):
         torch.save(saved, path)
 
 
-def run(dirs, contract):
-    return contract.run(
-        entrypoint.embed,
-        model="scvi",
-        package="scvi-tools",
-        input_dir=dirs["input"],
-        weights_dir=dirs["weights"],
-        output_dir=dirs["output"],
-    )
-
-
-def subdir(tmp_path, name):
-    path = tmp_path / name
-    path.mkdir()
-    return path
-
-
-def query_counts(**kwargs):
+def query_counts():
     # Same genes as the reference, other cells (another seed).
-    return tiny_counts(gene_id_type="ensembl", seed=1, **kwargs)
-
-
-def request(**overrides):
-    base = {
-        "model": "scvi",
-        "organism": "human",
-        "gene_id_type": "ensembl",
-        "seed": 0,
-        "batch_size": 16,
-    }
-    return {**base, **overrides}
+    return tiny_counts(gene_id_type="ensembl", seed=1)
 
 
 def n_reference_tensors(reference):
@@ -95,11 +83,11 @@ def n_reference_tensors(reference):
     return sum(isinstance(v, torch.Tensor) for v in saved["model_state_dict"].values())
 
 
-def test_embeds_query_with_the_reference_encoder(tmp_path, reference, contract):
+def test_embeds_query_with_the_reference_encoder(tmp_path, reference):
     adata = reference["adata"]
-    dirs = write_job(tmp_path, adata, **request())
+    dirs = SCVI.job(tmp_path, adata)
     stage(dirs, reference)
-    assert run(dirs, contract) == 0
+    assert SCVI.run(dirs) == 0
     values, ids, meta = read_output(dirs["output"])
     assert values.shape == (adata.n_obs, N_LATENT)
     assert np.isfinite(values).all()
@@ -117,7 +105,7 @@ def test_embeds_query_with_the_reference_encoder(tmp_path, reference, contract):
 
 
 def test_same_seed_same_embedding_and_nothing_written_outside_output(
-    tmp_path, reference, contract, monkeypatch
+    tmp_path, reference, monkeypatch
 ):
     # The working directory must stay empty: lightning logs or checkpoints would fail
     # on a read-only root filesystem.
@@ -126,12 +114,10 @@ def test_same_seed_same_embedding_and_nothing_written_outside_output(
     monkeypatch.chdir(cwd)
     runs = []
     for name in ("a", "b"):
-        dirs = write_job(
-            subdir(tmp_path, name), query_counts(), **request(seed=3, parameters={"max_epochs": 2})
-        )
+        dirs = SCVI.job(tmp_path / name, seed=3, parameters={"max_epochs": 2})
         stage(dirs, reference)
         weights_before = sorted(p.relative_to(dirs["weights"]) for p in dirs["weights"].rglob("*"))
-        assert run(dirs, contract) == 0
+        assert SCVI.run(dirs) == 0
         assert (
             sorted(p.relative_to(dirs["weights"]) for p in dirs["weights"].rglob("*"))
             == weights_before
@@ -142,37 +128,28 @@ def test_same_seed_same_embedding_and_nothing_written_outside_output(
     assert list(cwd.iterdir()) == []
 
 
-def test_query_training_keeps_reference_weights_frozen(tmp_path, reference, contract):
+def test_query_training_keeps_reference_weights_frozen(tmp_path, reference):
     outputs = []
     for epochs in (0, 3):
-        dirs = write_job(
-            subdir(tmp_path, str(epochs)),
-            query_counts(),
-            **request(parameters={"max_epochs": epochs}),
-        )
+        dirs = SCVI.job(tmp_path / str(epochs), parameters={"max_epochs": epochs})
         stage(dirs, reference)
-        assert run(dirs, contract) == 0
-        outputs.append(read_output(dirs["output"])[0])
+        assert SCVI.run(dirs) == 0
+        outputs.append(embeddings(dirs))
     # The encoder takes no batch, so scArches freezes all of it: not one bit moves
     # (scvi's default weight decay of 1e-6 would nudge it).
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize("change", ["remove", "rename"])
-def test_partial_checkpoint_fails_and_keeps_nothing(tmp_path, reference, contract, change):
+def test_partial_checkpoint_fails_and_keeps_nothing(tmp_path, reference, change):
     def edit(state):
         tensor = state.pop("z_encoder.mean_encoder.weight")
         if change == "rename":
             state["z_encoder.mean_encoder.weight_renamed"] = tensor
 
-    dirs = write_job(tmp_path, query_counts(), **request())
+    dirs = SCVI.job(tmp_path)
     stage(dirs, reference, edit)
-    assert run(dirs, contract) == 1
-    for name in (contract.META_FILE, contract.EMBEDDINGS_FILE, contract.CELL_IDS_FILE):
-        assert not (dirs["output"] / name).exists()
-    reason = json.loads((dirs["output"] / "reason.json").read_text())
-    assert "PartialLoadError" in reason["reason"]
-    assert "mean_encoder.weight" in reason["reason"]
+    assert_failed(SCVI.run(dirs), dirs, "PartialLoadError", "mean_encoder.weight")
 
 
 def test_partial_load_check_names_tensors_not_loaded(reference):
@@ -195,20 +172,19 @@ def test_partial_load_check_names_tensors_not_loaded(reference):
         entrypoint.check_reference_loaded(module, ref)
 
 
-def test_unsupported_organism_is_not_applicable(tmp_path, reference, contract):
-    dirs = write_job(tmp_path, query_counts(), **request(organism="zebrafish"))
+def test_unsupported_organism_is_not_applicable(tmp_path, reference):
+    dirs = SCVI.job(tmp_path, organism="zebrafish")
     stage(dirs, reference)
-    assert run(dirs, contract) == 99
-    assert not (dirs["output"] / contract.META_FILE).exists()
+    assert_not_applicable(SCVI.run(dirs), dirs)
 
 
-def test_variant_of_another_organism_is_not_applicable(tmp_path, reference, contract):
-    dirs = write_job(tmp_path, query_counts(), **request(organism="mouse", variant="homo_sapiens"))
+def test_variant_of_another_organism_is_not_applicable(tmp_path, reference):
+    dirs = SCVI.job(tmp_path, organism="mouse", variant="homo_sapiens")
     stage(dirs, reference)
-    assert run(dirs, contract) == 99
+    assert_not_applicable(SCVI.run(dirs), dirs)
 
 
-def test_missing_genes_are_zero_filled_and_counted(tmp_path, reference, contract):
+def test_missing_genes_are_zero_filled_and_counted(tmp_path, reference):
     adata = reference["adata"]
     rng = np.random.default_rng(0)
     dropped = rng.choice(adata.n_vars, size=15, replace=False)
@@ -223,9 +199,9 @@ def test_missing_genes_are_zero_filled_and_counted(tmp_path, reference, contract
     import anndata as ad
 
     query = ad.concat([query, extra], axis=1, merge="first")
-    dirs = write_job(tmp_path, query, **request())
+    dirs = SCVI.job(tmp_path, query)
     stage(dirs, reference)
-    assert run(dirs, contract) == 0
+    assert SCVI.run(dirs) == 0
     values, ids, meta = read_output(dirs["output"])
     assert meta["genes_matched"] == 45
     assert meta["genes_zero_filled"] == 15
@@ -240,37 +216,31 @@ def test_missing_genes_are_zero_filled_and_counted(tmp_path, reference, contract
     assert ids == list(adata.obs_names)
 
 
-def test_too_few_reference_genes_fails_clearly(tmp_path, reference, contract):
+def test_too_few_reference_genes_fails_clearly(tmp_path, reference):
     query = query_counts()[:, :10].copy()
-    dirs = write_job(tmp_path, query, **request(parameters={"min_gene_fraction": 0.5}))
+    dirs = SCVI.job(tmp_path, query, parameters={"min_gene_fraction": 0.5})
     stage(dirs, reference)
-    assert run(dirs, contract) == 1
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "only 10 of the 60 reference genes" in reason
-    assert "min_gene_fraction" in reason
-    assert not (dirs["output"] / contract.META_FILE).exists()
+    assert_failed(SCVI.run(dirs), dirs, "only 10 of the 60 reference genes", "min_gene_fraction")
 
 
-def test_symbol_keyed_dataset_uses_the_ensembl_column(tmp_path, reference, contract):
+def test_symbol_keyed_dataset_uses_the_ensembl_column(tmp_path, reference):
     query = tiny_counts(gene_id_type="symbol", seed=1)
-    dirs = write_job(tmp_path, query, **request(gene_id_type="symbol"))
+    dirs = SCVI.job(tmp_path, query, gene_id_type="symbol")
     stage(dirs, reference)
-    assert run(dirs, contract) == 0
+    assert SCVI.run(dirs) == 0
     assert read_output(dirs["output"])[2]["genes_matched"] == 60
 
 
-def test_batch_keys_make_census_style_batch_labels(tmp_path, reference, contract):
+def test_batch_keys_make_census_style_batch_labels(tmp_path, reference):
     query = query_counts()
     # "b" + "0" and "b" + "1" are the reference's batches; "x" + "9" is new.
     query.obs["dataset_id"] = ["x" if i % 4 == 3 else "b" for i in range(query.n_obs)]
     query.obs["donor_id"] = ["9" if i % 4 == 3 else str(i % 2) for i in range(query.n_obs)]
-    dirs = write_job(
-        tmp_path,
-        query,
-        **request(batch_keys=["dataset_id", "donor_id"], parameters={"max_epochs": 1}),
+    dirs = SCVI.job(
+        tmp_path, query, batch_keys=["dataset_id", "donor_id"], parameters={"max_epochs": 1}
     )
     stage(dirs, reference)
-    assert run(dirs, contract) == 0
+    assert SCVI.run(dirs) == 0
     values, _, meta = read_output(dirs["output"])
     assert values.shape == (query.n_obs, N_LATENT)
     assert meta["query_batches"] == 3
@@ -281,8 +251,7 @@ def test_batch_keys_make_census_style_batch_labels(tmp_path, reference, contract
     assert meta["n_weight_tensors_loaded"] == n_reference_tensors(reference)
 
 
-def test_missing_batch_column_fails(tmp_path, reference, contract):
-    dirs = write_job(tmp_path, query_counts(), **request(batch_keys=["donor_id"]))
+def test_missing_batch_column_fails(tmp_path, reference):
+    dirs = SCVI.job(tmp_path, batch_keys=["donor_id"])
     stage(dirs, reference)
-    assert run(dirs, contract) == 1
-    assert "donor_id" in json.loads((dirs["output"] / "reason.json").read_text())["reason"]
+    assert_failed(SCVI.run(dirs), dirs, "donor_id")

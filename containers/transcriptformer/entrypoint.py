@@ -129,7 +129,6 @@ def inference_config(checkpoint: Path, checkpoint_config: dict, job: Job, device
 
     defaults = Path(transcriptformer.cli.__file__).parent / "conf" / "inference_config.yaml"
     cfg = OmegaConf.merge(OmegaConf.create(checkpoint_config), OmegaConf.load(defaults))
-    parameters = job.parameters
     cfg.model.checkpoint_path = str(checkpoint)
     cfg.model.inference_config.load_checkpoint = str(checkpoint / "model_weights.pt")
     cfg.model.data_config.aux_vocab_path = str(checkpoint / "vocabs")
@@ -139,7 +138,10 @@ def inference_config(checkpoint: Path, checkpoint_config: dict, job: Job, device
     inference.batch_size = job.request.batch_size
     inference.device = device
     inference.num_gpus = 1
-    inference.precision = str(parameters.get("precision", "16-mixed" if device == "cuda" else "32"))
+    precision = str(job.parameter("precision"))
+    if precision == "auto":
+        precision = "16-mixed" if device == "cuda" else "32"
+    inference.precision = precision
     inference.output_keys = ["embeddings"]
     inference.emb_type = "cell"
     inference.obs_keys = [CELL_ID_COLUMN]
@@ -151,11 +153,12 @@ def inference_config(checkpoint: Path, checkpoint_config: dict, job: Job, device
     data.use_raw = False  # the contract's X holds the raw counts
     data.remove_duplicate_genes = True
     data.n_data_workers = 0
-    compile_default = (
-        bool(cfg.model.model_config.get("compile_block_mask", True)) and device == "cuda"
-    )
-    compile_attention = parameters.get("compile", compile_default)
-    if isinstance(compile_attention, str):
+    compile_attention = job.parameter("compile")
+    if compile_attention == "auto":
+        compile_attention = (
+            bool(cfg.model.model_config.get("compile_block_mask", True)) and device == "cuda"
+        )
+    elif isinstance(compile_attention, str):
         compile_attention = compile_attention.strip().lower() in ("1", "true", "yes")
     cfg.model.model_config.compile_block_mask = bool(compile_attention)
     return cfg
@@ -228,8 +231,9 @@ def embed(job: Job) -> ModelOutput:
     ----------
     job
         ``request.variant``: ``tf_sapiens`` (default), ``tf_exemplar`` or ``tf_metazoa``;
-        ``request.parameters``: ``precision`` (Lightning precision, default ``16-mixed``
-        on CUDA, ``32`` on CPU) and ``compile`` (compiled flex attention, default on CUDA).
+        its parameters ``precision`` (Lightning precision; ``auto``: ``16-mixed`` on
+        CUDA, ``32`` on CPU) and ``compile`` (compiled flex attention; ``auto``: on CUDA
+        when the checkpoint's config allows it).
 
     Returns
     -------

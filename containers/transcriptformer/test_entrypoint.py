@@ -14,12 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_entrypoint, read_output, tiny_counts, write_job
+from conftest import (
+    Entrypoint,
+    assert_failed,
+    assert_not_applicable,
+    embeddings,
+    read_output,
+    snapshot,
+    tiny_counts,
+)
 
 torch = pytest.importorskip("torch")
 import czb_container
-
-entrypoint = load_entrypoint("transcriptformer")
 
 SPECIAL_TOKENS = ["unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]"]
 EMBED_DIM = 16
@@ -27,6 +33,17 @@ N_GENES = 60
 #: The dataset's genes ENSG...0 to ENSG...49 are in the human vocabulary; 50..59 are not.
 HUMAN_VOCAB = [f"ENSG{i:011d}" for i in range(50)]
 MOUSE_VOCAB = [f"ENSMUSG{i:011d}" for i in range(40)]
+
+TRANSCRIPTFORMER = Entrypoint(
+    "transcriptformer",
+    package="transcriptformer",
+    dataset=lambda: tiny_counts(n_genes=N_GENES, gene_id_type="ensembl"),
+    seed=0,
+    batch_size=8,
+    organism="human",
+    gene_id_type="ensembl",
+    parameters={"precision": "auto", "compile": "auto"},  # the spec's defaults; the host sends both
+)
 
 
 def checkpoint_config(species: list[str]) -> dict:
@@ -125,42 +142,9 @@ def weights(tmp_path_factory) -> Path:
     return folder
 
 
-def run(dirs, weights: Path) -> int:
-    return czb_container.run(
-        entrypoint.embed,
-        model="transcriptformer",
-        package="transcriptformer",
-        input_dir=dirs["input"],
-        weights_dir=weights,
-        output_dir=dirs["output"],
-    )
-
-
-def job(tmp_path: Path, adata=None, **request):
-    request = {
-        "model": "transcriptformer",
-        "seed": 0,
-        "batch_size": 8,
-        "organism": "human",
-        "gene_id_type": "ensembl",
-        **request,
-    }
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    if adata is None:
-        adata = tiny_counts(n_genes=N_GENES, gene_id_type="ensembl")
-    return write_job(tmp_path, adata, **request)
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*")
-    }
-
-
 def test_embeds_every_cell(tmp_path, weights):
-    dirs = job(tmp_path)
-    assert run(dirs, weights) == 0
+    dirs = TRANSCRIPTFORMER.job(tmp_path)
+    assert TRANSCRIPTFORMER.run(dirs, weights) == 0
     values, ids, meta = read_output(dirs["output"])
     assert values.shape == (40, EMBED_DIM)
     assert np.isfinite(values).all()
@@ -185,9 +169,9 @@ def test_same_as_package_inference(tmp_path, weights, monkeypatch):
     from omegaconf import OmegaConf
     from transcriptformer.model.inference import run_inference
 
-    dirs = job(tmp_path)
-    assert run(dirs, weights) == 0
-    values = read_output(dirs["output"])[0]
+    dirs = TRANSCRIPTFORMER.job(tmp_path)
+    assert TRANSCRIPTFORMER.run(dirs, weights) == 0
+    values = embeddings(dirs)
 
     checkpoint = weights / "tf_sapiens"
     import transcriptformer.cli
@@ -214,9 +198,9 @@ def test_same_as_package_inference(tmp_path, weights, monkeypatch):
 
 
 def test_same_seed_same_embeddings(tmp_path, weights):
-    first, second = job(tmp_path / "a"), job(tmp_path / "b")
-    assert run(first, weights) == run(second, weights) == 0
-    np.testing.assert_array_equal(read_output(first["output"])[0], read_output(second["output"])[0])
+    first, second = TRANSCRIPTFORMER.job(tmp_path / "a"), TRANSCRIPTFORMER.job(tmp_path / "b")
+    assert TRANSCRIPTFORMER.run(first, weights) == TRANSCRIPTFORMER.run(second, weights) == 0
+    np.testing.assert_array_equal(embeddings(first), embeddings(second))
 
 
 @pytest.mark.parametrize("change", ["remove", "rename"])
@@ -229,27 +213,22 @@ def test_partial_checkpoint_fails(tmp_path, weights, change):
     if change == "rename":
         state["transformer_encoder.encoder_layers.1.linear_2.weight"] = tensor
     torch.save(state, path)
-    dirs = job(tmp_path)
-    assert run(dirs, partial) == 1
-    assert not (dirs["output"] / "meta.json").exists()
-    assert not (dirs["output"] / "embeddings.npy").exists()
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "PartialLoadError" in reason
-    assert "encoder_layers.1.linear2.weight" in reason
+    dirs = TRANSCRIPTFORMER.job(tmp_path)
+    code = TRANSCRIPTFORMER.run(dirs, partial)
+    assert_failed(code, dirs, "PartialLoadError", "encoder_layers.1.linear2.weight")
 
 
 def test_unsupported_organism_is_not_applicable(tmp_path, weights):
     # tf_sapiens knows human genes only.
     adata = tiny_counts(n_genes=len(MOUSE_VOCAB), ensembl_ids=MOUSE_VOCAB, gene_id_type="ensembl")
-    dirs = job(tmp_path, adata, organism="mouse")
-    assert run(dirs, weights) == 99
-    assert not (dirs["output"] / "meta.json").exists()
+    dirs = TRANSCRIPTFORMER.job(tmp_path, adata, organism="mouse")
+    assert_not_applicable(TRANSCRIPTFORMER.run(dirs, weights), dirs)
 
 
 def test_multi_species_variant_embeds_mouse(tmp_path, weights):
     adata = tiny_counts(n_genes=len(MOUSE_VOCAB), ensembl_ids=MOUSE_VOCAB, gene_id_type="ensembl")
-    dirs = job(tmp_path, adata, organism="mouse", variant="tf_exemplar")
-    assert run(dirs, weights) == 0
+    dirs = TRANSCRIPTFORMER.job(tmp_path, adata, organism="mouse", variant="tf_exemplar")
+    assert TRANSCRIPTFORMER.run(dirs, weights) == 0
     values, ids, meta = read_output(dirs["output"])
     assert values.shape == (40, EMBED_DIM)
     assert ids == [f"cell{i}" for i in range(40)]
@@ -259,8 +238,8 @@ def test_multi_species_variant_embeds_mouse(tmp_path, weights):
         40,
     )
     # tf_exemplar knows neither rat nor any organism outside its vocabulary files.
-    rat = job(tmp_path / "rat", adata, organism="rat", variant="tf_exemplar")
-    assert run(rat, weights) == 99
+    rat = TRANSCRIPTFORMER.job(tmp_path / "rat", adata, organism="rat", variant="tf_exemplar")
+    assert_not_applicable(TRANSCRIPTFORMER.run(rat, weights), rat)
 
 
 def test_runs_from_read_only_working_dir(tmp_path, weights, monkeypatch):
@@ -270,26 +249,24 @@ def test_runs_from_read_only_working_dir(tmp_path, weights, monkeypatch):
     cwd.chmod(0o555)
     monkeypatch.chdir(cwd)
     before = snapshot(weights)
-    dirs = job(tmp_path)
-    assert run(dirs, weights) == 0
+    dirs = TRANSCRIPTFORMER.job(tmp_path)
+    assert TRANSCRIPTFORMER.run(dirs, weights) == 0
     assert list(cwd.iterdir()) == []
     assert Path.cwd() == cwd
     assert snapshot(weights) == before
 
 
 def test_assay_column_is_used(tmp_path, weights):
-    plain = job(tmp_path / "plain")
+    plain = TRANSCRIPTFORMER.job(tmp_path / "plain")
     adata = tiny_counts(n_genes=N_GENES, gene_id_type="ensembl")
     adata.obs["assay"] = "10x 3' v3"
-    with_assay = job(tmp_path / "assay", adata)
-    assert run(plain, weights) == run(with_assay, weights) == 0
-    a, b = read_output(plain["output"])[0], read_output(with_assay["output"])[0]
+    with_assay = TRANSCRIPTFORMER.job(tmp_path / "assay", adata)
+    assert TRANSCRIPTFORMER.run(plain, weights) == TRANSCRIPTFORMER.run(with_assay, weights) == 0
+    a, b = embeddings(plain), embeddings(with_assay)
     assert not np.allclose(a, b)
     assert read_output(with_assay["output"])[2]["aux_columns_from_obs"] == ["assay"]
 
 
 def test_gene_symbols_fail_clearly(tmp_path, weights):
-    dirs = job(tmp_path, tiny_counts(n_genes=N_GENES, gene_id_type="symbol"))
-    assert run(dirs, weights) == 1
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "Ensembl" in reason
+    dirs = TRANSCRIPTFORMER.job(tmp_path, tiny_counts(n_genes=N_GENES, gene_id_type="symbol"))
+    assert_failed(TRANSCRIPTFORMER.run(dirs, weights), dirs, "Ensembl")

@@ -314,7 +314,7 @@ def embed(job: Job) -> ModelOutput:
     ----------
     job
         ``request.variant``: ``4layer`` (default) or ``33layer``;
-        ``request.parameters['sample_size']``: genes sampled per cell (default 1024).
+        its parameter ``sample_size``: genes sampled per cell (at most 1024, as trained).
 
     Returns
     -------
@@ -333,7 +333,7 @@ def embed(job: Job) -> ModelOutput:
         msg = f"unknown UCE variant {variant!r}; known: {', '.join(VARIANTS)}"
         raise ContractError(msg)
     settings = VARIANTS[variant]
-    sample_size = int(request.parameters.get("sample_size", SENTENCE_DEFAULTS["sample_size"]))
+    sample_size = int(job.parameter("sample_size"))
     # Sentences hold the sampled genes plus CLS and chromosome tokens within pad_length
     # (the positional encoding's length): UCE was trained with 1024.
     if not 1 <= sample_size <= SENTENCE_DEFAULTS["sample_size"]:

@@ -10,19 +10,24 @@ the tiny model keeps so that the same weights load in the image.
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_entrypoint, read_output, tiny_counts, write_job
+from conftest import (
+    Entrypoint,
+    assert_failed,
+    assert_not_applicable,
+    embeddings,
+    read_output,
+    snapshot,
+    tiny_counts,
+)
 
 torch = pytest.importorskip("torch")
 import czb_container
-
-entrypoint = load_entrypoint("uce")
 
 #: Sizes of the tiny model; nhead is the published one (not readable from a checkpoint).
 TINY = {"token_dim": 4, "d_model": 20, "nhead": 20, "d_hid": 16, "output_dim": 8, "dropout": 0.05}
@@ -32,6 +37,18 @@ EMBEDDED = [f"GENE{i}" for i in range(30)]
 HUMAN_FILE = "Homo_sapiens.GRCh38.gene_symbol_to_embedding_ESM2.pt"
 MOUSE_FILE = "Mus_musculus.GRCm39.gene_symbol_to_embedding_ESM2.pt"
 PARAMETERS = {"sample_size": 64}
+
+UCE = Entrypoint(
+    "uce",
+    package="uce-model",
+    dataset=lambda: tiny_counts(n_genes=N_GENES),
+    seed=0,
+    batch_size=16,
+    organism="human",
+    gene_id_type="symbol",
+    parameters=PARAMETERS,
+)
+entrypoint = UCE.module
 
 
 def write_weights(folder: Path, *, nested_protein_embeddings: bool = False) -> Path:
@@ -87,41 +104,9 @@ def weights(tmp_path_factory) -> Path:
     return write_weights(tmp_path_factory.mktemp("uce") / "weights")
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*")
-    }
-
-
-def run(dirs, weights: Path) -> int:
-    return czb_container.run(
-        entrypoint.embed,
-        model="uce",
-        package="uce-model",
-        input_dir=dirs["input"],
-        weights_dir=weights,
-        output_dir=dirs["output"],
-    )
-
-
-def job(tmp_path: Path, adata=None, **request):
-    request = {
-        "model": "uce",
-        "seed": 0,
-        "batch_size": 16,
-        "organism": "human",
-        "gene_id_type": "symbol",
-        **request,
-    }
-    request.setdefault("parameters", PARAMETERS)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return write_job(tmp_path, tiny_counts(n_genes=N_GENES) if adata is None else adata, **request)
-
-
 def test_embeds_every_cell(tmp_path, weights):
-    dirs = job(tmp_path)
-    assert run(dirs, weights) == 0
+    dirs = UCE.job(tmp_path)
+    assert UCE.run(dirs, weights) == 0
     values, ids, meta = read_output(dirs["output"])
     assert values.shape == (40, TINY["output_dim"])
     assert np.isfinite(values).all()
@@ -139,11 +124,11 @@ def test_embeds_every_cell(tmp_path, weights):
 
 
 def test_same_seed_same_embeddings(tmp_path, weights):
-    first = job(tmp_path / "a")
-    second = job(tmp_path / "b")
-    other_seed = job(tmp_path / "c", seed=1)
-    assert run(first, weights) == run(second, weights) == run(other_seed, weights) == 0
-    a, b, c = (read_output(d["output"])[0] for d in (first, second, other_seed))
+    first = UCE.job(tmp_path / "a")
+    second = UCE.job(tmp_path / "b")
+    other_seed = UCE.job(tmp_path / "c", seed=1)
+    assert UCE.run(first, weights) == UCE.run(second, weights) == UCE.run(other_seed, weights) == 0
+    a, b, c = (embeddings(d) for d in (first, second, other_seed))
     np.testing.assert_array_equal(a, b)
     # Gene sampling is random: another seed samples other genes.
     assert not np.allclose(a, c)
@@ -155,19 +140,14 @@ def test_partial_checkpoint_fails(tmp_path, weights):
     state = torch.load(partial / "4layer_model.torch", weights_only=True)
     del state["transformer_encoder.layers.3.linear2.weight"]
     torch.save(state, partial / "4layer_model.torch")
-    dirs = job(tmp_path)
-    assert run(dirs, partial) == 1
-    assert not (dirs["output"] / "meta.json").exists()
-    assert not (dirs["output"] / "embeddings.npy").exists()
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "PartialLoadError" in reason
-    assert "transformer_encoder.layers.3.linear2.weight" in reason
+    dirs = UCE.job(tmp_path)
+    code = UCE.run(dirs, partial)
+    assert_failed(code, dirs, "PartialLoadError", "transformer_encoder.layers.3.linear2.weight")
 
 
 def test_unsupported_organism_is_not_applicable(tmp_path, weights):
-    dirs = job(tmp_path, organism="fruit_fly")
-    assert run(dirs, weights) == 99
-    assert not (dirs["output"] / "meta.json").exists()
+    dirs = UCE.job(tmp_path, organism="fruit_fly")
+    assert_not_applicable(UCE.run(dirs, weights), dirs)
 
 
 def test_drops_cells_with_few_genes(tmp_path, weights):
@@ -181,8 +161,8 @@ def test_drops_cells_with_few_genes(tmp_path, weights):
     import scipy.sparse as sp
 
     adata.X = sp.csr_matrix(counts)
-    dirs = job(tmp_path, adata)
-    assert run(dirs, weights) == 0
+    dirs = UCE.job(tmp_path, adata)
+    assert UCE.run(dirs, weights) == 0
     values, ids, meta = read_output(dirs["output"])
     kept = [f"cell{i}" for i in range(40) if i not in (3, 7, 11, 20)]
     assert ids == kept
@@ -201,8 +181,8 @@ def test_reads_weights_only_and_writes_nothing_in_working_dir(tmp_path, weights,
     cwd.chmod(0o555)
     monkeypatch.chdir(cwd)
     before = snapshot(weights)
-    dirs = job(tmp_path)
-    assert run(dirs, weights) == 0
+    dirs = UCE.job(tmp_path)
+    assert UCE.run(dirs, weights) == 0
     assert list(cwd.iterdir()) == []
     assert snapshot(weights) == before
 
@@ -210,28 +190,24 @@ def test_reads_weights_only_and_writes_nothing_in_working_dir(tmp_path, weights,
 def test_protein_embeddings_left_in_archive_folder(tmp_path, weights):
     # The published archive unpacks to protein_embeddings/protein_embeddings/*.pt.
     nested = write_weights(tmp_path / "nested", nested_protein_embeddings=True)
-    flat_run, nested_run = job(tmp_path / "flat"), job(tmp_path / "nested_run")
-    assert run(flat_run, weights) == 0
-    assert run(nested_run, nested) == 0
-    np.testing.assert_array_equal(
-        read_output(flat_run["output"])[0], read_output(nested_run["output"])[0]
-    )
+    flat_run, nested_run = UCE.job(tmp_path / "flat"), UCE.job(tmp_path / "nested_run")
+    assert UCE.run(flat_run, weights) == 0
+    assert UCE.run(nested_run, nested) == 0
+    np.testing.assert_array_equal(embeddings(flat_run), embeddings(nested_run))
 
 
 def test_mouse_symbols(tmp_path, weights):
     adata = tiny_counts(n_genes=N_GENES, symbols=[f"Gene{i}" for i in range(N_GENES)])
-    dirs = job(tmp_path, adata, organism="mouse")
-    assert run(dirs, weights) == 0
+    dirs = UCE.job(tmp_path, adata, organism="mouse")
+    assert UCE.run(dirs, weights) == 0
     values, _ids, meta = read_output(dirs["output"])
     assert values.shape == (40, TINY["output_dim"])
     assert (meta["species"], meta["n_genes_used"]) == ("mouse", len(EMBEDDED))
 
 
 def test_ensembl_ids_fail_clearly(tmp_path, weights):
-    dirs = job(tmp_path, tiny_counts(n_genes=N_GENES, gene_id_type="ensembl"))
-    assert run(dirs, weights) == 1
-    reason = json.loads((dirs["output"] / "reason.json").read_text())["reason"]
-    assert "protein embedding" in reason
+    dirs = UCE.job(tmp_path, tiny_counts(n_genes=N_GENES, gene_id_type="ensembl"))
+    assert_failed(UCE.run(dirs, weights), dirs, "protein embedding")
 
 
 def test_chromosome_codes_as_array_sample_as_the_package():

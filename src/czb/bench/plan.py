@@ -31,6 +31,7 @@ import czb
 from czb.core.errors import CzbError, CzbWarning
 from czb.core.hashing import cache_key
 from czb.specs.catalog import Catalog
+from czb.specs.parameters import resolve_parameters
 from czb.specs.schema import DatasetSpec, ModelSpec, SuiteSpec, TaskSpec
 
 #: Dataset fields a model's output depends on (besides the file's content).
@@ -143,14 +144,16 @@ def model_identity(spec: ModelSpec, *, resolve_images: bool = True) -> dict[str,
 
     A docker model is identified by its image's ID where the engine can be reached here
     (a rebuilt image then makes new units), else by its tag, with a :class:`BenchWarning`.
+    Parameters count by their resolved values (every declared one, defaults filled in).
     """
+    parameters = resolve_parameters(spec)
     if spec.kind == "baseline":
         # In-process code: its version is czb's.
-        return {"kind": "baseline", "implementation": spec.implementation, "parameters": spec.parameters,
+        return {"kind": "baseline", "implementation": spec.implementation, "parameters": parameters,
                 "output": spec.output, "czb_version": czb.__version__}
     variant, weights = spec.variant()
     identity: dict[str, Any] = {
-        "kind": "docker", "image": spec.image, "variant": variant, "parameters": spec.parameters,
+        "kind": "docker", "image": spec.image, "variant": variant, "parameters": parameters,
         "gene_id_type": spec.gene_id_type, "input": spec.input, "output": spec.output,
         "weights": [w.model_dump(mode="json") for w in weights.weights],
     }

@@ -23,6 +23,7 @@ from czb.bench.store import UNIT_FILE, Store
 from czb.bench.work import not_applicable_output, run_embed_unit, run_score_units
 from czb.core import records as R
 from czb.core.hashing import cache_key
+from czb.specs.parameters import resolve_parameters
 
 DEFAULT_RETRIES = 2
 
@@ -416,4 +417,4 @@ def _unread_dataset(spec: Any, parts: dict[str, Any]) -> R.DatasetRecord:
 
 def _unrun_model(spec: Any) -> dict[str, Any]:
     """A model's description when none of its units ran: what its spec says."""
-    return {"name": spec.name, "kind": spec.kind, "parameters": spec.parameters, "info": {}}
+    return {"name": spec.name, "kind": spec.kind, "parameters": resolve_parameters(spec), "info": {}}

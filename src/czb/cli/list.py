@@ -84,7 +84,8 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
              "gene_id_type": m.gene_id_type, "organisms": m.organisms or ["any"],
              "output_dim": m.output_dim, "gpu": m.resources.gpu, "memory_gb": m.resources.memory_gb,
              "shm_gb": m.resources.shm_gb, "timeout_s": m.resources.timeout_s,
-             "variants": list(m.variants), "description": m.description}
+             "variants": list(m.variants), "description": m.description,
+             "parameters": {k: v.model_dump(exclude_none=True) for k, v in m.parameters.items()}}
             for m in sorted(catalog.models.values(), key=lambda m: (m.kind != "baseline", m.name))
         ]
     from czb.evaluation.registry import get_task

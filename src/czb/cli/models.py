@@ -22,7 +22,7 @@ def models_build(
     tag: Annotated[Optional[str], typer.Option(help="Image tag [default: the spec's image].")] = None,
     config_dir: ConfigDirs = None,
 ) -> None:
-    """Build a model's image from its container folder (Dockerfile + entrypoint)."""
+    """Build a model's image from its container folder (its Dockerfile, else czb's template)."""
 
     def body():
         from rich.text import Text

@@ -62,6 +62,11 @@ def run(
     ] = None,
     variant: Annotated[Optional[str], typer.Option(help="Weights variant [default: the model's default].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Cells per forward pass in the container.")] = None,
+    param: Annotated[
+        Optional[list[str]],
+        typer.Option("--param", metavar="NAME=VALUE", callback=lambda values: (_parse_params(values), values)[1],
+                     help="Set a parameter the docker models' specs declare (repeatable)."),
+    ] = None,
     memory_gb: Annotated[
         Optional[float], typer.Option(callback=_positive, help="Container memory limit [default: from the model spec].")
     ] = None,
@@ -96,7 +101,8 @@ def run(
         err = _console(stderr=True)
         options = RunOptions(
             variant=variant, weights_dir=weights, gpus=gpus, memory_gb=memory_gb,
-            shm_gb=shm_gb, timeout_s=timeout_s, batch_size=batch_size, use_cache=cache,
+            shm_gb=shm_gb, timeout_s=timeout_s, batch_size=batch_size, parameters=_parse_params(param),
+            use_cache=cache,
             log=lambda line: err.print(Text(f"  | {_one_line(line)}", style="dim"), soft_wrap=True),
         )
         with err.status("starting") as status:
@@ -132,6 +138,29 @@ def run(
             raise typer.Exit(1)
 
     _guarded(body)
+
+
+def _parse_params(values: list[str] | None) -> dict[str, str]:
+    """``--param NAME=VALUE`` as ``{NAME: VALUE}``; each value is checked against the
+    model spec's declaration when the run starts (before any dataset is read).
+
+    Raises
+    ------
+    typer.BadParameter
+        A value without ``=`` or a name given twice (bad usage: exit 2).
+    """
+    out: dict[str, str] = {}
+    for item in values or []:
+        name, equals, value = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            msg = f"takes NAME=VALUE, got {_one_line(item)[:60]!r}"
+            raise typer.BadParameter(msg)
+        if name in out:
+            msg = f"{name} is given twice"
+            raise typer.BadParameter(msg)
+        out[name] = value
+    return out
 
 
 def _print_results(records) -> None:

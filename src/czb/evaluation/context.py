@@ -176,7 +176,8 @@ class EvaluationContext(TaskContext):
         loaded = self.relationships.get(source)
         if loaded is None:
             msg = (f"relationship source {source!r} was not loaded for this embedding "
-                   f"(loaded: {', '.join(self.relationships) or 'none'})")
+                   f"(loaded: {', '.join(self.relationships) or 'none'}); pass "
+                   "relationships=czb.data.relationship_sources.load_sources([...]) to the context")
             raise TaskError(msg)
         if isinstance(loaded, Exception):
             raise loaded

@@ -8,6 +8,7 @@ Adding a metric touches one place: its module (plus a test).
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -78,34 +79,9 @@ METRICS: dict[str, MetricInfo] = {}
 TASKS: dict[str, type] = {}
 TaskClass = TypeVar("TaskClass", bound=type)
 
-# Modules whose import registers metrics and tasks; loaded on first lookup.
-_MODULES = (
-    "czb.evaluation.metrics.clustering",
-    "czb.evaluation.metrics.silhouette",
-    "czb.evaluation.metrics.mixing",
-    "czb.evaluation.metrics.classification",
-    "czb.evaluation.metrics.aggregate",
-    "czb.evaluation.perturbation.prediction.metrics",
-    "czb.evaluation.metrics.sequential",
-    "czb.evaluation.perturbation.hierarchy.mixing_probe_metrics",
-    "czb.evaluation.perturbation.hierarchy.consistency_knn_metrics",
-    "czb.evaluation.perturbation.hierarchy.recall_metrics",
-    "czb.evaluation.perturbation.hierarchy.reconstruction_metrics",
-    "czb.evaluation.tasks.clustering",
-    "czb.evaluation.tasks.sequential_organization",
-    "czb.evaluation.tasks.embedding",
-    "czb.evaluation.tasks.label_prediction",
-    "czb.evaluation.tasks.batch_integration",
-    "czb.evaluation.tasks.cross_species_integration",
-    "czb.evaluation.tasks.cross_species_label_prediction",
-    "czb.evaluation.perturbation.prediction.task",
-    "czb.evaluation.perturbation.hierarchy.ilisi",
-    "czb.evaluation.perturbation.hierarchy.linear_probe",
-    "czb.evaluation.perturbation.hierarchy.consistency",
-    "czb.evaluation.perturbation.hierarchy.knn_organization",
-    "czb.evaluation.perturbation.hierarchy.relationship_recall",
-    "czb.evaluation.perturbation.hierarchy.reconstruction",
-)
+#: Packages whose modules register metrics and tasks when imported; every module in them
+#: is loaded on first lookup, so a new metric or task module needs no entry here.
+_PACKAGES = ("czb.evaluation.metrics", "czb.evaluation.tasks", "czb.evaluation.perturbation")
 
 
 def register_metric(info: MetricInfo) -> MetricInfo:
@@ -129,8 +105,10 @@ def register_task(cls: TaskClass) -> TaskClass:
 
 def load_all() -> None:
     """Import every metric and task module (idempotent)."""
-    for module in _MODULES:
-        importlib.import_module(module)
+    for name in _PACKAGES:
+        package = importlib.import_module(name)
+        for module in pkgutil.walk_packages(package.__path__, f"{name}."):
+            importlib.import_module(module.name)
 
 
 def get_task(name: str) -> type:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from czb.core.errors import DatasetError, DatasetWarning, SpecError
+from czb.specs.parameters import resolve_parameters
 
 if TYPE_CHECKING:
     from czb.data.dataset import Dataset
@@ -46,7 +47,7 @@ class InProcessPredictor:
             "kind": self.kind,
             "image": "in-process",
             "implementation": self.spec.implementation,
-            "parameters": dict(self.spec.parameters),
+            "parameters": resolve_parameters(self.spec),
         }
 
     def predict_expression_shift(self, train: Any, test_conditions: Any, *, seed: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from czb.models.docker.source import DockerModelSource
 from czb.models.embedding import EmbeddingSource
 from czb.models.embedding_files import FileEmbeddingSource
 from czb.models.embedding_readers import FILE_FORMATS
+from czb.specs.parameters import resolve_parameters
 
 if TYPE_CHECKING:
     from czb.specs.schema import ModelSpec
@@ -25,7 +26,8 @@ def source_for_model(spec: ModelSpec, options: Any = None) -> EmbeddingSource:
     ----------
     spec
         A ``baseline`` spec names one of :data:`~czb.models.baselines.BASELINES` as
-        ``implementation`` and may set its parameters; a ``docker`` spec runs its image
+        ``implementation`` and gets the values of the parameters it declares; a ``docker``
+        spec runs its image
         (:class:`czb.models.docker.source.DockerModelSource`).
     options
         :class:`czb.models.docker.request.RunOptions` of docker models (GPUs, weights,
@@ -48,7 +50,7 @@ def source_for_model(spec: ModelSpec, options: Any = None) -> EmbeddingSource:
             f"{spec.implementation!r}; known: {known}"
         )
         raise SpecError(msg)
-    return BASELINES[spec.implementation](name=spec.name, **spec.parameters)
+    return BASELINES[spec.implementation](name=spec.name, **resolve_parameters(spec))
 
 
 def source_for_file(path: str | Path, *, key: str | None = None) -> EmbeddingSource:

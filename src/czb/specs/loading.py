@@ -27,11 +27,17 @@ from czb.specs.names import NAME_RULE, is_valid_name, shown
 from czb.specs.schema import SECTIONS, Spec
 
 
-def _format_validation_error(path: Path, section: str, name: str, error: ValidationError, line: int | None) -> str:
-    problems = []
+def _format_validation_error(
+    path: Path, section: str, name: str, error: ValidationError, lines: dict[tuple[str, ...], int]
+) -> str:
+    """The problems of one entry, with the line of the most specific key of the first
+    one (``models.x.parameters.k.default``: the line of ``k``)."""
+    problems, line = [], None
     for e in error.errors():
-        loc = ".".join(str(p) for p in (section, name, *e["loc"]))
-        problems.append(f"{loc}: {e['msg']}")
+        keys = tuple(str(p) for p in (section, name, *e["loc"]))
+        problems.append(f"{'.'.join(keys)}: {e['msg']}")
+        if line is None:
+            line = next((lines[keys[:n]] for n in range(len(keys), 1, -1) if keys[:n] in lines), None)
     return f"{path}: " + "; ".join(problems) + ("" if line is None else f" (line {line})")
 
 
@@ -46,6 +52,9 @@ MAX_YAML_DEPTH = 32
 #: size of what its anchor names): shared citations and weight files fit; quadratic alias
 #: bombs (one big anchor, many aliases) do not.
 MAX_ALIAS_NODES = 10_000
+#: Levels of keys whose lines errors name: down to a model parameter's own key
+#: (``models`` → name → ``parameters`` → parameter).
+LINE_LEVELS = 4
 
 
 class _DuplicateKeyError(ValueError):
@@ -135,8 +144,8 @@ def load_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
 
     Returns
     -------
-    The data, and the line of each key of the first two levels (``(section,)`` and
-    ``(section, name)``), for error messages.
+    The data, and the line of each key of the first :data:`LINE_LEVELS` levels
+    (``(section,)``, ``(section, name)``, ``(section, name, field)``...), for error messages.
 
     Raises
     ------
@@ -178,12 +187,14 @@ def load_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
         msg = f"{path}{where}: not valid YAML ({problem[:120]})"
         raise SpecError(msg) from None
     lines: dict[tuple[str, ...], int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            lines[(str(key.value),)] = key.start_mark.line + 1
-            if isinstance(value, yaml.MappingNode):
-                for inner, _ in value.value:
-                    lines.setdefault((str(key.value), str(inner.value)), inner.start_mark.line + 1)
+
+    def note(mapping: Any, keys: tuple[str, ...]) -> None:
+        if len(keys) < LINE_LEVELS and isinstance(mapping, yaml.MappingNode):
+            for key, value in mapping.value:
+                lines.setdefault((*keys, str(key.value)), key.start_mark.line + 1)
+                note(value, (*keys, str(key.value)))
+
+    note(node, ())
     return data, lines
 
 
@@ -229,7 +240,7 @@ def load_spec_file(path: Path) -> dict[str, dict[str, Spec]]:
             try:
                 out[section][name] = cls(name=name, source=path, **fields)
             except ValidationError as e:
-                raise SpecError(_format_validation_error(path, section, name, e, line)) from None
+                raise SpecError(_format_validation_error(path, section, name, e, lines)) from None
             except TypeError as e:  # e.g. a field named "name" repeated inside the entry
                 msg = f"{path}: {section}.{name}: {e}{at_line}"
                 raise SpecError(msg) from None

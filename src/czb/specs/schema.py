@@ -10,9 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from czb.core.errors import SpecError, UnknownNameError
 from czb.specs.names import NAME_RULE, check_name, is_valid_name, shown
+from czb.specs.parameters import ModelParameter, declarations
 
-#: Build folders of the bundled model images (Dockerfile, entrypoint, requirements).
+#: Build folders of the bundled model images (entrypoint, requirements; ``common/`` holds
+#: their Dockerfile template and the contract module).
 BUNDLED_CONTAINERS_DIR = Path(__file__).resolve().parent.parent / "containers"
+#: Cells per forward pass of a docker model whose spec declares no ``batch_size``.
+DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -221,14 +225,20 @@ class WeightsVariant(BaseModel):
 
 
 class ModelSpec(Spec):
-    """A model that turns a dataset into cell embeddings."""
+    """A model that turns a dataset into cell embeddings.
+
+    ``parameters`` declares what the model's code reads (:class:`ModelParameter`; the
+    shorthand ``name: value`` declares a parameter of the value's type). Every docker
+    model has a ``batch_size`` (the contract's field, at least 1): declared, or 32.
+    """
 
     kind: Literal["baseline", "docker"]
     #: For ``baseline`` models: the registered in-process implementation.
     implementation: str | None = None
     #: For ``docker`` models: the image tag to run (``czb models build`` makes it).
     image: str | None = None
-    #: For ``docker`` models: the build folder (Dockerfile + entrypoint), a folder name
+    #: For ``docker`` models: the build folder (entrypoint, and a Dockerfile unless the
+    #: bundled template builds it), a folder name
     #: under the bundled ``containers/``, or a path relative to this spec's YAML file.
     container: str | None = None
     #: Run with a read-only root filesystem (``/tmp`` and ``/output`` stay writable).
@@ -241,9 +251,30 @@ class ModelSpec(Spec):
     output_dim: int | None = Field(default=None, gt=0)
     organisms: list[str] = Field(default_factory=list)  # empty: any organism
     resources: Resources = Field(default_factory=Resources)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, ModelParameter] = Field(default_factory=dict)
     default_variant: str | None = None
     variants: dict[str, WeightsVariant] = Field(default_factory=dict)
+
+    _declared = field_validator("parameters", mode="before")(classmethod(lambda cls, v: declarations(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _contract_batch_size(cls, data: Any) -> Any:
+        """A docker model's ``batch_size``: declared (at least 1 unless it says otherwise) or
+        :data:`DEFAULT_BATCH_SIZE`, so ``--batch-size`` applies to every docker model."""
+        if not isinstance(data, dict) or data.get("kind") != "docker":
+            return data
+        try:
+            declared = declarations(data.get("parameters") or {})
+        except ValueError:
+            return data  # refused by the field's own validation, which names the field
+        if not isinstance(declared, dict):
+            return data
+        given = declared.get("batch_size", {"type": "int", "default": DEFAULT_BATCH_SIZE,
+                                            "description": "cells per forward pass"})
+        if isinstance(given, dict) and given.get("type") == "int" and given.get("minimum") is None:
+            given = {**given, "minimum": 1}
+        return {**data, "parameters": {**declared, "batch_size": given}}
 
     @field_validator("variants")
     @classmethod
@@ -258,6 +289,10 @@ class ModelSpec(Spec):
             missing = [f for f in ("image", "container") if getattr(self, f) is None]
             if missing:
                 msg = f"a docker model needs {' and '.join(missing)}"
+                raise ValueError(msg)
+            batch = self.parameters.get("batch_size")
+            if batch is not None and batch.type != "int":
+                msg = "parameter batch_size (cells per forward pass) must be an int"
                 raise ValueError(msg)
         elif self.implementation is None:
             msg = "a baseline model needs an implementation"
@@ -284,7 +319,8 @@ class ModelSpec(Spec):
         return name, self.variants[name]
 
     def container_dir(self) -> Path:
-        """The folder holding this model's Dockerfile and entrypoint."""
+        """The folder holding this model's entrypoint, and its Dockerfile unless the bundled
+        template (``containers/common/Dockerfile``) builds it."""
         if self.container is None:
             msg = f"model {self.name!r} has no container folder"
             raise SpecError(msg)
@@ -293,10 +329,11 @@ class ModelSpec(Spec):
             candidates.append(Path(self.source).parent / self.container)
         candidates.append(BUNDLED_CONTAINERS_DIR / self.container)
         for path in candidates:
-            if (path / "Dockerfile").is_file():
+            if (path / "Dockerfile").is_file() or (path / "entrypoint.py").is_file():
                 return path.resolve()
         msg = (
-            f"model {self.name!r}: no Dockerfile in container folder {self.container!r} "
+            f"model {self.name!r}: no Dockerfile or entrypoint.py in container folder "
+            f"{self.container!r} "
             f"(looked in {', '.join(str(p) for p in candidates)})"
         )
         raise SpecError(msg)

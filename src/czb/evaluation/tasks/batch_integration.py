@@ -23,8 +23,32 @@ class BatchIntegrationParams(TaskParams):
     n_neighbors: int = 15
 
 
+#: What every integration task reports (batches, or species as batches): mixing, bio
+#: conservation and scIB's totals.
+INTEGRATION_METRICS = (
+    mix.ENTROPY_PER_CELL.name, sil.BATCH_SILHOUETTE.name, mix.ILISI_NORMALIZED.name,
+    sil.SILHOUETTE_SCORE.name, clu.ADJUSTED_RAND_INDEX.name, clu.NORMALIZED_MUTUAL_INFO.name,
+    agg.SCIB_BIO_CONSERVATION.name, agg.SCIB_BATCH_CORRECTION.name, agg.SCIB_OVERALL.name,
+)
+
+
+class IntegrationTask(Task):
+    """What integration tasks share: the neighbours their mixing metrics read."""
+
+    params: BatchIntegrationParams
+
+    def neighbors_needed(self, n_cells: int) -> int:
+        p = self.params
+        if n_cells > mix.EXACT_MAX_CELLS:  # entropy and iLISI use sampled neighbourhoods
+            return p.n_neighbors
+        return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
+
+    def neighborhoods_needed(self, n_cells: int) -> int:
+        return max(self.params.entropy_neighbors, self.params.lisi_neighbors)
+
+
 @register_task
-class BatchIntegration(Task):
+class BatchIntegration(IntegrationTask):
     """cz-benchmarks' ``entropy_per_cell`` and ``batch_silhouette``, plus what keeps them honest.
 
     Mixing alone rewards destroying structure: a random embedding mixes batches
@@ -38,25 +62,12 @@ class BatchIntegration(Task):
     info = TaskInfo(
         name="batch_integration",
         description="Batch mixing (entropy, batch silhouette, iLISI) with bio conservation and an scIB total.",
-        metrics=(
-            mix.ENTROPY_PER_CELL.name, sil.BATCH_SILHOUETTE.name, mix.ILISI_NORMALIZED.name,
-            sil.SILHOUETTE_SCORE.name, clu.ADJUSTED_RAND_INDEX.name, clu.NORMALIZED_MUTUAL_INFO.name,
-            agg.SCIB_BIO_CONSERVATION.name, agg.SCIB_BATCH_CORRECTION.name, agg.SCIB_OVERALL.name,
-        ),
+        metrics=INTEGRATION_METRICS,
         requires=("labels", "batch"),
         stochastic=True,
         reference="doi:10.1038/s41592-021-01336-8",
     )
     Params = BatchIntegrationParams
-
-    def neighbors_needed(self, n_cells: int) -> int:
-        p = self.params
-        if n_cells > mix.EXACT_MAX_CELLS:  # entropy and iLISI use sampled neighbourhoods
-            return p.n_neighbors
-        return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
-
-    def neighborhoods_needed(self, n_cells: int) -> int:
-        return max(self.params.entropy_neighbors, self.params.lisi_neighbors)
 
     def check(self, context: EvaluationContext) -> None:
         super().check(context)

@@ -13,22 +13,20 @@ import pandas as pd
 from czb.core.errors import NotApplicableError
 from czb.evaluation.applicability import group_problem, require_groups
 from czb.evaluation.context import EvaluationContext
-from czb.evaluation.metrics import aggregate as agg
 from czb.evaluation.metrics import clustering as clu
 from czb.evaluation.metrics import mixing as mix
 from czb.evaluation.metrics import silhouette as sil
 from czb.evaluation.registry import TaskInfo, register_task
-from czb.evaluation.task import MetricValue, Task, TaskParams
-from czb.evaluation.tasks.batch_integration import scib_totals
+from czb.evaluation.task import MetricValue
+from czb.evaluation.tasks.batch_integration import (
+    INTEGRATION_METRICS,
+    BatchIntegrationParams,
+    IntegrationTask,
+    scib_totals,
+)
 
 
-class CrossSpeciesIntegrationParams(TaskParams):
-    #: cz-benchmarks' fixed neighbourhood for entropy_per_cell (self included).
-    entropy_neighbors: int = 200
-    #: scib-metrics' neighbourhood for LISI (perplexity = k // 3).
-    lisi_neighbors: int = 90
-    #: Leiden graph of the bio-conservation ARI/NMI.
-    n_neighbors: int = 15
+class CrossSpeciesIntegrationParams(BatchIntegrationParams):
     #: A cell type is "shared" when at least two species have this many cells of it.
     min_cells_per_species: int = 10
 
@@ -67,7 +65,7 @@ def shared_cell_types(labels: np.ndarray, species: np.ndarray, min_cells: int) -
 
 
 @register_task
-class CrossSpeciesIntegration(Task):
+class CrossSpeciesIntegration(IntegrationTask):
     """cz-benchmarks' ``entropy_per_cell`` and ``batch_silhouette`` with species as the batch,
     plus the bio conservation that keeps them honest.
 
@@ -103,26 +101,13 @@ class CrossSpeciesIntegration(Task):
         name="cross_species_integration",
         description="Species mixing (entropy, batch silhouette, iLISI; species as batch) with "
         "bio conservation on species-shared cell types and an scIB total.",
-        metrics=(
-            mix.ENTROPY_PER_CELL.name, sil.BATCH_SILHOUETTE.name, mix.ILISI_NORMALIZED.name,
-            sil.SILHOUETTE_SCORE.name, clu.ADJUSTED_RAND_INDEX.name, clu.NORMALIZED_MUTUAL_INFO.name,
-            agg.SCIB_BIO_CONSERVATION.name, agg.SCIB_BATCH_CORRECTION.name, agg.SCIB_OVERALL.name,
-        ),
+        metrics=INTEGRATION_METRICS,
         requires=("labels", "species"),
         stochastic=True,
         reference="doi:10.1038/s41592-021-01336-8",
         kind="multi_dataset",
     )
     Params = CrossSpeciesIntegrationParams
-
-    def neighbors_needed(self, n_cells: int) -> int:
-        p = self.params
-        if n_cells > mix.EXACT_MAX_CELLS:  # entropy and iLISI use sampled neighbourhoods
-            return p.n_neighbors
-        return max(p.entropy_neighbors, p.lisi_neighbors, p.n_neighbors)
-
-    def neighborhoods_needed(self, n_cells: int) -> int:
-        return max(self.params.entropy_neighbors, self.params.lisi_neighbors)
 
     def check(self, context: EvaluationContext) -> None:
         super().check(context)

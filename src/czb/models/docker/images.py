@@ -24,8 +24,11 @@ def build_model_image(
     """Build a model's image from its container folder (``czb models build``).
 
     The build context holds ``model/`` (the container folder), ``common/`` (the
-    container side of the contract), ``wheels/`` (``*.whl`` from ``find_links``, e.g. a
-    CPU build of torch) and the host's CA bundle.
+    container side of the contract and the bundled models' Dockerfile template),
+    ``wheels/`` (``*.whl`` from ``find_links``, e.g. a CPU build of torch) and the host's
+    CA bundle. A folder with a ``Dockerfile`` of its own is built with it; any other with
+    ``common/Dockerfile``, which installs the folder's requirement files and runs its
+    ``entrypoint.py``.
 
     Parameters
     ----------
@@ -44,6 +47,7 @@ def build_model_image(
 
     folder = spec.container_dir()
     common = BUNDLED_CONTAINERS_DIR / "common"
+    dockerfile = "model/Dockerfile" if (folder / "Dockerfile").is_file() else "common/Dockerfile"
     build_args = {}
     if base_image:
         build_args["BASE_IMAGE"] = base_image
@@ -58,7 +62,7 @@ def build_model_image(
     return docker_engine.build_image(
         engine,
         context_parts={"model": folder, "common": common},
-        dockerfile="model/Dockerfile",
+        dockerfile=dockerfile,
         tag=tag or spec.image,
         build_args=build_args,
         wheels=wheels,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,13 +14,12 @@ import numpy as np
 
 from czb.core.errors import NotApplicableError
 from czb.models.docker.contract import CONTRACT_VERSION, DATASET_FILE, REQUEST_FILE
+from czb.specs.parameters import resolve_parameters
 from czb.specs.schema import ModelSpec
 
 if TYPE_CHECKING:
     from czb.data.dataset import Dataset
     from czb.models.docker.engine import LogSink
-
-DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass
@@ -40,6 +39,9 @@ class RunOptions:
         Container limits (default: the spec's resources).
     batch_size
         Cells per forward pass (default: the spec's ``parameters.batch_size``).
+    parameters
+        Values of parameters the model spec declares (``--param NAME=VALUE``; strings
+        are parsed as the declared type); a name the spec does not declare is an error.
     use_cache
         Reuse a finished run with the same key; ``False`` always runs the model (and
         refreshes the cache).
@@ -56,6 +58,7 @@ class RunOptions:
     shm_gb: float | None = None
     timeout_s: int | None = None
     batch_size: int | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
     use_cache: bool = True
     log: LogSink | None = None
     on_start: Callable[[Any], None] | None = None
@@ -71,21 +74,33 @@ def build_request(
     variant: str,
     gene_id_type: str,
     batch_size: int | None = None,
+    parameters: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``request.json`` of one run; every field the container may read."""
-    parameters = dict(spec.parameters)
-    spec_batch = parameters.pop("batch_size", None)
+    """The ``request.json`` of one run; every field the container may read.
+
+    ``parameters`` holds every parameter the spec declares, valued by
+    :func:`~czb.specs.parameters.resolve_parameters` (the declared defaults, then
+    ``parameters`` and ``batch_size`` given here); ``batch_size`` is a field of its own.
+
+    Raises
+    ------
+    SpecError
+        A parameter the spec does not declare (naming the closest declared one), or a
+        value its declaration does not allow.
+    """
+    overrides = {**(parameters or {}), **({"batch_size": batch_size} if batch_size else {})}
+    values = resolve_parameters(spec, overrides)
     return {
         "contract_version": CONTRACT_VERSION,
         "model": spec.name,
         "variant": variant,
         "seed": int(seed),
         "device": device,
-        "batch_size": int(batch_size or spec_batch or DEFAULT_BATCH_SIZE),
+        "batch_size": values.pop("batch_size"),
         "organism": dataset.spec.organism,
         "gene_id_type": gene_id_type,
         "batch_keys": list(dataset.spec.batch_keys),
-        "parameters": parameters,
+        "parameters": values,
         "dataset_file": DATASET_FILE,
     }
 

@@ -62,6 +62,7 @@ from czb.models.docker.request import (
 )
 from czb.models.embedding import Embedding, align_to_dataset
 from czb.models.workdirs import process_tag
+from czb.specs.parameters import resolve_parameters
 from czb.specs.schema import ModelSpec
 
 if TYPE_CHECKING:
@@ -92,6 +93,12 @@ class DockerModelSource:
         Per-run overrides (:class:`RunOptions`).
     cache_dir
         Root of the cache (default: the ``CZB_CACHE_DIR`` setting).
+
+    Raises
+    ------
+    SpecError
+        ``options`` set a parameter the spec does not declare, or a value it does not
+        allow: before any dataset, weights or container work.
     """
 
     kind = "docker"
@@ -104,6 +111,9 @@ class DockerModelSource:
         self.name = spec.name
         self.options = options or RunOptions()
         self.variant, _ = spec.variant(self.options.variant)
+        batch = {"batch_size": self.options.batch_size} if self.options.batch_size else {}
+        #: Every declared parameter's value for this source's runs.
+        self.parameters = resolve_parameters(spec, {**self.options.parameters, **batch})
         if cache_dir is None:
             from czb.core.settings import get_settings
 
@@ -141,7 +151,7 @@ class DockerModelSource:
             "image": self.spec.image,
             "image_digest": self._image.digest if self._image else None,
             "variant": self.variant,
-            "parameters": dict(self.spec.parameters),
+            "parameters": dict(self.parameters),
         }
 
     # The run ----------------------------------------------------------------
@@ -170,7 +180,7 @@ class DockerModelSource:
         gene_id_type = dataset.spec.gene_id_type if self.spec.gene_id_type == "any" else self.spec.gene_id_type
         request = build_request(
             self.spec, dataset, seed=seed, device="cpu" if self.gpus == "none" else "cuda",
-            variant=self.variant, gene_id_type=gene_id_type, batch_size=self.options.batch_size,
+            variant=self.variant, gene_id_type=gene_id_type, parameters=self.parameters,
         )
         parts = {
             "contract_version": CONTRACT_VERSION,
@@ -347,7 +357,7 @@ class DockerModelSource:
             raise EmbeddingError(msg)
         request = build_request(
             self.spec, bound, seed=seed, device="cpu" if self.gpus == "none" else "cuda",
-            variant=self.variant, gene_id_type="symbol", batch_size=self.options.batch_size,
+            variant=self.variant, gene_id_type="symbol", parameters=self.parameters,
         )
         request["batch_keys"] = ["batch"] if data.batches is not None else []
         return {**request, "task": task, "condition_key": "condition",

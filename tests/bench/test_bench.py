@@ -21,7 +21,7 @@ from czb.core.errors import CzbError, SpecError
 from czb.core.records import read_result
 from czb.specs.catalog import Catalog
 
-SUITES = Path(__file__).parent / "data" / "bench" / "suite.yaml"
+SUITES = Path(__file__).resolve().parents[1] / "fixtures" / "bench" / "suite.yaml"
 
 
 @pytest.fixture

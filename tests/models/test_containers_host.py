@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from czb.core.errors import EmbeddingError, ModelRunError, NotApplicableError, SpecError
+from czb.core.errors import (
+    EmbeddingError,
+    ModelRunError,
+    NotApplicableError,
+    SpecError,
+    UnknownNameError,
+)
 from czb.core.hashing import cache_key
 from czb.data.dataset import Dataset
 from czb.data.reading import load_dataset
@@ -28,7 +34,6 @@ from czb.models.docker import engine as docker_engine
 from czb.models.docker.cache import EmbeddingCache
 from czb.models.docker.contract import CONTRACT_VERSION, read_output
 from czb.models.docker.request import (
-    DEFAULT_BATCH_SIZE,
     RunOptions,
     build_request,
     check_applicable,
@@ -36,9 +41,9 @@ from czb.models.docker.request import (
 )
 from czb.models.docker.source import DockerModelSource
 from czb.models.weights import directory_checksum
-from czb.specs.schema import DatasetSpec, ModelSpec, Resources, WeightsVariant
+from czb.specs.schema import DEFAULT_BATCH_SIZE, DatasetSpec, ModelSpec, Resources, WeightsVariant
 
-COMMON = Path(__file__).resolve().parents[1] / "containers" / "common"
+COMMON = Path(__file__).resolve().parents[2] / "containers" / "common"
 if str(COMMON) not in sys.path:
     sys.path.insert(0, str(COMMON))
 import czb_container  # noqa: E402
@@ -115,12 +120,12 @@ def test_build_request_fields_and_batch_size_precedence(dataset):
         "parameters": {"min_genes": 0},  # batch_size is a field of its own
         "dataset_file": "dataset.h5ad",
     }
-    assert spec.parameters["batch_size"] == 16  # the spec is not changed
+    assert spec.parameters["batch_size"].default == 16  # the spec is not changed
     over = build_request(spec, dataset, seed=0, device="cpu", variant="v", gene_id_type="symbol", batch_size=4)
     assert over["batch_size"] == 4  # RunOptions.batch_size wins
     plain = build_request(model_spec(parameters={}), dataset, seed=0, device="cpu", variant="v",
                           gene_id_type="ensembl")
-    assert plain["batch_size"] == DEFAULT_BATCH_SIZE and plain["parameters"] == {}
+    assert plain["batch_size"] == DEFAULT_BATCH_SIZE and plain["parameters"] == {}  # declared or not
 
 
 def test_request_json_is_what_the_container_reads(dataset, tmp_path):
@@ -134,6 +139,46 @@ def test_request_json_is_what_the_container_reads(dataset, tmp_path):
         dataset_file="dataset.h5ad", contract_version=CONTRACT_VERSION,
     )
     assert czb_container.CONTRACT_VERSION == CONTRACT_VERSION
+
+
+def test_declared_parameters_reach_the_request_and_the_job_reads_them(dataset, tmp_path):
+    spec = model_spec(parameters={
+        "batch_size": {"type": "int", "default": 16, "minimum": 1, "description": "cells per pass"},
+        "min_genes": {"type": "int", "default": 0, "minimum": 0, "description": "fewer: dropped"},
+        "mode": {"type": "str", "default": "auto", "choices": ["auto", "fast"], "description": "how"},
+    })
+    request = build_request(spec, dataset, seed=0, device="cpu", variant="default", gene_id_type="symbol")
+    assert request["batch_size"] == 16 and request["parameters"] == {"min_genes": 0, "mode": "auto"}
+    # Values the run sets: strings parsed as declared, batch_size still a field of its own.
+    source = DockerModelSource(spec, RunOptions(parameters={"min_genes": "5"}, batch_size=4))
+    assert source.parameters == {"batch_size": 4, "min_genes": 5, "mode": "auto"}
+    assert source.describe()["parameters"] == source.parameters
+    request = build_request(spec, dataset, seed=0, device="cpu", variant="default", gene_id_type="symbol",
+                            parameters=source.parameters)
+    assert request["batch_size"] == 4 and request["parameters"] == {"min_genes": 5, "mode": "auto"}
+    write_input(dataset, tmp_path / "input", request)
+    job = czb_container.Job(czb_container.Request.from_file(tmp_path / "input" / "request.json"),
+                            tmp_path / "input", tmp_path / "weights", tmp_path / "output")
+    assert job.parameter("min_genes") == 5 and job.parameter("mode") == "auto"
+    # A parameter the host did not send (the spec does not declare it) is the contract's error.
+    with pytest.raises(czb_container.ContractError, match=r"parameter 'emb_layer' missing \(sent: min_genes, "
+                       r"mode\); .*declare emb_layer under the spec's parameters"):
+        job.parameter("emb_layer")
+
+
+def test_misspelled_parameter_fails_before_any_container_or_dataset_work(dataset, monkeypatch):
+    def refused(*args, **kwargs):
+        raise AssertionError("the container engine was called")
+
+    monkeypatch.setattr(docker_engine, "client", refused)
+    options = RunOptions(parameters={"min_gene": 1})
+    with pytest.raises(UnknownNameError, match="model 'tiny' has no parameter 'min_gene'; did you mean 'min_genes'"):
+        DockerModelSource(model_spec(), options)
+    with pytest.raises(UnknownNameError, match="did you mean 'min_genes'"):
+        build_request(model_spec(), dataset, seed=0, device="cpu", variant="default", gene_id_type="symbol",
+                      parameters={"min_gene": 1})
+    with pytest.raises(SpecError, match="parameter batch_size must be at least 1, got 0"):
+        DockerModelSource(model_spec(), RunOptions(parameters={"batch_size": 0}))
 
 
 def test_host_and_container_name_the_same_files_and_exit_codes():

@@ -48,7 +48,7 @@ from czb.models.docker.contract import (
 )
 from czb.models.docker.output_files import collect_output
 
-TINY_DIR = Path(__file__).parent / "data" / "tiny_model"
+TINY_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_model"
 BASE_IMAGE = os.environ.get("CZB_TEST_BASE_IMAGE", "czb-base:bookworm")
 DATASET = "synthetic_cells_tiny"  # 300 cells × 500 genes
 SECRET = "TOPSECRET-7f3a9c-host-only"
@@ -703,7 +703,7 @@ def test_readme_reference_snippet_computes_the_staged_checksum(tmp_path):
     """The README's snippet, run as written, gives what the host computes."""
     from czb.models.weights import directory_checksum
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Wrap your own model")[1].split("\n## ")[0]
     import textwrap
 
@@ -730,13 +730,13 @@ ENTRYPOINT ["python3", "/opt/hostile/hostile.py"]
 """
 
 # Standard library only (the base image has no numpy or h5py), so the test passes the
-# dataset's cell IDs in parameters.cell_ids.
+# dataset's cell IDs in parameters.cell_ids (a JSON list in a string parameter).
 _HOSTILE_SCRIPT = r'''
 import json, os, random, struct, sys
 
 request = json.load(open("/input/request.json"))
 params = request["parameters"]
-mode, secret, ids = params["mode"], params["secret"], params["cell_ids"]
+mode, secret, ids = params["mode"], params["secret"], json.loads(params["cell_ids"])
 out = "/output"
 
 
@@ -796,7 +796,7 @@ def test_hostile_image_through_the_cli(tmp_path, secret, monkeypatch):
     ids = list(load_dataset(Catalog.load([]).dataset(DATASET)).adata.obs_names)
     modes = {"links": "hostile_links", "czb_files": "hostile_czb_files", "fifo": "hostile_fifo",
              "reason_link": "hostile_reason"}
-    config = _config(tmp_path, {name: {"mode": mode, "secret": str(secret), "cell_ids": ids}
+    config = _config(tmp_path, {name: {"mode": mode, "secret": str(secret), "cell_ids": json.dumps(ids)}
                                 for mode, name in modes.items()})
     text = (config / "models.yaml").read_text().replace(f"container: {TINY_DIR}", f"container: {container}")
     (config / "models.yaml").write_text(text)

@@ -25,7 +25,7 @@ from czb.specs import schema as schema_module
 from czb.specs.loading import load_spec_file
 from czb.specs.schema import ModelSpec, WeightFile, WeightsVariant
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def sha256(path: Path) -> str:
@@ -163,15 +163,22 @@ def test_container_dir_next_to_the_spec_then_bundled(tmp_path, monkeypatch):
     spec = docker_spec(source=mine / "models.yaml")
     assert spec.container_dir() == (mine / "tiny").resolve()  # the spec's own folder wins
 
-    with pytest.raises(SpecError, match=r"model 'tiny': no Dockerfile in container folder 'other'"):
+    (bundled / "template").mkdir()
+    (bundled / "template" / "entrypoint.py").write_text("")  # built with common/Dockerfile
+    assert docker_spec(container="template").container_dir() == (bundled / "template").resolve()
+    (bundled / "other").mkdir()
+    (bundled / "other" / "requirements.txt").write_text("")
+    with pytest.raises(
+        SpecError, match=r"model 'tiny': no Dockerfile or entrypoint.py in container folder 'other'"
+    ):
         docker_spec(container="other").container_dir()
     with pytest.raises(SpecError, match="has no container folder"):
         ModelSpec(name="b", kind="baseline", implementation="pca").container_dir()
 
 
 def test_tiny_model_fixture_spec_points_at_its_own_folder():
-    spec = load_spec_file(TESTS / "data" / "tiny_model" / "models.yaml")["models"]["tiny"]
-    assert spec.container_dir() == (TESTS / "data" / "tiny_model").resolve()
+    spec = load_spec_file(TESTS / "fixtures" / "tiny_model" / "models.yaml")["models"]["tiny"]
+    assert spec.container_dir() == (TESTS / "fixtures" / "tiny_model").resolve()
 
 
 # --------------------------------------------------------------------------- staging

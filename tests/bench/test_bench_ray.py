@@ -30,7 +30,7 @@ from czb.specs.catalog import Catalog  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-SUITES = Path(__file__).parent / "data" / "bench" / "suite.yaml"
+SUITES = Path(__file__).resolve().parents[1] / "fixtures" / "bench" / "suite.yaml"
 
 
 @pytest.fixture

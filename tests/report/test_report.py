@@ -23,7 +23,7 @@ from czb.report.html import render_html, scaled_scores
 from czb.report.layout import curve_parameters, umap_layout
 from czb.report.tables import compare, metric_label, model_labels
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def record(model: str, task: str, metrics: dict[str, list[float]], *, seeds=(0, 1, 2), status="ok",

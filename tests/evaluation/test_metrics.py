@@ -11,7 +11,7 @@ from czb.evaluation.metrics import classification, clustering, mixing, silhouett
 from czb.evaluation.neighbors import compute_neighbors, exact_knn
 from czb.evaluation.registry import METRICS, TASKS, load_all
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from czb.evaluation.runner import run_task
 from czb.evaluation.tasks.sequential_organization import ordered_time_points
 
 load_all()
-DATA = Path(__file__).parent / "data"
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from sequential_cases import make_cases  # noqa: E402 - the cases the reference was computed on
 
 

@@ -2,7 +2,7 @@
 
 Recorded before the package was reorganised (issue 18) so that moving code cannot move a
 number: every record's status, metrics, parameters, values and per-seed values must
-come out as stored in ``tests/data/golden.json``.
+come out as stored in ``tests/fixtures/golden.json``.
 
 Floating point differs between CPUs: OpenBLAS and numpy pick kernels by instruction set
 (AVX2, AVX-512) and thread count, and a last-bit change in a PCA coordinate can move a
@@ -12,7 +12,7 @@ on one thread, numpy's dispatch capped at AVX2, faiss's AVX2 build), which every
 CPU computes alike. Values are compared to 1e-6 relative (1e-9 absolute).
 
 Regenerate only when a change of values is intended, and say so in the commit:
-``CZB_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py``.
+``CZB_WRITE_GOLDEN=1 python -m pytest tests/pipeline/test_golden.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 
 from czb.core.records import read_result
 
-GOLDEN = Path(__file__).parent / "data" / "golden.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden.json"
 OFFLINE = ["--offline", "--n-jobs", "2"]
 
 #: Environment that makes the runs' floating point the same on every x86-64-v3 CPU.

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-COMMON = Path(__file__).resolve().parents[1] / "containers" / "common"
+COMMON = Path(__file__).resolve().parents[2] / "containers" / "common"
 if str(COMMON) not in sys.path:
     sys.path.insert(0, str(COMMON))
 import czb_container as cc  # noqa: E402
