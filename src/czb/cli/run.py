@@ -64,7 +64,7 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Cells per forward pass in the container.")] = None,
     param: Annotated[
         Optional[list[str]],
-        typer.Option("--param", metavar="NAME=VALUE", callback=lambda values: (_parse_params(values), values)[1],
+        typer.Option("--param", metavar="NAME=VALUE", callback=_params_option,
                      help="Set a parameter the docker models' specs declare (repeatable)."),
     ] = None,
     memory_gb: Annotated[
@@ -138,6 +138,12 @@ def run(
             raise typer.Exit(1)
 
     _guarded(body)
+
+
+def _params_option(values: list[str] | None) -> list[str] | None:
+    """Callback of ``--param``: refuse malformed ``NAME=VALUE`` items before any work."""
+    _parse_params(values)
+    return values
 
 
 def _parse_params(values: list[str] | None) -> dict[str, str]:

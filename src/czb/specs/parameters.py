@@ -61,9 +61,9 @@ def convert(value: Any, kind: ParameterType, *, text: bool = False) -> Any:
         "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
     }[kind]
     if not ok:
-        shown = repr(value) if isinstance(value, (bool, int, float)) else f"a {type(value).__name__}"
+        given = repr(value) if isinstance(value, (bool, int, float)) else f"a {type(value).__name__}"
         wanted = {"float": "a finite float", "int": "an int"}.get(kind, f"a {kind}")
-        msg = f"must be {wanted}, got {shown}"
+        msg = f"must be {wanted}, got {given}"
         raise ValueError(msg)
     return int(value) if kind == "int" else float(value) if kind == "float" else value
 
