@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from czb.bench.executors import Job
 from czb.bench.executors.local import LocalExecutor
-from czb.bench.plan import BenchWarning, plan_suite
-from czb.bench.progress import SuiteProgress
-from czb.bench.store import open_store
-from czb.bench.suite import run_suite
 from czb.cli import app
 from czb.core.errors import CzbError, SpecError
 from czb.core.records import read_result
+from czb.pipeline.execute import run_suite
+from czb.pipeline.executors import Job
+from czb.pipeline.plan import BenchWarning, plan_suite
+from czb.pipeline.progress import SuiteProgress
+from czb.pipeline.store import open_store
 from czb.specs.catalog import Catalog
 
 SUITES = Path(__file__).resolve().parents[1] / "fixtures" / "bench" / "suite.yaml"
@@ -92,7 +92,7 @@ def test_bad_suites_fail_before_anything_runs(catalog, tmp_path):
 
 
 def test_bundled_suites_name_known_models_datasets_and_tasks():
-    from czb.bench.plan import resolve_matrix
+    from czb.pipeline.plan import Matrix, resolve_matrix
 
     catalog = Catalog.load()
     assert {"cz_benchmarks", "perturbation_analysis", "smoke"} <= set(catalog.suites)
@@ -102,11 +102,11 @@ def test_bundled_suites_name_known_models_datasets_and_tasks():
     assert len(matrices["cz_benchmarks_cell_atlas"].datasets) == 26
     for name in catalog.suites:
         for matrix in catalog.suite_matrices(name):
-            _, models, tasks, built = resolve_matrix(catalog, matrix)
+            _, models, tasks, built = resolve_matrix(catalog, Matrix.of_suite(matrix))
             predicts = any(b.info.kind == "perturbation" for b in built.values())
             baselines = {"control_mean", "additive_linear"} if predicts else {"pca"}
             assert baselines <= {m.name for m in models}
-    _, _, tasks, _ = resolve_matrix(catalog, catalog.suite("perturbation_analysis"))
+    _, _, tasks, _ = resolve_matrix(catalog, Matrix.of_suite(catalog.suite("perturbation_analysis")))
     assert len(tasks) == 6  # the hierarchy's six levels
 
 
@@ -178,7 +178,11 @@ def test_perturbation_predictors_are_scored_like_czb_run(catalog, tmp_path):
     assert not plan.embeds  # predictors read no embedding; the embedding model gets no units
     assert {u.model for u in plan.scores.values()} == {"control_mean", "additive_linear"}
     outcome = run(catalog, "perturbations", tmp_path / "store")
-    assert outcome.complete and all(r.status == "ok" for r in outcome.records), [r.error for r in outcome.records]
+    statuses = {r.model.name: r.status for r in outcome.records}
+    assert outcome.complete and statuses == {"random": "not_applicable", "control_mean": "ok",
+                                             "additive_linear": "ok"}, [r.error for r in outcome.records]
+    (unscored,) = [r for r in outcome.records if r.model.name == "random"]
+    assert "produces embeddings" in unscored.error and unscored.dataset.n_cells > 0  # as the predictors saw it
     ours = {r.model.name: r for r in outcome.records}
     direct = run_benchmark(catalog, datasets=["synthetic_perturbations"], tasks=["perturbation_expression_shift"],
                            models=["control_mean"], seeds=(0, 1))
@@ -187,7 +191,7 @@ def test_perturbation_predictors_are_scored_like_czb_run(catalog, tmp_path):
         assert [m.values_raw for m in r.metrics] == [m.values_raw for m in ours[r.model.name].metrics]
 
 
-@pytest.mark.filterwarnings("ignore::czb.bench.plan.BenchWarning")
+@pytest.mark.filterwarnings("ignore::czb.pipeline.plan.BenchWarning")
 def test_a_failing_unit_is_retried_then_recorded_and_the_suite_finishes(catalog, tmp_path):
     store = tmp_path / "store"
     outcome = run(catalog, "with_broken_model", store, retries=1)
@@ -207,19 +211,19 @@ def test_a_failing_unit_is_retried_then_recorded_and_the_suite_finishes(catalog,
 def test_a_dataset_changed_since_planning_is_refused(catalog, tmp_path):
     import dataclasses
 
-    from czb.bench.work import run_embed_unit
+    from czb.pipeline.work import run_embed_unit
 
     plan = plan_suite(catalog, "smoke")
     unit = next(iter(plan.embeds.values()))
     stale = dataclasses.replace(unit, parts={**unit.parts, "dataset": {**unit.parts["dataset"], "sha256": "0" * 64}})
-    with pytest.raises(CzbError, match="changed since the suite was planned"):
+    with pytest.raises(CzbError, match="changed since the run was planned"):
         run_embed_unit(stale, str(tmp_path / "store"))
     assert not (tmp_path / "store" / "embeddings").exists()
 
 
 def crash_on_first_attempt(units, store_url, **kwargs):
     """A score job whose worker dies the first time it runs (for the retry test)."""
-    from czb.bench.work import run_score_units
+    from czb.pipeline.work import run_score_units
 
     marker = Path(os.environ["CZB_TEST_CRASH_MARKER"])
     if not marker.exists():
@@ -229,7 +233,7 @@ def crash_on_first_attempt(units, store_url, **kwargs):
 
 
 def test_a_job_whose_worker_dies_is_retried(catalog, tmp_path, monkeypatch):
-    import czb.bench.suite as bench_run
+    import czb.pipeline.execute as bench_run
 
     monkeypatch.setenv("CZB_TEST_CRASH_MARKER", str(tmp_path / "crashed"))
     monkeypatch.setattr(bench_run, "run_score_units", crash_on_first_attempt)
@@ -279,8 +283,8 @@ def test_local_executor_gives_each_gpu_job_its_own_gpu(monkeypatch):
 
 
 def test_a_gpu_model_uses_the_gpus_it_was_given(catalog, monkeypatch):
-    from czb.bench.work import assigned_gpus
     from czb.models.docker.engine import _device_requests
+    from czb.pipeline.work import assigned_gpus
 
     plan = plan_suite(catalog, "smoke")
     cpu_unit = next(iter(plan.embeds.values()))
@@ -313,7 +317,7 @@ def test_suite_on_an_s3_store(catalog, s3, monkeypatch):
 
 
 def test_store_urls():
-    from czb.bench.store import S3Store, StoreError
+    from czb.pipeline.store import S3Store, StoreError
 
     assert isinstance(open_store("s3://bucket/some/prefix/"), S3Store)
     assert open_store("s3://bucket/some/prefix/").url == "s3://bucket/some/prefix"

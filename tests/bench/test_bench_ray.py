@@ -20,12 +20,12 @@ if os.environ.get("CZB_REQUIRE_RAY"):  # CI installs Ray: there this test must n
 else:
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'czb[cluster]')")
 
-import czb.bench.suite as bench_run  # noqa: E402
+import czb.pipeline.execute as bench_run  # noqa: E402
 from czb.bench.executors.ray import RayExecutor  # noqa: E402
-from czb.bench.plan import plan_suite  # noqa: E402
-from czb.bench.store import open_store  # noqa: E402
-from czb.bench.suite import run_suite  # noqa: E402
 from czb.core.records import read_result  # noqa: E402
+from czb.pipeline.execute import run_suite  # noqa: E402
+from czb.pipeline.plan import plan_suite  # noqa: E402
+from czb.pipeline.store import open_store  # noqa: E402
 from czb.specs.catalog import Catalog  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -50,7 +50,7 @@ def cluster():
 
 def score_slowly(node_dir, units, store_url, **kwargs):
     """A score job that first says which node runs it, then gives the test time to kill it."""
-    from czb.bench.work import run_score_units
+    from czb.pipeline.work import run_score_units
 
     (Path(node_dir) / ray.get_runtime_context().get_node_id()).touch()
     time.sleep(2)

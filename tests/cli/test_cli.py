@@ -42,7 +42,7 @@ def json_stdout(result):
 
 
 def results_in(folder: Path) -> list:
-    return [read_result(p) for p in sorted(folder.glob("*.json"))]
+    return [read_result(p) for p in sorted((folder / "results").glob("*.json"))]
 
 
 def assert_no_traceback(result) -> None:
@@ -175,9 +175,9 @@ def test_acceptance_pca_clustering_pbmc68k(tmp_path, monkeypatch):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert_no_traceback(result)
-    assert f"results written to {out}" in result.stderr.replace("\n", "")
+    assert f"results written to {out / 'results'}" in result.stderr.replace("\n", "")
 
-    (path,) = out.glob("*.json")
+    (path,) = (out / "results").glob("*.json")
     data = json.loads(path.read_text())
     assert set(data) == SCHEMA_FIELDS
     assert data["schema_version"] == 1

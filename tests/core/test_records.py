@@ -236,7 +236,7 @@ def test_nan_metric_values_are_written_as_null(tmp_path, monkeypatch):
         baseline=False, seeds=[0, 1, 2], output_dir=out, n_jobs=1,
     )
     assert [r.status for r in records] == ["ok"]
-    (path,) = out.glob("*.json")
+    (path,) = (out / "results").glob("*.json")
     data = _strict_loads(path.read_text())  # would raise on NaN
     metrics = {m["name"]: m for m in data["metrics"]}
     assert metrics["always_nan"]["value"] is None

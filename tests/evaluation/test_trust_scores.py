@@ -33,7 +33,7 @@ LABEL_TASKS = ["clustering", "embedding", "label_prediction", "batch_integration
 
 
 def records_in(folder: Path) -> list:
-    return [read_result(p) for p in sorted(Path(folder).glob("*.json"))]
+    return [read_result(p) for p in sorted((Path(folder) / "results").glob("*.json"))]
 
 
 @pytest.fixture(scope="module")
@@ -347,14 +347,14 @@ def run_crafted(crafted: Path, tmp_path: Path, dataset: str, tasks=LABEL_TASKS):
 
 def assert_no_nan_class(out: Path) -> None:
     """No record, metric parameter or map sample holds a class made of a missing value."""
-    for path in out.glob("*.json"):
+    for path in (out / "results").glob("*.json"):
         record = json.loads(path.read_text())
         for metric in record["metrics"]:
             for value in metric["params"].values():
                 parts = str(value).split(",")
                 assert not {"nan", "None", "<NA>", ""} & set(parts) or value == "", (path.name, metric)
         assert '"nan"' not in path.read_text()
-    for sample in out.glob("embeddings/*.npz"):
+    for sample in out.glob("results/embeddings/*.npz"):
         with np.load(sample) as f:
             for name in ("labels", "batches"):
                 if name in f.files:

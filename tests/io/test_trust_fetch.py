@@ -158,7 +158,7 @@ def test_local_dataset_edited_in_place_is_detected(tmp_path):
     config = specs(tmp_path, str(path), sha256=digest)
     result = run(tmp_path, config, offline=True)
     assert result.exit_code == 0, result.output[-2000:]
-    records = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("*.json")]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "results").glob("*.json")]
     assert records and all(r["dataset"]["sha256"] == digest for r in records)
 
     edit_in_place(path)
@@ -216,7 +216,7 @@ def test_record_carries_the_computed_digest_when_the_spec_pins_none(tmp_path):
     path = write_h5ad(tmp_path / "local.h5ad")
     result = run(tmp_path, specs(tmp_path, str(path)), offline=True)
     assert result.exit_code == 0, result.output[-2000:]
-    records = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("*.json")]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "results").glob("*.json")]
     assert records and {r["dataset"]["sha256"] for r in records} == {hashlib.sha256(path.read_bytes()).hexdigest()}
 
 

@@ -112,7 +112,7 @@ def test_run_scores_embeddings_and_records_the_image(engine, catalog, tiny_image
     assert "done" in info["log_tail"]
     # The planted cell types show in the embedding.
     assert record.metric("adjusted_rand_index").value > 0.6
-    written = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    written = json.loads(next((tmp_path / "out" / "results").glob("*.json")).read_text())
     assert written["model"]["image_digest"] == tiny_image.id
     assert _containers(engine) == []
 

@@ -586,8 +586,8 @@ def fake_engine(monkeypatch, tmp_path):
     return SimpleNamespace(cache=tmp_path / "cache")
 
 
-def _run_cli(tmp_path: Path, models: list[str], config: Path, *extra: str):
-    out = tmp_path / "results"
+def _run_cli(tmp_path: Path, models: list[str], config: Path, *extra: str, out: Path | None = None):
+    out = out or tmp_path / "results"
     result = CliRunner().invoke(app, [
         "run", *[a for m in models for a in ("-m", m)], "-t", "clustering", "-d", DATASET, "--seeds", "0",
         "--no-baseline", "--format", "json", "--output-dir", str(out), "--config-dir", str(config), *extra,
@@ -642,8 +642,8 @@ def test_links_to_czb_own_files_are_ignored_and_never_written_through(tmp_path, 
         assert sorted(p.name for p in entry.iterdir()) == [
             "cell_ids.json", "container.log", "embeddings.npy", "key.json", "meta.json"]
         assert json.loads((entry / "key.json").read_text())["image_id"] == "sha256:" + "c" * 64
-    # The cached runs are reused, read the same careful way.
-    again, records, _ = _run_cli(tmp_path, ["sly"], config)
+    # The cached runs are reused, read the same careful way (by a run on another store).
+    again, records, _ = _run_cli(tmp_path, ["sly"], config, out=tmp_path / "elsewhere")
     assert again.exit_code == 0 and records["sly"]["model"]["info"]["cache"] == "hit"
     _untouched(secret)
 
@@ -869,7 +869,7 @@ def test_lone_surrogates_in_container_json_lose_no_result(tmp_path, fake_engine)
     meta = records["sur"]["model"]["info"]["container_meta"]
     assert meta["s"] == "\U000103ff\ufffd" and meta["k\ufffd"] == 1 and meta["l"] == ["\ufffd", {"\ufffd": "\ufffd"}]
     assert "broke \ufffd here" in records["why"]["error"]
-    files = sorted(out.glob("*.json"))
+    files = sorted((out / "results").glob("*.json"))
     assert {read_result(f).model.name for f in files} == {"sur", "good", "why"}
     _report_formats(tmp_path, out)
 
@@ -878,7 +878,7 @@ def test_result_json_with_lone_surrogates_reports_in_every_format(tmp_path, fake
     config = _config(tmp_path, {"good": {"mode": "ok"}})
     result, _, out = _run_cli(tmp_path, ["good"], config)
     assert result.exit_code == 0, result.output
-    (path,) = out.glob("*.json")
+    (path,) = (out / "results").glob("*.json")
     record = json.loads(path.read_text())
     record["model"]["info"]["\ud800key"] = ["\udfff", {"x": "\ud800"}]
     record["model"]["parameters"]["note"] = "a\udc00b"
@@ -888,7 +888,7 @@ def test_result_json_with_lone_surrogates_reports_in_every_format(tmp_path, fake
 
 
 def test_store_json_with_lone_surrogates_or_deep_nesting_is_read_safely(tmp_path):
-    from czb.bench.store import StoreError, open_store
+    from czb.pipeline.store import StoreError, open_store
 
     store = open_store(tmp_path / "store")
     store.write_bytes("scores/a.json", b'{"status": "ok", "k\\ud800": ["\\udfff"]}')
@@ -907,7 +907,7 @@ def test_deepest_accepted_meta_is_written_and_read_back(tmp_path, fake_engine):
     result, records, out = _run_cli(tmp_path, ["deep"], config)
     assert result.exit_code == 0, result.output
     assert json_depth(records["deep"]["model"]["info"]["container_meta"]) == MAX_JSON_DEPTH
-    (path,) = out.glob("*.json")
+    (path,) = (out / "results").glob("*.json")
     assert R.read_result(path).model.name == "deep"
     _report_formats(tmp_path, out)
     # One level more is refused at the boundary, as one line.
@@ -921,15 +921,15 @@ def test_deepest_accepted_meta_is_written_and_read_back(tmp_path, fake_engine):
 def test_one_record_that_cannot_be_written_loses_no_other(tmp_path, fake_engine, monkeypatch):
     from czb.core import records as R
     from czb.core.errors import ResultsError
-    write_result = R.write_result
+    result_json = R.result_json
 
-    def failing_for_bad(record, output_dir):
+    def failing_for_bad(record, **kwargs):
         if record.model.name == "bad":
-            msg = f"cannot write result to {output_dir}: No space left on device"
+            msg = "cannot write result: No space left on device"
             raise ResultsError(msg)
-        return write_result(record, output_dir)
+        return result_json(record, **kwargs)
 
-    monkeypatch.setattr(R, "write_result", failing_for_bad)
+    monkeypatch.setattr(R, "result_json", failing_for_bad)
     config = _config(tmp_path, {"bad": {"mode": "ok"}, "good": {"mode": "ok"}})
     out = tmp_path / "results"
     result = CliRunner().invoke(app, [
@@ -939,7 +939,7 @@ def test_one_record_that_cannot_be_written_loses_no_other(tmp_path, fake_engine,
     assert "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "2 result(s) could not be written" in errors[0], result.stderr
-    written = sorted(p.name.split("__")[1:3] for p in out.glob("*.json"))
+    written = sorted(p.name.split("__")[1:3] for p in (out / "results").glob("*.json"))
     assert written == [["good", "clustering"], ["good", "embedding"]]
 
 

@@ -100,7 +100,7 @@ def _run(name: str, tmp_path: Path) -> list[dict]:
     env = {**os.environ, **PINNED_NUMERICS}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    folder = out / "results" if args[0] == "bench" else out
+    folder = out / "results"
     records = [_summary(read_result(p)) for p in sorted(folder.glob("*.json"))]
     assert records, f"{name}: no records"
     return sorted(records, key=lambda r: (r["dataset"], r["model"], r["task"]))

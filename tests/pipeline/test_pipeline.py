@@ -109,14 +109,14 @@ def test_cross_species_tasks_score_stacked_embeddings_of_each_dataset(tmp_path):
     assert {("human", "mouse"), ("mouse", "human")} <= pairs
     # Written and read back with the members.
     stem = group.replace("+", "-")  # file names keep letters, digits, '_', '.', '-'
-    written = [read_result(p) for p in tmp_path.glob(f"{stem}__random__cross_species_integration__*.json")]
+    written = [read_result(p) for p in (tmp_path / "results").glob(f"{stem}__random__cross_species_integration__*.json")]
     assert len(written) == 1 and len(written[0].dataset.members) == 2
 
 
 def test_cross_species_needs_several_datasets():
     from czb.core.errors import CzbError
 
-    with pytest.raises(CzbError, match="give two or more --dataset"):
+    with pytest.raises(CzbError, match="give two or more datasets"):
         run_benchmark(Catalog.load(), datasets=["synthetic_species_human"],
                       tasks=["cross_species_integration"], models=["random"], seeds=(0,))
 
@@ -124,33 +124,29 @@ def test_cross_species_needs_several_datasets():
 def test_a_member_without_embedding_fails_the_group_and_says_which():
     import numpy as np
 
-    from czb.core.records import DatasetRecord
+    from czb.core.records import DatasetRecord, ModelRecord
     from czb.models.embedding import Embedding
-    from czb.pipeline.groups import GroupMember, score_group
+    from czb.pipeline.groups import GroupMember, stack_members
     from czb.pipeline.scoring import Embedded
-    from czb.pipeline.tasks import build_tasks
-    catalog = Catalog.load()
-    planned = build_tasks([catalog.task("cross_species_integration")])
     roles = {"labels": np.array(["a", "b"] * 20, dtype=object), "batch": None}
 
     def member(name, organism, embedded):
         record = DatasetRecord(name=name, uri=f"x:{name}", sha256=None, n_cells=40, n_genes=10)
         return GroupMember(record, embedded, {**roles, "species": np.full(40, organism, dtype=object)})
 
-    model = {"name": "m", "kind": "docker", "image_digest": "sha256:1", "info": {}}
+    model = ModelRecord(name="m", kind="docker", image_digest="sha256:1")
     ok = Embedded(model, Embedding(values=np.zeros((40, 4), np.float32), model="m", kind="docker"))
     failed = Embedded(model, None, "failed", "container failed (exit code 1)")
     not_applicable = Embedded(model, None, "not_applicable", "m supports human; dataset b is mouse")
-    (record,) = score_group([member("a", "human", ok), member("b", "mouse", failed)], planned,
-                            seeds=(0,), n_jobs=1, command="")
-    assert record.status == "failed" and "b: container failed" in record.error
-    (record,) = score_group([member("a", "human", ok), member("b", "mouse", not_applicable)], planned,
-                            seeds=(0,), n_jobs=1, command="")
-    assert record.status == "not_applicable" and "b: m supports human" in record.error
+    group, stacked, _ = stack_members([member("a", "human", ok), member("b", "mouse", failed)])
+    assert group.name == "a+b" and stacked.status == "failed" and "b: container failed" in stacked.error
+    _, stacked, _ = stack_members([member("a", "human", ok), member("b", "mouse", not_applicable)])
+    assert stacked.status == "not_applicable" and "b: m supports human" in stacked.error
     wide = Embedded(model, Embedding(values=np.zeros((40, 8), np.float32), model="m", kind="docker"))
-    (record,) = score_group([member("a", "human", ok), member("b", "mouse", wide)], planned,
-                            seeds=(0,), n_jobs=1, command="")
-    assert record.status == "failed" and "differ in dimension" in record.error
+    _, stacked, _ = stack_members([member("a", "human", ok), member("b", "mouse", wide)])
+    assert stacked.status == "failed" and "differ in dimension" in stacked.error
+    _, stacked, stacked_roles = stack_members([member("a", "human", ok), member("b", "mouse", ok)])
+    assert stacked.embedding.values.shape == (80, 4) and list(stacked_roles["dataset"][[0, 40]]) == ["a", "b"]
 
 
 def test_ordered_string_time_points_run_through_the_declared_order(tmp_path):

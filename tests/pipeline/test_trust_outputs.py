@@ -26,7 +26,7 @@ PBMC = ["--dataset", "pbmc68k_reduced", "--offline", "--seeds", "0", "--n-jobs",
 
 
 def records_in(folder: Path) -> list:
-    return [read_result(p) for p in sorted(Path(folder).glob("*.json"))]
+    return [read_result(p) for p in sorted((Path(folder) / "results").glob("*.json"))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,7 +101,7 @@ def test_read_only_output_dir_fails_before_any_work(tmp_path, spies):
 
 
 def test_output_dir_probe_leaves_nothing_behind(tmp_path):
-    from czb.pipeline.run import check_output_dir
+    from czb.pipeline.store import check_output_dir
     folder = tmp_path / "a" / "b"
     assert check_output_dir(folder) == folder
     assert folder.is_dir() and list(folder.iterdir()) == []
@@ -198,12 +198,11 @@ def bench(suite_file: Path, store: Path):
 
 
 def store_records(store: Path) -> list:
-    return records_in(store / "results")
+    return records_in(store)
 
 
 def test_bench_store_that_is_a_file_fails_before_planning(tmp_path, suite_file, monkeypatch):
-    from czb.bench import plan
-
+    from czb.pipeline import plan
     planned = []
     monkeypatch.setattr(plan, "plan_suite", lambda *a, **k: planned.append(1))
     store = _a_file(tmp_path)
@@ -216,7 +215,7 @@ def test_bench_store_that_is_a_file_fails_before_planning(tmp_path, suite_file, 
 
 
 def test_local_store_checks_its_folder(tmp_path):
-    from czb.bench.store import StoreError, open_store
+    from czb.pipeline.store import StoreError, open_store
 
     with pytest.raises(StoreError, match="cannot create store folder .*: Not a directory"):
         open_store(_a_file(tmp_path) / "store")
@@ -312,9 +311,9 @@ def test_unreadable_unit_json_is_redone(tmp_path, suite_file):
 
 def test_unreadable_failure_record_does_not_break_assembly(tmp_path):
     """A damaged ``failures/<key>.json`` is named, deleted, and the record still says failed."""
-    from czb.bench.plan import plan_suite
-    from czb.bench.store import StoreWarning, open_store
-    from czb.bench.suite import assemble_records
+    from czb.pipeline.assemble import assemble_records
+    from czb.pipeline.plan import plan_suite
+    from czb.pipeline.store import StoreWarning, open_store
     from czb.specs.catalog import Catalog
 
     (tmp_path / "suite.yaml").write_text(SUITE)
@@ -323,7 +322,7 @@ def test_unreadable_failure_record_does_not_break_assembly(tmp_path):
     key = next(iter(plan.embeds))
     store.write_bytes(f"failures/{key}.json", b'{"error": "cut sh')
     with pytest.warns(StoreWarning, match=rf"failures/{key}.json is not valid JSON; its unit runs again"):
-        records = assemble_records(plan, store)
+        records, _ = assemble_records(plan, store)
     assert {r.status for r in records} == {"failed"}
     assert not (tmp_path / "store" / "failures" / f"{key}.json").exists()
 
@@ -334,7 +333,7 @@ def test_s3_store_finds_a_truncated_embedding_from_its_end(s3, monkeypatch):
 
     from conftest import S3_TEST_BUCKET
 
-    from czb.bench.store import StoreError, StoreWarning, open_store
+    from czb.pipeline.store import StoreError, StoreWarning, open_store
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -388,7 +387,8 @@ def test_longest_valid_names_are_written_and_reported(tmp_path):
     cfg = tmp_path / "cfg"
     cfg.mkdir()
     spec = LONG_SPEC.format(dataset=dataset, model=model)
-    spec += spec[spec.index("  " + model):].replace(model, twin)
+    # The twin computes something else (the same parameters would share the twin's units).
+    spec += spec[spec.index("  " + model):].replace(model, twin).replace("n_comps: 10", "n_comps: 9")
     (cfg / "long.yaml").write_text(spec)
     out = tmp_path / "out"
     result = invoke("run", "-m", model, "-m", twin, "-t", "embedding", "-t", "clustering", "-d", dataset,
@@ -425,17 +425,41 @@ def test_slug_keeps_long_names_apart_and_short_names_as_they_were():
     assert len(slug(long_a)) <= MAX_SLUG and len(slug("\u00e9" * 500)) <= MAX_SLUG
 
 
-def test_sample_that_cannot_be_written_does_not_cost_the_scores(tmp_path):
+def test_sample_that_cannot_be_written_does_not_cost_the_scores(tmp_path, monkeypatch):
+    from czb.pipeline.store import LocalStore, StoreError
+
+    write = LocalStore.write_bytes
+
+    def full_for_samples(self, relative, data):
+        if relative.startswith("results/embeddings/"):
+            msg = f"{self.url}/{relative} cannot be written (No space left on device)"
+            raise StoreError(msg)
+        return write(self, relative, data)
+
+    monkeypatch.setattr(LocalStore, "write_bytes", full_for_samples)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "embeddings").write_text("keep me\n")  # where samples go: a file
     result = invoke("run", "-m", "random", "-t", "embedding", *TINY, "--no-baseline", "--offline",
                     "--output-dir", out)
     assert_clean_exit(result, 0)
     assert "reports will have no map of it" in " ".join(result.stderr.split())
     (record,) = records_in(out)
     assert record.status == "ok" and record.embedding_sample is None
-    assert (out / "embeddings").read_text() == "keep me\n"
+
+
+def test_models_of_the_same_identity_share_units_and_keep_their_names(tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "alias.yaml").write_text(
+        "models:\n  my_pca:\n    kind: baseline\n    implementation: pca\n"
+        "    parameters: {n_top_genes: 3000, n_comps: 50}\n")  # what pca declares, by value
+    out = tmp_path / "out"
+    result = invoke("run", "-m", "my_pca", "-t", "embedding", *TINY, "--offline", "--config-dir", cfg,
+                    "--output-dir", out)
+    assert_clean_exit(result, 0)
+    records = {r.model.name: r for r in records_in(out)}
+    assert set(records) == {"my_pca", "pca"}  # one embedding computed, two records
+    assert len(list(out.glob("embeddings/*/unit.json"))) == 1
+    assert records["my_pca"].metrics == records["pca"].metrics
 
 
 # ----------------------------------------------------------------------------- store entries that are not regular files
@@ -506,7 +530,7 @@ def test_store_never_reads_or_writes_through_a_symlinked_unit_folder(tmp_path, s
 
 
 def test_local_store_entries_that_are_not_files(tmp_path):
-    from czb.bench.store import StoreError, StoreWarning, open_store
+    from czb.pipeline.store import StoreError, StoreWarning, open_store
 
     store = open_store(tmp_path / "store")
     root = tmp_path / "store"

@@ -250,10 +250,10 @@ def run_output(tmp_path_factory):
 
 
 def test_run_keeps_an_embedding_sample_for_maps(run_output):
-    recs = [R.read_result(p) for p in sorted(run_output.glob("*.json"))]
+    recs = [R.read_result(p) for p in sorted((run_output / "results").glob("*.json"))]
     samples = {r.model.name: r.embedding_sample for r in recs}
     assert set(samples) == {"pca", "random"} and all(samples.values())
-    with np.load(run_output / samples["pca"]) as f:
+    with np.load(run_output / "results" / samples["pca"]) as f:
         assert f["X"].shape[0] == 300 and f["labels"].shape == (300,) and f["batches"].shape == (300,)
 
 

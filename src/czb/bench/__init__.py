@@ -1,6 +1,9 @@
-"""``czb bench``: benchmark suites as content-keyed units of work, run locally or on Ray.
+"""``czb bench``'s executors: a suite's jobs in worker processes here
+(:mod:`~czb.bench.executors.local`) or on a Ray cluster (:mod:`~czb.bench.executors.ray`).
 
-:mod:`~czb.bench.plan` turns a suite into units, :mod:`~czb.bench.store` keeps their
-outputs, :mod:`~czb.bench.work` is what a worker runs, :mod:`~czb.bench.executors` run
-jobs, and :mod:`~czb.bench.suite` schedules, retries and assembles result records.
+Everything else a suite needs is the pipeline's, shared with ``czb run``:
+:mod:`~czb.pipeline.plan` turns it into content-keyed units, :mod:`~czb.pipeline.execute`
+schedules and retries them, :mod:`~czb.pipeline.work` is what a job runs,
+:mod:`~czb.pipeline.store` keeps the outputs and :mod:`~czb.pipeline.assemble` makes
+the result records.
 """

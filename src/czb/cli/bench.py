@@ -44,10 +44,10 @@ def bench(
 
     def body():
         from czb.bench.executors import make_executor
-        from czb.bench.plan import plan_suite
-        from czb.bench.store import open_store
-        from czb.bench.suite import done_units, run_suite
         from czb.core.settings import get_settings
+        from czb.pipeline.execute import done_units, run_suite
+        from czb.pipeline.plan import plan_suite
+        from czb.pipeline.store import open_store
         from czb.specs.catalog import Catalog
 
         settings = get_settings()
@@ -88,7 +88,9 @@ def bench(
                   f"results in {target.url}/results")
         for label, reason in {**outcome.failed, **outcome.blocked}.values():
             err.print(f"[bold red]failed:[/] {_safe(f'{label}: {reason}')}", soft_wrap=True, markup=True)
-        if not outcome.complete:
+        for line in outcome.unwritten:
+            err.print(f"[bold red]not written:[/] {_safe(line)}", soft_wrap=True, markup=True)
+        if not outcome.complete or outcome.unwritten:
             raise typer.Exit(1)
 
     _guarded(body)

@@ -40,7 +40,10 @@ def run(
     seeds: Annotated[
         str, typer.Option(callback=_seeds_option, help="Seeds of stochastic steps, distinct, e.g. 0,1,2.")
     ] = "0,1,2",
-    output_dir: Annotated[Optional[Path], typer.Option(help="Folder for result JSONs [default: CZB_OUTPUT_DIR].")] = None,
+    output_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Store for units and results/ (shared with czb bench --store) [default: CZB_OUTPUT_DIR]."),
+    ] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also score the PCA baseline.")] = True,
     offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
     n_jobs: Annotated[Optional[int], typer.Option(min=1, help="Worker processes [default: all cores].")] = None,
@@ -77,7 +80,7 @@ def run(
         Optional[int], typer.Option(min=1, help="Kill a model container after this many seconds.")
     ] = None,
     cache: Annotated[
-        bool, typer.Option("--cache/--no-cache", help="Reuse finished model runs (--no-cache runs the model again).")
+        bool, typer.Option("--cache/--no-cache", help="Reuse finished work (--no-cache runs models and tasks again).")
     ] = True,
     fmt: OutputFormat = Format.table,
     config_dir: ConfigDirs = None,
@@ -129,7 +132,7 @@ def run(
         else:
             _print_results(records)
             _print_hierarchy(records)
-            err.print(f"results written to {_safe(out)}", soft_wrap=True)
+            err.print(f"results written to {_safe(Path(out) / 'results')}", soft_wrap=True)
         failed = [r for r in records if r.status == "failed"]
         # The table cell may be too narrow to read; each distinct failure gets its own line.
         for message in dict.fromkeys(f"{r.dataset.name}/{r.model.name}: {r.error}" for r in failed):

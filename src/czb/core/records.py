@@ -147,6 +147,27 @@ def slug(text: str, max_length: int = MAX_SLUG) -> str:
     return f"{safe[: max_length - len(digest) - 1].rstrip('-')}-{digest}"
 
 
+def result_json(record: ResultRecord, *, name: str = "") -> str:
+    """``record`` as the JSON text of a result file.
+
+    Raises
+    ------
+    ResultsError
+        It nests deeper than readers accept, or holds a value JSON cannot represent
+        (what czb writes, czb must be able to read back).
+    """
+    name = name or "__".join((record.dataset.name, record.model.name, record.task.name))
+    data = record.model_dump(mode="json")
+    if json_depth(data) > MAX_RESULT_DEPTH:
+        msg = f"result {name} nests more than {MAX_RESULT_DEPTH} levels deep; it would not be readable"
+        raise ResultsError(msg)
+    try:
+        return json.dumps(data, indent=2, allow_nan=False)
+    except ValueError as e:
+        msg = f"result {name} holds a value JSON cannot represent: {e}"
+        raise ResultsError(msg) from e
+
+
 def write_result(record: ResultRecord, output_dir: Path) -> Path:
     """Write ``record`` to ``output_dir`` atomically, never replacing an existing file.
 
@@ -166,15 +187,7 @@ def write_result(record: ResultRecord, output_dir: Path) -> Path:
         raise ResultsError(msg) from e
     stamp = slug(record.created_at.replace(":", "").replace("+0000", "Z").replace("+00:00", "Z"), 32)
     stem = "__".join(slug(s) for s in (record.dataset.name, record.model.name, record.task.name)) + "__" + stamp
-    data = record.model_dump(mode="json")
-    if json_depth(data) > MAX_RESULT_DEPTH:  # what czb writes, czb must be able to read back
-        msg = f"result {stem} nests more than {MAX_RESULT_DEPTH} levels deep; it would not be readable"
-        raise ResultsError(msg)
-    try:
-        payload = json.dumps(data, indent=2, allow_nan=False)
-    except ValueError as e:
-        msg = f"result {stem} holds a value JSON cannot represent: {e}"
-        raise ResultsError(msg) from e
+    payload = result_json(record, name=stem)
     with _staged(output_dir, ".json", f"result to {output_dir}") as (fd, tmp):
         with os.fdopen(fd, "w") as f:
             f.write(payload + "\n")

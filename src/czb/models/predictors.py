@@ -41,6 +41,10 @@ class InProcessPredictor:
         self.name = spec.name
         self.implementation = implementation
 
+    def bind(self, dataset: Dataset) -> None:
+        """Nothing to check: the baselines take any perturbation dataset (docker
+        predictors check organism and input here)."""
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

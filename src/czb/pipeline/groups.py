@@ -1,18 +1,16 @@
-"""Tasks over several datasets (cross-species): members' embeddings and roles stacked, then scored."""
+"""Tasks over several datasets (cross-species): the members' embeddings and roles stacked
+into one, and the group's dataset and model records."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from czb.core import records as R
-from czb.data.dataset import Dataset
-from czb.pipeline.dataset_views import dataset_record, dataset_roles
-from czb.pipeline.scoring import Embedded, Progress, score_embedding, unscored_records
-from czb.pipeline.tasks import PlannedTask
+from czb.models.embedding import Embedding
+from czb.pipeline.scoring import Embedded
 
 
 @dataclass
@@ -23,10 +21,6 @@ class GroupMember:
     record: R.DatasetRecord
     embedded: Embedded
     roles: dict[str, np.ndarray]
-
-
-def group_member(ds: Dataset, embedded: Embedded) -> GroupMember:
-    return GroupMember(dataset_record(ds), embedded, dataset_roles(ds, embedded.cell_index))
 
 
 def group_record(members: Sequence[R.DatasetRecord]) -> R.DatasetRecord:
@@ -41,9 +35,9 @@ def group_record(members: Sequence[R.DatasetRecord]) -> R.DatasetRecord:
     )
 
 
-def group_model(names: Sequence[str], models: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """A model's description for a group: the first member's, with each member's info."""
-    return {**models[0], "info": {"members": {n: m.get("info", {}) for n, m in zip(names, models)}}}
+def group_model(names: Sequence[str], models: Sequence[R.ModelRecord]) -> R.ModelRecord:
+    """A model's record for a group: the first member's, with each member's info."""
+    return models[0].model_copy(update={"info": {"members": {n: m.info for n, m in zip(names, models)}}}, deep=True)
 
 
 def stack_members(members: Sequence[GroupMember]) -> tuple[R.DatasetRecord, Embedded, dict[str, np.ndarray]]:
@@ -57,8 +51,6 @@ def stack_members(members: Sequence[GroupMember]) -> tuple[R.DatasetRecord, Embe
     embedding, or the embeddings differ in dimension, the stacked :class:`Embedded` has
     none and says why (``failed`` or ``not_applicable``), and the roles are empty.
     """
-    from czb.models.embedding import Embedding
-
     group = group_record([m.record for m in members])
     first = members[0].embedded
     model = group_model([m.record.name for m in members], [m.embedded.model for m in members])
@@ -88,7 +80,7 @@ def stack_members(members: Sequence[GroupMember]) -> tuple[R.DatasetRecord, Embe
         if role in ("donor", "sample"):
             parts = [_prefixed(n, ":", p) for n, p in zip(names, parts)]
         roles[role] = np.concatenate(parts)
-    stacked = Embedded(model, Embedding(values=values, model=first.model["name"], kind="stacked"),
+    stacked = Embedded(model, Embedding(values=values, model=first.model.name, kind="stacked"),
                        runtime_s=runtime)
     return group, stacked, roles
 
@@ -100,23 +92,3 @@ def _prefixed(names: np.ndarray, separator: str, values: np.ndarray) -> np.ndarr
     out = names + separator + np.asarray(values).astype(str).astype(object)
     out[missing_mask(values)] = None
     return out
-
-
-def score_group(
-    members: Sequence[GroupMember],
-    planned: Sequence[PlannedTask],
-    *,
-    seeds: Sequence[int],
-    n_jobs: int,
-    command: str,
-    progress: Progress | None = None,
-    raise_errors: bool = False,
-    exact: bool | None = None,
-) -> list[R.ResultRecord]:
-    """Score tasks over several datasets (cross-species) on their stacked embeddings
-    (:func:`stack_members`)."""
-    group, stacked, roles = stack_members(members)
-    if stacked.embedding is None:
-        return unscored_records(stacked, group, planned, seeds=seeds, command=command)
-    return score_embedding(stacked, group, roles, planned, seeds=seeds, n_jobs=n_jobs, command=command,
-                           progress=progress, raise_errors=raise_errors, exact=exact)

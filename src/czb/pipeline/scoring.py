@@ -1,12 +1,11 @@
-"""Embedding a dataset with one source and scoring tasks on the result, one record per task.
-
-A source that fails to embed, or a task that fails, becomes a ``failed`` record; it is never
-dropped. A model that does not produce what a task scores gets a ``not_applicable`` record.
+"""The steps of a unit of work: embedding a dataset with one source (an outcome, never
+an exception), the evaluation context an embedding is scored in, and the result record
+of one task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,18 +18,39 @@ from czb.data.dataset import Dataset
 from czb.data.relationship_sources import load_sources
 from czb.evaluation.context import EvaluationContext
 from czb.evaluation.resources import measure
-from czb.evaluation.runner import TaskResult, run_task
+from czb.evaluation.runner import TaskResult
 from czb.evaluation.task import Task
-from czb.pipeline.dataset_views import dataset_record
+from czb.models.embedding import Embedding
 from czb.pipeline.tasks import PlannedTask
 
-Progress = Callable[[str], None]
+
+def model_record(described: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> R.ModelRecord:
+    """The ``model`` of result records from a source's ``describe()``: name, kind, image
+    digest (``"in-process"`` for baselines and files; ``"unresolved"`` for a docker model
+    that never ran), parameters, and ``info`` about this run."""
+    kind = described["kind"]
+    return R.ModelRecord(
+        name=described["name"],
+        kind=kind,
+        image_digest=described.get("image_digest") or ("in-process" if kind != "docker" else "unresolved"),
+        parameters=dict(described.get("parameters") or {}),
+        info=dict(info or {}),
+    )
+
+
+def stored_model(value: Any, fallback: R.ModelRecord | None) -> R.ModelRecord | None:
+    """A model record read back from a unit's output in the store, or ``fallback`` when
+    the output holds no valid one (a damaged or foreign file)."""
+    try:
+        return R.ModelRecord.model_validate(value)
+    except ValueError:
+        return fallback
 
 
 def result_record(
     *,
     dataset: R.DatasetRecord,
-    model: dict[str, Any],
+    model: R.ModelRecord,
     planned: PlannedTask,
     result: TaskResult,
     command: str,
@@ -43,13 +63,7 @@ def result_record(
         command=command,
         host=R.host_record(),
         dataset=dataset,
-        model=R.ModelRecord(
-            name=model["name"],
-            kind=model["kind"],
-            image_digest=model.get("image_digest") or ("in-process" if model["kind"] != "docker" else "unresolved"),
-            parameters=model.get("parameters", {}),
-            info=model.get("info", {}),
-        ),
+        model=model.model_copy(deep=True),
         task=R.TaskRecord(
             name=planned.spec.name,
             implementation=planned.spec.implementation,
@@ -80,8 +94,8 @@ def result_record(
 class Embedded:
     """The outcome of embedding one dataset with one source: an embedding, or why not."""
 
-    model: dict[str, Any]
-    embedding: Any = None
+    model: R.ModelRecord
+    embedding: Embedding | None = None
     status: str = "ok"
     error: str | None = None
     runtime_s: float = 0.0
@@ -94,7 +108,8 @@ class Embedded:
 
 def embed_dataset(source: Any, ds: Dataset, *, seed: int, raise_errors: bool = False) -> Embedded:
     """Embed ``ds`` with ``source``; a failure or a not-applicable model is returned, not raised
-    (unless ``raise_errors``, for debugging)."""
+    (unless ``raise_errors``, for debugging). A failed docker run keeps its container's last
+    log lines in ``model.info["log_tail"]``."""
     info: dict[str, Any] = {}
     with measure() as usage:
         try:
@@ -110,21 +125,8 @@ def embed_dataset(source: Any, ds: Dataset, *, seed: int, raise_errors: bool = F
                 info["log_tail"] = e.log_tail[-50:]
         else:
             status, error = "ok", None
-    model = source.describe()
     info.update(embedding.info if embedding is not None else {})
-    return Embedded({**model, "info": info}, embedding, status, error, usage.runtime_s)
-
-
-def unscored_records(embedded: Embedded, dataset: R.DatasetRecord, planned: Sequence[PlannedTask], *,
-              seeds: Sequence[int], command: str) -> list[R.ResultRecord]:
-    """One failed / not-applicable record per task, for an embedding that does not exist."""
-    prefix = "embedding failed: " if embedded.status == "failed" else ""
-    result = TaskResult(task="", status=embedded.status, seeds=list(seeds), error=f"{prefix}{embedded.error}")
-    return [
-        result_record(dataset=dataset, model=embedded.model, planned=p, result=result, command=command,
-                      embedding_runtime_s=embedded.runtime_s)
-        for p in planned
-    ]
+    return Embedded(model_record(source.describe(), info), embedding, status, error, usage.runtime_s)
 
 
 def embedding_context(
@@ -155,88 +157,3 @@ def embedding_context(
         n_jobs=n_jobs,
         exact=exact,
     )
-
-
-def score_embedding(
-    embedded: Embedded,
-    dataset: R.DatasetRecord,
-    roles: dict[str, np.ndarray | None],
-    planned: Sequence[PlannedTask],
-    *,
-    seeds: Sequence[int],
-    n_jobs: int,
-    command: str,
-    progress: Progress | None = None,
-    raise_errors: bool = False,
-    expression: Any = None,
-    relationship_sources: Sequence[str] | None = None,
-    exact: bool | None = None,
-) -> list[R.ResultRecord]:
-    """Score every task on one embedding, sharing one neighbour graph.
-
-    ``roles`` holds per-cell annotations aligned with the embedding's rows: ``labels``,
-    ``batch`` (or ``None``) and any extra role; ``expression`` the cells' expression
-    for tasks that read it (rows aligned likewise).
-    """
-    if embedded.embedding is None:
-        return unscored_records(embedded, dataset, planned, seeds=seeds, command=command)
-    say = progress or (lambda _msg: None)
-    context = embedding_context(embedded.embedding.values, roles, tasks=[p.task for p in planned],
-                                expression=expression, relationship_sources=relationship_sources,
-                                n_jobs=n_jobs, exact=exact)
-    return _score_tasks(context, planned, dataset=dataset, model=lambda: embedded.model, seeds=seeds,
-                        command=command, embedding_runtime_s=embedded.runtime_s, say=say,
-                        raise_errors=raise_errors)
-
-
-def score_predictor(
-    source: Any,
-    ds: Dataset,
-    data: Any,
-    planned: Sequence[PlannedTask],
-    *,
-    seeds: Sequence[int],
-    n_jobs: int,
-    command: str,
-    progress: Progress | None = None,
-    raise_errors: bool = False,
-) -> list[R.ResultRecord]:
-    """Score a perturbation predictor on every perturbation task of one dataset."""
-    from czb.evaluation.perturbation.prediction.data import PerturbationContext
-
-    say = progress or (lambda _msg: None)
-    if hasattr(source, "bind"):  # a docker predictor: organism and input checks first
-        try:
-            source.bind(ds)
-        except NotApplicableError as e:
-            skipped = Embedded({**source.describe(), "info": {}}, None, "not_applicable", str(e))
-            return unscored_records(skipped, dataset_record(ds), planned, seeds=seeds, command=command)
-    context = PerturbationContext(data, source, n_jobs=n_jobs)
-    # Described after each task: a docker predictor knows its image once it has run.
-    return _score_tasks(context, planned, dataset=dataset_record(ds),
-                        model=lambda: {**source.describe(), "info": {}}, seeds=seeds, command=command,
-                        embedding_runtime_s=0.0, say=say, raise_errors=raise_errors)
-
-
-def _score_tasks(
-    context: Any,
-    planned: Sequence[PlannedTask],
-    *,
-    dataset: R.DatasetRecord,
-    model: Callable[[], dict[str, Any]],
-    seeds: Sequence[int],
-    command: str,
-    embedding_runtime_s: float,
-    say: Progress,
-    raise_errors: bool,
-) -> list[R.ResultRecord]:
-    """Run every planned task on one context, one record each (``model()`` read after the task)."""
-    context.plan(p.task for p in planned)
-    records = []
-    for p in planned:
-        described = model()
-        say(f"{dataset.name}: {described['name']}: {p.spec.name}")
-        result = run_task(p.task, context, seeds, raise_errors=raise_errors)
-        records.append(result_record(dataset=dataset, model=model(), planned=p, result=result,
-                                     command=command, embedding_runtime_s=embedding_runtime_s))
-    return records

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from czb.evaluation.registry import get_task
@@ -12,10 +11,12 @@ from czb.specs.schema import TaskSpec
 
 @dataclass
 class PlannedTask:
+    """A task spec and its implementation, built with the spec's parameters."""
+
     spec: TaskSpec
     task: Task
 
-
-def build_tasks(specs: Sequence[TaskSpec]) -> list[PlannedTask]:
-    """Instantiate each task spec's implementation with its parameters (validated now)."""
-    return [PlannedTask(spec, get_task(spec.implementation)(**spec.parameters)) for spec in specs]
+    @classmethod
+    def build(cls, spec: TaskSpec) -> PlannedTask:
+        """Instantiate the spec's implementation (its parameters are validated now)."""
+        return cls(spec, get_task(spec.implementation)(**spec.parameters))

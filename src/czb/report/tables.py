@@ -43,8 +43,9 @@ class ReportWarning(CzbWarning):
 
 
 def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
-    """The result JSONs in ``paths`` (files, or folders searched recursively), each with
-    its results folder: the folder given, or the folder of a file given.
+    """The result JSONs in ``paths`` (files, or folders searched recursively; for a czb
+    store, its ``results/``), each with its results folder: the folder searched, or the
+    folder of a file given.
 
     Raises
     ------
@@ -53,6 +54,8 @@ def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     """
     found = []
     for path in map(Path, paths):
+        if _is_store(path):  # a czb store (czb run --output-dir, czb bench --store): its records
+            path = path / "results"
         if path.is_dir():
             try:
                 files = sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-"))
@@ -72,6 +75,12 @@ def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
         msg = "no result files given"
         raise ResultsError(msg)
     return found
+
+
+def _is_store(path: Path) -> bool:
+    """Whether ``path`` is a czb store: its records are in ``results/``, beside unit
+    outputs that are not records."""
+    return (path / "results").is_dir() and (path / "suite.json").is_file()
 
 
 def load_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path, R.ResultRecord]]:

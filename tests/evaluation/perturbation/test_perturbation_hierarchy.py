@@ -303,7 +303,7 @@ def test_cli_runs_the_hierarchy_offline_and_prints_table_2(tmp_path, monkeypatch
                                       "--dataset", "synthetic_screen_tiny", "--seeds", "0", "--n-jobs", "1",
                                       "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
-    records = [read_result(p) for p in sorted(out.rglob("*.json"))]
+    records = [read_result(p) for p in sorted((out / "results").glob("*.json"))]
     assert {(r.model.name, r.task.name) for r in records} == {
         (m, t) for m in ("random", "pca") for t in SCREEN_TASKS}
     assert all(r.status == "ok" for r in records), [(r.task.name, r.error) for r in records if r.status != "ok"]

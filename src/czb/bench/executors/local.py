@@ -11,7 +11,7 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
-from czb.bench.executors import Job
+from czb.pipeline.executors import Job
 
 
 def local_gpus() -> int:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from czb.bench.executors import Job
 from czb.core.errors import CzbError
+from czb.pipeline.executors import Job
 
 
 def _call(fn: Any, args: tuple, kwargs: dict) -> Any:

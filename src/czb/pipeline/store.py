@@ -20,7 +20,7 @@ same file twice, never two files.
 A store can still be damaged from outside (a full disk, a copy cut short, an edit): an
 output that cannot be read is treated as absent. It is deleted with a one-line
 :class:`StoreWarning` naming it, and its unit runs again (:meth:`Store.read_output`,
-:func:`czb.bench.suite.done_units`). In a folder store, an output that is not a regular
+:func:`czb.pipeline.execute.done_units`). In a folder store, an output that is not a regular
 file (a folder, symlink, FIFO or device in its place) is such an output, and czb never
 reads or writes through a symlink in it; a folder of the layout above (``scores``...)
 replaced by something else is a :class:`StoreError` when the store is opened. Error
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from czb.core.errors import CzbError, CzbWarning
+from czb.core.errors import CzbError, CzbWarning, ResultsError
 from czb.core.untrusted import UntrustedInputError, read_bounded
 
 UNIT_FILE = "unit.json"
@@ -236,6 +236,38 @@ def _npz_problem(source: Any, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def check_output_dir(folder: Path, *, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it writable (a probe file is written and
+    removed), so that a run with nowhere to put its results fails at once, not after its
+    work.
+
+    Raises
+    ------
+    ResultsError
+        One line naming the folder: it is a file, cannot be created, or is not writable.
+    """
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        msg = f"{what} {folder} exists and is not a folder"
+        raise ResultsError(msg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create {what} {folder}: {e.strerror or type(e).__name__}"
+        raise ResultsError(msg) from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".czb-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        msg = f"{what} {folder} is not writable: {e.strerror or type(e).__name__}"
+        raise ResultsError(msg) from None
+    return folder
+
+
+
 class LocalStore(Store):
     """A store in a folder (a local disk, or a file system every node mounts).
 
@@ -250,12 +282,10 @@ class LocalStore(Store):
     #: so it is reported when the store is opened rather than removed.
     LAYOUT = ("embeddings", "scores", "failures", "results", "results/embeddings")
 
-    def __init__(self, root: str | os.PathLike[str]):
-        from czb.core.errors import ResultsError
-        from czb.pipeline.run import check_output_dir
+    def __init__(self, root: str | os.PathLike[str], *, what: str = "store folder"):
         self.root = Path(root).expanduser().resolve()
         try:  # created and written to now, so a bad folder fails before any work
-            check_output_dir(self.root, what="store folder")
+            check_output_dir(self.root, what=what)
         except ResultsError as e:
             raise StoreError(str(e)) from None
         self.url = str(self.root)
@@ -472,12 +502,13 @@ class S3Store(Store):
         self._request(f"delete {relative}", lambda: self._s3().delete_object(Bucket=self.bucket, Key=key))
 
 
-def open_store(url: str | os.PathLike[str]) -> Store:
-    """The store at ``url``: ``s3://bucket/prefix``, or a folder (path or ``file://``)."""
+def open_store(url: str | os.PathLike[str], *, what: str = "store folder") -> Store:
+    """The store at ``url``: ``s3://bucket/prefix``, or a folder (path or ``file://``;
+    ``what`` it is called in errors)."""
     text = str(url)
     if text.startswith("s3://"):
         return S3Store(text)
     if "://" in text and not text.startswith("file://"):
         msg = f"store {text!r}: use a folder every worker can reach, or an s3:// prefix"
         raise StoreError(msg)
-    return LocalStore(text.removeprefix("file://"))
+    return LocalStore(text.removeprefix("file://"), what=what)

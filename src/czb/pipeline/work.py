@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from czb.bench.plan import EmbedUnit, ScoreUnit
-from czb.bench.store import EMBEDDING_FILE, UNIT_FILE, StoreError, open_store
-from czb.core.errors import CzbError
+from czb.core.errors import CzbError, DatasetError, EmbeddingWarning
+from czb.pipeline.plan import Embedder, EmbeddingFile, EmbedUnit, ScoreUnit
+from czb.pipeline.store import EMBEDDING_FILE, UNIT_FILE, Store, StoreError, open_store
+from czb.pipeline.tasks import PlannedTask
+from czb.specs.schema import DatasetSpec
+
+if TYPE_CHECKING:
+    from czb.data.dataset import Dataset
+    from czb.evaluation.perturbation.expression import Expression
+    from czb.evaluation.task import TaskContext
+    from czb.models.docker.request import RunOptions
+    from czb.models.embedding import EmbeddingSource
 
 
 class UnitFailed(CzbError):
@@ -44,21 +56,63 @@ def _unit_failed(key: str, message: str, log_tail: list[str]) -> UnitFailed:
     return UnitFailed(key, message, log_tail=log_tail)
 
 
-def _load(spec: Any, offline: bool | None) -> Any:
+#: The dataset a job loaded last, kept for the next job while :func:`keep_last_dataset`
+#: is active (``czb run``, whose jobs run one after another in one process).
+_last: list[tuple[str, Dataset]] | None = None
+
+
+@contextmanager
+def keep_last_dataset(*, show_download: bool = False) -> Iterator[None]:
+    """Within this block, jobs in this process reuse the dataset the previous job loaded
+    when it is the same (one is kept at most), and show download progress when
+    ``show_download``. Worker processes never keep one: an idle worker would hold it."""
+    global _last, _show_download
+    _last, _show_download = [], show_download
+    try:
+        yield
+    finally:
+        _last, _show_download = None, False
+
+
+_show_download = False
+
+
+class DatasetUnusable(DatasetError):
+    """A unit's dataset cannot be loaded or validated, or is no longer the content its
+    units were keyed by: every unit on it would fail alike (``czb run`` stops at it)."""
+
+
+def load_checked(spec: DatasetSpec, offline: bool | None, *, expected: str | None = None,
+                 since: str = "the run was planned") -> Dataset:
+    """The dataset of ``spec``, loaded and validated (reused: :func:`keep_last_dataset`).
+
+    Raises
+    ------
+    DatasetUnusable
+        It cannot be loaded or validated (the loader's message), or its sha256 is not
+        ``expected`` (it changed ``since``).
+    """
     from czb.data.reading import load_dataset
     from czb.data.validation import validate_dataset
 
-    ds = load_dataset(spec, offline=offline)
-    validate_dataset(ds)
-    return ds
-
-
-def _check_unchanged(ds: Any, expected: str | None, since: str = "the suite was planned") -> None:
-    """Refuse a dataset whose content is no longer the one its units were keyed by."""
+    key = spec.model_dump_json() + repr(offline)
+    if _last and _last[0][0] == key:
+        ds = _last[0][1]
+    else:
+        if _last is not None:
+            _last.clear()  # released before the next one loads
+        try:
+            ds = load_dataset(spec, offline=offline, progress=_show_download)
+            validate_dataset(ds)
+        except CzbError as e:
+            raise DatasetUnusable(str(e)) from e
+        if _last is not None:
+            _last.append((key, ds))
     if expected is not None and ds.sha256 is not None and ds.sha256 != expected:
         msg = (f"dataset {ds.name!r} changed since {since} (sha256 {ds.sha256}, expected {expected}); "
-               "plan the suite again")
-        raise CzbError(msg)
+               "plan it again")
+        raise DatasetUnusable(msg)
+    return ds
 
 
 def assigned_gpus(wants_gpu: bool) -> str | None:
@@ -72,30 +126,55 @@ def assigned_gpus(wants_gpu: bool) -> str | None:
     return f"device={','.join(ids)}" if ids else "none"
 
 
-def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = None) -> dict[str, Any]:
+def run_options(options: RunOptions | None, wants_gpu: bool) -> RunOptions:
+    """The options a job runs a docker model with: the run's (default: logs not streamed,
+    many jobs share the terminal), with the GPUs the executor assigned, if any."""
+    from czb.models.docker.request import RunOptions
+
+    options = options if options is not None else RunOptions(log=lambda _line: None)
+    assigned = assigned_gpus(wants_gpu)
+    return replace(options, gpus=assigned) if assigned is not None else options
+
+
+def _source(model: Embedder, options: RunOptions | None, wants_gpu: bool) -> EmbeddingSource:
+    """The embedding source of an embed unit's model: a user's file, or a model spec's."""
+    from czb.models.sources import source_for_file, source_for_model
+
+    if isinstance(model, EmbeddingFile):
+        return source_for_file(model.path, key=model.key)
+    return source_for_model(model, run_options(options, wants_gpu))
+
+
+def run_embed_unit(
+    unit: EmbedUnit,
+    store_url: str,
+    *,
+    offline: bool | None = None,
+    options: RunOptions | None = None,
+    raise_errors: bool = False,
+) -> dict[str, Any]:
     """Embed the unit's dataset with its model; write the embedding, then ``unit.json``.
 
     A model that does not apply to the dataset is an outcome (``not_applicable``), not
-    a failure. Returns ``{"status", "runtime_s"}``.
+    a failure. ``options`` are the run's choices for docker models (default: the spec's,
+    with container logs kept with the run, not streamed); the GPUs the executor
+    assigned win over theirs. With ``raise_errors`` a failing model raises its own
+    exception (``czb --debug``). Returns ``{"status", "runtime_s"}``.
     """
     from czb.core import records as R
-    from czb.models.docker.request import RunOptions
-    from czb.models.sources import source_for_model
     from czb.pipeline.dataset_views import dataset_record, dataset_roles, map_labels
     from czb.pipeline.scoring import embed_dataset
     store = open_store(store_url)
-    ds = _load(unit.dataset, offline)
-    _check_unchanged(ds, unit.parts["dataset"]["sha256"])
-    # Container logs are kept with the run (its tail in the unit's provenance), not streamed:
-    # many units share the terminal.
-    options = RunOptions(gpus=assigned_gpus(bool(unit.gpus)), log=lambda _line: None)
-    embedded = embed_dataset(source_for_model(unit.model, options), ds, seed=unit.seed)
+    ds = load_checked(unit.dataset, offline, expected=unit.parts["dataset"]["sha256"])
+    embedded = embed_dataset(_source(unit.model, options, bool(unit.gpus)), ds, seed=unit.seed,
+                             raise_errors=raise_errors)
     if embedded.status == "failed":
         raise UnitFailed(unit.key, embedded.error or "the model failed",
-                         log_tail=embedded.model.get("info", {}).get("log_tail", []))
+                         log_tail=embedded.model.info.get("log_tail", []))
     folder = f"embeddings/{unit.key}"
     meta: dict[str, Any] = {
-        "key": unit.key, "status": embedded.status, "error": embedded.error, "model": embedded.model,
+        "key": unit.key, "status": embedded.status, "error": embedded.error,
+        "model": embedded.model.model_dump(mode="json"),
         "dataset": dataset_record(ds).model_dump(mode="json"), "runtime_s": embedded.runtime_s,
         "parts": unit.parts, "host": socket.gethostname(), "finished_at": R.now_utc(),
     }
@@ -109,8 +188,11 @@ def run_embed_unit(unit: EmbedUnit, store_url: str, *, offline: bool | None = No
         sample, payload = R.embedding_sample(emb.values, dataset=ds.name, model=unit.model.name,
                                              labels=map_labels(roles.get("labels")),
                                              batches=map_labels(roles.get("batch")))
-        store.write_bytes(f"results/{sample}", payload)
-        meta["embedding_sample"] = sample
+        try:
+            store.write_bytes(f"results/{sample}", payload)
+            meta["embedding_sample"] = sample
+        except StoreError as e:  # it only serves report maps: the embedding is kept
+            warnings.warn(f"{e}; reports will have no map of it", EmbeddingWarning, stacklevel=2)
     store.write_json(f"{folder}/{UNIT_FILE}", meta)  # last: the unit is done
     return {"status": embedded.status, "runtime_s": embedded.runtime_s}
 
@@ -121,6 +203,8 @@ def run_score_units(
     *,
     n_jobs: int = 1,
     offline: bool | None = None,
+    options: RunOptions | None = None,
+    raise_errors: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Score every unit (all on the same embedding, or the same group's stacked
     embeddings) with one shared evaluation context, so the neighbour graph and other
@@ -128,35 +212,37 @@ def run_score_units(
 
     Each finished unit's output is written as soon as it is known, so a job that dies
     halfway keeps what it finished. Returns ``{key: {"status", "error", "runtime_s"}}``;
-    a failed task is reported there (and not written), not raised.
+    a failed task is reported there (and not written), not raised (unless
+    ``raise_errors``). ``options`` are the run's for a docker predictor (:func:`run_options`).
     """
     from czb.pipeline.scoring import embedding_context
-    from czb.pipeline.tasks import build_tasks
     if len({u.embed_keys for u in units}) != 1:
         msg = "a score job reads one embedding (or one group's); these units read several"
         raise CzbError(msg)
     store = open_store(store_url)
-    planned = build_tasks([u.task for u in units])
+    planned = [PlannedTask.build(u.task) for u in units]
     if units[0].predictor is not None:
-        return _score_predictions(units, planned, store, n_jobs=n_jobs, offline=offline)
+        return _score_predictions(units, planned, store, n_jobs=n_jobs, offline=offline, options=options,
+                                  raise_errors=raise_errors)
     reads_expression = any("expression" in p.task.info.requires for p in planned)
     values, roles, expression, relationship_sources = _scoring_input(units[0], store, offline,
                                                                      expression=reads_expression)
     context = embedding_context(values, roles, tasks=[p.task for p in planned], expression=expression,
                                 relationship_sources=relationship_sources, n_jobs=n_jobs, exact=units[0].exact)
     context.plan(p.task for p in planned)
-    return _run_units(units, planned, context, store)
+    return _run_units(units, planned, context, store, raise_errors=raise_errors)
 
 
-def _run_units(units: Sequence[ScoreUnit], planned: Sequence[Any], context: Any, store: Any,
-               extra: Any = None) -> dict[str, dict[str, Any]]:
+def _run_units(units: Sequence[ScoreUnit], planned: Sequence[PlannedTask], context: TaskContext, store: Store,
+               extra: Callable[[], dict[str, Any]] | None = None, *, raise_errors: bool = False
+               ) -> dict[str, dict[str, Any]]:
     """Each unit's task on ``context`` with its seed, its output written as soon as it is
     known (with ``extra()``'s fields, read after the task)."""
     from czb.core import records as R
     from czb.evaluation.runner import run_task
     outcomes: dict[str, dict[str, Any]] = {}
     for unit, p in zip(units, planned):
-        result = run_task(p.task, context, [unit.seed])
+        result = run_task(p.task, context, [unit.seed], raise_errors=raise_errors)
         outcomes[unit.key] = {"status": result.status, "error": result.error, "runtime_s": result.runtime_s}
         if result.status == "failed":
             continue
@@ -172,26 +258,25 @@ def _run_units(units: Sequence[ScoreUnit], planned: Sequence[Any], context: Any,
     return outcomes
 
 
-def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[Any], store: Any, *, n_jobs: int,
-                       offline: bool | None) -> dict[str, dict[str, Any]]:
+def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[PlannedTask], store: Store, *, n_jobs: int,
+                       offline: bool | None, options: RunOptions | None, raise_errors: bool
+                       ) -> dict[str, dict[str, Any]]:
     """Perturbation tasks on one predictor and dataset: the predictor runs inside them."""
     from czb.core.errors import NotApplicableError
     from czb.evaluation.perturbation.prediction.data import PerturbationContext
-    from czb.models.docker.request import RunOptions
     from czb.models.predictors import perturbation_data, predictor_for_model
     from czb.pipeline.dataset_views import dataset_record
+    from czb.pipeline.scoring import model_record
     spec = units[0].predictor
-    ds = _load(units[0].datasets[0], offline)
-    _check_unchanged(ds, units[0].parts["dataset"]["sha256"])
-    source = predictor_for_model(spec, RunOptions(gpus=assigned_gpus(spec.resources.gpu), log=lambda _l: None))
+    ds = load_checked(units[0].datasets[0], offline, expected=units[0].parts["dataset"]["sha256"])
+    source = predictor_for_model(spec, run_options(options, spec.resources.gpu))
     dataset = dataset_record(ds).model_dump(mode="json")
 
     def described() -> dict[str, Any]:  # a docker predictor knows its image once it has run
-        return {"dataset": dataset, "model": {**source.describe(), "info": {}}}
+        return {"dataset": dataset, "model": model_record(source.describe()).model_dump(mode="json")}
 
     try:
-        if hasattr(source, "bind"):  # a docker predictor: organism and input checks first
-            source.bind(ds)
+        source.bind(ds)  # a docker predictor checks organism and input first
     except NotApplicableError as e:
         for unit in units:
             store.write_json(f"scores/{unit.key}.json", not_applicable_output(unit, str(e), **described()))
@@ -201,15 +286,16 @@ def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[Any], store
 
 
 def _scoring_input(
-    unit: ScoreUnit, store: Any, offline: bool | None, *, expression: bool
-) -> tuple[Any, dict[str, Any], Any, Any]:
+    unit: ScoreUnit, store: Store, offline: bool | None, *, expression: bool
+) -> tuple[np.ndarray, dict[str, np.ndarray], Expression | None, Sequence[str] | None]:
     """What the unit scores: ``(values, roles, expression, relationship_sources)``; for a
     group, the members' embeddings stacked (:func:`czb.pipeline.groups.stack_members`), with
     no expression (no task over several datasets reads it)."""
+    from czb.core import records as R
     from czb.models.embedding import Embedding
     from czb.pipeline.dataset_views import dataset_expression, dataset_record, dataset_roles
     from czb.pipeline.groups import GroupMember, stack_members
-    from czb.pipeline.scoring import Embedded
+    from czb.pipeline.scoring import Embedded, stored_model
 
     members = []
     for key, spec in zip(unit.embed_keys, unit.datasets):
@@ -224,15 +310,15 @@ def _scoring_input(
             store.forget_embedding(key)
             msg = f"{e}; removed, to be embedded again"
             raise StoreError(msg) from None
-        ds = _load(spec, offline)
-        _check_unchanged(ds, meta.get("dataset", {}).get("sha256"), since="it was embedded")
+        ds = load_checked(spec, offline, expected=meta.get("dataset", {}).get("sha256"), since="it was embedded")
         embedding = Embedding(values=arrays["values"], model=unit.model, kind="stored",
                               cell_index=arrays.get("cell_index"))
         if len(unit.embed_keys) == 1:
             return (embedding.values, dataset_roles(ds, embedding.cell_index),
                     dataset_expression(ds, embedding.cell_index) if expression else None,
                     ds.spec.relationship_sources)
-        members.append(GroupMember(dataset_record(ds), Embedded(meta.get("model", {}), embedding),
+        model = stored_model(meta.get("model"), R.ModelRecord(name=unit.model, kind="stored", image_digest="in-process"))
+        members.append(GroupMember(dataset_record(ds), Embedded(model, embedding),
                                    dataset_roles(ds, embedding.cell_index)))
         del ds  # a member's AnnData is not kept
     _, stacked, roles = stack_members(members)

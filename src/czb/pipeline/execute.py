@@ -1,5 +1,7 @@
-"""Run a planned suite on an executor: skip finished units, retry failed ones a bounded
-number of times, record what still fails, and assemble the result records.
+"""Run a plan on an executor: skip finished units, retry failed ones a bounded number of
+times, record what still fails, and assemble the result records. ``czb bench`` runs a
+suite's plan on worker processes or Ray; ``czb run`` its own plan in-process
+(:class:`~czb.pipeline.executors.InProcessExecutor`), through this same code.
 
 Embed units run first; as each embedding lands in the store, the score units that read
 it start as one job (sharing one evaluation context). A job that dies (a killed worker,
@@ -12,18 +14,21 @@ are tried again by the next run of the suite.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from czb.bench.executors import Executor, Job
-from czb.bench.plan import Plan, RecordPlan, ScoreUnit
-from czb.bench.progress import SuiteProgress
-from czb.bench.store import UNIT_FILE, Store
-from czb.bench.work import not_applicable_output, run_embed_unit, run_score_units
 from czb.core import records as R
-from czb.core.hashing import cache_key
-from czb.specs.parameters import resolve_parameters
+from czb.core.errors import CzbError
+from czb.pipeline.assemble import assemble_records, read_score
+from czb.pipeline.executors import Executor, Job
+from czb.pipeline.plan import Plan, ScoreUnit
+from czb.pipeline.progress import SuiteProgress
+from czb.pipeline.store import UNIT_FILE, Store
+from czb.pipeline.work import not_applicable_output, run_embed_unit, run_score_units
+
+if TYPE_CHECKING:
+    from czb.models.docker.request import RunOptions
 
 DEFAULT_RETRIES = 2
 
@@ -44,6 +49,8 @@ class SuiteOutcome:
     records: list[R.ResultRecord] = field(default_factory=list)
     #: Units that finished after failing at least once.
     retried: int = 0
+    #: Records that could not be written to the store (one line each).
+    unwritten: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -61,6 +68,9 @@ def run_suite(
     command: str = "",
     progress: Callable[[SuiteProgress], None] | None = None,
     poll_s: float = 1.0,
+    options: RunOptions | None = None,
+    raise_errors: bool = False,
+    redo: Collection[str] = (),
 ) -> SuiteOutcome:
     """Run every unit of ``plan`` not yet in ``store``; see the module docstring.
 
@@ -72,10 +82,20 @@ def run_suite(
         Threads per score job (it declares that many CPUs to the executor).
     progress
         Called with the suite's counts whenever they change (and every ``poll_s``).
+    options
+        The run's choices for docker models (:func:`czb.pipeline.work.run_options`);
+        they travel with each job, so only an in-process executor takes ones that
+        cannot be pickled (a log callback).
+    raise_errors
+        A failing model or task raises in its job instead of failing its unit.
+    redo
+        Keys of units to run even when their outputs are in the store (``czb run
+        --no-cache``).
 
     The executor is shut down when the run ends, whether it finished or was interrupted.
     """
-    run = _SuiteRun(plan, store, executor, retries=retries, n_jobs=n_jobs, offline=offline)
+    work = {"offline": offline, "options": options, "raise_errors": raise_errors}
+    run = _SuiteRun(plan, store, executor, retries=retries, n_jobs=n_jobs, work=work, redo=redo)
     show = progress or (lambda _p: None)
     try:
         run.start()
@@ -88,38 +108,16 @@ def run_suite(
         show(run.tracker)
     finally:
         executor.shutdown()
-    records = assemble_records(plan, store, command=command)
+    records, unwritten = assemble_records(plan, store, command=command)
     retried = sum(1 for key in run.attempts if key not in run.failed)
     return SuiteOutcome(plan, store.url, run.tracker.cached, run.tracker.done - run.tracker.cached,
-                        run.failed, run.blocked, records, retried)
-
-
-#: What every score output holds (:func:`czb.bench.work._run_units`, ``not_applicable_output``).
-SCORE_OUTPUT_KEYS = ("status", "error", "metrics", "runtime_s", "peak_memory_mb", "computation")
-#: What every metric of a score output holds.
-SCORE_METRIC_KEYS = ("name", "value", "params", "ci95")
-
-
-def read_score(store: Store, key: str, *, repair: bool = True) -> dict[str, Any] | None:
-    """Score unit ``key``'s output, or ``None`` when it is absent or unreadable (then
-    named in a :class:`~czb.bench.store.StoreWarning` and, with ``repair``, deleted so
-    the unit runs again)."""
-    relative = f"scores/{key}.json"
-    output = store.read_output(relative, keys=SCORE_OUTPUT_KEYS, repair=repair)
-    if output is None:
-        return None
-    metrics = output["metrics"]
-    if not isinstance(metrics, list) or not all(
-            isinstance(m, dict) and all(k in m for k in SCORE_METRIC_KEYS) for m in metrics):
-        store.discard(relative, "is not a czb score output (malformed metrics)", repair=repair)
-        return None
-    return output
+                        run.failed, run.blocked, records, retried, unwritten)
 
 
 def done_units(plan: Plan, store: Store, *, repair: bool = False) -> tuple[set[str], set[str]]:
     """Keys of the plan's embed and score units whose outputs are in ``store`` and can
     be read. An output that cannot (a truncated ``embedding.npz``, a damaged JSON) is
-    named in a one-line :class:`~czb.bench.store.StoreWarning`, and its unit is not
+    named in a one-line :class:`~czb.pipeline.store.StoreWarning`, and its unit is not
     done: it runs again. With ``repair`` (when the suite runs) such files are deleted."""
     embeds = {k for k in store.done_embeddings() & set(plan.embeds) if store.readable_embedding(k, repair=repair)}
     scores = {k for k in store.done_scores() & set(plan.scores) if read_score(store, k, repair=repair) is not None}
@@ -130,11 +128,11 @@ class _SuiteRun:
     """The bookkeeping of one run: what is pending, running, retried and given up."""
 
     def __init__(self, plan: Plan, store: Store, executor: Executor, *, retries: int, n_jobs: int,
-                 offline: bool | None):
+                 work: dict[str, Any], redo: Collection[str]):
         self.plan, self.store, self.executor = plan, store, executor
-        self.retries, self.n_jobs, self.offline = retries, n_jobs, offline
+        self.retries, self.n_jobs, self.work = retries, n_jobs, work
         store.write_json("suite.json", _describe(plan))
-        self.done_embeds, done_scores = done_units(plan, store, repair=True)
+        self.done_embeds, done_scores = (done - set(redo) for done in done_units(plan, store, repair=True))
         cached = len(self.done_embeds) + len(done_scores)
         self.tracker = SuiteProgress(total=plan.n_units, cached=cached, done=cached, slots=executor.slots)
         self.attempts: Counter[str] = Counter()
@@ -170,13 +168,13 @@ class _SuiteRun:
 
     def submit_embed(self, key: str) -> None:
         unit = self.plan.embeds[key]
-        self._submit(Job(run_embed_unit, (unit, self.store.url), {"offline": self.offline}, label=unit.label,
+        self._submit(Job(run_embed_unit, (unit, self.store.url), self.work, label=unit.label,
                          gpus=unit.gpus, memory_gb=unit.memory_gb, tag=("embed", [key])), 1)
 
     def submit_scores(self, units: Sequence[ScoreUnit]) -> None:
         units = sorted(units, key=lambda u: (u.task.name, u.seed))  # a task's seeds share memoised values
         label = f"{units[0].dataset_name}/{units[0].model}: {len(units)} score unit(s)"
-        kwargs = {"n_jobs": self.n_jobs, "offline": self.offline}
+        kwargs = {"n_jobs": self.n_jobs, **self.work}
         predictor = units[0].predictor  # a perturbation predictor runs inside the job: its needs count
         gpus = 1 if predictor is not None and predictor.resources.gpu else 0
         memory_gb = predictor.resources.memory_gb if predictor is not None else None
@@ -296,8 +294,6 @@ class _SuiteRun:
 
 
 def _reason(error: BaseException) -> str:
-    from czb.core.errors import CzbError
-
     return str(error) if isinstance(error, CzbError) else f"{type(error).__name__}: {error}"
 
 
@@ -308,113 +304,3 @@ def _describe(plan: Plan) -> dict[str, Any]:
         "score_units": {k: u.label for k, u in plan.scores.items()},
         "records": [asdict(r) for r in plan.records],
     }
-
-
-# --------------------------------------------------------------------------- records
-
-
-def assemble_records(plan: Plan, store: Store, *, command: str = "") -> list[R.ResultRecord]:
-    """One result record per model × dataset × task of the plan, from its units' outputs
-    in the store, written to ``results/`` (a record whose units are missing says which
-    failed and why)."""
-    records = []
-    for rp in plan.records:
-        record = _record(plan, rp, store, command)
-        stem = "__".join(R.slug(s) for s in (rp.dataset, rp.model, rp.task))
-        key = cache_key({"embeddings": rp.embed_keys, "scores": rp.score_keys})[:12]
-        store.write_json(f"results/{stem}__{key}.json", record.model_dump(mode="json"))
-        records.append(record)
-    return records
-
-
-def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultRecord:
-    from czb.evaluation.registry import get_task
-    from czb.evaluation.runner import TaskResult
-    from czb.pipeline.groups import group_model, group_record
-    from czb.pipeline.scoring import result_record
-    from czb.pipeline.tasks import PlannedTask
-    first = plan.scores[rp.score_keys[0]]
-    planned = PlannedTask(first.task, get_task(first.task.implementation)(**first.task.parameters))
-    pieces = [read_score(store, k) for k in rp.score_keys]
-    if first.predictor is not None:
-        return _predictor_record(rp, first, planned, pieces, store, command)
-    embeds = [plan.embeds[k] for k in rp.embed_keys]
-    metas = [store.read_output(f"embeddings/{k}/{UNIT_FILE}", keys=("status", "dataset", "model", "runtime_s"))
-             for k in rp.embed_keys]
-    datasets = [R.DatasetRecord.model_validate(m["dataset"]) if m else _unread_dataset(e.dataset, e.parts)
-                for e, m in zip(embeds, metas)]
-    models = [m["model"] if m else _unrun_model(e.model) for e, m in zip(embeds, metas)]
-    grouped = len(embeds) > 1
-    dataset = group_record(datasets) if grouped else datasets[0]
-    model = group_model([d.name for d in datasets], models) if grouped else models[0]
-    if any(m is None for m in metas):
-        reasons = []
-        for e, key, meta in zip(embeds, rp.embed_keys, metas):
-            if meta is None:
-                failure = _read_failure(store, key) or {}
-                reasons.append((f"{e.dataset.name}: " if grouped else "") + _failure_reason(failure))
-                if failure.get("log_tail") and not grouped:
-                    model["info"] = {"log_tail": failure["log_tail"]}
-        result = TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="embedding failed: " + "; ".join(reasons))
-    else:
-        result = _task_result(rp, pieces, store)
-    record = result_record(dataset=dataset, model=model, planned=planned, result=result, command=command,
-                           embedding_runtime_s=sum(m["runtime_s"] for m in metas if m))
-    if not grouped and metas[0] and metas[0].get("embedding_sample"):
-        record.embedding_sample = metas[0]["embedding_sample"]
-    return record
-
-
-def _task_result(rp: RecordPlan, pieces: list[Any], store: Store) -> Any:
-    """The outcome over a record's seeds: its score units' outputs, or why some are missing."""
-    from czb.evaluation.runner import TaskResult, aggregate
-    from czb.evaluation.task import MetricValue
-
-    if any(p is None for p in pieces):
-        reasons = []
-        for seed, key, piece in zip(rp.seeds, rp.score_keys, pieces):
-            if piece is None:
-                reasons.append(f"seed {seed}: " + _failure_reason(_read_failure(store, key)))
-        return TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="; ".join(reasons))
-    if any(p["status"] != "ok" for p in pieces):
-        odd = next(p for p in pieces if p["status"] != "ok")
-        return TaskResult(rp.task, odd["status"], seeds=list(rp.seeds), error=odd["error"])
-    values = [MetricValue(m["name"], float("nan") if m["value"] is None else m["value"], m["params"],
-                          tuple(m["ci95"]) if m["ci95"] is not None else None)
-              for p in pieces for m in p["metrics"]]
-    return TaskResult(rp.task, "ok", aggregate(values), list(rp.seeds),
-                      runtime_s=sum(p["runtime_s"] for p in pieces),
-                      peak_memory_mb=max(p["peak_memory_mb"] for p in pieces),
-                      computation=pieces[0]["computation"])
-
-
-def _predictor_record(rp: RecordPlan, unit: ScoreUnit, planned: Any, pieces: list[Any], store: Store,
-                      command: str) -> R.ResultRecord:
-    """The record of a perturbation predictor: dataset and model as its units saw them."""
-    from czb.pipeline.scoring import result_record
-    seen = next((p for p in pieces if p is not None and p.get("dataset")), None)
-    ds, predictor = unit.datasets[0], unit.predictor
-    dataset = R.DatasetRecord.model_validate(seen["dataset"]) if seen else _unread_dataset(ds, unit.parts)
-    model = seen["model"] if seen else _unrun_model(predictor)
-    return result_record(dataset=dataset, model=model, planned=planned, result=_task_result(rp, pieces, store),
-                         command=command, embedding_runtime_s=0.0)
-
-
-def _read_failure(store: Store, key: str) -> dict[str, Any] | None:
-    """Unit ``key``'s recorded failure, or ``None`` (an unreadable record is deleted, with a warning)."""
-    return store.read_output(f"failures/{key}.json", keys=("error",))
-
-
-def _failure_reason(failure: dict[str, Any] | None) -> str:
-    """Why a unit has no output: its recorded failure, or that the run stopped first."""
-    return str(failure["error"]) if failure else "the suite did not finish"
-
-
-def _unread_dataset(spec: Any, parts: dict[str, Any]) -> R.DatasetRecord:
-    """The record of a dataset no unit loaded: what the plan knows (sizes unknown, 0)."""
-    return R.DatasetRecord(name=spec.name, uri=spec.uri, sha256=parts["dataset"]["sha256"], n_cells=0, n_genes=0)
-
-
-def _unrun_model(spec: Any) -> dict[str, Any]:
-    """A model's description when none of its units ran: what its spec says."""
-    return {"name": spec.name, "kind": spec.kind, "parameters": resolve_parameters(spec), "info": {}}
