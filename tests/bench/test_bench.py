@@ -16,7 +16,7 @@ from czb.core.errors import CzbError, SpecError
 from czb.core.records import read_result
 from czb.pipeline.execute import run_suite
 from czb.pipeline.executors import Job
-from czb.pipeline.plan import BenchWarning, plan_suite
+from czb.pipeline.plan import PlanWarning, plan_suite
 from czb.pipeline.progress import SuiteProgress
 from czb.pipeline.store import open_store
 from czb.specs.catalog import Catalog
@@ -114,7 +114,7 @@ def test_docker_models_without_an_engine_are_keyed_by_tag_with_a_warning(catalog
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = plan_suite(catalog, "with_broken_model", resolve_images=False)
-    assert any(issubclass(w.category, BenchWarning) and "keyed by the tag" in str(w.message) for w in caught)
+    assert any(issubclass(w.category, PlanWarning) and "keyed by the tag" in str(w.message) for w in caught)
     (unit,) = [u for u in plan.embeds.values() if u.model.name == "broken_model"]
     assert unit.parts["model"]["image"] == "czb-test/no-such-image:latest"
 
@@ -154,7 +154,6 @@ def test_suite_runs_then_resumes_and_a_second_run_does_nothing(catalog, tmp_path
     assert more.complete and more.ran == 2 * 2  # batch integration: two models, two seeds
 
 
-@pytest.mark.filterwarnings("ignore:pca. n_top_genes=3000 capped")
 def test_tasks_over_several_datasets_score_the_stacked_embeddings(catalog, tmp_path):
     from czb.pipeline.run import run_benchmark
     plan = plan_suite(catalog, "cross_species")
@@ -191,7 +190,7 @@ def test_perturbation_predictors_are_scored_like_czb_run(catalog, tmp_path):
         assert [m.values_raw for m in r.metrics] == [m.values_raw for m in ours[r.model.name].metrics]
 
 
-@pytest.mark.filterwarnings("ignore::czb.pipeline.plan.BenchWarning")
+@pytest.mark.filterwarnings("ignore::czb.pipeline.plan.PlanWarning")
 def test_a_failing_unit_is_retried_then_recorded_and_the_suite_finishes(catalog, tmp_path):
     store = tmp_path / "store"
     outcome = run(catalog, "with_broken_model", store, retries=1)
@@ -357,7 +356,7 @@ def test_cli_bench_dry_run_then_run(tmp_path):
 
 def test_cli_help_shows_bracketed_defaults():
     text = CliRunner().invoke(app, ["bench", "--help"]).stdout
-    assert "[default: CZB_OUTPUT_DIR/SUITE]" in " ".join(text.split())
+    assert "[default: CZB_OUTPUT_DIR/SUITE, else ./czb-results/SUITE]" in " ".join(text.split())
 
 
 def test_cli_bench_exits_1_when_units_fail(tmp_path):

@@ -57,7 +57,7 @@ def error_line(result) -> str:
     assert result.exit_code == 1, result.output[-3000:]
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = [line for line in result.stderr.splitlines()
-             if line.strip() and not line.startswith("warning:") and "━" not in line]  # progress bars
+             if line.strip() and not line.startswith(("warning:", "hint:")) and "━" not in line]  # progress bars
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 

@@ -622,6 +622,7 @@ def test_hostile_outputs_fail_one_line_through_the_cli(tmp_path, secret, fake_en
         assert record["status"] == "failed", (mode, record["error"])
         assert "\n" not in record["error"].split("; last log lines:")[0]
         assert re.search(HOSTILE_FAILURES[mode], record["error"]), (mode, record["error"])
+        assert record["model"]["image_digest"] != "unresolved"  # the failed run knew its image
     _untouched(secret)
     _assert_secret_absent(out, fake_engine.cache, texts=(result.stdout, result.stderr))
     assert not list((fake_engine.cache / "embeddings").glob("*"))  # nothing hostile cached

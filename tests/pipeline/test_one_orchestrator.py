@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from czb.bench.executors.local import LocalExecutor
-from czb.core.errors import CzbError
+from czb.core.errors import CzbError, FetchError
+from czb.core.errors import CzbWarning as CzbWarningBase
 from czb.core.records import read_result
 from czb.pipeline.execute import run_suite
 from czb.pipeline.executors import InProcessExecutor, Job
@@ -153,3 +155,73 @@ def test_an_unknown_name_fails_before_the_output_folder_is_made(tmp_path):
         run_benchmark(Catalog.load(), datasets=["no_such_dataset"], tasks=["clustering"], models=["random"],
                       output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_jobs_warnings_come_back_with_its_result_and_are_said_once():
+    import warnings
+
+    from czb.core.errors import EmbeddingWarning
+    from czb.pipeline.work import JobWarning, say_warnings, with_warnings
+
+    def noisy(x):
+        for _ in range(3):
+            warnings.warn("pca: capped", EmbeddingWarning, stacklevel=1)
+        warnings.warn("slow convergence", RuntimeWarning, stacklevel=1)
+        return x + 1
+
+    value, said = with_warnings(noisy, 1)
+    assert value == 2
+    assert said == [(EmbeddingWarning, "pca: capped"), (JobWarning, "RuntimeWarning: slow convergence")]
+    with pytest.warns(CzbWarningBase) as caught:
+        say_warnings(said, "tiny/pca: embedding")
+    assert [str(w.message) for w in caught] == ["pca: capped", "tiny/pca: embedding: RuntimeWarning: slow convergence"]
+
+
+def test_bench_says_worker_warnings_as_one_line_each(tmp_path):
+    from conftest import assert_clean_exit, invoke
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("suites:\n  tiny:\n    models: [random]\n    datasets: [synthetic_cells_tiny]\n"
+                     "    tasks: [embedding]\n    seeds: [0]\n")
+    result = invoke("bench", suite, "--store", tmp_path / "store", "--cpus", "1")
+    assert_clean_exit(result, 0)
+    assert ".py:" not in result.stderr and "Warning:" not in result.stderr  # no raw warnings from a worker
+
+
+def test_datasets_are_resolved_where_the_units_run(tmp_path, file_server, monkeypatch):
+    """``czb bench --executor ray`` plans on a machine that may not hold the data: a
+    worker fetches and hashes each dataset, and the plan is the one made with the data here."""
+    import hashlib
+
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from czb.io import fetch as fetch_module
+    from czb.pipeline.execute import plan_on_workers
+    from czb.specs.catalog import Catalog as Cat
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(1.0, size=(60, 30)).astype(np.float32)))
+    adata.obs["cell_type"] = np.repeat(["a", "b", "c"], 20)
+    adata.var_names = [f"G{i}" for i in range(30)]
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    body = (tmp_path / "cells.h5ad").read_bytes()
+    file_server.files["/cells.h5ad"] = body
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"datasets:\n  remote:\n    uri: {file_server.url('/cells.h5ad')}\n    organism: human\n"
+                     "    label_key: cell_type\n"
+                     "suites:\n  far:\n    models: [random]\n    datasets: [remote]\n    tasks: [embedding]\n"
+                     "    seeds: [0]\n")
+    catalog = Cat.load(extra_files=[suite])
+
+    def no_download_here(*args, **kwargs):
+        if kwargs.get("offline"):  # looking into the cache is allowed
+            raise FetchError("not cached")
+        raise AssertionError("the planning process downloaded a dataset")
+
+    monkeypatch.setattr(fetch_module, "fetch", no_download_here)  # this process only: workers are others
+    plan = plan_on_workers(catalog, "far", LocalExecutor(cpus=1), poll_s=0.1)
+    assert not plan.unresolved
+    assert {u.parts["dataset"]["sha256"] for u in plan.embeds.values()} == {hashlib.sha256(body).hexdigest()}
+    monkeypatch.undo()
+    assert set(plan_suite(catalog, "far").embeds) == set(plan.embeds)  # the plan made with the data here

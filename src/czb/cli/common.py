@@ -33,10 +33,31 @@ ConfigDirs = Annotated[
 OutputFormat = Annotated[Format, typer.Option("--format", help="table for people, json for programs.")]
 
 
-def _console(stderr: bool = False):
+def _debug_option(value: bool) -> bool:
+    """Callback of ``--debug`` after a command's name (``czb run ... --debug``), as before it."""
+    if value:
+        _State.debug = True
+    return value
+
+
+DebugOption = Annotated[
+    bool, typer.Option("--debug", callback=_debug_option, is_eager=True, help="Show tracebacks of errors.")
+]
+
+
+def _console(stderr: bool = False, *, piped_width: int | None = None):
+    """A rich console on stdout (or stderr); not a terminal (piped, redirected), it prints
+    plain text. ``piped_width``: its width then (``COLUMNS`` wins), rather than the size
+    of the terminal around the pipe (:mod:`czb.cli.tables`)."""
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if piped_width and not console.is_terminal:
+        columns = os.environ.get("COLUMNS", "")
+        console.width = int(columns) if columns.isdigit() and 0 < int(columns) < 10_000 else piped_width
+    return console
 
 
 def _one_line(text: object) -> str:
@@ -55,9 +76,26 @@ def _safe(text: object) -> str:
     return escape(_one_line(text))
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, hint: str | None = None) -> None:
+    """Print ``error: message`` (and ``hint: hint``) on stderr, each one whole line; exit."""
     _console(stderr=True).print(f"[bold red]error:[/] {_safe(message)}", markup=True, soft_wrap=True)
+    if hint:
+        _console(stderr=True).print(f"[bold]hint:[/] {_safe(hint)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _split_hint(e: BaseException) -> tuple[str, str | None]:
+    """The message of ``e``, and apart the next step it ends with where czb set one (a
+    ``hint`` on ``e`` or on an error it was raised from, e.g. a failed fetch)."""
+    text, seen = str(e), set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        hint = getattr(cause, "hint", None)
+        if isinstance(hint, str) and hint and text.endswith(f"; {hint}"):
+            return text[: -len(hint) - 2], hint
+        cause = cause.__cause__
+    return text, None
 
 
 def _internal_error(e: BaseException) -> str:
@@ -72,23 +110,25 @@ def _internal_error(e: BaseException) -> str:
 
 
 def _guarded(fn):
-    """Run a command body, mapping exceptions to exit codes: 2 for unknown names and bad
-    settings, 1 for other czb errors and, as a last resort, for anything unexpected
-    (one line; ``--debug`` shows the traceback)."""
-    from czb.core.errors import CzbError, SettingsError, UnknownNameError
+    """Run a command body, mapping exceptions to exit codes: 2 for unknown names, bad
+    settings and bad usage (:class:`~czb.core.errors.UsageError`), 1 for other czb
+    errors and, as a last resort, for anything unexpected (one line, and a ``hint:``
+    line where the error names the next step; ``--debug`` shows the traceback)."""
+    from czb.core.errors import CzbError, SettingsError, UnknownNameError, UsageError
 
     try:
         return fn()
     except typer.Exit:
         raise
-    except (UnknownNameError, SettingsError) as e:
+    except (UnknownNameError, SettingsError, UsageError) as e:
         if _State.debug:
             raise
         _fail(str(e), 2)
     except CzbError as e:
         if _State.debug:
             raise
-        _fail(str(e), 1)
+        message, hint = _split_hint(e)
+        _fail(message, 1, hint)
     except Exception as e:  # RecursionError, MemoryError, bugs: still no traceback for users
         if _State.debug:
             raise

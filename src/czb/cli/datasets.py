@@ -6,12 +6,13 @@ from typing import Annotated
 
 import typer
 
-from czb.cli.common import ConfigDirs, _catalog, _console, _guarded, _safe
+from czb.cli.common import ConfigDirs, DebugOption, _catalog, _console, _guarded, _safe
 
 
 def datasets_fetch(
     names: Annotated[list[str], typer.Argument(help="Dataset names, or 'all'.")],
     config_dir: ConfigDirs = None,
+    debug: DebugOption = False,
 ) -> None:
     """Download datasets into the cache (CZB_CACHE_DIR) so later runs work offline."""
 

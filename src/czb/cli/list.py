@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from czb.cli.common import ConfigDirs, Format, OutputFormat, _catalog, _console, _guarded, _safe
+from czb.cli.common import (
+    ConfigDirs,
+    DebugOption,
+    Format,
+    OutputFormat,
+    _catalog,
+    _guarded,
+)
 
 
 class Kind(str, Enum):
@@ -21,7 +28,14 @@ class Kind(str, Enum):
 def list_(
     kind: Annotated[Kind, typer.Argument(help="What to list.")],
     fmt: OutputFormat = Format.table,
+    wide: Annotated[
+        bool,
+        typer.Option("--wide", help="Every field --format json has (tasks' metrics and parameters...), each "
+                     "dataset on its own row [default: main columns; a family of datasets on one row, e.g. "
+                     "tsv2_{bladder, blood, ...}]."),
+    ] = False,
     config_dir: ConfigDirs = None,
+    debug: DebugOption = False,
 ) -> None:
     """List the datasets, models or tasks czb knows."""
 
@@ -31,18 +45,78 @@ def list_(
         if fmt is Format.json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        from rich.table import Table
+        from czb.cli.tables import print_listing
 
-        if kind is Kind.models:
+        title, note, whole = f"{len(rows)} {kind.value}", "", ["name"]
+        if wide:
+            rows = [{k: _cell(v) for k, v in row.items()} for row in rows]
+        elif kind is Kind.datasets:
+            rows, note = _dataset_table_rows(rows)
+            whole = []  # a family's row wraps within the name column
+        elif kind is Kind.models:
             rows = [_model_table_row(row) for row in rows]
-        table = Table(title=f"{len(rows)} {kind.value}")
-        for column in rows[0] if rows else ["name"]:
-            table.add_column(column, no_wrap=column == "name")
-        for row in rows:
-            table.add_row(*(_safe(_cell(v)) for v in row.values()))
-        _console().print(table)
+        else:
+            rows = [_task_table_row(row) for row in rows]
+        print_listing(title, rows, whole=whole, note=note)
 
     _guarded(body)
+
+
+#: Fewest datasets that share a row of ``czb list datasets`` as a family.
+FAMILY_MIN = 3
+
+
+def _families(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """Datasets to list on one row: ``(prefix|suffix, part, members)`` for each first or
+    last ``_``-separated part of names (``tsv2``, ``spermatogenesis``) shared by
+    :data:`FAMILY_MIN` or more datasets that all have the same tags, label and batch keys
+    (so the family row's columns hold for each); a dataset joins the largest family."""
+    candidates: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        parts = row["name"].split("_")
+        if len(parts) > 1:
+            candidates.setdefault(("prefix", parts[0]), []).append(row)
+            candidates.setdefault(("suffix", parts[-1]), []).append(row)
+    taken: set[str] = set()
+    families = []
+    for (where, part), members in sorted(candidates.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        alike = {(tuple(m["tags"]), str(m["label_key"]), str(m["batch_key"])) for m in members}
+        if len(members) >= FAMILY_MIN and len(alike) == 1 and not taken & {m["name"] for m in members}:
+            taken.update(m["name"] for m in members)
+            families.append((where, part, members))
+    return families
+
+
+def _dataset_table_rows(rows: list[dict]) -> tuple[list[dict], str]:
+    """The rows of ``czb list datasets`` (name, organism, tags), each family on one row
+    as ``tsv2_{bladder, blood, ...}``, and a note saying what the braces stand for."""
+    families = _families(rows)
+    in_family = {m["name"] for _, _, members in families for m in members}
+    out = {row["name"]: {"name": row["name"], "organism": row["organism"], "tags": _cell(row["tags"])}
+           for row in rows if row["name"] not in in_family}
+    for where, part, members in families:
+        stems = ", ".join(m["name"][len(part) + 1:] if where == "prefix" else m["name"][:-len(part) - 1]
+                          for m in members)
+        name = f"{part}_{{{stems}}}" if where == "prefix" else f"{{{stems}}}_{part}"
+        organisms = sorted({m["organism"] for m in members})
+        out[name] = {"name": name, "organism": ", ".join(organisms) if len(organisms) < 3
+                     else f"{len(organisms)} organisms", "tags": _cell(members[0]["tags"])}
+    note = ""
+    if families:
+        where, part, members = families[0]
+        example = members[0]["name"]
+        note = (f"{{a, b}} in a name stands for one dataset each, e.g. {example}; "
+                "--wide lists every dataset with its description, --format json too.")
+    return [out[k] for k in sorted(out, key=lambda k: k.strip("{").lower())], note
+
+
+def _task_table_row(row: dict) -> dict:
+    """A task's row for the terminal: what it needs and does; ``--wide`` has its metrics
+    and parameters."""
+    about = [row["description"] or "", "needs: " + (_cell(row["requires"]) or "nothing")]
+    if row["implementation"].startswith("suite: "):
+        about.append("runs: " + row["implementation"].removeprefix("suite: "))
+    return {"name": row["name"], "about": about}
 
 
 def _model_table_row(row: dict) -> dict:
@@ -58,7 +132,7 @@ def _model_table_row(row: dict) -> dict:
 
     return {
         "name": row["name"], "kind": row["kind"], "genes": row["gene_id_type"],
-        "organisms": short(row["organisms"]), "dim": row["output_dim"],
+        "species": short(row["organisms"]), "dim": _cell(row["output_dim"]),
         "resources": " ".join(resources), "variants": short(row["variants"], 1),
     }
 

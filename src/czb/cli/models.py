@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from czb.cli.common import ConfigDirs, _catalog, _console, _fail, _guarded, _one_line, _safe
+from czb.cli.common import (
+    ConfigDirs,
+    DebugOption,
+    _catalog,
+    _console,
+    _fail,
+    _guarded,
+    _one_line,
+    _safe,
+)
 
 
 def models_build(
@@ -21,6 +30,7 @@ def models_build(
     ] = None,
     tag: Annotated[Optional[str], typer.Option(help="Image tag [default: the spec's image].")] = None,
     config_dir: ConfigDirs = None,
+    debug: DebugOption = False,
 ) -> None:
     """Build a model's image from its container folder (its Dockerfile, else czb's template)."""
 
@@ -48,6 +58,7 @@ def models_fetch_weights(
     variant: Annotated[Optional[str], typer.Option(help="Weights variant [default: the model's default].")] = None,
     all_variants: Annotated[bool, typer.Option("--all-variants", help="Stage every variant.")] = False,
     config_dir: ConfigDirs = None,
+    debug: DebugOption = False,
 ) -> None:
     """Stage published weights into the cache (containers have no network)."""
 

@@ -13,6 +13,7 @@ import typer
 
 from czb.cli.common import (
     ConfigDirs,
+    DebugOption,
     Format,
     OutputFormat,
     _catalog,
@@ -42,7 +43,8 @@ def run(
     ] = "0,1,2",
     output_dir: Annotated[
         Optional[Path],
-        typer.Option(help="Store for units and results/ (shared with czb bench --store) [default: CZB_OUTPUT_DIR]."),
+        typer.Option(help="Store for units and results/ (shared with czb bench --store) "
+                     "[default: CZB_OUTPUT_DIR, else ./czb-results]."),
     ] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also score the PCA baseline.")] = True,
     offline: Annotated[bool, typer.Option(help="Use only cached datasets.")] = False,
@@ -52,7 +54,7 @@ def run(
         typer.Option(
             "--exact",
             help="Exact neighbour graph and silhouettes at any size (slow on atlases) [default: exact up to "
-            "50k cells (graph) and 200k cells (silhouettes), approximate above, with the error recorded].",
+            "50k cells (graph) and 100k cells (silhouettes), approximate above, with the error recorded].",
         ),
     ] = False,
     gpus: Annotated[
@@ -83,7 +85,11 @@ def run(
         bool, typer.Option("--cache/--no-cache", help="Reuse finished work (--no-cache runs models and tasks again).")
     ] = True,
     fmt: OutputFormat = Format.table,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Print every metric [default: each task's headline metric].")
+    ] = False,
     config_dir: ConfigDirs = None,
+    debug: DebugOption = False,
 ) -> None:
     """Embed datasets with models (or read your embeddings) and score them on tasks."""
 
@@ -130,11 +136,13 @@ def run(
         if fmt is Format.json:
             typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         else:
-            _print_results(records)
-            _print_hierarchy(records)
+            from czb.cli.tables import print_hierarchy, print_results
+
+            print_results(records, wide=wide)
+            print_hierarchy(records)
             err.print(f"results written to {_safe(Path(out) / 'results')}", soft_wrap=True)
         failed = [r for r in records if r.status == "failed"]
-        # The table cell may be too narrow to read; each distinct failure gets its own line.
+        # Each distinct failure gets its own line on stderr too, where scripts read errors.
         for message in dict.fromkeys(f"{r.dataset.name}/{r.model.name}: {r.error}" for r in failed):
             err.print(f"[bold red]failed:[/] {_safe(message)}", soft_wrap=True, markup=True)
         if failed:
@@ -170,55 +178,3 @@ def _parse_params(values: list[str] | None) -> dict[str, str]:
             raise typer.BadParameter(msg)
         out[name] = value
     return out
-
-
-def _print_results(records) -> None:
-    from rich.table import Table
-
-    from czb.pipeline.baselines import baseline_differences
-    from czb.report.tables import metric_label
-
-    diffs = baseline_differences(records)
-    table = Table(title="czb results (mean ± sd over seeds; Δ = model - pca; for perturbations, model - control_mean)")
-    for column in ("dataset", "task", "model", "metric", "value", "Δ", "status"):
-        numeric = column in ("value", "Δ")
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "status")
-    for r in records:
-        if r.status != "ok":
-            table.add_row(_safe(r.dataset.name), _safe(r.task.name), _safe(r.model.name), "", "", "",
-                          _safe(f"{r.status}: {r.error}"))
-            continue
-        for m in r.metrics:
-            label = _safe(metric_label(m.name, m.params))
-            value = "n/a" if m.value is None else f"{m.value:.4f}"
-            if m.value_std_dev is not None:
-                value += f" ± {m.value_std_dev:.4f}"
-            key = (r.dataset.name, r.task.name, m.name,
-                   tuple(sorted((k, str(v)) for k, v in m.params.items())), r.model.name)
-            d = diffs.get(key)
-            table.add_row(_safe(r.dataset.name), _safe(r.task.name), _safe(r.model.name), label, value,
-                          "" if d is None else f"{d:+.4f}", r.status)
-    _console().print(table)
-
-
-def _print_hierarchy(records) -> None:
-    """Table 2 of Bendidi et al. (2024): best post-processing per model and metric."""
-    from rich.table import Table
-
-    from czb.report.summary import hierarchy_grid
-
-    models, grid = hierarchy_grid(records)
-    if not grid:
-        return
-    table = Table(title="perturbation-analysis hierarchy (best post-processing per model; * best model)")
-    table.add_column("dataset")
-    table.add_column("metric")
-    for model in models:
-        table.add_column(_safe(model), justify="right")
-    for row, cells, best in grid:
-        values = []
-        for cell, is_best in zip(cells, best):
-            text = "" if cell is None else _safe(f"{cell.value:.3f} ({cell.postprocessing})")
-            values.append(f"[bold]{text} *[/bold]" if is_best else text)
-        table.add_row(_safe(row.dataset), _safe(row.label + ("" if row.higher_is_better else " ↓")), *values)
-    _console().print(table)

@@ -45,6 +45,11 @@ class UnknownNameError(SpecError):
         super().__init__(f"{what}; {hint}")
 
 
+class UsageError(CzbError):
+    """What was asked cannot be done as asked (a task over several datasets given one,
+    nothing to score): bad usage, exit 2 on the command line."""
+
+
 class DatasetError(CzbError):
     """A dataset is missing, corrupt, or does not fit its spec."""
 

@@ -6,7 +6,7 @@
 ``CZB_CONFIG_PATH``         extra spec folders, separated by ``os.pathsep``; their
                             entries override the bundled ones
 ``CZB_OFFLINE``             ``1`` to never touch the network (use the cache only)
-``CZB_OUTPUT_DIR``          default folder for result JSONs
+``CZB_OUTPUT_DIR``          default store of ``czb run`` (``./czb-results``)
 ``CZB_N_JOBS``              worker processes/threads for scoring (default: all cores)
 ``CZB_S3_ENDPOINT_URL``     S3 endpoint for ``s3://`` URIs (default: AWS); for a
                             mirror or a local S3-compatible server

@@ -39,11 +39,17 @@ from czb.io.content import refuse_wrong_content
 from czb.io.download import download
 from czb.io.http import HttpSource
 from czb.io.s3 import S3Source
-from czb.io.source import RemoteChanged, Source
+from czb.io.source import RemoteChanged, Source, Unreachable
 
 __all__ = ["fetch", "is_remote"]
 
 REMOTE_SCHEMES = frozenset({"http", "https", "s3"})
+
+#: The next step when a file is neither reachable nor cached: fill a cache elsewhere.
+COPY_A_CACHE = (
+    "on a connected machine run `czb datasets fetch NAME` for its dataset (or this command, "
+    "online), copy that machine's cache folder here and point CZB_CACHE_DIR at it"
+)
 
 
 # --------------------------------------------------------------------------- public API
@@ -111,8 +117,10 @@ def fetch(
     Raises
     ------
     FetchError
-        The file does not exist, cannot be downloaded (one line naming the URI and
-        the cause), does not match ``sha256``, or is not cached while offline.
+        The file does not exist, cannot be downloaded (one line naming the whole URI,
+        the cause and the next step: ``--offline`` with a copy cached earlier, or a
+        cache filled on a connected machine), does not match ``sha256``, or is not
+        cached while offline.
 
     Notes
     -----
@@ -138,8 +146,31 @@ def fetch(
     source: Source = S3Source(uri) if scheme == "s3" else HttpSource(uri)
     try:
         return _fetch_remote(uri, source, expected, cache_dir, progress)
+    except Unreachable as e:
+        raise _hinted(str(e), _next_step(uri, cache_dir, missing=e.missing)) from None
     finally:
         source.close()
+
+
+def _hinted(problem: str, hint: str) -> FetchError:
+    """``problem; hint`` as one message (records and library users see both), with the
+    hint also kept apart: the CLI shows it on a ``hint:`` line of its own."""
+    error = FetchError(f"{problem}; {hint}")
+    error.hint = hint  # type: ignore[attr-defined]
+    return error
+
+
+def _next_step(uri: str, cache_dir: Path, *, missing: bool) -> str:
+    """What to do when ``uri`` cannot be fetched: use the copy cached earlier, fix the
+    URI (the remote has no such file), or bring a cache from a connected machine."""
+    cached = _cached_copies(uri, cache_dir)
+    if cached:
+        when = str(cached[0][0].get("fetched_at") or "earlier")
+        use = f"a copy fetched {when} is in the cache ({cache_dir}): use --offline (or CZB_OFFLINE=1) to run on it"
+        return f"check the uri in its spec; {use}" if missing else use
+    if missing:
+        return "check the uri in its spec: the server has no such file, or refuses it"
+    return f"check the network and try again; to work without one, {COPY_A_CACHE}, then use --offline"
 
 
 # --------------------------------------------------------------------------- local files
@@ -219,22 +250,23 @@ def _check_digest(uri: str, expected: str | None, actual: str, path: Path) -> Pa
     return path
 
 
-def _fetch_offline(uri: str, expected: str | None, cache_dir: Path) -> Path:
-    uri_dir = cache_dir / "downloads" / _uri_key(uri)
+def _cached_copies(uri: str, cache_dir: Path) -> list[tuple[dict[str, Any], Path]]:
+    """The copies of ``uri`` in the cache (sidecar and file), newest first; not checked."""
     candidates: list[tuple[dict[str, Any], Path]] = []
-    for sidecar in uri_dir.glob(f"*/{SIDECAR}"):
+    for sidecar in (cache_dir / "downloads" / _uri_key(uri)).glob(f"*/{SIDECAR}"):
         meta = read_json(sidecar)
         if meta and meta.get("uri") == uri and isinstance(meta.get("file"), str):
             path = sidecar.parent / meta["file"]
             if path.is_file():
                 candidates.append((meta, path))
+    return sorted(candidates, key=lambda c: neg_time(c[0]))
+
+
+def _fetch_offline(uri: str, expected: str | None, cache_dir: Path) -> Path:
+    candidates = _cached_copies(uri, cache_dir)
     if not candidates:
-        msg = (
-            f"{uri} is not in the cache ({cache_dir / 'downloads'}) and czb is offline; "
-            "run `czb datasets fetch NAME` for its dataset while online"
-        )
-        raise FetchError(msg)
-    candidates.sort(key=lambda c: neg_time(c[0]))
+        msg = f"{uri} is not in the cache ({cache_dir / 'downloads'}) and czb is offline (--offline or CZB_OFFLINE)"
+        raise _hinted(msg, COPY_A_CACHE)
     mismatches, damaged = [], []
     for meta, path in candidates:  # newest first; an older copy may be the one the spec wants
         with locked(path.parent):

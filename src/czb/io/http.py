@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from czb.core.errors import FetchError
 from czb.io.source import (
     CHUNK,
     CONNECT_TIMEOUT_S,
@@ -13,6 +12,7 @@ from czb.io.source import (
     Remote,
     RemoteChanged,
     Source,
+    Unreachable,
     short_cause,
 )
 
@@ -44,15 +44,15 @@ class HttpSource(Source):
                 timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
             )
         except self.requests.RequestException as e:
-            msg = f"cannot fetch {self.uri}: {short_cause(e)}"
-            raise FetchError(msg) from None
+            raise Unreachable(self.uri, short_cause(e)) from None
 
     def _raise_for_status(self, response: Any) -> None:
         if response.status_code >= 400:
             response.close()
             reason = f" {response.reason}" if response.reason else ""
-            msg = f"cannot fetch {self.uri}: HTTP {response.status_code}{reason}"
-            raise FetchError(msg)
+            # 4xx: the server answered that it has no such file for us; 5xx: it failed.
+            raise Unreachable(self.uri, f"HTTP {response.status_code}{reason}",
+                              missing=response.status_code < 500)
 
     def head(self) -> Remote:
         response = self._request("HEAD")

@@ -14,6 +14,7 @@ from czb.io.source import (
     Remote,
     RemoteChanged,
     Source,
+    Unreachable,
     short_cause,
 )
 
@@ -56,11 +57,12 @@ class S3Source(Source):
                     "s3", endpoint_url=get_settings().s3_endpoint_url, config=config
                 )
             except self.errors.BotoCoreError as e:  # e.g. AWS_PROFILE names a missing profile
-                msg = f"cannot fetch {self.uri}: {e}"
+                msg = f"cannot fetch {self.uri}: {short_cause(e)}"
                 raise FetchError(msg) from None
         return self._client
 
-    def _explain(self, error: Exception) -> str:
+    def _explain(self, error: Exception) -> Unreachable:
+        missing = False
         if isinstance(error, self.errors.ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -76,9 +78,12 @@ class S3Source(Source):
             if cause is None:
                 message = error.response.get("Error", {}).get("Message") or ""
                 cause = f"{code}: {message}" if message else f"{code} (HTTP {status})"
+            # 4xx: S3 answered that it has no such object for us; 5xx: it failed.
+            missing = (isinstance(status, int) and 400 <= status < 500) or code in (
+                "404", "403", "NoSuchKey", "NoSuchBucket", "AccessDenied", "Forbidden")
         else:
             cause = short_cause(error)
-        return f"cannot fetch {self.uri}: {cause}"
+        return Unreachable(self.uri, cause, missing=missing)
 
     def _not_found_code(self) -> str:
         # HeadObject has no body, so a 404 does not say whether the bucket or the key is
@@ -96,7 +101,7 @@ class S3Source(Source):
         try:
             response = self.client.head_object(Bucket=self.bucket, Key=self.key)
         except (self.errors.ClientError, self.errors.BotoCoreError) as e:
-            raise FetchError(self._explain(e)) from None
+            raise self._explain(e) from None
         modified = response.get("LastModified")
         return Remote(
             etag=response.get("ETag"),
@@ -115,9 +120,9 @@ class S3Source(Source):
         except self.errors.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 raise RemoteChanged from None
-            raise FetchError(self._explain(e)) from None
+            raise self._explain(e) from None
         except self.errors.BotoCoreError as e:
-            raise FetchError(self._explain(e)) from None
+            raise self._explain(e) from None
         partial = str(response.get("ContentRange", "")).startswith(f"bytes {offset}-")
         body = response["Body"]
         return Body(partial=partial, chunks=body.iter_chunks(CHUNK), close=body.close,

@@ -49,6 +49,12 @@ class _Baseline:
             k: int(parameters.get(k, v)) for k, v in self.defaults.items()
         }
 
+    def _chosen(self, key: str) -> bool:
+        """Whether parameter ``key`` differs from its default: a default that the data
+        cannot fill (3000 genes of a 765-gene panel) is used as far as it goes, silently;
+        a value someone chose and the data cannot meet is worth a warning."""
+        return self.parameters[key] != self.defaults[key]
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -87,8 +93,11 @@ class PCABaseline(_Baseline):
     (``n_top_genes``, scanpy's default ``seurat`` flavor) → subset to those genes →
     ``sc.pp.pca`` (``n_comps``, zero-centred). Sparse input stays sparse throughout.
 
-    Unlike cz-benchmarks, ``n_top_genes`` is capped to the number of genes (with an
-    :class:`~czb.core.errors.EmbeddingWarning`) rather than failing on small gene panels.
+    Unlike cz-benchmarks, ``n_top_genes`` is capped to the number of genes rather than
+    failing on small gene panels, as ``n_comps`` is to ``min(n_cells, n_genes) - 1``. At
+    their defaults the caps are silent (the defaults mean "up to"); a value set in the
+    spec that the data cannot meet gives an :class:`~czb.core.errors.EmbeddingWarning`.
+    Either way ``info['effective_parameters']`` and ``info['n_genes_used']`` say what ran.
 
     Matrices storing more than :data:`~czb.models.pca.STREAMED_PCA_MIN_VALUES` values (in
     memory or on disk) are never copied: the same steps run streamed over row chunks
@@ -137,9 +146,10 @@ class PCABaseline(_Baseline):
         info: dict[str, Any] = {}
         expression = dataset.spec.expression
         ds, n_genes = dataset.name, dataset.n_genes
-        n_top = self.parameters["n_top_genes"]
+        n_top, warn_comps = self.parameters["n_top_genes"], self._chosen("n_comps")
         if n_top > n_genes:
-            record_warning(info, f"{self.name}: n_top_genes={n_top} capped to the {n_genes} genes of {ds}")
+            if self._chosen("n_top_genes"):
+                record_warning(info, f"{self.name}: n_top_genes={n_top} capped to the {n_genes} genes of {ds}")
             n_top = n_genes
         if dataset.n_cells < 2 or n_genes < 2:
             msg = (
@@ -159,6 +169,7 @@ class PCABaseline(_Baseline):
                 info=info,
                 normalize=expression == "raw_counts",
                 n_top_genes=n_top,
+                warn=warn_comps,
             )
             self._check_n_used(n_used, n_top, ds, info)
             info["n_genes_used"] = n_used
@@ -186,12 +197,13 @@ class PCABaseline(_Baseline):
         del adata
 
         info["n_genes_used"] = n_used
-        values = sparse_pca(x, self.parameters["n_comps"], seed=seed, name=self.name, info=info)
+        values = sparse_pca(x, self.parameters["n_comps"], seed=seed, name=self.name, info=info, warn=warn_comps)
         info["effective_parameters"] = {"n_top_genes": n_top, "n_comps": info["n_comps"]}
         return self._embedding(values, info)
 
     def _check_n_used(self, n_used: int, n_top: int, ds: str, info: dict[str, Any]) -> None:
-        if n_used < n_top:
+        # Genes never detected cannot be selected: at the default, that is "all genes" too.
+        if n_used < n_top and self._chosen("n_top_genes"):
             msg = (
                 f"{self.name}: only {n_used} genes of {ds} have a defined dispersion (are "
                 f"detected); using those instead of n_top_genes={n_top}"
@@ -214,7 +226,8 @@ class RawPCABaseline(_Baseline):
     name
         Model name (defaults to ``"pca_raw"``).
     n_comps
-        Number of principal components (default 50).
+        Number of principal components (default 50; capped to ``min(n_cells, n_genes) - 1``,
+        with a warning only when set to another value).
 
     References
     ----------
@@ -238,14 +251,16 @@ class RawPCABaseline(_Baseline):
         info: dict[str, Any] = {"expression": dataset.spec.expression, "normalized": False}
         if should_stream(x):
             values, _ = streamed_pca(
-                x, n_comps=self.parameters["n_comps"], seed=seed, name=self.name, info=info
+                x, n_comps=self.parameters["n_comps"], seed=seed, name=self.name, info=info,
+                warn=self._chosen("n_comps"),
             )
             info["effective_parameters"] = {"n_comps": info["n_comps"]}
             return self._embedding(values, info)
         x = to_memory(x)
         if x.dtype.kind in "iub":
             x = x.astype(np.float32)
-        values = sparse_pca(x, self.parameters["n_comps"], seed=seed, name=self.name, info=info)
+        values = sparse_pca(x, self.parameters["n_comps"], seed=seed, name=self.name, info=info,
+                            warn=self._chosen("n_comps"))
         info["effective_parameters"] = {"n_comps": info["n_comps"]}
         return self._embedding(values, info)
 

@@ -27,7 +27,7 @@ STREAMED_PCA_POWER_ITERATIONS = 3
 
 
 def sparse_pca(
-    x: Any, n_comps: int, *, seed: int, name: str, info: dict[str, Any]
+    x: Any, n_comps: int, *, seed: int, name: str, info: dict[str, Any], warn: bool = True
 ) -> np.ndarray:
     """Zero-centred PCA that never densifies a sparse ``x``.
 
@@ -41,7 +41,8 @@ def sparse_pca(
         Matrix of shape ``(n_cells, n_genes)``, sparse or dense.
     n_comps
         Requested number of components; capped to ``min(n_cells, n_genes) - 1`` (ARPACK
-        cannot compute more) with a warning.
+        cannot compute more), with a warning if ``warn``; ``info['n_comps']`` is the
+        number computed.
 
     Returns
     -------
@@ -50,7 +51,7 @@ def sparse_pca(
     import scanpy as sc
 
     n_cells, n_genes = x.shape
-    n_comps = _cap_n_comps(n_comps, n_cells, n_genes, name=name, info=info)
+    n_comps = _cap_n_comps(n_comps, n_cells, n_genes, name=name, info=info, warn=warn)
     x_pca, _, variance_ratio, _ = sc.pp.pca(
         x,
         n_comps=n_comps,
@@ -66,15 +67,17 @@ def sparse_pca(
 
 
 def _cap_n_comps(
-    n_comps: int, n_cells: int, n_genes: int, *, name: str, info: dict[str, Any]
+    n_comps: int, n_cells: int, n_genes: int, *, name: str, info: dict[str, Any], warn: bool
 ) -> int:
-    """``n_comps`` capped to ``min(n_cells, n_genes) - 1`` (as ARPACK needs), with a warning."""
+    """``n_comps`` capped to ``min(n_cells, n_genes) - 1`` (as ARPACK needs), with a
+    warning if ``warn``."""
     most = min(n_cells, n_genes) - 1
     if most < 1:
         msg = f"{name}: PCA needs at least 2 cells and 2 genes, got {n_cells} × {n_genes}"
         raise EmbeddingError(msg)
     if n_comps > most:
-        record_warning(info, f"{name}: n_comps={n_comps} capped to {most} (min(n_cells, n_genes) - 1)")
+        if warn:
+            record_warning(info, f"{name}: n_comps={n_comps} capped to {most} (min(n_cells, n_genes) - 1)")
         n_comps = most
     return n_comps
 
@@ -109,6 +112,7 @@ def streamed_pca(
     info: dict[str, Any],
     normalize: bool = False,
     n_top_genes: int | None = None,
+    warn: bool = True,
 ) -> tuple[np.ndarray, int]:
     """PCA of ``x`` (cells × genes; in memory or a backed matrix) in passes over row chunks.
 
@@ -118,7 +122,8 @@ def streamed_pca(
     values and of their logarithm, :func:`~czb.models.streaming_pca.highly_variable_seurat`
     selects the genes, and the PCA reads those columns only. The PCA itself is
     :func:`~czb.models.streaming_pca.randomized_pca` (implicitly centred,
-    ``2 * STREAMED_PCA_POWER_ITERATIONS + 2`` passes).
+    ``2 * STREAMED_PCA_POWER_ITERATIONS + 2`` passes). ``n_comps`` is capped as
+    :func:`sparse_pca` caps it (a warning if ``warn``).
 
     Returns
     -------
@@ -179,7 +184,7 @@ def streamed_pca(
         mean, variance = moments.mean, moments.var
 
     n_used = n_genes if cols is None else int(cols.size)
-    n_comps = _cap_n_comps(n_comps, n_cells, n_used, name=name, info=info)
+    n_comps = _cap_n_comps(n_comps, n_cells, n_used, name=name, info=info, warn=warn)
 
     def blocks() -> Any:
         for start, block in iter_row_chunks(x, chunk_rows=chunk_rows):

@@ -104,8 +104,10 @@ def _record(plan: Plan, rp: RecordPlan, store: Store, command: str) -> R.ResultR
             if meta is None:
                 failure = _read_failure(store, key) or {}
                 reasons.append((f"{e.dataset.name}: " if grouped else "") + _failure_reason(failure))
-                if isinstance(failure.get("log_tail"), list) and not grouped:
-                    model = model.model_copy(update={"info": {"log_tail": failure["log_tail"]}})
+                if not grouped:  # the model as its failed run described it, and its last log lines
+                    model = stored_model(failure.get("model"), model)
+                    if isinstance(failure.get("log_tail"), list):
+                        model = model.model_copy(update={"info": {"log_tail": failure["log_tail"]}})
         result = TaskResult(rp.task, "failed", seeds=list(rp.seeds), error="embedding failed: " + "; ".join(reasons))
     else:
         result = _task_result(rp, pieces, store)

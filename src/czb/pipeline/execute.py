@@ -22,13 +22,20 @@ from czb.core import records as R
 from czb.core.errors import CzbError
 from czb.pipeline.assemble import assemble_records, read_score
 from czb.pipeline.executors import Executor, Job
-from czb.pipeline.plan import Plan, ScoreUnit
+from czb.pipeline.plan import Plan, ScoreUnit, dataset_checksum, plan_suite
 from czb.pipeline.progress import SuiteProgress
 from czb.pipeline.store import UNIT_FILE, Store
-from czb.pipeline.work import not_applicable_output, run_embed_unit, run_score_units
+from czb.pipeline.work import (
+    not_applicable_output,
+    run_embed_unit,
+    run_score_units,
+    say_warnings,
+    with_warnings,
+)
 
 if TYPE_CHECKING:
     from czb.models.docker.request import RunOptions
+    from czb.specs.catalog import Catalog
 
 DEFAULT_RETRIES = 2
 
@@ -114,6 +121,31 @@ def run_suite(
                         run.failed, run.blocked, records, retried, unwritten)
 
 
+def plan_on_workers(catalog: Catalog, name: str, executor: Executor, *, offline: bool | None = None,
+                    poll_s: float = 1.0) -> Plan:
+    """Plan suite ``name`` without downloading any dataset here: the checksum of each
+    dataset this machine does not hold is computed by a job on ``executor`` (which
+    fetches it into that worker's cache, where its units will read it), then the suite
+    is planned with those checksums.
+
+    Raises
+    ------
+    DatasetError
+        A worker could not fetch or check a dataset (the first such error).
+    """
+    plan = plan_suite(catalog, name, offline=offline, network=False)
+    for dataset in sorted(plan.unresolved):
+        executor.submit(Job(dataset_checksum, (plan.datasets[dataset],), {"offline": offline, "fetch_remote": True},
+                            label=f"{dataset}: checksum", tag=("checksum", [dataset])))
+    known: dict[str, str] = {}
+    while executor.running() or executor.queued():
+        for job, result, error in executor.wait(timeout=poll_s):
+            if error is not None:
+                raise error
+            known[job.tag[1][0]] = result
+    return plan_suite(catalog, name, offline=offline, checksums=known) if known else plan
+
+
 def done_units(plan: Plan, store: Store, *, repair: bool = False) -> tuple[set[str], set[str]]:
     """Keys of the plan's embed and score units whose outputs are in ``store`` and can
     be read. An output that cannot (a truncated ``embedding.npz``, a damaged JSON) is
@@ -168,7 +200,7 @@ class _SuiteRun:
 
     def submit_embed(self, key: str) -> None:
         unit = self.plan.embeds[key]
-        self._submit(Job(run_embed_unit, (unit, self.store.url), self.work, label=unit.label,
+        self._submit(Job(with_warnings, (run_embed_unit, unit, self.store.url), self.work, label=unit.label,
                          gpus=unit.gpus, memory_gb=unit.memory_gb, tag=("embed", [key])), 1)
 
     def submit_scores(self, units: Sequence[ScoreUnit]) -> None:
@@ -178,8 +210,9 @@ class _SuiteRun:
         predictor = units[0].predictor  # a perturbation predictor runs inside the job: its needs count
         gpus = 1 if predictor is not None and predictor.resources.gpu else 0
         memory_gb = predictor.resources.memory_gb if predictor is not None else None
-        self._submit(Job(run_score_units, (units, self.store.url), kwargs, label=label, cpus=self.n_jobs,
-                         gpus=gpus, memory_gb=memory_gb, tag=("score", [u.key for u in units])), len(units))
+        self._submit(Job(with_warnings, (run_score_units, units, self.store.url), kwargs, label=label,
+                         cpus=self.n_jobs, gpus=gpus, memory_gb=memory_gb, tag=("score", [u.key for u in units])),
+                     len(units))
 
     def embedding_ready(self, key: str) -> None:
         """Start (or settle) the score units whose embeddings are now all done."""
@@ -207,6 +240,9 @@ class _SuiteRun:
     def finished(self, job: Job, result: Any, error: BaseException | None) -> None:
         n_units = self.running_units.pop(id(job), 0)
         kind, keys = job.tag
+        if error is None:  # every job runs through with_warnings
+            result, said = result
+            say_warnings(said, job.label)
         if kind == "embed":
             self._embed_finished(keys[0], job.seconds, error)
         else:
@@ -222,7 +258,8 @@ class _SuiteRun:
         if self.attempts[key] <= self.retries:
             self.submit_embed(key)
         else:
-            self.give_up(key, self.plan.embeds[key].label, _reason(error), getattr(error, "log_tail", ()))
+            self.give_up(key, self.plan.embeds[key].label, _reason(error), getattr(error, "log_tail", ()),
+                         model=getattr(error, "model", None))
 
     def redo_embeddings(self, keys: Sequence[str]) -> bool:
         """Run embed units ``keys`` again (their output was found unreadable and removed),
@@ -279,13 +316,15 @@ class _SuiteRun:
         if again:
             self.submit_scores(again)
 
-    def give_up(self, key: str, label: str, reason: str, log_tail: Sequence[str] = ()) -> None:
-        """Record a unit that ran out of retries, and block the units that need it."""
+    def give_up(self, key: str, label: str, reason: str, log_tail: Sequence[str] = (),
+                model: dict[str, Any] | None = None) -> None:
+        """Record a unit that ran out of retries (with the model as its run described
+        it, when it got that far), and block the units that need it."""
         self.failed[key] = (label, reason)
         self.tracker.failed += 1
         self.store.write_json(f"failures/{key}.json", {
             "key": key, "label": label, "error": reason, "attempts": self.attempts[key],
-            "log_tail": list(log_tail), "at": R.now_utc(),
+            "log_tail": list(log_tail), "model": model, "at": R.now_utc(),
         })
         for keys in [k for k in self.waiting if key in k]:
             for unit in self.waiting.pop(keys):

@@ -28,13 +28,13 @@ embedding task, an embedding on a perturbation task).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import czb
-from czb.core.errors import CzbError, CzbWarning, DatasetError
+from czb.core.errors import CzbError, CzbWarning, DatasetError, UsageError
 from czb.core.hashing import cache_key
 from czb.evaluation.registry import get_task
 from czb.evaluation.task import Task
@@ -52,7 +52,7 @@ EMBED_DATASET_FIELDS = ("organism", "layer", "gene_key", "gene_id_type", "expres
 DESCRIPTIVE_DATASET_FIELDS = ("name", "description", "citation", "tags", "source", "uri", "sha256")
 
 
-class BenchWarning(CzbWarning):
+class PlanWarning(CzbWarning):
     """Something about a plan is weaker than it should be (e.g. an image keyed by tag)."""
 
 
@@ -188,6 +188,9 @@ class Plan:
     models: dict[str, Embedder] = field(default_factory=dict)
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    #: Datasets whose checksums are not known yet (planned without the network): the
+    #: keys of their units are placeholders.
+    unresolved: set[str] = field(default_factory=set)
 
     @property
     def n_units(self) -> int:
@@ -204,13 +207,15 @@ class Plan:
 
 
 def dataset_checksum(spec: DatasetSpec, *, offline: bool | None = None, fetch_remote: bool = False,
-                     progress: bool = False) -> str:
+                     progress: bool = False, network: bool = True) -> str | None:
     """The sha256 a dataset's units are keyed by: that of its generator's arguments
     (``synthetic:``), else of its file as it is now, checked against the spec's declared
     sha256 (a file edited in place is refused here, before any unit reuses work keyed by
     the declared content). A remote file is fetched into the cache when it has no
     declared sha256, or with ``fetch_remote``; otherwise its declared sha256 stands until
     a unit downloads it (and checks it). Files are hashed once (the cache remembers).
+    Without ``network``, a remote file that would have to be downloaded is not, and its
+    checksum is ``None`` (to be resolved).
 
     Raises
     ------
@@ -231,7 +236,21 @@ def dataset_checksum(spec: DatasetSpec, *, offline: bool | None = None, fetch_re
         return digest
     if spec.sha256 is not None and fetch.is_remote(spec.uri) and not fetch_remote:
         return spec.sha256
+    if not network and fetch.is_remote(spec.uri):
+        return _cached_sha256(spec)
     return known_sha256(fetch.fetch(spec.uri, sha256=spec.sha256, offline=offline, progress=progress))
+
+
+def _cached_sha256(spec: DatasetSpec) -> str | None:
+    """The sha256 of a remote dataset's cached copy, or ``None`` when it is not cached."""
+    from czb.core.errors import FetchError
+    from czb.io import fetch
+    from czb.io.cache import known_sha256
+
+    try:
+        return known_sha256(fetch.fetch(spec.uri, offline=True))
+    except FetchError:
+        return None
 
 
 def model_identity(spec: Embedder, *, resolve_images: bool = True, options: RunOptions | None = None
@@ -239,7 +258,7 @@ def model_identity(spec: Embedder, *, resolve_images: bool = True, options: RunO
     """What a model's embeddings (or predictions) depend on.
 
     A docker model is identified by its image's ID where the engine can be reached here
-    (a rebuilt image then makes new units), else by its tag, with a :class:`BenchWarning`.
+    (a rebuilt image then makes new units), else by its tag, with a :class:`PlanWarning`.
     Parameters count by their resolved values (every declared one, defaults filled in,
     then ``options``' overrides); a weights variant and local weights
     (``options.weights_dir``, by the checksum of its files) count too. A user's file
@@ -267,7 +286,7 @@ def model_identity(spec: Embedder, *, resolve_images: bool = True, options: RunO
         warnings.warn(
             f"model {spec.name!r}: its image {spec.image!r} could not be inspected here, so its units are "
             "keyed by the tag; a rebuilt image under the same tag will not be re-run",
-            BenchWarning, stacklevel=2)
+            PlanWarning, stacklevel=2)
     identity["image_id"] = image_id
     return identity
 
@@ -286,10 +305,12 @@ def _image_id(spec: ModelSpec) -> str | None:
         return None
 
 
-def plan_suite(catalog: Catalog, name: str, *, offline: bool | None = None, resolve_images: bool = True) -> Plan:
+def plan_suite(catalog: Catalog, name: str, *, offline: bool | None = None, resolve_images: bool = True,
+               network: bool = True, checksums: Mapping[str, str] | None = None) -> Plan:
     """Resolve suite ``name`` (and what it includes) into keyed units (:func:`plan_matrices`)."""
     matrices = [Matrix.of_suite(spec) for spec in catalog.suite_matrices(name)]
-    return plan_matrices(catalog, matrices, name=name, offline=offline, resolve_images=resolve_images)
+    return plan_matrices(catalog, matrices, name=name, offline=offline, resolve_images=resolve_images,
+                         network=network, checksums=checksums)
 
 
 def plan_matrices(
@@ -302,6 +323,8 @@ def plan_matrices(
     options: RunOptions | None = None,
     fetch_remote: bool = False,
     progress: bool = False,
+    network: bool = True,
+    checksums: Mapping[str, str] | None = None,
 ) -> Plan:
     """Every unit and record of ``matrices``, deduplicated by key.
 
@@ -309,7 +332,11 @@ def plan_matrices(
     unknown names and bad parameters raise, and each dataset's checksum is resolved
     (:func:`dataset_checksum`). ``options`` are the run's model choices (variant, local
     weights, parameters) that count in docker models' identities; ``fetch_remote`` and
-    ``progress`` are :func:`dataset_checksum`'s. Records come per
+    ``progress`` are :func:`dataset_checksum`'s; without ``network`` nothing is
+    downloaded, and the datasets whose checksums that leaves unknown are in
+    :attr:`Plan.unresolved` (their units' keys are not final: a dry run). ``checksums``
+    are datasets' sha256 already computed elsewhere (by a worker:
+    :func:`czb.pipeline.execute.plan_on_workers`). Records come per
     matrix, per dataset, per model, per task; tasks over several datasets last.
     """
     resolved = [(matrix, *resolve_matrix(catalog, matrix)) for matrix in matrices]
@@ -320,8 +347,11 @@ def plan_matrices(
         plan.tasks.update((t.name, t) for t in tasks)
     for model in plan.models.values():
         _check_model(model, options)
-    checksums = {ds_name: dataset_checksum(ds, offline=offline, fetch_remote=fetch_remote, progress=progress)
+    known = dict(checksums or {})
+    checksums = {ds_name: known[ds_name] if ds_name in known else dataset_checksum(
+                     ds, offline=offline, fetch_remote=fetch_remote, progress=progress, network=network)
                  for ds_name, ds in plan.datasets.items()}
+    plan.unresolved = {ds_name for ds_name, checksum in checksums.items() if checksum is None}
     identities = {m.name: model_identity(m, resolve_images=resolve_images, options=options)
                   for m in plan.models.values()}
     records: dict[tuple[str, str, str], RecordPlan] = {}
@@ -436,26 +466,55 @@ def _embedding_units(model: str, embeds: tuple[EmbedUnit, ...], task: TaskSpec, 
 
 
 def resolve_matrix(
-    catalog: Catalog, matrix: Matrix
+    catalog: Catalog, matrix: Matrix, *, warn: bool = True
 ) -> tuple[list[DatasetSpec], list[Embedder], list[TaskSpec], dict[str, Task]]:
     """A matrix's datasets, models (its file first, baselines added) and tasks (task
     suites expanded), and each task built with its parameters; unknown names and bad
-    parameters raise here, as does a task over several datasets given one."""
+    parameters raise here, as does a task over several datasets given one. Tasks ``all``
+    keeps those the models and datasets can be scored on, saying what it skipped (unless
+    not ``warn``: a check before planning)."""
     datasets = catalog.resolve("dataset", list(matrix.datasets))
     tasks = catalog.resolve("task", list(matrix.tasks))
     built = {t.name: get_task(t.implementation)(**t.parameters) for t in tasks}
-    names = _with_baselines(matrix, (b.info.kind for b in built.values()))
-    models: list[Embedder] = [matrix.file] if matrix.file is not None else []
-    models += catalog.resolve("model", names) if names else []
+    asked: list[Embedder] = [matrix.file] if matrix.file is not None else []
+    asked += catalog.resolve("model", list(matrix.models)) if matrix.models else []
+    if "all" in matrix.tasks:
+        tasks = _applicable(tasks, built, asked, n_datasets=len(datasets), where=matrix.name, warn=warn)
     multi = [t.name for t in tasks if built[t.name].info.kind == "multi_dataset"]
     if multi and len(datasets) < 2:
         msg = (f"{', '.join(multi)} compare(s) several datasets (e.g. one per species): give two or more "
                f"datasets (in {matrix.name!r})")
-        raise CzbError(msg)
-    return datasets, models, tasks, built
+        raise UsageError(msg)
+    # The baselines every comparison on these tasks needs, unless asked for already.
+    known = {m.name for m in asked}
+    wanted = [n for n in baselines_for(built[t.name].info.kind for t in tasks) if n not in known]
+    models = asked + (catalog.resolve("model", wanted) if matrix.baseline and wanted else [])
+    return datasets, models, tasks, {t.name: built[t.name] for t in tasks}
 
 
-def _with_baselines(matrix: Matrix, kinds: Iterable[str]) -> list[str]:
-    """The matrix's models plus the baselines its tasks are compared with."""
-    wanted = baselines_for(kinds) if matrix.baseline else []
-    return list(matrix.models) + [m for m in wanted if m not in matrix.models]
+def _applicable(tasks: list[TaskSpec], built: dict[str, Task], models: Sequence[Embedder], *, n_datasets: int,
+                where: str, warn: bool) -> list[TaskSpec]:
+    """The tasks of ``all`` that the models and datasets can be scored on: perturbation
+    prediction only with a predictor among the models, embedding tasks only with an
+    embedding model, tasks over several datasets only with two or more. What is left out
+    is said in one :class:`PlanWarning` line."""
+    predicts = [isinstance(m, ModelSpec) and m.output == "predictions" for m in models]
+    why = {"perturbation": "no model predicts perturbation responses" if not any(predicts) else None,
+           "cell": "no model produces embeddings" if all(predicts) and predicts else None,
+           "multi_dataset": "they compare two or more datasets" if n_datasets < 2 else None}
+    if all(predicts) and predicts:
+        why["multi_dataset"] = why["cell"]
+    kept, skipped = [], {}
+    for task in tasks:
+        reason = why.get(built[task.name].info.kind)
+        if reason is None:
+            kept.append(task)
+        else:
+            skipped.setdefault(reason, []).append(task.name)
+    if skipped and warn:
+        said = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in skipped.items())
+        warnings.warn(f"tasks 'all' in {where!r}: skipped {said}", PlanWarning, stacklevel=3)
+    if not kept:
+        msg = f"tasks 'all' in {where!r}: none applies to these models and datasets"
+        raise UsageError(msg)
+    return kept

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from czb.core import records as R
-from czb.core.errors import CzbError, ResultsError
+from czb.core.errors import ResultsError, UsageError
 from czb.evaluation.runner import DEFAULT_SEEDS
 from czb.pipeline.execute import SuiteOutcome, run_suite
 from czb.pipeline.executors import InProcessExecutor, Job
@@ -109,15 +109,15 @@ def run_benchmark(
 
     if not seeds:
         msg = "at least one seed is needed"
-        raise CzbError(msg)
+        raise UsageError(msg)
     if embedding is None and not models:
         msg = "nothing to score: give --model or --embedding"
-        raise CzbError(msg)
+        raise UsageError(msg)
     matrix = Matrix("run", tuple(datasets), tuple(models), tuple(tasks), tuple(seeds), baseline, exact)
-    resolved, *_ = resolve_matrix(catalog, matrix)  # unknown names and bad parameters first
+    resolved, *_ = resolve_matrix(catalog, matrix, warn=False)  # unknown names and bad parameters first
     if embedding is not None and len(resolved) != 1:
         msg = f"--embedding scores one dataset; {len(resolved)} were given"
-        raise CzbError(msg)
+        raise UsageError(msg)
     store = open_store(output_dir, what="output folder") if output_dir is not None else None  # before any work
     if embedding is not None:
         matrix = replace(matrix, file=EmbeddingFile.open(embedding, embedding_key))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from czb.core.errors import CzbError, DatasetError, EmbeddingWarning
+from czb.core.errors import CzbError, CzbWarning, DatasetError, EmbeddingWarning
 from czb.pipeline.plan import Embedder, EmbeddingFile, EmbedUnit, ScoreUnit
 from czb.pipeline.store import EMBEDDING_FILE, UNIT_FILE, Store, StoreError, open_store
 from czb.pipeline.tasks import PlannedTask
@@ -41,19 +41,22 @@ class UnitFailed(CzbError):
         The unit's key.
     log_tail
         The model container's last log lines, when there are any.
+    model
+        The model's record as the failed run described it (its image digest...), as JSON.
     """
 
-    def __init__(self, key: str, message: str, *, log_tail: Sequence[str] = ()):
+    def __init__(self, key: str, message: str, *, log_tail: Sequence[str] = (), model: dict[str, Any] | None = None):
         super().__init__(message)
         self.key = key
         self.log_tail = list(log_tail)
+        self.model = model
 
     def __reduce__(self):  # keyword-only arguments survive pickling between processes
-        return _unit_failed, (self.key, str(self), self.log_tail)
+        return _unit_failed, (self.key, str(self), self.log_tail, self.model)
 
 
-def _unit_failed(key: str, message: str, log_tail: list[str]) -> UnitFailed:
-    return UnitFailed(key, message, log_tail=log_tail)
+def _unit_failed(key: str, message: str, log_tail: list[str], model: dict[str, Any] | None) -> UnitFailed:
+    return UnitFailed(key, message, log_tail=log_tail, model=model)
 
 
 #: The dataset a job loaded last, kept for the next job while :func:`keep_last_dataset`
@@ -115,6 +118,33 @@ def load_checked(spec: DatasetSpec, offline: bool | None, *, expected: str | Non
     return ds
 
 
+class JobWarning(CzbWarning):
+    """A warning of another library raised inside a job, forwarded as one line."""
+
+
+def with_warnings(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[tuple[type[Warning], str]]]:
+    """``fn(*args, **kwargs)`` and the warnings it raised, each once: a job's warnings
+    travel back with its result (a worker process or node has no terminal of its own) and
+    are said where the run is watched (:func:`say_warnings`). czb's own keep their class;
+    another library's become a :class:`JobWarning` naming it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = fn(*args, **kwargs)
+    said = []
+    for w in caught:
+        if issubclass(w.category, CzbWarning):
+            said.append((w.category, str(w.message)))
+        else:
+            said.append((JobWarning, f"{w.category.__name__}: {w.message}"))
+    return value, list(dict.fromkeys(said))
+
+
+def say_warnings(said: Sequence[tuple[type[Warning], str]], where: str) -> None:
+    """Raise again, here, the warnings a job raised (:func:`with_warnings`)."""
+    for category, message in said:
+        warnings.warn(message if category is not JobWarning else f"{where}: {message}", category, stacklevel=2)
+
+
 def assigned_gpus(wants_gpu: bool) -> str | None:
     """The GPUs the executor gave this job (``CUDA_VISIBLE_DEVICES``, as Ray and the local
     executor set it) as a docker ``--gpus`` value, so the container uses those and no
@@ -170,7 +200,8 @@ def run_embed_unit(
                              raise_errors=raise_errors)
     if embedded.status == "failed":
         raise UnitFailed(unit.key, embedded.error or "the model failed",
-                         log_tail=embedded.model.info.get("log_tail", []))
+                         log_tail=embedded.model.info.get("log_tail", []),
+                         model=embedded.model.model_copy(update={"info": {}}).model_dump(mode="json"))
     folder = f"embeddings/{unit.key}"
     meta: dict[str, Any] = {
         "key": unit.key, "status": embedded.status, "error": embedded.error,
@@ -317,7 +348,8 @@ def _scoring_input(
             return (embedding.values, dataset_roles(ds, embedding.cell_index),
                     dataset_expression(ds, embedding.cell_index) if expression else None,
                     ds.spec.relationship_sources)
-        model = stored_model(meta.get("model"), R.ModelRecord(name=unit.model, kind="stored", image_digest="in-process"))
+        unknown = R.ModelRecord(name=unit.model, kind="stored", image_digest="in-process")
+        model = stored_model(meta.get("model"), unknown)
         members.append(GroupMember(dataset_record(ds), Embedded(model, embedding),
                                    dataset_roles(ds, embedding.cell_index)))
         del ds  # a member's AnnData is not kept
