@@ -289,3 +289,12 @@ def test_classifiers_are_label_predictions_and_deterministic_ones_fit_once(monke
         assert same and all(p == params for p in same), name
     assert cross[("rf", 0)]["rf__n_estimators"] == 100 and cross[("rf", 1)]["rf__random_state"] == 1
     assert cross[("knn", 0)]["knn__n_neighbors"] == 5
+
+
+def test_transfer_records_logistic_regressions_that_did_not_converge():
+    X, labels, species, _ = planted_species()
+    easy = run("cross_species_label_prediction", context(X, labels, species))
+    assert "lr_not_converged" not in easy.computation
+    # A large common offset (kept by StandardScaler(with_mean=False)) stalls L-BFGS at its cap.
+    hard = run("cross_species_label_prediction", context(X * 0.05 + 1000.0, labels, species))
+    assert hard.computation["lr_not_converged"] == {"fits": 2, "of": 2, "max_iter": 100}

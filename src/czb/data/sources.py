@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from czb.core.errors import DatasetError
-from czb.data.synthetic.generators import GENERATORS, check_params
+from czb.data.synthetic.generators import GENERATORS, REVISIONS, check_params
 from czb.specs.schema import DatasetSpec
 
 if TYPE_CHECKING:
@@ -52,9 +52,10 @@ def _builtin_path(name: str, dataset: str) -> Path:
 
 def _generator_digest(name: str, params: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a generator's name and its full arguments."""
-    payload = json.dumps(
-        {"generator": name, "params": params}, sort_keys=True, separators=(",", ":")
-    )
+    described: dict[str, Any] = {"generator": name, "params": params}
+    if REVISIONS.get(name, 1) != 1:  # digests of unrevised generators stay as they were
+        described["revision"] = REVISIONS[name]
+    payload = json.dumps(described, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

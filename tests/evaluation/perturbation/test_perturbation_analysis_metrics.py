@@ -14,7 +14,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from czb.core.errors import NotApplicableError
+from czb.core.errors import NotApplicableError, TaskError
 from czb.evaluation.neighbors import knn_search
 from czb.evaluation.perturbation.expression import Expression
 from czb.evaluation.perturbation.hierarchy.consistency_knn_metrics import (
@@ -34,7 +34,9 @@ from czb.evaluation.perturbation.hierarchy.mixing_probe_metrics import SoftmaxRe
 from czb.evaluation.perturbation.hierarchy.postprocessing import postprocess
 from czb.evaluation.perturbation.hierarchy.ranking import topk_hits, topk_ranks
 from czb.evaluation.perturbation.hierarchy.recall_metrics import (
+    COSINE_DECIMALS,
     cosine_matrix,
+    cosine_mean_average_precisions,
     mean_average_precision,
     tail_recall,
     tail_recall_upper_bound,
@@ -737,6 +739,82 @@ def test_mean_average_precision_hand_cases():
     assert mean_average_precision(T, sp.csr_matrix(C))[0] == pytest.approx(0.75)
     got, n = mean_average_precision(S, sp.csr_matrix((4, 4), dtype=bool))
     assert np.isnan(got) and n == 0
+
+
+def test_cosine_mean_average_precisions_match_loop_without_ties():
+    """On a random embedding (no ties) the float64 cosine mAP equals copairs' formula on
+    scikit-learn's cosines, for each adjacency of one pass; an empty adjacency is NaN."""
+    rng = np.random.default_rng(17)
+    M = rng.normal(size=(40, 12))
+    A = np.triu(rng.random((40, 40)) < 0.1, k=1)
+    A = A | A.T
+    B = np.zeros((40, 40), bool)
+    B[3, 5] = B[5, 3] = True
+    got = cosine_mean_average_precisions(M, [sp.csr_matrix(A), sp.csr_matrix(B), sp.csr_matrix((40, 40), dtype=bool)],
+                                         block_rows=6)
+    for (value, n), adjacency in zip(got[:2], (A, B)):
+        expected, n_expected = average_precision_loop(cosine_similarity(M), adjacency)
+        assert n == n_expected and value == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(got[2][0]) and got[2][1] == 0
+
+
+def test_cosine_mean_average_precision_ties_pessimistic():
+    """Genes 0 and 1 identical, gene 2 a rescaled copy (equal cosines, unequal float64
+    products), gene 3 elsewhere; partners 0-1 and 2-3. Every tie between a partner and
+    non-partners ranks the partner after them."""
+    v = np.array([0.3, -1.2, 0.7, 2.0, 0.1, -0.4])
+    w = np.array([1.0, 0.5, -0.3, 0.2, 0.9, 0.0])
+    M = np.stack([v, v, 3.7 * v, w])
+    A = np.zeros((4, 4), bool)
+    A[0, 1] = A[1, 0] = A[2, 3] = A[3, 2] = True
+    # Query 0: 1 (partner) and 2 tie at cosine 1, 3 is lower -> partner at rank 2: 1/2.
+    # Query 1: 0 (partner) and 2 tie at 1 -> 1/2. Query 2: 0 and 1 tie at 1 above 3
+    # (partner) -> rank 3: 1/3. Query 3: 0, 1, 2 (partner) all tie -> rank 3: 1/3.
+    expected = (1 / 2 + 1 / 2 + 1 / 3 + 1 / 3) / 4
+    [(got, n)] = cosine_mean_average_precisions(M, [sp.csr_matrix(A)], block_rows=3)
+    assert n == 4 and got == pytest.approx(expected, abs=1e-12)
+    # The same rule on exactly given scores; a constant embedding gets no credit for ties.
+    S = np.round(cosine_similarity(M), COSINE_DECIMALS)
+    assert mean_average_precision(S, sp.csr_matrix(A))[0] == pytest.approx(expected, abs=1e-12)
+    [(constant, _)] = cosine_mean_average_precisions(np.ones((4, 3)), [sp.csr_matrix(A)])
+    assert constant == pytest.approx(1 / 3, abs=1e-12)  # each partner after the 2 non-partners
+
+
+def test_cosine_mean_average_precision_rescaled_copies_tie():
+    """Eight rescaled copies of one vector have equal cosines to any gene, which float64
+    products split in the last bits; rounded, they tie. Gene 0's partner is the last copy:
+    after the 7 other copies for query 0, and after them too (cosine 1) for the copy."""
+    v = np.array([0.3, -1.2, 0.7, 2.0, 0.1, -0.4])
+    w = np.array([1.0, 0.5, -0.3, 0.2, 0.9, 0.0])
+    scales = [1.0, 3.7, 0.3, 7.1, 1.9, 0.61, 2.3, 5.3]
+    M = np.vstack([w] + [c * v for c in scales])
+    A = np.zeros((9, 9), bool)
+    A[0, 8] = A[8, 0] = True
+    for block_rows in (1, 2, 512):
+        [(got, n)] = cosine_mean_average_precisions(M, [sp.csr_matrix(A)], block_rows=block_rows)
+        assert n == 2 and got == pytest.approx(1 / 8, abs=1e-12)
+
+
+def test_cosine_mean_average_precision_tie_split_by_float32():
+    """cos(q, a) = cos(q, b) = 12 / sqrt(282) exactly, but float32 products tell them apart;
+    the float64 cosines tie, so partner b ranks after a for query q (AP 1/2, not 1)."""
+    q, a, b, c = [1.0, 1, 1, 1], [16.0, 3, 4, 1], [1.0, 4, 3, 16], [0.0, 0, -1, 0]
+    M = np.array([q, a, b, c])
+    A = np.zeros((4, 4), bool)
+    A[0, 2] = A[2, 0] = True
+    S32 = cosine_matrix(M)
+    assert S32[0, 1] != S32[0, 2]  # the split tie this guards against
+    # Query q: a ties b (partner) above c -> 1/2. Query b: q (0.71) above a (0.20), c -> 1.
+    [(got, n)] = cosine_mean_average_precisions(M, [sp.csr_matrix(A)])
+    assert n == 2 and got == pytest.approx((1 / 2 + 1) / 2, abs=1e-12)
+    assert mean_average_precision(S32, sp.csr_matrix(A))[0] != pytest.approx(got)
+
+
+def test_mean_average_precision_rejects_nan():
+    """NaN scores cannot be ranked: an error, not a silent rank."""
+    S = np.array([[1.0, np.nan], [np.nan, 1.0]])
+    with pytest.raises(TaskError, match="NaN"):
+        mean_average_precision(S, sp.csr_matrix(np.array([[False, True], [True, False]])))
 
 
 # --------------------------------------------------------------------------- reconstruction

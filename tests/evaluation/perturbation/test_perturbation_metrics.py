@@ -190,6 +190,25 @@ def test_de_matched_controls_and_gene_filter(small):
     assert len(de.table()) == np.isfinite(de.scores).sum()
 
 
+def test_top_de_genes_do_not_depend_on_float_noise():
+    """Statistics equal but for their last bits (another CPU's kernels) tie, and the tie
+    goes to the lower index, whichever of the two came out larger."""
+    base = np.array([[3.0, 1.0, 2.0, 2.0, 0.5]])
+    for noise in (1e-15, -1e-15):
+        scores = base.copy()
+        scores[0, 3] += noise * 2.0  # gene 3 ties gene 2 but for float noise
+        assert top_de_genes(scores, 3).tolist() == [[0, 2, 3]]
+        assert top_de_genes(scores, 2).tolist() == [[0, 2]]
+    assert top_de_genes(np.array([[2.0, 2.0 + 1e-6]]), 1).tolist() == [[1]]  # a real difference counts
+
+
+def test_significant_rounds_relative_to_each_value():
+    from czb.evaluation.perturbation.prediction.differential_expression import significant
+
+    values = np.array([123456.789, -0.000123456789, 0.0, 1.0])
+    assert significant(values, 3).tolist() == [123000.0, -0.000123, 0.0, 1.0]
+
+
 def test_top_de_genes_takes_both_directions():
     scores = np.array([[0.5, -9.0, 3.0, np.nan, -0.1, 8.0]])
     assert top_de_genes(scores, 3).tolist() == [[1, 5, 2]]

@@ -23,6 +23,14 @@ GENERATORS: dict[str, Callable[..., anndata.AnnData]] = {
     "planted_screen": planted_screen,
 }
 
+#: Bumped when a generator makes other data from the same arguments, so that work keyed
+#: by a dataset's digest is not reused across the change (absent: revision 1).
+REVISIONS: dict[str, int] = {
+    # 2: targets drawn from a stably sorted gene order (the quicksort's order of tied
+    # expression levels depended on numpy's SIMD dispatch, so on the CPU).
+    "planted_perturbations": 2,
+}
+
 
 # --------------------------------------------------------------------------- parameters
 

@@ -122,7 +122,7 @@ def planted_perturbations(
 
     base = rng.normal(0.0, 1.2, size=n_genes).clip(-4.0, 3.0)
     # Targets are well expressed (as screened genes usually are), so knock-down shows.
-    expressed = np.argsort(-base)[: max(n_genes // 2, n_targets)]
+    expressed = np.argsort(-base, kind="stable")[: max(n_genes // 2, n_targets)]  # clipped ties: by index
     targets = np.sort(rng.choice(expressed, size=n_targets, replace=False))
     module_of = np.arange(n_targets) % n_modules
 

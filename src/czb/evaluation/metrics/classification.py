@@ -51,6 +51,9 @@ RF_MAX_SAMPLES = 20_000
 #: training cells. 51 × #classes parameters are pinned down long before 10^5 cells, and
 #: an 800,000-cell fold would cost a minute per fit.
 LR_MAX_SAMPLES = 100_000
+#: scikit-learn's default, which cz-benchmarks keeps: logistic regression stops after this
+#: many L-BFGS iterations, converged or not (``converged`` of :func:`fit_and_score`).
+LR_MAX_ITER = 100
 
 
 class ScaledKnnClassifier:
@@ -97,13 +100,14 @@ class ScaledLogisticRegression:
     scikit-learn's objective and optimiser: mean multinomial (binomial for two classes)
     log-loss plus ``‖W‖² / (2 C n)`` (intercepts unpenalised), minimised from zeros by
     scipy's L-BFGS-B with scikit-learn's settings (``max_iter`` 100, ``gtol`` = ``tol``,
-    ``ftol`` 64 eps, 50 line-search steps). Loss and gradient are two GEMMs and a softmax
-    on all cores, where scikit-learn's single-threaded loss takes 0.4 s per iteration on a
-    160,000-cell fold (40 s per fit). The optimum is the same; a fit stopped at 100
-    iterations before converging can differ from scikit-learn's in round-off.
+    ``ftol`` 64 eps, 50 line-search steps). Loss and gradient are two GEMMs and a softmax,
+    where scikit-learn's loss takes 0.4 s per iteration on a 160,000-cell fold (40 s per
+    fit). The optimum is the same; a fit stopped at 100 iterations before converging can
+    differ from scikit-learn's in round-off. ``converged_`` is ``False`` when L-BFGS
+    stopped before meeting its tolerance (where scikit-learn warns ``ConvergenceWarning``).
     """
 
-    def __init__(self, *, C: float = 1.0, max_iter: int = 100, tol: float = 1e-4):
+    def __init__(self, *, C: float = 1.0, max_iter: int = LR_MAX_ITER, tol: float = 1e-4):
         self.C, self.max_iter, self.tol = C, max_iter, tol
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> ScaledLogisticRegression:
@@ -151,6 +155,7 @@ class ScaledLogisticRegression:
         W = result.x.reshape(n_out, p + 1)
         self.coef_, self.intercept_ = W[:, :p], W[:, p]
         self.n_iter_ = int(result.nit)
+        self.converged_ = bool(result.status == 0)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -191,7 +196,8 @@ def make_classifier(name: str, *, seed: int, atlas_scale: bool = False, n_train:
     if name == "lr":
         if atlas_scale:
             return ScaledLogisticRegression()
-        return Pipeline([("scaler", StandardScaler(with_mean=False)), ("lr", LogisticRegression())])
+        return Pipeline([("scaler", StandardScaler(with_mean=False)),
+                         ("lr", LogisticRegression(max_iter=LR_MAX_ITER))])
     if name == "knn":
         if atlas_scale:
             return ScaledKnnClassifier(n_neighbors=5)
@@ -256,6 +262,59 @@ def score_fold(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray, n_clas
     }
 
 
+def fit_and_predict(
+    name: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    seed: int,
+    atlas_scale: bool = False,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Fit classifier ``name`` (:func:`make_classifier`) on rows ``train``, predict rows ``test``.
+
+    Fit and prediction run on one BLAS/OpenMP thread, whatever the caller's limit (joblib
+    gives each worker ``cpu_count // n_jobs``): how OpenBLAS splits a GEMM over threads
+    moves its round-off, which a logistic regression stopped at :data:`LR_MAX_ITER`
+    iterations carries into its scores, so the value would depend on the machine.
+    Parallelism is across folds (processes). The atlas-scale kNN is left to its search,
+    which runs tiles in parallel threads and ranks neighbours by recomputed float64
+    distances.
+
+    Returns
+    -------
+    classes
+        The classes seen in training (sorted).
+    proba
+        ``(len(test), len(classes))`` predicted probabilities.
+    converged
+        ``False`` when a logistic regression stopped before meeting its tolerance
+        (scikit-learn's ``ConvergenceWarning``, caught here rather than shown per fold);
+        ``True`` for the other classifiers.
+    """
+    import warnings
+    from contextlib import nullcontext
+
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    clf = make_classifier(name, seed=seed, atlas_scale=atlas_scale, n_train=len(train))
+    if atlas_scale and name == "lr" and len(train) > LR_MAX_SAMPLES:
+        train = np.sort(np.random.default_rng(seed).choice(train, size=LR_MAX_SAMPLES, replace=False))
+    pinned = nullcontext() if isinstance(clf, ScaledKnnClassifier) else threadpool_limits(limits=1)
+    with pinned, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(X[train], y[train])
+        proba = clf.predict_proba(X[test])
+    converged = bool(getattr(clf, "converged_", True))
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return np.asarray(clf.classes_), proba, converged
+
+
 def fit_and_score(
     name: str,
     X: np.ndarray,
@@ -266,7 +325,7 @@ def fit_and_score(
     seed: int,
     atlas_scale: bool = False,
 ) -> dict:
-    """Fit classifier ``name`` on rows ``train`` and score it on rows ``test``.
+    """Fit classifier ``name`` on rows ``train`` and score it on rows ``test`` (:func:`fit_and_predict`).
 
     Parameters
     ----------
@@ -277,19 +336,16 @@ def fit_and_score(
 
     Returns
     -------
-    :func:`score_fold`'s scores; a class absent from ``train`` gets probability 0.
+    :func:`score_fold`'s scores (a class absent from ``train`` gets probability 0) and
+    ``converged`` (:func:`fit_and_predict`).
     """
-    clf = make_classifier(name, seed=seed, atlas_scale=atlas_scale, n_train=len(train))
-    if atlas_scale and name == "lr" and len(train) > LR_MAX_SAMPLES:
-        train = np.sort(np.random.default_rng(seed).choice(train, size=LR_MAX_SAMPLES, replace=False))
-    clf.fit(X[train], y[train])
-    raw = clf.predict_proba(X[test])
+    classes, raw, converged = fit_and_predict(name, X, y, train, test, seed, atlas_scale)
     proba = np.zeros((len(test), n_classes))
-    proba[:, clf.classes_] = raw  # a class absent from train gets 0
+    proba[:, classes] = raw  # a class absent from train gets 0
     # For all three classifiers predict() is the most probable class (first on ties):
     # taken from the probabilities rather than a second pass over the test cells.
-    predicted = np.asarray(clf.classes_)[np.argmax(raw, axis=1)]
-    return score_fold(y[test], predicted, proba, n_classes)
+    predicted = classes[np.argmax(raw, axis=1)]
+    return {**score_fold(y[test], predicted, proba, n_classes), "converged": converged}
 
 
 @dataclass
@@ -299,7 +355,8 @@ class CrossValidation:
     Attributes
     ----------
     folds
-        One row per (classifier, fold) with the five scores.
+        One row per (classifier, fold) with the five scores and ``converged``
+        (:func:`fit_and_predict`).
     dropped_labels
         Labels removed for having fewer than ``min_class_size`` cells.
     n_cells
@@ -312,6 +369,11 @@ class CrossValidation:
     dropped_labels: list[str]
     n_cells: int
     atlas_scale: bool = False
+
+    def lr_not_converged(self) -> tuple[int, int]:
+        """Logistic-regression fits that stopped before converging, and all of them."""
+        lr = self.folds[self.folds["classifier"] == "lr"]
+        return int((~lr["converged"].astype(bool)).sum()), len(lr)
 
 
 def cross_validate_classifiers(

@@ -20,7 +20,12 @@ class LabelPredictionParams(TaskParams):
 class LabelPrediction(Task):
     """cz-benchmarks' protocol: drop classes under 10 cells, StratifiedKFold(5, shuffled,
     seeded), logistic regression / kNN (k=5) / random forest (100 trees); fold means per
-    classifier (``params.classifier``) and over all of them (``MEAN(knn,lr,rf)``)."""
+    classifier (``params.classifier``) and over all of them (``MEAN(knn,lr,rf)``).
+
+    Logistic regression keeps scikit-learn's 100-iteration cap, as cz-benchmarks does;
+    fits that stop before meeting their tolerance (scikit-learn's ``ConvergenceWarning``:
+    at the cap, or in a failed line search) are counted over the run's seeds in
+    ``computation["lr_not_converged"]``, absent when every fit converged."""
 
     info = TaskInfo(
         name="label_prediction",
@@ -48,6 +53,7 @@ class LabelPrediction(Task):
             n_jobs=context.n_jobs,
             exact=context.exact,
         )
+        _note_convergence(context, seed, *cv.lr_not_converged())
         context.note("label_prediction", {
             "protocol": "atlas_scale" if cv.atlas_scale else "cz-benchmarks",
             **({"lr": "czb multinomial L-BFGS", "lr_max_samples": m.LR_MAX_SAMPLES, "knn": "czb neighbour search",
@@ -61,3 +67,18 @@ class LabelPrediction(Task):
             per_classifier = cv.folds.groupby("classifier", sort=False)[score].mean()
             out += [MetricValue(metric, float(v), {"classifier": c, **extra}) for c, v in per_classifier.items()]
         return out
+
+
+def _note_convergence(context: EvaluationContext, seed: int, stalled: int, fits: int) -> None:
+    """Note ``lr_not_converged`` ``{folds, of, max_iter}`` when some logistic-regression fit
+    did not converge. ``run`` is called once per seed but the notes belong to the whole
+    run (the runner starts each run with a new ``notes`` dict), so counts are kept per
+    seed for the current notes and summed."""
+    held = context.memo(("label_prediction", "lr_convergence"), lambda: [None, {}])
+    if held[0] is not context.notes:  # a new run
+        held[:] = [context.notes, {}]
+    held[1][seed] = (stalled, fits)
+    stalled = sum(s for s, _ in held[1].values())
+    if stalled:
+        context.note("lr_not_converged", {"folds": stalled, "of": sum(f for _, f in held[1].values()),
+                                          "max_iter": m.LR_MAX_ITER})
