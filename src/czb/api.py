@@ -237,22 +237,15 @@ def _annotations(
     expression: str,
 ) -> Dataset:
     """``adata`` as a czb dataset, for its roles: a spec naming the obs columns (each
-    checked to exist) over ``adata`` itself (nothing is copied)."""
+    checked to exist, as a loaded dataset's are) over ``adata`` itself (nothing is copied)."""
     from pydantic import ValidationError
 
     from czb.data.dataset import Dataset
-    from czb.data.messages import available
+    from czb.data.validation import check_obs_keys
     from czb.specs.schema import DatasetSpec
 
     batch = [batch_key] if isinstance(batch_key, str) else list(batch_key or [])
     extra = dict(extra_keys or {})
-    wanted = [("label_key", label_key)] + [("batch_key", k) for k in batch]
-    wanted += [(f"extra_keys[{role!r}]", k) for role, k in extra.items()]
-    columns = adata.obs.columns
-    for what, key in wanted:
-        if key not in columns:
-            msg = f"{what} {key!r} is not an obs column of adata; available: {available(str(key), columns)}"
-            raise DatasetError(msg)
     try:
         spec = DatasetSpec(name=_NAME, uri="anndata:in-memory", organism=organism, label_key=label_key,
                            batch_key=batch or None, extra_keys=extra, layer=layer, expression=expression)
@@ -261,10 +254,7 @@ def _annotations(
         msg = f"evaluate: {problems}"
         raise SpecError(msg) from None
     ds = Dataset(spec=spec, adata=adata)
-    n_missing = int(sum(label is None for label in ds.labels))
-    if n_missing:
-        warnings.warn(f"{n_missing} of {ds.n_cells} cells have no value in label_key {label_key!r}; tasks "
-                      "that need a label leave them out", DatasetWarning, stacklevel=3)
+    check_obs_keys(ds)
     return ds
 
 

@@ -26,7 +26,7 @@ from czb.data.matrix import iter_row_chunks, row_sums
 from czb.data.messages import available, examples
 from czb.specs.schema import ORGANISMS
 
-__all__ = ["validate_dataset"]
+__all__ = ["check_obs_keys", "validate_dataset"]
 
 #: Roles every spec fills without extra_keys.
 _BUILTIN_ROLES = {"label", "batch", "species"}
@@ -35,7 +35,10 @@ _INTEGER_CHECK_ROWS = 2000
 #: Above this maximum, non-integer data are normalised but not log-transformed.
 _LOG_MAX = 30.0
 
-def _check_obs_keys(ds: Dataset) -> None:
+def check_obs_keys(ds: Dataset) -> None:
+    """Check that the spec's label, batch, extra and control keys are obs columns
+    (:class:`~czb.core.errors.DatasetError` naming the closest columns), and warn
+    (:class:`~czb.core.errors.DatasetWarning`) when some cells have no label."""
     spec, obs = ds.spec, ds.adata.obs
     wanted = [("label_key", spec.label_key)]
     wanted += [("batch_key", k) for k in spec.batch_keys]
@@ -246,7 +249,7 @@ def validate_dataset(ds: Dataset, *, require: Iterable[str] = ()) -> None:
         One line naming the dataset, the key and what was found.
     """
     _check_roles(ds, require)
-    _check_obs_keys(ds)
+    check_obs_keys(ds)
     for role in ds.spec.label_order:
         if role not in ds.spec.extra_keys:
             msg = f"dataset {ds.name!r}: label_order names role {role!r}, which extra_keys does not map"

@@ -196,6 +196,11 @@ class Plan:
     def n_units(self) -> int:
         return len(self.embeds) + len(self.scores)
 
+    @property
+    def unit_keys(self) -> set[str]:
+        """The keys of every unit, embed and score."""
+        return set(self.embeds) | set(self.scores)
+
     def only(self, model: str) -> Plan:
         """The part of this plan that scores ``model``: its records and their units."""
         records = [r for r in self.records if r.model == model]

@@ -134,13 +134,13 @@ def run_benchmark(
         if matrix.file is not None:
             # The user's own file first: one that does not fit stops the run before the baselines.
             first = plan.only(matrix.file.name)
-            outcome = execution(first, store, redo=set(first.embeds) | set(first.scores) if rerun else ())
+            outcome = execution(first, store, redo=first.unit_keys if rerun else ())
             if outcome.failed.keys() & first.embeds.keys():
                 return _finished(outcome, kept=output_dir is not None)
-            done = set(first.embeds) | set(first.scores)
+            done = first.unit_keys
         else:
             done = set()
-        outcome = execution(plan, store, redo=(set(plan.embeds) | set(plan.scores)) - done if rerun else ())
+        outcome = execution(plan, store, redo=plan.unit_keys - done if rerun else ())
         return _finished(outcome, kept=output_dir is not None)
 
 

@@ -13,7 +13,7 @@ import socket
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,9 +59,18 @@ def _unit_failed(key: str, message: str, log_tail: list[str], model: dict[str, A
     return UnitFailed(key, message, log_tail=log_tail, model=model)
 
 
-#: The dataset a job loaded last, kept for the next job while :func:`keep_last_dataset`
-#: is active (``czb run``, whose jobs run one after another in one process).
-_last: list[tuple[str, Dataset]] | None = None
+@dataclass
+class _Kept:
+    """What :func:`keep_last_dataset` holds: the dataset a job loaded last (by its key)."""
+
+    show_download: bool
+    key: str | None = None
+    dataset: Dataset | None = None
+
+
+#: Set while :func:`keep_last_dataset` is active (``czb run``: jobs one after another in
+#: one process); ``None`` in worker processes.
+_kept: _Kept | None = None
 
 
 @contextmanager
@@ -69,15 +78,12 @@ def keep_last_dataset(*, show_download: bool = False) -> Iterator[None]:
     """Within this block, jobs in this process reuse the dataset the previous job loaded
     when it is the same (one is kept at most), and show download progress when
     ``show_download``. Worker processes never keep one: an idle worker would hold it."""
-    global _last, _show_download
-    _last, _show_download = [], show_download
+    global _kept
+    _kept = _Kept(show_download)
     try:
         yield
     finally:
-        _last, _show_download = None, False
-
-
-_show_download = False
+        _kept = None
 
 
 class DatasetUnusable(DatasetError):
@@ -99,18 +105,18 @@ def load_checked(spec: DatasetSpec, offline: bool | None, *, expected: str | Non
     from czb.data.validation import validate_dataset
 
     key = spec.model_dump_json() + repr(offline)
-    if _last and _last[0][0] == key:
-        ds = _last[0][1]
+    if _kept is not None and _kept.key == key:
+        ds = _kept.dataset
     else:
-        if _last is not None:
-            _last.clear()  # released before the next one loads
+        if _kept is not None:
+            _kept.key = _kept.dataset = None  # released before the next one loads
         try:
-            ds = load_dataset(spec, offline=offline, progress=_show_download)
+            ds = load_dataset(spec, offline=offline, progress=_kept is not None and _kept.show_download)
             validate_dataset(ds)
         except CzbError as e:
             raise DatasetUnusable(str(e)) from e
-        if _last is not None:
-            _last.append((key, ds))
+        if _kept is not None:
+            _kept.key, _kept.dataset = key, ds
     if expected is not None and ds.sha256 is not None and ds.sha256 != expected:
         msg = (f"dataset {ds.name!r} changed since {since} (sha256 {ds.sha256}, expected {expected}); "
                "plan it again")
