@@ -272,3 +272,19 @@ def test_import_czb_stays_light():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], "czb.api", "czb.datasets", True]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         czb.nope  # noqa: B018
+
+
+def test_the_baseline_is_the_data_before_integration(pbmc):
+    """With the baseline, batch integration compares each embedding with it
+    (pcr_comparison); without, that metric alone is left out."""
+    kwargs = dict(embedding="X_umap", tasks=["batch_integration"], label_key="louvain", batch_key="phase",
+                  seeds=(0,), key_added=None, layer="raw", expression="log_normalized")
+    with_pca = czb.evaluate(fresh(pbmc), baseline=True, **kwargs)
+    without = czb.evaluate(fresh(pbmc), **kwargs)
+    assert set(with_pca["status"]) == set(without["status"]) == {"ok"}
+    metrics = {m: set(with_pca[with_pca["model"] == m]["metric"]) for m in ("X_umap", "pca")}
+    assert all("pcr_comparison" in names for names in metrics.values())
+    assert "pcr_comparison" not in set(without["metric"])
+    # The baseline against itself explains as much batch variance as before: no change.
+    own = with_pca[(with_pca["model"] == "pca") & (with_pca["metric"] == "pcr_comparison")]["value"]
+    assert own.iloc[0] == pytest.approx(0.0, abs=1e-9)

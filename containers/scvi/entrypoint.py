@@ -1,7 +1,15 @@
-"""scVI: query mapping onto the CELLxGENE Census scVI reference model (czb entrypoint).
+"""scVI (czb entrypoint), two modes chosen by the model spec's ``mode`` parameter.
 
-Weights expected under ``/weights``, one folder per organism, each as published under
-``s3://cellxgene-contrib-public/models/scvi/<census version>/<organism>/``::
+- ``census_query`` (model ``scvi``): query mapping onto the CELLxGENE Census scVI
+  reference model, below.
+- ``de_novo`` (model ``scvi_denovo``): an SCVI model trained on the dataset itself, the
+  scIB baseline (:mod:`denovo`); it reads no weights.
+
+Each spec allows its own mode only (``choices``), so ``--param`` cannot turn one model
+into the other under the same name.
+
+Census query mapping: weights expected under ``/weights``, one folder per organism, each
+as published under ``s3://cellxgene-contrib-public/models/scvi/<census version>/<organism>/``::
 
     homo_sapiens/model.pt    scvi-tools save format: a torch pickle holding
     mus_musculus/model.pt    model_state_dict, var_names (Ensembl IDs), attr_dict
@@ -37,11 +45,17 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# denovo and hvg (and, in the image, czb_container) sit beside this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import denovo
 from czb_container import (
     ContractError,
     Job,
@@ -83,6 +97,31 @@ class Reference:
 
 
 def embed(job: Job) -> ModelOutput:
+    """Run the mode the model spec names: Census query mapping or training de novo."""
+    mode = job.parameter("mode")
+    if mode == "census_query":
+        return map_query(job)
+    if mode == "de_novo":
+        return train_de_novo(job)
+    msg = f"unknown scVI mode {mode!r}; the image runs census_query or de_novo"
+    raise ContractError(msg)
+
+
+def train_de_novo(job: Job) -> ModelOutput:
+    """Train SCVI on the dataset's counts, batch from ``request.batch_keys``; embed it."""
+    request = job.request
+    settings = denovo.Settings.from_job(job)
+    device = resolve_device(request)
+    adata = job.read_dataset()
+    labels = batch_labels(adata, request.batch_keys)
+    output = denovo.train_and_embed(
+        adata, labels, settings, seed=request.seed, device=device, batch_size=request.batch_size
+    )
+    output.info["batch_keys"] = list(request.batch_keys)
+    return output
+
+
+def map_query(job: Job) -> ModelOutput:
     """Map the dataset onto the Census scVI reference and return its latent means."""
     request = job.request
     job.require_organism(ORGANISM_FOLDERS)
@@ -142,6 +181,7 @@ def embed(job: Job) -> ModelOutput:
 
     info.update(
         {
+            "mode": "census_query",
             "query_training_epochs": max_epochs,
             "reference_scvi_version": reference.scvi_version,
             "n_latent": int(latent.shape[1]),
@@ -291,7 +331,8 @@ def gene_ids(adata, gene_id_type: str) -> np.ndarray:
 
 
 def batch_labels(adata, batch_keys) -> np.ndarray:
-    """Census-style batch label: the batch columns' values concatenated as strings."""
+    """Census-style batch label: the batch columns' values concatenated as strings (one
+    label for every cell without batch columns)."""
     if not batch_keys:
         return np.full(adata.n_obs, SINGLE_BATCH, dtype=object)
     missing = [k for k in batch_keys if k not in adata.obs]

@@ -31,7 +31,8 @@ SCVI = Entrypoint(
     gene_id_type="ensembl",
     seed=0,
     batch_size=16,
-    parameters={"max_epochs": 0, "min_gene_fraction": 0.5},  # the spec's defaults; the host sends both
+    # The spec's defaults; the host sends them all.
+    parameters={"mode": "census_query", "max_epochs": 0, "min_gene_fraction": 0.5},
 )
 entrypoint = SCVI.module
 
@@ -102,6 +103,7 @@ def test_embeds_query_with_the_reference_encoder(tmp_path, reference):
     assert meta["genes_zero_filled"] == 0
     assert meta["query_batches"] == 1 and meta["query_batches_in_reference"] == 0
     assert meta["query_training_epochs"] == 0
+    assert meta["mode"] == "census_query"
 
 
 def test_same_seed_same_embedding_and_nothing_written_outside_output(

@@ -194,16 +194,22 @@ def evaluate(
     roles = dataset_roles(ds)
     labels, batches = roles.pop("labels"), roles.pop("batch", None)
 
+    # The baseline first: it is also the representation before integration (pcr_comparison).
+    pca = _baseline_embedding(expression_ds, seed=seeds[0]) if baseline else None
+    pre = None
+    if pca is not None and pca.embedding is not None and pca.embedding.cell_index is None:
+        pre = pca.embedding.values
+
     def scored(model: str, values: np.ndarray) -> list[dict[str, Any]]:
         results = score(values, labels=labels, batches=batches, roles=roles, tasks=tasks, seeds=seeds,
-                        n_jobs=n_jobs, exact=exact)
+                        n_jobs=n_jobs, exact=exact, pre_integration=pre)
         return _rows(model, results)
 
     rows: list[dict[str, Any]] = []
     for model, values in embeddings.items():
         rows += scored(model, values)
-    if baseline:
-        rows += _baseline_rows(expression_ds, tasks, seed=seeds[0], scored=scored)
+    if pca is not None:
+        rows += _baseline_rows(pca, tasks, scored=scored)
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["seed"] = table["seed"].astype("Int64")
     table["value"] = table["value"].astype(float)
@@ -327,17 +333,23 @@ def _expression_dataset(adata: anndata.AnnData, ds: Dataset) -> Dataset:
     return expression_ds
 
 
-def _baseline_rows(ds: Dataset, tasks: Sequence[str | Task], *, seed: int, scored: Any) -> list[dict[str, Any]]:
-    """The PCA baseline's rows: scored as any embedding, or one row per task saying why
-    the baseline has no embedding."""
+def _baseline_embedding(ds: Dataset, *, seed: int) -> Any:
+    """The PCA baseline of ``ds`` (:class:`~czb.pipeline.scoring.Embedded`: its embedding,
+    or its status and error)."""
     from czb.models.baselines import PCABaseline
     from czb.pipeline.scoring import embed_dataset
 
-    source = PCABaseline()
-    embedded = embed_dataset(source, ds, seed=seed)
+    return embed_dataset(PCABaseline(), ds, seed=seed)
+
+
+def _baseline_rows(embedded: Any, tasks: Sequence[str | Task], *, scored: Any) -> list[dict[str, Any]]:
+    """The PCA baseline's rows: scored as any embedding, or one row per task saying why
+    the baseline has no embedding."""
+    from czb.pipeline.baselines import BASELINE_MODEL
+
     if embedded.embedding is not None:
-        return scored(source.name, embedded.embedding.values)
-    return [_row(source.name, _task_name(t), status=embedded.status, error=embedded.error) for t in tasks]
+        return scored(BASELINE_MODEL, embedded.embedding.values)
+    return [_row(BASELINE_MODEL, _task_name(t), status=embedded.status, error=embedded.error) for t in tasks]
 
 
 def _task_name(task: str | Task) -> str:

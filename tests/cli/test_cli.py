@@ -156,6 +156,10 @@ def test_list_tasks_json_lists_metrics():
     assert {"adjusted_rand_index", "normalized_mutual_info"} <= set(tasks["clustering"]["metrics"])
     assert "batch" in tasks["batch_integration"]["requires"]
     assert tasks["clustering"]["parameters"]["n_neighbors"] == 15
+    # Every metric with the reference whose definition it follows.
+    for name, row in tasks.items():
+        assert set(row["references"]) == set(row["metrics"]) and all(row["references"].values()), name
+    assert tasks["batch_integration"]["references"]["kbet_per_label"].startswith("doi:")
 
 
 def test_list_unknown_kind_exits_2():

@@ -67,7 +67,7 @@ def assert_rows(lines: list[str], records: list[R.ResultRecord], *, wide: bool =
     diffs = baseline_differences(records)
     found = sections(lines)
     for r in records:
-        first = get_task(r.task.implementation).info.metrics[0]
+        first = get_task(r.task.implementation).info.headline_metric
         metrics = r.metrics if wide else [next(m for m in r.metrics if m.name == first)]
         for m in metrics:
             label = metric_label(m.name, m.params)
@@ -77,8 +77,10 @@ def assert_rows(lines: list[str], records: list[R.ResultRecord], *, wide: bool =
                    r.model.name)
             delta = f"{diffs[key]:+.4f}" if key in diffs else ""
             parts = [label] if wide else []
-            pattern = r"\s+".join(map(re.escape, [r.model.name, *parts, value(m), *([delta] if delta else []),
-                                                   r.status]))
+            cells = [re.escape(c) for c in (r.model.name, *parts, value(m))]
+            if delta:  # a significance mark may follow the difference
+                cells.append(re.escape(delta) + "(?: [▲▼])?")
+            pattern = r"\s+".join([*cells, re.escape(r.status)])
             assert any(re.fullmatch(rf"\s*{pattern}\s*", row) for row in rows), (r.model.name, label, rows)
 
 

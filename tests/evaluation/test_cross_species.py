@@ -120,6 +120,32 @@ def test_random_embedding_cannot_win_cross_species_integration(integration):
     assert good.metric("scib_overall").value > rnd.metric("scib_overall").value + 0.2
 
 
+def test_scib_metrics_with_species_as_batch(integration):
+    good, sep, rnd = integration["agnostic"], integration["separated"], integration["random"]
+    shared = {"cell_types": "shared"}
+    # Shared types mixed across species: kBET accepts, each type one connected piece.
+    assert good.metric("kbet_per_label").value > 0.5 > 0.05 > sep.metric("kbet_per_label").value
+    assert good.metric("graph_connectivity", **shared).value > 0.95
+    assert sep.metric("graph_connectivity", **shared).value < 0.7  # each type split by species
+    for name in ("clisi_normalized", "nmi_kmeans", "ari_kmeans"):
+        assert good.metric(name, **shared).value > 0.8, name
+        assert rnd.metric(name, **shared).value < 0.5, name
+    # Isolated labels (species as batch): the species-specific types, kept apart by both.
+    assert good.metric("isolated_labels").params == {}
+    assert good.metric("isolated_labels").value > 0.7 > 0.55 > rnd.metric("isolated_labels").value
+    assert "pcr_comparison" in good.computation["not_applicable"]
+    assert good.metric("scib_overall").params == {"without": "pcr_comparison"}
+
+
+def test_pcr_comparison_with_species_as_batch():
+    X, labels, species, _ = planted_species(mode="agnostic")
+    before, _, _, _ = planted_species(mode="separated")  # the same cells, species apart
+    result = run("cross_species_integration", EvaluationContext(
+        X, labels=labels, roles={"species": species}, pre_integration=before))
+    assert result.metric("pcr_comparison").value > 0.9
+    assert result.metric("scib_overall").params == {}
+
+
 def test_integration_reports_species_specific_types(integration):
     m = integration["agnostic"].metric("silhouette_score", cell_types="shared")
     assert m.params["unshared_labels"] == "mast,pDC"

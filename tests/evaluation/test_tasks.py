@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import planted_embedding
 
-from czb.core.errors import TaskError
+from czb.core.errors import EmbeddingError, TaskError
 from czb.evaluation import EvaluationContext, evaluate
 from czb.evaluation.perturbation.hierarchy.screen_task import ScreenTask
 from czb.evaluation.registry import TASKS, get_task, load_all
@@ -42,7 +42,16 @@ def test_every_registered_task_runs_on_tiny_data(name):
     task = get_task(name)()
     (result,) = evaluate(X, labels=labels, batches=batches, roles=roles, tasks=[task], seeds=(0, 1))
     assert result.status == "ok", result.error
-    assert {m.name for m in result.metrics} == set(task.info.metrics)
+    # Without the data before integration, only the metric comparing with it is left out, with its reason.
+    skipped = set(result.computation.get("not_applicable", {}))
+    assert skipped == ({"pcr_comparison"} if task.reads_pre_integration else set())
+    assert {m.name for m in result.metrics} == set(task.info.metrics) - skipped
+    if task.reads_pre_integration:
+        pre = X + np.random.default_rng(1).normal(size=X.shape)
+        ctx = EvaluationContext(X, labels=labels, batches=batches, roles=roles, pre_integration=pre)
+        result = run_task(task, ctx, (0, 1))
+        assert result.status == "ok", result.error
+        assert {m.name for m in result.metrics} == set(task.info.metrics)
     for m in result.metrics:
         assert np.isfinite(m.value)
         assert len(m.values_raw) == (2 if task.info.stochastic else 1)
@@ -82,6 +91,57 @@ def test_random_embedding_cannot_win_batch_integration(scored):
     # ...but loses the combined score, because it destroys the biology.
     assert good.metric("scib_overall").value > rnd.metric("scib_overall").value + 0.1
     assert good.metric("scib_bio_conservation").value > 0.8
+
+
+def test_scib_metrics_on_planted_structure(scored):
+    good, rnd = scored["good"]["batch_integration"], scored["random"]["batch_integration"]
+    for name in ("isolated_labels", "clisi_normalized", "nmi_kmeans", "ari_kmeans", "graph_connectivity"):
+        assert good.metric(name).value > 0.75, name
+    # Random: silhouettes near 0 (0.5 rescaled), k-means at chance, labels mixed in every neighbourhood...
+    assert rnd.metric("isolated_labels").value == pytest.approx(0.5, abs=0.03)
+    assert rnd.metric("nmi_kmeans").value < 0.05 and abs(rnd.metric("ari_kmeans").value) < 0.05
+    assert rnd.metric("clisi_normalized").value < 0.5
+    assert rnd.metric("graph_connectivity").value < good.metric("graph_connectivity").value - 0.3
+    # ...and batches too, so kBET accepts where the planted batch shifts are rejected.
+    assert rnd.metric("kbet_per_label").value > 0.8 > 0.3 > good.metric("kbet_per_label").value
+    assert len(good.metric("nmi_kmeans").values_raw) == 2  # k-means is seeded: once per seed
+    # No pre-integration data: no PCR, and the totals it is part of say so.
+    reason = good.computation["not_applicable"]["pcr_comparison"]
+    assert "pre-integration" in reason
+    assert good.metric("scib_batch_correction").params == {"without": "pcr_comparison"}
+    assert good.metric("scib_overall").params == {"without": "pcr_comparison"}
+    assert good.metric("scib_bio_conservation").params == {}
+    assert good.computation["kbet_per_label"] == {"method": "exact", "k": 50}
+
+
+def test_pcr_comparison_reads_the_pre_integration_representation():
+    X, labels, batches = planted_embedding(600, batch_shift=0.0, seed=4)
+    shifts = np.random.default_rng(5).normal(size=(3, X.shape[1])) * 3.0
+    before = X + shifts[np.searchsorted(np.unique(batches), batches)]
+    task = get_task("batch_integration")()
+
+    def pcr(embedding):
+        ctx = EvaluationContext(embedding, labels=labels, batches=batches, pre_integration=before)
+        result = run_task(task, ctx, (0,))
+        assert result.metric("scib_overall").params == {}
+        return result.metric("pcr_comparison").value
+
+    assert pcr(X) > 0.9  # the batch shifts removed
+    assert pcr(before) == 0.0  # nothing removed
+    with pytest.raises(EmbeddingError, match="pre-integration representation has 599 rows"):
+        EvaluationContext(X, labels=labels, pre_integration=before[1:])
+    with pytest.raises(EmbeddingError, match="pre-integration representation has 1 rows with NaN"):
+        EvaluationContext(X, pre_integration=np.where(np.arange(600)[:, None] == 3, np.nan, before))
+
+
+def test_scoped_context_keeps_the_pre_integration_rows():
+    X, labels, batches = planted_embedding(200)
+    labels = labels.astype(object)
+    labels[:10] = None
+    pre = np.arange(400, dtype=float).reshape(200, 2)
+    ctx = EvaluationContext(X, labels=labels, batches=batches, pre_integration=pre)
+    sub = ctx.scoped(get_task("batch_integration")())
+    assert sub.n_cells == 190 and np.array_equal(sub.pre_integration, pre[10:])
 
 
 def test_ilisi_normalized_is_size_robust_where_entropy_is_not():

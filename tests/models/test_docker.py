@@ -338,6 +338,31 @@ def test_scvi_image_builds_and_maps_a_query_through_docker(engine, tmp_path):
     assert _containers(engine) == []
 
 
+@pytest.mark.slow
+def test_scvi_denovo_trains_in_the_scvi_image_through_docker(engine, tmp_path):
+    """`czb run --model scvi_denovo` on CPU: the scvi image trains on the dataset, no weights."""
+    catalog = Catalog.load([])
+    # The scvi image itself (same tag); its layers are cached when the test above built it.
+    image = build_model_image(catalog.model("scvi_denovo"), base_image=BASE_IMAGE, log=lambda _line: None)
+    result = CliRunner().invoke(app, [
+        "run", "--model", "scvi_denovo", "--task", "clustering", "--dataset", DATASET,
+        "--param", "max_epochs=100", "--param", "n_top_genes=300", "--gpus", "none", "--seeds", "0",
+        "--format", "json", "--output-dir", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 0, result.output
+    records = {(r["model"]["name"], r["task"]["name"]): r for r in json.loads(result.stdout)}
+    record = records[("scvi_denovo", "clustering")]
+    assert record["status"] == "ok", record["error"]
+    assert record["model"]["image_digest"] == image.id
+    meta = record["model"]["info"]["container_meta"]
+    assert meta["mode"] == "de_novo" and meta["device"] == "cpu"
+    assert meta["n_weight_tensors_loaded"] == 0 and meta["weights_checksum"] is None
+    assert meta["training_epochs"] == 100 and meta["genes_used"] == 300 and meta["n_batch"] > 1
+    ari = {m["name"]: m["value"] for m in record["metrics"]}["adjusted_rand_index"]
+    assert ari > 0.5  # the planted cell types, learnt from these cells alone
+    assert _containers(engine) == []
+
+
 # ----------------------------------------------------------------------------- perturbation predictions
 
 

@@ -184,7 +184,7 @@ def test_source_for_model_builds_baselines_with_parameters():
         "implementation": "pca",
         "parameters": {"n_top_genes": 3000, "n_comps": 5},
     }
-    assert set(BASELINES) == {"pca", "pca_raw", "random"}
+    assert set(BASELINES) == {"pca", "pca_raw", "random", "harmony"}
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def record(model: str, task: str, metrics: dict[str, list[float]], *, seeds=(0, 1, 2), status="ok",
            error=None, dataset="toy", created="2026-01-01T00:00:00+00:00", parameters=None, params=None,
-           ci95=None) -> R.ResultRecord:
-    """A result record with ``metrics`` {name: per-seed values}."""
+           ci95=None, bootstrap=None, computation=None) -> R.ResultRecord:
+    """A result record with ``metrics`` {name: per-seed values}; ``bootstrap``: the
+    bootstrap CI (low, high) over cells of every metric."""
     return R.ResultRecord(
         czb_version="0.test", created_at=created, command=f"czb run --model {model}",
         host=R.HostRecord(python="3.11", platform="linux", n_threads=2),
@@ -40,8 +41,11 @@ def record(model: str, task: str, metrics: dict[str, list[float]], *, seeds=(0, 
         task=R.TaskRecord(name=task, implementation=task), seeds=list(seeds), status=status, error=error,
         metrics=[R.MetricRecord(name=name, value=float(np.mean(v)), values_raw=v,
                                 value_std_dev=float(np.std(v, ddof=1)) if len(v) > 1 else None,
-                                params=params or {}, ci95=ci95) for name, v in metrics.items()],
-        runtime_s=1.5, embedding_runtime_s=2.0, peak_memory_mb=100.0,
+                                params=params or {}, ci95=ci95,
+                                bootstrap=None if bootstrap is None else R.BootstrapRecord(
+                                    ci95=list(bootstrap), over="cells", n_units=300, n_resamples=1000))
+                 for name, v in metrics.items()],
+        runtime_s=1.5, embedding_runtime_s=2.0, peak_memory_mb=100.0, computation=computation or {},
     )
 
 
@@ -49,11 +53,13 @@ def record(model: str, task: str, metrics: dict[str, list[float]], *, seeds=(0, 
 
 
 def test_paired_verdicts_against_the_baseline():
+    from scipy import stats
+
     records = [
         record("pca", "clustering", {"adjusted_rand_index": [0.50, 0.60, 0.55]}),
-        # +0.10 on every seed: differences have no spread, the model is better.
+        # +0.10 on every seed: the same difference each time, the model is better.
         record("good", "clustering", {"adjusted_rand_index": [0.60, 0.70, 0.65]}),
-        # Differences +0.05, -0.05, +0.02: mean 0.0067 < their SD, not marked.
+        # Differences +0.05, -0.05, +0.02: a paired t-test finds nothing.
         record("noisy", "clustering", {"adjusted_rand_index": [0.55, 0.55, 0.57]}),
         record("bad", "clustering", {"adjusted_rand_index": [0.30, 0.41, 0.33]}),
     ]
@@ -61,10 +67,15 @@ def test_paired_verdicts_against_the_baseline():
     (column,) = c.columns
     assert [column.entries[m].verdict for m in ("good", "noisy", "bad")] == ["better", "same", "worse"]
     good = column.entries["good"]
-    assert good.difference == pytest.approx(0.10) and good.spread == pytest.approx(0.0, abs=1e-12)
+    assert good.difference == pytest.approx(0.10) and good.p_value == 0.0
+    assert good.test == "paired t-test over 3 seeds: the same difference on every seed"
     noisy = column.entries["noisy"]
-    diffs = np.array([0.05, -0.05, 0.02])
-    assert noisy.difference == pytest.approx(diffs.mean()) and noisy.spread == pytest.approx(diffs.std(ddof=1))
+    assert noisy.difference == pytest.approx(np.mean([0.05, -0.05, 0.02]))
+    assert noisy.p_value == pytest.approx(stats.ttest_rel([0.55, 0.55, 0.57], [0.50, 0.60, 0.55]).pvalue)
+    assert noisy.test == "paired t-test over 3 seeds (marks at p < 0.05)"
+    bad = column.entries["bad"]
+    assert bad.p_value == pytest.approx(stats.ttest_rel([0.30, 0.41, 0.33], [0.50, 0.60, 0.55]).pvalue)
+    assert bad.p_value < 0.05
     assert column.entries["pca"].verdict == "unknown" and column.best() == "good"
     assert c.models["toy"][0] == "pca"  # the baseline row first
 
@@ -78,34 +89,52 @@ def test_seeds_are_paired_not_pooled():
     assert compare(records).columns[0].entries["m"].verdict == "better"
 
 
-def test_one_seed_of_a_stochastic_metric_is_not_marked_but_a_deterministic_one_is():
+def test_fewer_than_three_seeds_are_not_tested():
+    # Two seeds, +0.4 on both: a t-test over two seeds says too little, so no mark.
     records = [
-        record("pca", "clustering", {"adjusted_rand_index": [0.5]}, seeds=(0,)),
-        record("m", "clustering", {"adjusted_rand_index": [0.9]}, seeds=(0,)),
-        record("pca", "embedding", {"silhouette_score": [0.5]}, seeds=(0,)),
-        record("m", "embedding", {"silhouette_score": [0.4]}, seeds=(0,)),
-    ]
-    c = compare(records)
-    ari = next(col for col in c.columns if col.metric == "adjusted_rand_index")
-    sil = next(col for col in c.columns if col.metric == "silhouette_score")
-    assert ari.entries["m"].verdict == "unknown" and ari.entries["m"].spread is None
-    assert sil.entries["m"].verdict == "worse" and sil.entries["m"].spread == 0.0
-
-
-def test_estimated_values_are_compared_with_their_confidence_intervals():
-    records = [
-        record("pca", "embedding", {"silhouette_score": [0.50]}, seeds=(0,), ci95=[0.49, 0.51]),
-        record("m", "embedding", {"silhouette_score": [0.51]}, seeds=(0,), ci95=[0.50, 0.52]),
+        record("pca", "clustering", {"adjusted_rand_index": [0.5, 0.5]}, seeds=(0, 1)),
+        record("m", "clustering", {"adjusted_rand_index": [0.9, 0.9]}, seeds=(0, 1)),
     ]
     entry = compare(records).columns[0].entries["m"]
-    assert entry.spread == pytest.approx(np.hypot(0.01, 0.01)) and entry.verdict == "same"
+    assert entry.verdict == "unknown" and entry.test == "not enough seeds (2 < 3)"
+    assert entry.difference == pytest.approx(0.4)
 
 
-def test_lower_is_better_metrics_flip_the_verdict():
+def test_deterministic_values_are_tested_by_their_bootstrap_cis_or_not_at_all():
+    records = [
+        # Per-cell means with bootstrap CIs: 0.40 vs 0.50 apart, 0.49 overlapping.
+        record("pca", "embedding", {"silhouette_score": [0.50]}, seeds=(0,), bootstrap=(0.49, 0.51)),
+        record("m", "embedding", {"silhouette_score": [0.40]}, seeds=(0,), bootstrap=(0.39, 0.41)),
+        record("close", "embedding", {"silhouette_score": [0.49]}, seeds=(0,), bootstrap=(0.48, 0.50)),
+        # Per-cell means of an older czb: no bootstrap CI, no test.
+        record("pca", "embedding", {"silhouette_score": [0.5]}, seeds=(0,), dataset="old"),
+        record("m", "embedding", {"silhouette_score": [0.4]}, seeds=(0,), dataset="old"),
+        # A deterministic median (iLISI) is not a per-cell mean: its difference only.
+        record("pca", "batch_integration", {"ilisi_normalized": [0.5]}, seeds=(0,), bootstrap=(0.49, 0.51)),
+        record("m", "batch_integration", {"ilisi_normalized": [0.1]}, seeds=(0,), bootstrap=(0.09, 0.11)),
+    ]
+    c = compare(records)
+    new, old = (next(col for col in c.columns if col.dataset == d and col.metric == "silhouette_score")
+                for d in ("toy", "old"))
+    m = new.entries["m"]
+    assert m.verdict == "worse" and m.test == "bootstrap 95% CIs over cells, combined as independent (conservative)"
+    assert m.difference == pytest.approx(-0.1)
+    assert m.difference_ci95 == pytest.approx((-0.1 - np.hypot(0.01, 0.01), -0.1 + np.hypot(0.01, 0.01)))
+    assert new.entries["close"].verdict == "same"  # CI of the difference: -0.01 ± 0.014
+    assert old.entries["m"].verdict == "unknown" and "without a bootstrap CI" in old.entries["m"].test
+    ilisi = next(col for col in c.columns if col.metric == "ilisi_normalized").entries["m"]
+    assert ilisi.verdict == "unknown" and ilisi.test == "no test: deterministic, not a per-cell mean"
+    assert ilisi.difference == pytest.approx(-0.4)
+
+
+def test_lower_is_better_metrics_flip_the_verdict(monkeypatch):
+    import dataclasses
+
     from czb.evaluation.registry import METRICS, load_all
 
     load_all()
     lower = next(name for name, info in METRICS.items() if not info.higher_is_better)
+    monkeypatch.setitem(METRICS, lower, dataclasses.replace(METRICS[lower], stochastic=True))  # seed-tested
     records = [record("pca", "t", {lower: [1.0, 1.1, 1.2]}), record("m", "t", {lower: [0.5, 0.6, 0.7]})]
     assert compare(records).columns[0].entries["m"].verdict == "better"
 
@@ -169,6 +198,8 @@ def test_csv_holds_raw_values_and_problems():
     assert float(good["value"]) == pytest.approx(0.65) and good["verdict"] == "better"
     assert [float(x) for x in good["values"].split()] == [0.6, 0.7, 0.65]
     assert float(good["difference_vs_baseline"]) == pytest.approx(0.1)
+    assert good["test"] == "paired t-test over 3 seeds: the same difference on every seed"
+    assert float(good["p_value"]) == 0.0 and good["random_value"] == good["bio_floor"] == ""
     broken = next(r for r in rows if r["model"] == "broken")
     assert broken["verdict"] == "failed: model container exited with code 137" and broken["value"] == ""
 
@@ -176,7 +207,8 @@ def test_csv_holds_raw_values_and_problems():
 def test_markdown_table():
     text = exports.to_markdown(compare(_toy_records()))
     assert "| task | metric | pca | broken | good |" in text or "| task | metric | pca | good | broken |" in text
-    assert "0.6500 ± 0.0500 ▲" in text
+    assert "0.6500 ± 0.0500 ▲¹" in text
+    assert "¹ paired t-test over 3 seeds: the same difference on every seed" in text
     assert "| toy | broken | clustering | failed | model container exited with code 137 |" in text
 
 
@@ -191,7 +223,9 @@ def test_html_report_is_self_contained_and_complete():
     assert "model container exited with code 137" in text
     assert "sha256:" + "cd" * 32 in text and "ab" * 32 in text  # image digest, dataset checksum
     assert "czb report out/ -o r.html" in text and "czb run --model good" in text
-    assert '<span class="better">▲</span>' in text
+    assert '<span class="better">▲<sup>¹</sup></span>' in text
+    assert '<li value="1">paired t-test over 3 seeds: the same difference on every seed</li>' in text
+    assert 'title="Δ vs pca = +0.1000; paired t-test over 3 seeds: the same difference on every seed; p = 0"' in text
 
 
 def test_html_hierarchy_section_marks_the_best_post_processing():
@@ -244,7 +278,8 @@ def run_output(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     result = CliRunner().invoke(app, ["run", "--model", "random", "--task", "embedding", "--task", "clustering",
                                       "--task", "batch_integration", "--dataset", "synthetic_cells_tiny",
-                                      "--seeds", "0,1", "--n-jobs", "1", "--output-dir", str(out)])
+                                      # three seeds: enough for the paired t-test that marks stochastic metrics
+                                      "--seeds", "0,1,2", "--n-jobs", "1", "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
     return out
 

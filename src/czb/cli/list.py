@@ -162,7 +162,10 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
              "parameters": {k: v.model_dump(exclude_none=True) for k, v in m.parameters.items()}}
             for m in sorted(catalog.models.values(), key=lambda m: (m.kind != "baseline", m.name))
         ]
-    from czb.evaluation.registry import get_task
+    from czb.evaluation.registry import METRICS, get_task
+
+    def references(metrics: list[str]) -> dict[str, str]:  # each metric's definition followed
+        return {m: METRICS[m].reference for m in metrics if m in METRICS}
 
     rows = []
     for t in sorted(catalog.tasks.values(), key=lambda t: t.name):
@@ -170,11 +173,12 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
             members = [get_task(m.implementation).info for m in catalog.resolve("task", [t.name])]
             rows.append({"name": t.name, "implementation": "suite: " + ", ".join(t.includes),
                          "requires": sorted({r for i in members for r in i.requires}),
-                         "metrics": list(dict.fromkeys(m for i in members for m in i.metrics)),
-                         "parameters": {}, "description": t.description})
+                         "metrics": (metrics := list(dict.fromkeys(m for i in members for m in i.metrics))),
+                         "references": references(metrics), "parameters": {}, "description": t.description})
             continue
         impl = get_task(t.implementation)
         rows.append({"name": t.name, "implementation": t.implementation, "requires": list(impl.info.requires),
-                     "metrics": list(impl.info.metrics), "parameters": t.parameters,
+                     "metrics": list(impl.info.metrics), "references": references(list(impl.info.metrics)),
+                     "parameters": t.parameters,
                      "description": t.description or impl.info.description})
     return rows

@@ -95,10 +95,11 @@ def indented(renderable, spaces: int) -> Padding:
 
 def headline_metric(records: Sequence) -> str | None:
     """The label (:func:`~czb.report.tables.metric_label`) of the metric a compact table
-    shows for records of one task: the first metric the task's
-    :class:`~czb.evaluation.registry.TaskInfo` lists that an ok record reports, in its
-    first variant (e.g. the first classifier); the record's first metric for a task the
-    registry does not know. ``None`` when no record has metrics."""
+    shows for records of one task: the task's headline
+    (:attr:`~czb.evaluation.registry.TaskInfo.headline_metric`), else the first metric it
+    lists that an ok record reports, in its first variant (e.g. the first classifier);
+    the record's first metric for a task the registry does not know. ``None`` when no
+    record has metrics."""
     from czb.core.errors import CzbError
     from czb.evaluation.registry import get_task
     from czb.report.tables import metric_label
@@ -107,7 +108,8 @@ def headline_metric(records: Sequence) -> str | None:
     if not scored:
         return None
     try:
-        listed = tuple(get_task(scored[0].task.implementation).info.metrics)
+        info = get_task(scored[0].task.implementation).info
+        listed = (info.headline_metric, *info.metrics)
     except CzbError:
         listed = ()
     for name in (*listed, scored[0].metrics[0].name):
@@ -128,16 +130,20 @@ def value_text(m) -> str:
 def print_results(records: Sequence, *, wide: bool = False) -> None:
     """Print run results per dataset and task: a row per model with the task's headline
     metric, or with ``wide`` a row per model and metric; Δ is the difference from the
-    baseline (:func:`czb.pipeline.baselines.baseline_differences`). A record that did not
+    baseline (:func:`czb.pipeline.baselines.baseline_differences`), ▲/▼ beside it when
+    the report's test marks it (:func:`czb.report.tables.compare`). A record that did not
     score gets its status, and its reason on wrapped lines below the table."""
     from czb.pipeline.baselines import baseline_differences
-    from czb.report.tables import metric_label
+    from czb.report.tables import VERDICT_MARKS, compare, metric_label
 
     console = _console(piped_width=PIPED_WIDTH)
     diffs = baseline_differences(records)
+    comparison = compare(records)
+    marks = {(c.dataset, c.task, c.metric, repr(sorted(c.params.items())), model): VERDICT_MARKS[e.verdict]
+             for c in comparison.columns for model, e in c.entries.items()}
     shown = "every metric" if wide else "each task's headline metric"
     console.print(text(f"czb results: {shown}, mean ± sd over seeds" + ("" if wide else " (--wide: all)")))
-    console.print(text("Δ = model - pca; for perturbation tasks, Δ = model - control_mean"))
+    console.print(text("Δ = model - pca (perturbation: control_mean); ▲/▼: by a test (see czb report)"))
     groups: dict[str, dict[str, list]] = {}
     for r in records:
         groups.setdefault(r.dataset.name, {}).setdefault(r.task.name, []).append(r)
@@ -162,8 +168,11 @@ def print_results(records: Sequence, *, wide: bool = False) -> None:
                     key = (r.dataset.name, r.task.name, m.name,
                            tuple(sorted((k, str(v)) for k, v in m.params.items())), r.model.name)
                     d = diffs.get(key)
+                    mark = marks.get((r.dataset.name, r.task.name, m.name, repr(sorted(m.params.items())),
+                                      comparison.model_of(r)), "")
                     label = [text(metric_label(m.name, m.params))] if wide else []
-                    rows.append([model, *label, text(value_text(m)), text("" if d is None else f"{d:+.4f}"), status])
+                    delta = "" if d is None else f"{d:+.4f}" + (f" {mark}" if mark else "")
+                    rows.append([model, *label, text(value_text(m)), text(delta), status])
             print_table(console, headers, rows, numeric=("value", "Δ"), whole=("value", "Δ", "status"),
                         indent=TABLE_INDENT)
             reasons: dict[tuple[str, str], list[str]] = {}

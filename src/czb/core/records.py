@@ -14,7 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from czb.core.errors import ResultsError
 from czb.core.untrusted import UntrustedInputError, json_depth, parse_json, read_bounded
@@ -31,6 +38,23 @@ def _finite_or_none(v: float | None) -> float | None:
     return v if v is None or math.isfinite(v) else None
 
 
+class BootstrapRecord(_Record):
+    """Bootstrap 95% CI of a mean of per-cell values, over cells or donors."""
+
+    ci95: list[float] = Field(min_length=2, max_length=2)
+    over: Literal["cells", "donors"]
+    n_units: int = Field(ge=2)
+    n_resamples: int = Field(ge=1)
+
+    @field_validator("ci95", mode="after")
+    @classmethod
+    def _finite_ci(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v) or v[0] > v[1]:
+            msg = "must be two finite numbers, low first"
+            raise ValueError(msg)
+        return v
+
+
 class MetricRecord(_Record):
     """One metric; a value that is not finite (NaN, inf) is stored as ``null``."""
 
@@ -41,6 +65,17 @@ class MetricRecord(_Record):
     params: dict[str, Any] = Field(default_factory=dict)
     #: 95% confidence interval of a value estimated from sampled cells; ``None`` when exact.
     ci95: list[float] | None = None
+    #: Bootstrap 95% CI over cells (or donors) of a deterministic per-cell mean; absent
+    #: in records of an older czb (then the report does not test the value), and left
+    #: out of the JSON when there is none, so such records read as before.
+    bootstrap: BootstrapRecord | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_bootstrap(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("bootstrap", 0) is None:
+            del data["bootstrap"]
+        return data
 
     @field_validator("value", "value_std_dev", mode="after")
     @classmethod

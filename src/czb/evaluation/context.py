@@ -56,6 +56,10 @@ class EvaluationContext(TaskContext):
         approximate/estimated ones at any size; ``None``: by size
         (:data:`czb.evaluation.neighbors.EXACT_MAX_CELLS`,
         :data:`czb.evaluation.metrics.silhouette.EXACT_MAX_CELLS`).
+    pre_integration
+        ``(n_cells, d)`` representation of the same cells before integration (the
+        dataset's PCA), rows aligned with ``X``, for metrics that compare with it
+        (``pcr_comparison``); or ``None``.
     """
 
     def __init__(
@@ -70,18 +74,16 @@ class EvaluationContext(TaskContext):
         relationships: Mapping[str, Relationships | Exception] | None = None,
         n_jobs: int = 1,
         exact: bool | None = None,
+        pre_integration: np.ndarray | None = None,
     ):
-        X = np.asarray(X)
-        if X.ndim != 2:
-            msg = f"embedding must be 2-D (cells x dims); got shape {X.shape}"
-            raise EmbeddingError(msg)
-        if not np.issubdtype(X.dtype, np.number):
-            msg = f"embedding must be numeric; got dtype {X.dtype}"
-            raise EmbeddingError(msg)
-        bad = ~np.isfinite(X).all(axis=1)
-        if bad.any():
-            msg = f"embedding has {int(bad.sum())} rows with NaN or inf (first: {np.flatnonzero(bad)[:5].tolist()})"
-            raise EmbeddingError(msg)
+        X = _checked_matrix(X, "embedding")
+        if pre_integration is not None:
+            pre_integration = _checked_matrix(pre_integration, "pre-integration representation")
+            if pre_integration.shape[0] != X.shape[0]:
+                msg = (f"pre-integration representation has {pre_integration.shape[0]} rows, expected "
+                       f"{X.shape[0]} to match the embedding")
+                raise EmbeddingError(msg)
+        self.pre_integration = pre_integration
         self.X = X
         self._roles: dict[str, np.ndarray] = {}
         #: Cells without a value, per grouping role that has some (see :meth:`scoped`).
@@ -157,6 +159,7 @@ class EvaluationContext(TaskContext):
                 relationships=self.relationships,
                 n_jobs=self.n_jobs,
                 exact=self.exact,
+                pre_integration=None if self.pre_integration is None else self.pre_integration[rows],
             )
             sub.plan(self._planned)
             return sub
@@ -339,6 +342,22 @@ class EvaluationContext(TaskContext):
             future.cancel()
             executor.shutdown(wait=False, kill_workers=True)
         self._background.clear()
+
+
+def _checked_matrix(X: np.ndarray, what: str) -> np.ndarray:
+    """``X`` as a 2-D numeric array of finite values; :class:`EmbeddingError` otherwise."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        msg = f"{what} must be 2-D (cells x dims); got shape {X.shape}"
+        raise EmbeddingError(msg)
+    if not np.issubdtype(X.dtype, np.number):
+        msg = f"{what} must be numeric; got dtype {X.dtype}"
+        raise EmbeddingError(msg)
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        msg = f"{what} has {int(bad.sum())} rows with NaN or inf (first: {np.flatnonzero(bad)[:5].tolist()})"
+        raise EmbeddingError(msg)
+    return X
 
 
 def _leiden_key(resolution: float, seed: int, k: int) -> tuple:

@@ -32,6 +32,13 @@ class MetricInfo:
         Direction of improvement.
     stochastic
         Whether the value depends on the seed.
+    per_cell_mean
+        Whether the value is a mean of per-cell values (possibly within strata, e.g. per
+        label then over labels): its tasks record a bootstrap CI over cells (or donors),
+        which is how the report tests a deterministic value against the baseline.
+    aggregate
+        Whether the value combines other metrics (scIB's totals): the report shows the
+        ``random`` embedding's value and the bio-conservation floor beside it.
     """
 
     name: str
@@ -40,6 +47,8 @@ class MetricInfo:
     range: tuple[float | None, float | None] = (0.0, 1.0)
     higher_is_better: bool = True
     stochastic: bool = False
+    per_cell_mean: bool = False
+    aggregate: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,12 @@ class TaskInfo:
     reference: str = ""
     kind: Literal["cell", "multi_dataset", "perturbation"] = "cell"
     extra: dict = field(default_factory=dict)
+    #: The metric a compact table shows (``czb run``'s); default the first of :attr:`metrics`.
+    headline: str | None = None
+
+    @property
+    def headline_metric(self) -> str:
+        return self.headline or self.metrics[0]
 
 
 METRICS: dict[str, MetricInfo] = {}
@@ -98,6 +113,9 @@ def register_task(cls: TaskClass) -> TaskClass:
     missing = [m for m in cls.info.metrics if m not in METRICS]
     if missing:
         msg = f"task {cls.info.name!r} reports unregistered metrics {missing}"
+        raise ValueError(msg)
+    if cls.info.headline_metric not in cls.info.metrics:
+        msg = f"task {cls.info.name!r}: headline {cls.info.headline!r} is not one of its metrics"
         raise ValueError(msg)
     TASKS[cls.info.name] = cls
     return cls

@@ -13,6 +13,7 @@ import numpy as np
 
 from czb.core.errors import NotApplicableError
 from czb.evaluation.context import EvaluationContext
+from czb.evaluation.estimates import Bootstrap
 from czb.evaluation.registry import get_task
 from czb.evaluation.resources import measure
 from czb.evaluation.task import MetricValue, Task, TaskContext
@@ -25,8 +26,9 @@ DEFAULT_SEEDS = (0, 1, 2)
 class AggregatedMetric:
     """A metric over seeds: mean, sample standard deviation, and every value.
 
-    ``ci95`` is the confidence interval of an estimated value; kept only when every seed
-    reports the same estimate (a seed-independent value, computed once)."""
+    ``ci95`` is the confidence interval of an estimated value, ``bootstrap`` the bootstrap
+    CI over cells (or donors) of a per-cell mean; each kept only when every seed reports
+    the same value and interval (a seed-independent value, computed once)."""
 
     name: str
     value: float
@@ -34,6 +36,7 @@ class AggregatedMetric:
     values_raw: list[float]
     params: dict[str, Any] = field(default_factory=dict)
     ci95: tuple[float, float] | None = None
+    bootstrap: Bootstrap | None = None
 
 
 @dataclass
@@ -72,7 +75,9 @@ def aggregate(values: Iterable[MetricValue]) -> list[AggregatedMetric]:
         std = statistics.stdev(finite) if len(finite) > 1 else None
         cis = {(v.value, v.ci95) for v in group}
         ci95 = group[0].ci95 if len(cis) == 1 else None
-        out.append(AggregatedMetric(name, mean, std, raw, dict(params), ci95))
+        boots = {(v.value, v.bootstrap) for v in group}
+        bootstrap = group[0].bootstrap if len(boots) == 1 else None
+        out.append(AggregatedMetric(name, mean, std, raw, dict(params), ci95, bootstrap))
     return out
 
 
@@ -136,6 +141,7 @@ def evaluate(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     n_jobs: int = 1,
     exact: bool | None = None,
+    pre_integration: np.ndarray | None = None,
 ) -> list[TaskResult]:
     """Score an embedding on several tasks, sharing one neighbour graph.
 
@@ -156,12 +162,16 @@ def evaluate(
     exact
         Exact neighbour graph and silhouettes at any size (``True``), approximate ones at
         any size (``False``), or by size (``None``); see :class:`EvaluationContext`.
+    pre_integration
+        ``(n_cells, d)`` representation before integration (e.g. the data's PCA), rows
+        as ``X``'s, for ``pcr_comparison``; ``None``: that metric is left out.
 
     Returns
     -------
     One :class:`TaskResult` per task, in order; failures are results, not exceptions.
     """
     task_objs = [get_task(t)() if isinstance(t, str) else t for t in tasks]
-    context = EvaluationContext(X, labels=labels, batches=batches, roles=roles, n_jobs=n_jobs, exact=exact)
+    context = EvaluationContext(X, labels=labels, batches=batches, roles=roles, n_jobs=n_jobs, exact=exact,
+                                pre_integration=pre_integration)
     context.plan(task_objs)
     return [run_task(t, context, seeds) for t in task_objs]

@@ -12,18 +12,27 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from czb.core.errors import NotApplicableError, TaskError
+from czb.evaluation.estimates import Bootstrap, Estimate
 from czb.evaluation.registry import TaskInfo
 
 
 @dataclass
 class MetricValue:
     """One metric value from one seed. ``params`` distinguishes variants (e.g. classifier);
-    ``ci95`` is the 95% confidence interval of a value estimated from sampled cells."""
+    ``ci95`` is the 95% confidence interval of a value estimated from sampled cells;
+    ``bootstrap`` the bootstrap CI over cells (or donors) of a per-cell mean."""
 
     name: str
     value: float
     params: dict[str, Any] = field(default_factory=dict)
     ci95: tuple[float, float] | None = None
+    bootstrap: Bootstrap | None = None
+
+    @classmethod
+    def from_estimate(cls, name: str, estimate: Estimate, **params: Any) -> MetricValue:
+        """The value of ``estimate`` (:class:`~czb.evaluation.estimates.Estimate`) with
+        its CIs: how tasks report a mean over cells."""
+        return cls(name, estimate.value, dict(params), estimate.ci95, estimate.bootstrap)
 
 
 class TaskParams(BaseModel):
@@ -40,6 +49,10 @@ class Task(ABC):
 
     info: ClassVar[TaskInfo]
     Params: ClassVar[type[TaskParams]] = TaskParams
+    #: Whether the task compares the embedding with the data before integration (the
+    #: context's ``pre_integration``: the dataset's PCA baseline), which the pipeline then
+    #: supplies; a task must still run without it.
+    reads_pre_integration: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         try:

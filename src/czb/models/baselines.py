@@ -1,8 +1,8 @@
-"""The in-process baselines (:data:`BASELINES`): ``pca``, ``pca_raw`` and ``random``.
+"""The in-process baselines (:data:`BASELINES`): ``pca``, ``pca_raw``, ``random`` and ``harmony``.
 
 Each is an :class:`~czb.models.embedding.EmbeddingSource` computed here, built from a
 ``baseline`` model spec by :func:`~czb.models.sources.source_for_model`; the PCA itself is
-in :mod:`czb.models.pca`.
+in :mod:`czb.models.pca`, the Harmony correction in :mod:`czb.models.harmony`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from czb.core.errors import EmbeddingError, SpecError
+from czb.core.errors import EmbeddingError, NotApplicableError, SpecError
 from czb.models.embedding import Embedding, check_embedding, record_warning
 from czb.models.pca import should_stream, sparse_pca, streamed_pca
 
@@ -294,7 +294,85 @@ class RandomBaseline(_Baseline):
         return self._embedding(values, {"seed": seed})
 
 
+class HarmonyBaseline(_Baseline):
+    """Harmony-corrected PCA: the batch-integration baseline of scIB (Luecken et al. 2022).
+
+    The ``pca`` baseline's embedding (same steps, parameters and seed: see
+    :class:`PCABaseline`), corrected for the dataset's batches by
+    :func:`czb.models.harmony.harmonize` (theta 2, sigma 0.1, ridge lambda 1,
+    ``min(100, n_cells / 30)`` clusters from a k-means seeded with the run's seed). The
+    batches are the dataset's ``batch`` role: its spec's ``batch_key`` column, or several
+    joined into one label, as the batch-integration task scores them. Cells without a
+    batch are clustered with the others but not corrected (with a warning).
+
+    A dataset without ``batch_key``, or with fewer than 2 batches, raises
+    :class:`~czb.core.errors.NotApplicableError` before any work: there is nothing to
+    integrate, and plain PCA is the ``pca`` baseline.
+
+    Parameters
+    ----------
+    name
+        Model name (defaults to ``"harmony"``).
+    n_top_genes, n_comps
+        As :class:`PCABaseline`'s (3000, 50).
+    max_iter_harmony
+        Most rounds of clustering and correction (default 10).
+
+    References
+    ----------
+    Korsunsky, I. et al. (2019). Fast, sensitive and accurate integration of single-cell
+    data with Harmony. Nature Methods 16:1289–1296.
+
+    Luecken, M.D. et al. (2022). Benchmarking atlas-level data integration in single-cell
+    genomics. Nature Methods 19:41–50.
+    """
+
+    implementation = "harmony"
+    defaults: ClassVar[dict[str, int]] = {"n_top_genes": 3000, "n_comps": 50, "max_iter_harmony": 10}
+
+    def embed(self, dataset: Dataset, *, seed: int = 0) -> Embedding:
+        """Embed the cells of ``dataset``; see the class docstring.
+
+        Returns
+        -------
+        Embedding of shape ``(dataset.n_cells, n_comps)`` for all cells.
+        """
+        from czb.models.harmony import batch_codes, harmonize
+
+        keys = dataset.spec.batch_keys
+        if dataset.batches is None:
+            msg = (
+                f"{self.name}: dataset {dataset.name!r} declares no batch_key, so there are no "
+                f"batches to integrate; set batch_key (the obs column(s) of the batches) in its spec"
+            )
+            raise NotApplicableError(msg)
+        codes, names = batch_codes(dataset.batches)
+        if len(names) < 2:
+            msg = (
+                f"{self.name}: dataset {dataset.name!r} has {len(names)} "
+                f"batch{'' if len(names) == 1 else 'es'} in obs "
+                f"{', '.join(keys)}; Harmony needs at least 2"
+            )
+            raise NotApplicableError(msg)
+        pca = PCABaseline(name=self.name, n_top_genes=self.parameters["n_top_genes"],
+                          n_comps=self.parameters["n_comps"])
+        base = pca.embed(dataset, seed=seed)
+        info = {k: v for k, v in base.info.items() if k not in ("parameters", "n_dropped_cells")}
+        n_loose = int(np.sum(codes < 0))
+        if n_loose:
+            record_warning(info, f"{self.name}: {n_loose} cells of {dataset.name} have no batch "
+                                 f"({', '.join(keys)}); they are clustered but not corrected")
+        result = harmonize(base.values, codes, seed=seed,
+                           max_iter_harmony=self.parameters["max_iter_harmony"])
+        info["harmony"] = {
+            "batch_key": keys, "n_batches": len(names), "n_cells_without_batch": n_loose,
+            "n_clusters": result.n_clusters, "n_iterations": result.n_iterations,
+            "converged": result.converged, "seed": seed,
+        }
+        return self._embedding(result.corrected.astype(np.float32), info)
+
+
 #: In-process baselines by ``implementation`` name.
 BASELINES: dict[str, type[_Baseline]] = {
-    cls.implementation: cls for cls in (PCABaseline, RawPCABaseline, RandomBaseline)
+    cls.implementation: cls for cls in (PCABaseline, RawPCABaseline, RandomBaseline, HarmonyBaseline)
 }

@@ -13,6 +13,7 @@ from typing import Any
 from czb.core import records as R
 from czb.core.errors import ResultsError
 from czb.core.hashing import cache_key
+from czb.evaluation.estimates import Bootstrap
 from czb.evaluation.runner import TaskResult, aggregate
 from czb.evaluation.task import MetricValue
 from czb.pipeline.groups import group_model, group_record
@@ -133,7 +134,8 @@ def _task_result(rp: RecordPlan, pieces: list[Any], store: Store) -> TaskResult:
         odd = next(p for p in pieces if p["status"] != "ok")
         return TaskResult(rp.task, odd["status"], seeds=list(rp.seeds), error=odd["error"])
     values = [MetricValue(m["name"], float("nan") if m["value"] is None else m["value"], m["params"],
-                          tuple(m["ci95"]) if m["ci95"] is not None else None)
+                          tuple(m["ci95"]) if m["ci95"] is not None else None,
+                          Bootstrap.from_json(m.get("bootstrap")))  # absent in older outputs
               for p in pieces for m in p["metrics"]]
     return TaskResult(rp.task, "ok", aggregate(values), list(rp.seeds),
                       runtime_s=sum(p["runtime_s"] for p in pieces),

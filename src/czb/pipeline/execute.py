@@ -170,12 +170,16 @@ class _SuiteRun:
         self.attempts: Counter[str] = Counter()
         self.failed: dict[str, tuple[str, str]] = {}
         self.blocked: dict[str, tuple[str, str]] = {}
-        #: Score units not yet done, by the embeddings they read.
+        #: Score units not yet done, by the embed units they wait for (:attr:`ScoreUnit.needs`).
         self.waiting: dict[tuple[str, ...], list[ScoreUnit]] = defaultdict(list)
         for key, unit in plan.scores.items():
             if key not in done_scores:
-                self.waiting[unit.embed_keys].append(unit)
+                self.waiting[unit.needs].append(unit)
         self.embedded: set[str] = set()  # embed units done, before or in this run
+        #: Embed units only read as a pre-integration PCA: started when a unit needs one.
+        needed = {k for unit in plan.scores.values() for k in unit.embed_keys}
+        self.lazy = {u.pre_integration for u in plan.scores.values() if u.pre_integration} - needed
+        self.submitted: set[str] = set()
         self.running_units: dict[int, int] = {}  # id(job) -> units in it
         #: Embed units run again because their output became unreadable: key -> times.
         self.redone: Counter[str] = Counter()
@@ -189,7 +193,7 @@ class _SuiteRun:
         for key in self.plan.embeds:
             if key in self.done_embeds:
                 self.embedding_ready(key)
-            else:
+            elif key not in self.lazy and key not in self.submitted:
                 self.submit_embed(key)
 
     # submitting -------------------------------------------------------------------
@@ -199,6 +203,7 @@ class _SuiteRun:
         self.running_units[id(job)] = n_units
 
     def submit_embed(self, key: str) -> None:
+        self.submitted.add(key)
         unit = self.plan.embeds[key]
         self._submit(Job(with_warnings, (run_embed_unit, unit, self.store.url), self.work, label=unit.label,
                          gpus=unit.gpus, memory_gb=unit.memory_gb, tag=("embed", [key])), 1)
@@ -217,23 +222,38 @@ class _SuiteRun:
     def embedding_ready(self, key: str) -> None:
         """Start (or settle) the score units whose embeddings are now all done."""
         self.embedded.add(key)
-        for keys in [k for k in self.waiting if key in k and self.embedded.issuperset(k)]:
-            metas = [self.store.read_output(f"embeddings/{k}/{UNIT_FILE}", keys=("status", "error", "dataset"))
-                     for k in keys]
-            if any(m is None for m in metas):  # gone or unreadable since: embed again
-                self.redo_embeddings([k for k, m in zip(keys, metas) if m is None])
-                continue
-            units = self.waiting.pop(keys)
-            if all(m["status"] == "ok" for m in metas):
-                self.submit_scores(units)
-                continue
-            # No embedding to score: each unit's outcome is the model's.
-            odd = [m for m in metas if m["status"] != "ok"]
-            reason = odd[0]["error"] if len(metas) == 1 else "; ".join(
-                f"{m['dataset']['name']}: {m['error']}" for m in odd)
-            for unit in units:
-                self.store.write_json(f"scores/{unit.key}.json", not_applicable_output(unit, reason))
-            self.tracker.finished(len(units), 0.0)
+        for keys in [k for k in self.waiting if key in k]:
+            self._release(keys)
+
+    def _release(self, keys: tuple[str, ...]) -> None:
+        """Start (or settle) the units waiting for ``keys`` once their embeddings are done;
+        their pre-integration PCA is started then (when they can be scored), and the
+        units once it is done too."""
+        units = self.waiting.get(keys)
+        own = units[0].embed_keys if units else keys
+        if not units or not self.embedded.issuperset(own):
+            return
+        metas = [self.store.read_output(f"embeddings/{k}/{UNIT_FILE}", keys=("status", "error", "dataset"))
+                 for k in own]
+        if any(m is None for m in metas):  # gone or unreadable since: embed again
+            self.redo_embeddings([k for k, m in zip(own, metas) if m is None])
+            return
+        if all(m["status"] == "ok" for m in metas):
+            pending = [k for k in keys if k not in self.embedded]
+            for key in pending:  # one done before this run is released when start() reaches it
+                if key not in self.submitted and key not in self.done_embeds:
+                    self.submit_embed(key)
+            if not pending:
+                self.submit_scores(self.waiting.pop(keys))
+            return
+        units = self.waiting.pop(keys)
+        # No embedding to score: each unit's outcome is the model's.
+        odd = [m for m in metas if m["status"] != "ok"]
+        reason = odd[0]["error"] if len(metas) == 1 else "; ".join(
+            f"{m['dataset']['name']}: {m['error']}" for m in odd)
+        for unit in units:
+            self.store.write_json(f"scores/{unit.key}.json", not_applicable_output(unit, reason))
+        self.tracker.finished(len(units), 0.0)
 
     # outcomes ---------------------------------------------------------------------
 
@@ -298,7 +318,7 @@ class _SuiteRun:
             for key in [k for k in keys if k not in written]:
                 unit = self.plan.scores[key]
                 if set(unit.embed_keys) & unread:
-                    self.waiting[unit.embed_keys].append(unit)
+                    self.waiting[tuple(k for k in unit.needs if k not in self.failed)].append(unit)
             keys = [k for k in keys if k in written or not set(self.plan.scores[k].embed_keys) & unread]
         again: list[ScoreUnit] = []
         for key in keys:
@@ -328,8 +348,14 @@ class _SuiteRun:
         })
         for keys in [k for k in self.waiting if key in k]:
             for unit in self.waiting.pop(keys):
+                if key not in unit.embed_keys:  # its pre-integration PCA: scored without it
+                    self.waiting[tuple(k for k in keys if k != key)].append(unit)
+                    continue
                 self.blocked[unit.key] = (unit.label, f"embedding failed: {reason}")
                 self.tracker.failed += 1
+            rest = tuple(k for k in keys if k != key)
+            if rest in self.waiting:
+                self._release(rest)
 
 
 def _reason(error: BaseException) -> str:

@@ -38,7 +38,7 @@ from czb.core.errors import CzbError, CzbWarning, DatasetError, UsageError
 from czb.core.hashing import cache_key
 from czb.evaluation.registry import get_task
 from czb.evaluation.task import Task
-from czb.pipeline.baselines import baselines_for
+from czb.pipeline.baselines import BASELINE_MODEL, baselines_for
 from czb.specs.catalog import Catalog
 from czb.specs.parameters import resolve_parameters
 from czb.specs.schema import DatasetSpec, ModelSpec, SuiteSpec, TaskSpec
@@ -148,8 +148,18 @@ class ScoreUnit:
     parts: dict[str, Any] = field(compare=False, repr=False)
     #: For a perturbation task: the predictor it runs and scores (it reads no embedding).
     predictor: ModelSpec | None = field(default=None, repr=False)
+    #: The embed unit of the dataset's PCA baseline, for a task comparing the embedding
+    #: with the data before integration (:attr:`~czb.evaluation.task.Task.reads_pre_integration`).
+    pre_integration: str | None = field(default=None, repr=False)
 
     kind = "score"
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The embed units that must be done before this unit runs: its embeddings, then
+        its pre-integration PCA (which it can do without when that fails)."""
+        extra = self.pre_integration
+        return self.embed_keys + ((extra,) if extra is not None and extra not in self.embed_keys else ())
 
     @property
     def dataset_name(self) -> str:
@@ -204,8 +214,8 @@ class Plan:
     def only(self, model: str) -> Plan:
         """The part of this plan that scores ``model``: its records and their units."""
         records = [r for r in self.records if r.model == model]
-        embeds = {k for r in records for k in r.embed_keys}
         scores = {k for r in records for k in r.score_keys}
+        embeds = {k for key in scores for k in self.scores[key].needs}
         return Plan(self.suite, {k: u for k, u in self.embeds.items() if k in embeds},
                     {k: u for k, u in self.scores.items() if k in scores}, records,
                     self.models, self.datasets, self.tasks)
@@ -378,6 +388,20 @@ def plan_matrices(
         add(RecordPlan(model.name, "+".join(d.name for d in members), task.name, seeds, (), (),
                        tuple(d.name for d in members), reason))
 
+    def embed_unit(model: Embedder, ds: DatasetSpec, seed: int) -> EmbedUnit:
+        if model.name not in identities:
+            identities[model.name] = model_identity(model, resolve_images=resolve_images, options=options)
+        parts = {"model": identities[model.name], "seed": seed, "dataset": {
+            "sha256": checksums[ds.name], **ds.model_dump(mode="json", include=set(EMBED_DATASET_FIELDS))}}
+        key = cache_key(parts)
+        return plan.embeds.setdefault(key, EmbedUnit(key, model, ds, seed, parts))
+
+    def pre_integration(ds: DatasetSpec, matrix: Matrix) -> str:
+        """The key of the dataset's PCA baseline unit (planned here when the matrix has
+        no baselines): the representation before integration."""
+        pca = plan.models.get(BASELINE_MODEL) or catalog.resolve("model", [BASELINE_MODEL])[0]
+        return embed_unit(pca, ds, matrix.seeds[0]).key
+
     for matrix, datasets, models, tasks, built in resolved:
         kinds = {t.name: built[t.name].info.kind for t in tasks}
         members: dict[str, list[EmbedUnit]] = {m.name: [] for m in models}
@@ -387,10 +411,7 @@ def plan_matrices(
                 predicts = isinstance(model, ModelSpec) and model.output == "predictions"
                 embed = None
                 if not predicts and any(kinds[t.name] != "perturbation" for t in tasks):
-                    parts = {"model": identity, "seed": matrix.seeds[0], "dataset": {
-                        "sha256": checksums[ds.name], **ds.model_dump(mode="json", include=set(EMBED_DATASET_FIELDS))}}
-                    key = cache_key(parts)
-                    embed = plan.embeds.setdefault(key, EmbedUnit(key, model, ds, matrix.seeds[0], parts))
+                    embed = embed_unit(model, ds, matrix.seeds[0])
                     members[model.name].append(embed)
                 for task in tasks:
                     kind = kinds[task.name]
@@ -404,7 +425,8 @@ def plan_matrices(
                     elif predicts or kind == "perturbation":
                         add_unscored(model, (ds,), task, _seeds(built[task.name], matrix), _mismatch(model))
                     else:
-                        add_units(_embedding_units(model.name, (embed,), task, built[task.name], matrix))
+                        pre = pre_integration(ds, matrix) if built[task.name].reads_pre_integration else None
+                        add_units(_embedding_units(model.name, (embed,), task, built[task.name], matrix, pre=pre))
         for model in models:
             for task in tasks:
                 if kinds[task.name] != "multi_dataset":
@@ -444,6 +466,7 @@ def _seeds(built: Task, matrix: Matrix) -> tuple[int, ...]:
 def _score_units(
     task: TaskSpec, built: Task, matrix: Matrix, model: str, datasets: tuple[DatasetSpec, ...],
     reads: dict[str, Any], *, embed_keys: tuple[str, ...] = (), predictor: ModelSpec | None = None,
+    pre: str | None = None,
 ) -> list[ScoreUnit]:
     """A task's units, one per seed (one for a deterministic task). ``reads`` says what
     they score, hashed into their keys: embedding keys and datasets, or a predictor and
@@ -456,18 +479,20 @@ def _score_units(
         if predictor is None:
             parts["exact"] = exact
         units.append(ScoreUnit(cache_key(parts), embed_keys, model, datasets, task, seed, exact, parts,
-                               predictor=predictor))
+                               predictor=predictor, pre_integration=pre))
     return units
 
 
-def _embedding_units(model: str, embeds: tuple[EmbedUnit, ...], task: TaskSpec, built: Task, matrix: Matrix
-                     ) -> list[ScoreUnit]:
+def _embedding_units(model: str, embeds: tuple[EmbedUnit, ...], task: TaskSpec, built: Task, matrix: Matrix,
+                     *, pre: str | None = None) -> list[ScoreUnit]:
     """A task's units on ``model``'s embedding, or on a group's stacked embeddings (shared
-    with any model of the same identity)."""
+    with any model of the same identity); ``pre``: the pre-integration PCA unit they read."""
     reads = {"embeddings": [e.key for e in embeds],
              "datasets": [e.dataset.model_dump(mode="json", exclude=set(DESCRIPTIVE_DATASET_FIELDS)) for e in embeds]}
+    if pre is not None:
+        reads["pre_integration"] = pre
     return _score_units(task, built, matrix, model, tuple(e.dataset for e in embeds), reads,
-                        embed_keys=tuple(e.key for e in embeds))
+                        embed_keys=tuple(e.key for e in embeds), pre=pre)
 
 
 def resolve_matrix(

@@ -80,6 +80,7 @@ def result_record(
                 values_raw=m.values_raw,
                 params=m.params,
                 ci95=list(m.ci95) if m.ci95 is not None else None,
+                bootstrap=None if m.bootstrap is None else m.bootstrap.to_json(),
             )
             for m in result.metrics
         ],
@@ -138,12 +139,14 @@ def embedding_context(
     relationship_sources: Sequence[str] | None = None,
     n_jobs: int = 1,
     exact: bool | None = None,
+    pre_integration: np.ndarray | None = None,
 ) -> EvaluationContext:
     """The evaluation context of an embedding whose rows ``roles`` annotate (``labels``,
     ``batch`` or ``None``, and any extra role), with the known relationships ``tasks`` read
     (:meth:`~czb.evaluation.task.Task.relationship_sources`, given the dataset's
     ``relationship_sources``) loaded now: a source that cannot be loaded fails only the
-    tasks reading it, before they start."""
+    tasks reading it, before they start. ``pre_integration``: the dataset's PCA baseline,
+    rows aligned (:attr:`~czb.evaluation.task.Task.reads_pre_integration`)."""
     roles = dict(roles)
     sources = [name for task in tasks for name in task.relationship_sources(relationship_sources)]
     return EvaluationContext(
@@ -156,4 +159,5 @@ def embedding_context(
         relationships=load_sources(sources),
         n_jobs=n_jobs,
         exact=exact,
+        pre_integration=pre_integration,
     )

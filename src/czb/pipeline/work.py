@@ -262,10 +262,14 @@ def run_score_units(
         return _score_predictions(units, planned, store, n_jobs=n_jobs, offline=offline, options=options,
                                   raise_errors=raise_errors)
     reads_expression = any("expression" in p.task.info.requires for p in planned)
-    values, roles, expression, relationship_sources = _scoring_input(units[0], store, offline,
-                                                                     expression=reads_expression)
+    values, roles, expression, relationship_sources, rows = _scoring_input(units[0], store, offline,
+                                                                           expression=reads_expression)
+    pre = None
+    if units[0].pre_integration is not None and any(p.task.reads_pre_integration for p in planned):
+        pre = _pre_integration(units[0].pre_integration, store, rows=rows, n_rows=len(values))
     context = embedding_context(values, roles, tasks=[p.task for p in planned], expression=expression,
-                                relationship_sources=relationship_sources, n_jobs=n_jobs, exact=units[0].exact)
+                                relationship_sources=relationship_sources, n_jobs=n_jobs, exact=units[0].exact,
+                                pre_integration=pre)
     context.plan(p.task for p in planned)
     return _run_units(units, planned, context, store, raise_errors=raise_errors)
 
@@ -286,7 +290,9 @@ def _run_units(units: Sequence[ScoreUnit], planned: Sequence[PlannedTask], conte
         store.write_json(f"scores/{unit.key}.json", {
             "key": unit.key, "status": result.status, "error": result.error, "seed": unit.seed,
             "metrics": [{"name": m.name, "value": _plain(m.values_raw[0]), "params": m.params,
-                         "ci95": list(m.ci95) if m.ci95 is not None else None} for m in result.metrics],
+                         "ci95": list(m.ci95) if m.ci95 is not None else None,
+                         "bootstrap": None if m.bootstrap is None else m.bootstrap.to_json()}
+                        for m in result.metrics],
             "runtime_s": result.runtime_s, "peak_memory_mb": result.peak_memory_mb,
             "computation": result.computation, "parts": unit.parts,
             "host": R.host_record().model_dump(mode="json"), "finished_at": R.now_utc(),
@@ -324,10 +330,11 @@ def _score_predictions(units: Sequence[ScoreUnit], planned: Sequence[PlannedTask
 
 def _scoring_input(
     unit: ScoreUnit, store: Store, offline: bool | None, *, expression: bool
-) -> tuple[np.ndarray, dict[str, np.ndarray], Expression | None, Sequence[str] | None]:
-    """What the unit scores: ``(values, roles, expression, relationship_sources)``; for a
-    group, the members' embeddings stacked (:func:`czb.pipeline.groups.stack_members`), with
-    no expression (no task over several datasets reads it)."""
+) -> tuple[np.ndarray, dict[str, np.ndarray], Expression | None, Sequence[str] | None, np.ndarray | None]:
+    """What the unit scores: ``(values, roles, expression, relationship_sources, rows)``
+    (``rows``: the dataset rows the embedding has, ``None`` for all); for a group, the
+    members' embeddings stacked (:func:`czb.pipeline.groups.stack_members`), with no
+    expression (no task over several datasets reads it)."""
     from czb.core import records as R
     from czb.models.embedding import Embedding
     from czb.pipeline.dataset_views import dataset_expression, dataset_record, dataset_roles
@@ -353,7 +360,7 @@ def _scoring_input(
         if len(unit.embed_keys) == 1:
             return (embedding.values, dataset_roles(ds, embedding.cell_index),
                     dataset_expression(ds, embedding.cell_index) if expression else None,
-                    ds.spec.relationship_sources)
+                    ds.spec.relationship_sources, embedding.cell_index)
         unknown = R.ModelRecord(name=unit.model, kind="stored", image_digest="in-process")
         model = stored_model(meta.get("model"), unknown)
         members.append(GroupMember(dataset_record(ds), Embedded(model, embedding),
@@ -362,7 +369,38 @@ def _scoring_input(
     _, stacked, roles = stack_members(members)
     if stacked.embedding is None:
         raise CzbError(stacked.error or "the group's embeddings cannot be stacked")
-    return stacked.embedding.values, roles, None, None
+    return stacked.embedding.values, roles, None, None, None
+
+
+def _pre_integration(key: str, store: Store, *, rows: np.ndarray | None, n_rows: int) -> np.ndarray | None:
+    """The dataset's PCA baseline (embed unit ``key``), aligned with an embedding of
+    ``n_rows`` rows of the dataset (``rows``; ``None``: all in order). ``None`` when it is
+    not there (its unit failed) or does not cover the embedding's cells: the metrics
+    reading it are then left out with their reason."""
+    try:
+        meta = store.read_json(f"embeddings/{key}/{UNIT_FILE}") or {}
+        if not isinstance(meta, dict) or meta.get("status") != "ok":
+            return None
+        pca = store.read_arrays(f"embeddings/{key}/{EMBEDDING_FILE}")
+    except StoreError:
+        return None
+    values = pca.get("values")
+    if values is None:
+        return None
+    # Both index rows of the same dataset: PCA's (all rows when absent) and the embedding's.
+    pca_rows = pca.get("cell_index")
+    if pca_rows is not None:
+        if rows is None:
+            rows = np.arange(n_rows)
+        at = np.searchsorted(pca_rows, rows)
+        if at.max(initial=0) >= len(pca_rows) or not np.array_equal(pca_rows[np.minimum(at, len(pca_rows) - 1)], rows):
+            return None
+        rows = at
+    if rows is not None:
+        if rows.max(initial=-1) >= len(values):
+            return None
+        values = values[rows]
+    return values if len(values) == n_rows else None
 
 
 def not_applicable_output(unit: ScoreUnit, reason: str, **extra: Any) -> dict[str, Any]:

@@ -10,9 +10,20 @@ import numpy as np
 
 import czb
 from czb.core import records as R
+from czb.evaluation.metrics.bio_floor import NEAR_CHANCE
 from czb.report import plots
 from czb.report.plots import escape
-from czb.report.tables import VERDICT_MARKS, Column, Comparison, Entry
+from czb.report.significance import ALPHA, MIN_SEEDS
+from czb.report.suite import across_datasets
+from czb.report.tables import (
+    SCALED,
+    VERDICT_MARKS,
+    Column,
+    Comparison,
+    Entry,
+    footnote,
+    marked_tests,
+)
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -28,6 +39,8 @@ tr.baseline td { background: #f7f7f7; } td.best { font-weight: bold; }
 .axis { stroke: #999; } .error-bar { stroke: #222; stroke-width: 1.5; }
 .baseline-line { stroke: #444; stroke-dasharray: 4 3; } details { margin: .5em 0; }
 code { background: #f4f4f4; padding: 0 3px; } .table-wrap { overflow-x: auto; } th.task { text-align: left; }
+.floor { color: #b36b00; font-size: .85em; white-space: nowrap; } .random { color: #666; font-weight: normal; }
+ol.tests { color: #444; font-size: .9em; }
 """
 
 
@@ -45,7 +58,18 @@ def _number(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
-def _entry_cell(column: Column, model: str, entry: Entry | None, best: str | None) -> str:
+def _decision_text(column: Column, entry: Entry) -> str:
+    """The comparison with the baseline in words, for a cell's tooltip."""
+    text = f"Δ vs {column.baseline} = {entry.difference:+.4f}; {entry.test}"
+    if entry.p_value is not None:
+        text += f"; p = {entry.p_value:.3g}"
+    if entry.difference_ci95 is not None:
+        text += f"; 95% CI of Δ [{entry.difference_ci95[0]:+.4f}, {entry.difference_ci95[1]:+.4f}]"
+    return text
+
+
+def _entry_cell(comparison: Comparison, column: Column, model: str, entry: Entry | None, best: str | None,
+                tests: list[str]) -> str:
     if entry is None:
         return '<td class="missing">—</td>'
     text = _number(entry.value)
@@ -53,15 +77,29 @@ def _entry_cell(column: Column, model: str, entry: Entry | None, best: str | Non
         text += f' <span class="sd">± {entry.std:.4f}</span>'
     elif entry.ci95 is not None:
         text += f' <span class="ci">[{entry.ci95[0]:.4f}, {entry.ci95[1]:.4f}]</span>'
-    mark, title = VERDICT_MARKS[entry.verdict], ""
+    mark, title = VERDICT_MARKS[entry.verdict], []
     if entry.difference is not None:
-        spread = "unknown (one seed)" if entry.spread is None else f"{entry.spread:.4f}"
-        title = f' title="Δ vs {escape(column.baseline)} = {entry.difference:+.4f}; spread {spread}"'
+        title.append(_decision_text(column, entry))
     if mark:
-        text += f' <span class="{entry.verdict}">{mark}</span>'
+        text += f' <span class="{entry.verdict}">{mark}<sup>{footnote(tests.index(entry.test) + 1)}</sup></span>'
+    if column.aggregate:
+        floor = comparison.floor_note(column.dataset, column.task, model)
+        flag = comparison.floor_flag(column.dataset, column.task, model)
+        if flag:
+            text += f' <span class="floor">{escape(flag)}</span>'
+        title += [t for t in (column.random_text(), floor) if t]
+    tooltip = f' title="{escape("; ".join(title))}"' if title else ""
     classes = "best" if model == best else ""
     values = " ".join(_number(v) for v in entry.values)
-    return f'<td class="{classes}" data-model="{escape(model)}" data-values="{values}"{title}>{text}</td>'
+    return f'<td class="{classes}" data-model="{escape(model)}" data-values="{values}"{tooltip}>{text}</td>'
+
+
+def _tests_list(tests: list[str]) -> str:
+    """The footnotes of the marks: which test made them."""
+    if not tests:
+        return '<p class="note">No difference from the baseline is marked.</p>'
+    items = "".join(f'<li value="{i}">{escape(t)}</li>' for i, t in enumerate(tests, 1))
+    return f'<ol class="tests">{items}</ol>'
 
 
 def _summary_table(comparison: Comparison, dataset: str) -> str:
@@ -69,18 +107,20 @@ def _summary_table(comparison: Comparison, dataset: str) -> str:
     by_task = {task: comparison.columns_of(dataset, task) for task in comparison.tasks(dataset)}
     columns = [c for cols in by_task.values() for c in cols]
     best = [c.best() for c in columns]
+    tests = marked_tests(columns)
     head1 = ['<th class="model" rowspan="2">model</th>']
     head2 = []
     for task, cols in by_task.items():
         head1.append(f'<th class="task" colspan="{len(cols)}">{escape(task)}</th>')
         head2 += [f'<th title="{escape(c.metric)}">{escape(c.label)}{"" if c.higher_is_better is not False else " ↓"}'
-                  f"</th>" for c in cols]
+                  + (f'<br><span class="random">{escape(c.random_text())}</span>' if c.aggregate else "")
+                  + "</th>" for c in cols]
     head1.append('<th rowspan="2">embedding s</th><th rowspan="2">scoring s</th><th rowspan="2">peak MB</th>')
     rows = []
     baselines = {c.baseline for c in columns}
     for model in models:
         cells = [f'<td class="model">{escape(model)}</td>']
-        cells += [_entry_cell(c, model, c.entries.get(model), b) for c, b in zip(columns, best)]
+        cells += [_entry_cell(comparison, c, model, c.entries.get(model), b, tests) for c, b in zip(columns, best)]
         usage = [u for (d, m, _), u in comparison.usage.items() if d == dataset and m == model]
         if usage:
             cells.append(f"<td>{max(u.embedding_runtime_s for u in usage):.1f}</td>"
@@ -91,7 +131,35 @@ def _summary_table(comparison: Comparison, dataset: str) -> str:
         css = ' class="baseline"' if model in baselines else ""
         rows.append(f'<tr{css} data-model="{escape(model)}">{"".join(cells)}</tr>')
     return (f'<div class="table-wrap"><table class="summary" data-dataset="{escape(dataset)}"><thead>'
-            f'<tr>{"".join(head1)}</tr><tr>{"".join(head2)}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
+            f'<tr>{"".join(head1)}</tr><tr>{"".join(head2)}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+            + _tests_list(tests))
+
+
+def _across_datasets(comparison: Comparison) -> str:
+    """Per model and metric, the per-dataset differences from the baseline tested together."""
+    rows = across_datasets(comparison)
+    if not rows:
+        return ""
+    body = []
+    for a in rows:
+        mark = VERDICT_MARKS[a.decision.verdict]
+        above, below = a.counts
+        each = ", ".join(f"{d} {v:+.4f}" for d, v in a.differences.items())
+        p = "" if a.decision.p_value is None else f"{a.decision.p_value:.3g}"
+        body.append(
+            f'<tr data-model="{escape(a.model)}"><td class="model">{escape(a.task)}</td>'
+            f'<td class="model">{escape(a.label)}</td><td class="model">{escape(a.model)}</td>'
+            f'<td class="model">{escape(a.baseline)}</td><td>{len(a.differences)}</td>'
+            f'<td title="{escape(each)}">{a.median:+.4f}'
+            + (f' <span class="{a.decision.verdict}">{mark}</span>' if mark else "")
+            + f'</td><td>{above}/{below}</td><td>{p}</td><td class="model">{escape(a.decision.test)}</td></tr>')
+    return ("<h2>Across datasets</h2><p>Per model and metric, its difference from the baseline on each dataset "
+            "(the mean over seeds of each), tested together by a two-sided Wilcoxon signed-rank test: ▲/▼ at "
+            "p &lt; 0.05; it needs six datasets to reach that. Hover the median for every dataset's difference.</p>"
+            '<div class="table-wrap"><table class="across"><thead><tr><th class="model">task</th>'
+            '<th class="model">metric</th><th class="model">model</th><th class="model">baseline</th>'
+            "<th>datasets</th><th>median Δ</th><th>above/below</th><th>p</th><th class=\"model\">test</th></tr>"
+            f'</thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
 def scaled_scores(comparison: Comparison, dataset: str) -> tuple[list[str], dict[str, dict[str, float | None]]]:
@@ -109,7 +177,7 @@ def scaled_scores(comparison: Comparison, dataset: str) -> tuple[list[str], dict
         per_model: dict[str, list[float]] = {m: [] for m in out}
         for c in comparison.columns_of(dataset, task):
             values = {m: e.value for m, e in c.entries.items() if e.value is not None and math.isfinite(e.value)}
-            if len(values) < 2 or c.higher_is_better is None:
+            if len(values) < 2 or c.higher_is_better is None or c.params == SCALED:  # scaled already
                 continue
             lo, hi = min(values.values()), max(values.values())
             for m, v in values.items():
@@ -253,15 +321,23 @@ def _provenance(comparison: Comparison, command: str) -> str:
     )
 
 
-READING = """
+READING = f"""
 <p><b>Reading the tables.</b> Values are raw: the mean over seeds with the standard deviation across
 seeds (± sd), or for a value estimated from sampled cells its 95% confidence interval in brackets.
 ↓ marks a metric where lower is better; bold is the best model of a column. Every model is compared
 with the baseline of its kind (PCA for embeddings, <code>control_mean</code> for perturbation
-predictions), seed by seed: ▲ (better) or ▼ (worse) when the mean paired difference is larger than
-its spread — the standard deviation of the paired differences over seeds, or for a deterministic
-metric its exact value (0, or the combined CI half-width of estimated values). Hover a cell for the
-difference and its spread. A stochastic metric measured with one seed has no spread and is not marked.</p>
+predictions), and ▲ (better) or ▼ (worse) marks a difference only when a stated test finds it: for a
+metric that depends on the seed, a two-sided paired t-test over the seeds both ran, at p &lt; {ALPHA}
+(with fewer than {MIN_SEEDS} seeds: no test); for a deterministic mean of per-cell values, the bootstrap
+95% CIs over cells (or donors) of the two values, combined as independent (conservative: both are
+scored on the same cells), when the CI of the difference excludes 0; other deterministic metrics are
+not tested, only their difference shown. The footnote of each mark names its test; hover a cell for
+the difference, the test and its p-value or CI.</p>
+<p><b>Aggregates.</b> scIB's totals average unscaled metrics, so they can rank an embedding that keeps
+no biology above one that does: a random embedding mixes batches perfectly. Beside every aggregate
+the random embedding's own value is shown (<i>random not run</i> without one), and
+<span class="floor">⚠ bio near chance</span> marks a model whose leave-one-out kNN label accuracy is
+near chance (chance-corrected below {NEAR_CHANCE}), whatever its aggregate.</p>
 <p><b>Scaled view.</b> Only a view of the raw values: each metric min-max scaled across the models of
 the dataset (1 = best, 0 = worst, direction respected), a task score the unweighted mean of its
 metrics, and <i>overall</i> the unweighted mean of the task scores (every task weighs the same).
@@ -286,7 +362,8 @@ def render_html(comparison: Comparison, *, maps: Mapping[tuple[str, str], Embedd
                      "<h3>Scaled view</h3>", _scaled_table(comparison, dataset),
                      "<h3>Metrics</h3>", _bar_charts(comparison, dataset)]
         body += ["<h3>Embeddings</h3>", _maps(maps, dataset, comparison.models[dataset], notes)]
-    body += [_hierarchy(comparison.records), _problems(comparison), _provenance(comparison, command)]
+    body += [_across_datasets(comparison), _hierarchy(comparison.records), _problems(comparison),
+             _provenance(comparison, command)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 

@@ -4,7 +4,9 @@ Any set of result JSONs (several runs, sweeps, machines) is merged. A model is i
 plus the parameters that tell apart variants of one name (a sweep); the same
 (dataset, model, task) scored twice keeps the newest record and counts the older as
 superseded. Every value is compared with the baseline of its kind (PCA for embeddings,
-``control_mean`` for perturbation predictions), paired seed by seed.
+``control_mean`` for perturbation predictions) by a stated test
+(:mod:`czb.report.significance`): paired seed by seed for stochastic metrics, by
+bootstrap CIs over cells for deterministic per-cell means.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from czb.core import records as R
 from czb.core.errors import CzbWarning, ResultsError
-from czb.evaluation.registry import METRICS, load_all
+from czb.evaluation.metrics import aggregate as agg
+from czb.evaluation.metrics import bio_floor
+from czb.evaluation.registry import METRICS, MetricInfo, load_all
 from czb.pipeline.baselines import reference_baseline
+from czb.report import significance as sig
+from czb.report.significance import Verdict
 
-Verdict = Literal["better", "worse", "same", "unknown"]
+#: The model whose aggregates are shown beside every aggregate (the random embedding).
+RANDOM_MODEL = "random"
 #: How each verdict is shown next to a value.
 VERDICT_MARKS: dict[str, str] = {"better": "▲", "worse": "▼", "same": "", "unknown": ""}
+#: Beside the aggregates of a model whose label prediction is near chance.
+FLOOR_FLAG = "⚠ bio near chance"
 
 
 def metric_label(name: str, params: dict[str, Any]) -> str:
@@ -32,7 +41,7 @@ def metric_label(name: str, params: dict[str, Any]) -> str:
     parts = []
     if "train_species" in params:
         parts.append(f"{params['train_species']}→{params.get('test_species')}")
-    for key in ("postprocessing", "source", "classifier", "cell_types"):
+    for key in ("postprocessing", "source", "classifier", "cell_types", "scaled"):
         if key in params:
             parts.append(str(params[key]))
     return name + (f" [{', '.join(parts)}]" if parts else "")
@@ -132,15 +141,15 @@ class Entry:
         Per seed, aligned with ``seeds``.
     ci95
         95% CI of a value estimated from sampled cells.
+    bootstrap
+        Bootstrap 95% CI over cells (or donors) of a deterministic per-cell mean.
     difference
-        Mean over common seeds of (model − baseline); ``None`` without a baseline value.
-    spread
-        What the difference is compared with: the sample SD of the paired differences
-        over ≥ 2 common seeds; for a deterministic metric, 0 (or the combined CI
-        half-width of estimated values); ``None`` when unknown (one seed of a stochastic metric).
-    verdict
-        ``better``/``worse`` when ``|difference| > spread`` (in the metric's direction),
-        ``same`` when not, ``unknown`` without a difference or spread.
+        Model − baseline: the mean over common seeds of the paired differences (a
+        stochastic metric), or of the values (a deterministic one); ``None`` without both.
+    verdict, test, p_value, difference_ci95
+        The decision against the baseline (:mod:`czb.report.significance`): ▲/▼ when a
+        stated test marks the difference, the test in words, its p-value or the 95% CI
+        of the difference where it has one.
     """
 
     value: float | None
@@ -148,9 +157,12 @@ class Entry:
     values: list[float | None]
     seeds: list[int]
     ci95: tuple[float, float] | None = None
+    bootstrap: R.BootstrapRecord | None = None
     difference: float | None = None
-    spread: float | None = None
     verdict: Verdict = "unknown"
+    test: str = ""
+    p_value: float | None = None
+    difference_ci95: tuple[float, float] | None = None
 
 
 @dataclass
@@ -164,10 +176,23 @@ class Column:
     baseline: str
     higher_is_better: bool | None
     entries: dict[str, Entry] = field(default_factory=dict)
+    #: Whether the metric combines others (:attr:`MetricInfo.aggregate`): shown with the
+    #: random embedding's value (:meth:`random_text`) and the bio-conservation floor.
+    aggregate: bool = False
 
     @property
     def label(self) -> str:
         return metric_label(self.metric, self.params)
+
+    def random_text(self) -> str:
+        """The random embedding's value of this aggregate (``random 0.4480``), ``random
+        not run`` without one, ``""`` for a metric that is not an aggregate."""
+        if not self.aggregate:
+            return ""
+        entry = self.entries.get(RANDOM_MODEL)
+        if entry is None or entry.value is None or entry.value != entry.value:
+            return "random not run"
+        return f"random {entry.value:.4f}"
 
     def best(self) -> str | None:
         """The model with the best value (``None`` when the direction is unknown or no value)."""
@@ -203,6 +228,20 @@ class Comparison:
     missing_baselines: dict[str, list[str]]
     #: Model label (:func:`model_labels`) of each record in ``records``, by ``id``.
     _labels: dict[int, str] = field(default_factory=dict, repr=False)
+    #: ``(kNN label accuracy, chance)`` of each (dataset, task, model) whose record holds
+    #: the bio-conservation floor (:mod:`czb.evaluation.metrics.bio_floor`).
+    floors: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
+
+    def floor_flag(self, dataset: str, task: str, model: str) -> str:
+        """``⚠ bio near chance`` when that model's floor is near chance
+        (:func:`~czb.evaluation.metrics.bio_floor.near_chance`), else ``""``."""
+        floor = self.floors.get((dataset, task, model))
+        return FLOOR_FLAG if floor is not None and bio_floor.near_chance(*floor) else ""
+
+    def floor_note(self, dataset: str, task: str, model: str) -> str:
+        """The floor in words (``kNN label accuracy 0.116, chance 0.100``), or ``""``."""
+        floor = self.floors.get((dataset, task, model))
+        return "" if floor is None else f"kNN label accuracy {floor[0]:.3f}, chance {floor[1]:.3f}"
 
     def model_of(self, record: R.ResultRecord) -> str | None:
         """The model label of ``record``; ``None`` if it is not among :attr:`records`
@@ -214,6 +253,20 @@ class Comparison:
 
     def columns_of(self, dataset: str, task: str | None = None) -> list[Column]:
         return [c for c in self.columns if c.dataset == dataset and (task is None or c.task == task)]
+
+
+_SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def marked_tests(columns: Iterable[Column]) -> list[str]:
+    """The tests that made the marks of ``columns``, each once, in order of appearance;
+    a mark's footnote is its test's place in this list (:func:`footnote`)."""
+    return list(dict.fromkeys(e.test for c in columns for e in c.entries.values() if VERDICT_MARKS[e.verdict]))
+
+
+def footnote(number: int) -> str:
+    """Footnote ``number`` (1-based) as superscript digits."""
+    return str(number).translate(_SUPERSCRIPT)
 
 
 def model_labels(records: Sequence[R.ResultRecord]) -> dict[int, str]:
@@ -231,31 +284,30 @@ def model_labels(records: Sequence[R.ResultRecord]) -> dict[int, str]:
     return labels
 
 
-def _paired(entry: Entry, base: Entry, *, stochastic: bool) -> tuple[float | None, float | None]:
-    """(mean paired difference, spread) of ``entry`` against ``base``."""
-    by_seed = dict(zip(base.seeds, base.values))
-    pairs = [(v, by_seed[s]) for s, v in zip(entry.seeds, entry.values)
-             if s in by_seed and v is not None and by_seed[s] is not None]
-    if not pairs and not stochastic and entry.value is not None and base.value is not None:
-        pairs = [(entry.value, base.value)]  # deterministic: one value each, seeds may differ
-    if not pairs:
-        return None, None
-    diffs = [a - b for a, b in pairs]
-    difference = statistics.fmean(diffs)
-    if len(diffs) >= 2:
-        return difference, statistics.stdev(diffs)
-    if stochastic:
-        return difference, None
-    halves = [(ci[1] - ci[0]) / 2 for ci in (entry.ci95, base.ci95) if ci is not None]
-    return difference, (sum(h * h for h in halves) ** 0.5 if halves else 0.0)
-
-
-def _verdict(difference: float | None, spread: float | None, higher_is_better: bool | None) -> Verdict:
-    if difference is None or spread is None or higher_is_better is None:
-        return "unknown"
-    if abs(difference) <= spread:
-        return "same"
-    return "better" if (difference > 0) == higher_is_better else "worse"
+def _decide(entry: Entry, base: Entry, info: MetricInfo | None,
+            higher_is_better: bool | None) -> tuple[float | None, sig.Decision]:
+    """(model − baseline, the decision on it) by the test that fits the metric."""
+    if info is None:
+        return None, sig.no_test("a metric this czb does not know")
+    if info.stochastic:
+        by_seed = dict(zip(base.seeds, base.values))
+        pairs = [(v, by_seed[s]) for s, v in zip(entry.seeds, entry.values)
+                 if s in by_seed and v is not None and by_seed[s] is not None]
+        if not pairs:
+            return None, sig.no_test("no seed scored by both")
+        difference = statistics.fmean(a - b for a, b in pairs)
+        return difference, sig.seed_test([a for a, _ in pairs], [b for _, b in pairs],
+                                         higher_is_better=higher_is_better)
+    if entry.value is None or base.value is None:
+        return None, sig.no_test("no value")
+    difference = entry.value - base.value
+    if not info.per_cell_mean:
+        return difference, sig.no_test("deterministic, not a per-cell mean")
+    if entry.bootstrap is None or base.bootstrap is None:
+        return difference, sig.no_test("per-cell mean without a bootstrap CI in its record (older czb)")
+    over = entry.bootstrap.over if entry.bootstrap.over == base.bootstrap.over else "cells and donors"
+    return difference, sig.ci_test((entry.value, *entry.bootstrap.ci95), (base.value, *base.bootstrap.ci95),
+                                   over=over, higher_is_better=higher_is_better)
 
 
 def compare(records: Sequence[R.ResultRecord]) -> Comparison:
@@ -279,6 +331,7 @@ def compare(records: Sequence[R.ResultRecord]) -> Comparison:
     columns: dict[tuple, Column] = {}
     models: dict[str, list[str]] = {}
     problems, usage = [], {}
+    floors: dict[tuple[str, str, str], tuple[float, float]] = {}
     baselines: dict[str, set[str]] = {}
     for r in kept:
         model = labels[id(r)]
@@ -296,22 +349,26 @@ def compare(records: Sequence[R.ResultRecord]) -> Comparison:
             info = METRICS.get(m.name)
             column = columns.setdefault(key, Column(
                 r.dataset.name, r.task.name, m.name, dict(m.params), baseline,
-                None if info is None else info.higher_is_better))
+                None if info is None else info.higher_is_better, aggregate=bool(info and info.aggregate)))
             values = list(m.values_raw) if m.values_raw else [m.value]
             seeds = list(r.seeds[: len(values)]) if len(r.seeds) >= len(values) else list(range(len(values)))
             column.entries[model] = Entry(m.value, m.value_std_dev, values, seeds,
-                                          tuple(m.ci95) if m.ci95 else None)
+                                          tuple(m.ci95) if m.ci95 else None, m.bootstrap)
+        floor = bio_floor.floor_from_note(r.computation.get(bio_floor.NOTE_KEY))
+        if floor is not None:
+            floors[(r.dataset.name, r.task.name, model)] = floor
 
     for column in columns.values():
         base = column.entries.get(column.baseline)
         info = METRICS.get(column.metric)
-        stochastic = bool(info and info.stochastic)
         for model, entry in column.entries.items():
             if base is None or model == column.baseline:
                 continue
-            entry.difference, entry.spread = _paired(entry, base, stochastic=stochastic)
-            entry.verdict = _verdict(entry.difference, entry.spread, column.higher_is_better)
+            entry.difference, decision = _decide(entry, base, info, column.higher_is_better)
+            entry.verdict, entry.test, entry.p_value, entry.difference_ci95 = (
+                decision.verdict, decision.test, decision.p_value, decision.ci95)
 
+    scaled = scaled_totals(list(columns.values()), models)
     missing = {}
     for dataset, wanted in baselines.items():
         absent = sorted(b for b in wanted if b not in models[dataset])
@@ -319,5 +376,42 @@ def compare(records: Sequence[R.ResultRecord]) -> Comparison:
             missing[dataset] = absent
         # The baseline first (a missing one still gets its row, marked missing).
         models[dataset] = sorted(wanted) + [m for m in models[dataset] if m not in wanted]
-    return Comparison(kept, list(columns.values()), models, problems, usage, superseded, missing,
-                      {id(r): labels[id(r)] for r in kept})
+    return Comparison(kept, [*columns.values(), *scaled], models, problems, usage, superseded, missing,
+                      {id(r): labels[id(r)] for r in kept}, floors)
+
+
+#: The ``params`` of the columns :func:`scaled_totals` adds.
+SCALED = {"scaled": "min-max over the models compared"}
+
+
+def scaled_totals(columns: Sequence[Column], models: dict[str, list[str]]) -> list[Column]:
+    """scib-metrics' Benchmarker totals (every metric min-max scaled across the models
+    compared, :func:`~czb.evaluation.metrics.aggregate.scaled_scib_totals`) of each dataset
+    and task whose columns hold the scIB groups' metrics, as columns labelled
+    ``[min-max over the models compared]`` beside the raw totals. They rank the models of
+    this comparison only, so they carry no test against the baseline."""
+    totals = {agg.SCIB_BIO_CONSERVATION.name, agg.SCIB_BATCH_CORRECTION.name, agg.SCIB_OVERALL.name}
+    reporting = {(c.dataset, c.task) for c in columns if c.metric in totals}  # tasks with scIB totals
+    groups: dict[tuple[str, str], dict[str, Column]] = {}
+    for c in columns:
+        if ((c.dataset, c.task) in reporting and c.metric in (*agg.BIO_METRICS, *agg.BATCH_METRICS)
+                and c.params.get("cell_types") != "within_species"):
+            groups.setdefault((c.dataset, c.task), {}).setdefault(c.metric, c)
+    out = []
+    for (dataset, task), by_metric in groups.items():
+        names = [m for m in models.get(dataset, []) if any(m in c.entries for c in by_metric.values())]
+        if len(names) < 2:  # scaling needs two models or more
+            continue
+        per_model = {m: {metric: c.entries[m].value for metric, c in by_metric.items()
+                         if m in c.entries and c.entries[m].value is not None} for m in names}
+        scaled = agg.scaled_scib_totals(per_model, bio=[n for n in agg.BIO_METRICS if n in by_metric],
+                                        batch=[n for n in agg.BATCH_METRICS if n in by_metric])
+        baseline = next(iter(by_metric.values())).baseline
+        for metric in (agg.SCIB_BIO_CONSERVATION.name, agg.SCIB_BATCH_CORRECTION.name, agg.SCIB_OVERALL.name):
+            column = Column(dataset, task, metric, dict(SCALED), baseline, True, aggregate=True)
+            for m in names:
+                value = scaled[m][metric]
+                value = value if value == value else None  # NaN: nothing to scale
+                column.entries[m] = Entry(value, None, [value], [], test="no test: scaled across the models compared")
+            out.append(column)
+    return out

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 from czb.core.errors import NotApplicableError, TaskError
 from czb.data.synthetic.perturbations import planted_perturbations
 from czb.evaluation.perturbation.expression import condition_means, log_normalize
+from czb.evaluation.perturbation.prediction import cell_eval_metrics as ce
 from czb.evaluation.perturbation.prediction import metrics as pm
 from czb.evaluation.perturbation.prediction.baseline_predictors import (
     AdditiveLinearPredictor,
@@ -117,7 +118,8 @@ def test_registered_with_both_specs():
     cls = get_task("genetic_perturbation_prediction")
     assert cls is GeneticPerturbationPrediction
     assert cls.info.kind == "perturbation" and cls.info.requires == ("condition",) and cls.info.stochastic
-    assert set(cls.info.metrics) == set(pm.EXPRESSION_SHIFT_METRICS) | {"spearman_correlation_calculation"}
+    assert set(cls.info.metrics) == (set(pm.EXPRESSION_SHIFT_METRICS) | set(ce.CELL_EVAL_METRICS)
+                                     | {"spearman_correlation_calculation"})
     assert all(m in METRICS for m in cls.info.metrics)
     catalog = Catalog.load()
     for name, formulation in [("perturbation_expression_shift", "expression_shift"),
@@ -205,6 +207,22 @@ def test_expression_shift_additive_beats_control_and_oracle_is_perfect(shift):
     assert params["split"] == "combo_seen2" and params["formulation"] == "expression_shift"
     assert (params["n_train_conditions"], params["n_test_conditions"]) == (22, 2)
     assert all(len(m.values_raw) == len(SEEDS) for m in a.values())
+
+
+def test_expression_shift_scores_the_baselines_as_cell_eval_does(shift):
+    c, a, o = (shift[n] for n in ("control_mean", "additive_linear", "oracle"))
+    v = lambda s, name: s[name].value  # noqa: E731
+    assert all(set(ce.CELL_EVAL_METRICS) <= set(s) for s in (c, a, o))
+    assert v(o, "mae_all_genes") == 0.0 and v(o, "discrimination_score_l1") == 1.0
+    assert v(o, "de_direction_match") == 1.0 and v(o, "de_spearman_lfc_sig") == pytest.approx(1.0)
+    # "No change": no direction, no ranking; with 2 test conditions, PDS at chance (3/4).
+    assert v(c, "de_direction_match") == 0.0 and v(c, "de_spearman_lfc_sig") == 0.0
+    assert v(c, "discrimination_score_l1") == 0.75
+    assert v(a, "discrimination_score_l1") == 1.0 and v(a, "de_direction_match") > 0.85
+    assert v(a, "overlap_at_n") > v(c, "overlap_at_n") + 0.5 and v(a, "mae_all_genes") < v(c, "mae_all_genes")
+    assert v(o, "overlap_at_n") > v(a, "overlap_at_n")
+    params = a["overlap_at_n"].params
+    assert params["n_conditions_with_de"] == 2 and params["n_test_conditions"] == 2
 
 
 def test_expression_shift_seeds_differ_and_repeat(screen):
@@ -332,7 +350,7 @@ def test_runs_through_run_task_and_not_on_embeddings(singles_only):
 
     result = run_task(task("expression_shift"), PerturbationContext(singles_only, AdditiveLinearPredictor()), (0, 1))
     assert result.status == "ok" and result.seeds == [0, 1]
-    assert {m.name for m in result.metrics} == set(pm.EXPRESSION_SHIFT_METRICS)
+    assert {m.name for m in result.metrics} == set(pm.EXPRESSION_SHIFT_METRICS) | set(ce.CELL_EVAL_METRICS)
     embedding = EvaluationContext(np.zeros((10, 2)), labels=np.array(["a"] * 10))
     result = run_task(task("expression_shift"), embedding, (0,))
     assert result.status == "not_applicable" and "PerturbationContext" in result.error

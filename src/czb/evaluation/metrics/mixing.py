@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from czb.evaluation import neighbors
-from czb.evaluation.estimates import Z95, Estimate, median_estimate
+from czb.evaluation.estimates import Z95, Estimate, bootstrap_mean, median_estimate
 from czb.evaluation.registry import MetricInfo, register_metric
 
 ENTROPY_PER_CELL = register_metric(
@@ -16,6 +16,7 @@ ENTROPY_PER_CELL = register_metric(
         "nearest neighbours (self included), divided by log(#batches) (cz-benchmarks' definition; "
         "falls with dataset size at fixed k).",
         reference="https://github.com/chanzuckerberg/cz-benchmarks",
+        per_cell_mean=True,
     )
 )
 ILISI_NORMALIZED = register_metric(
@@ -198,17 +199,24 @@ def ilisi_normalized(knn_indices: np.ndarray, knn_distances: np.ndarray, batches
     return float((np.nanmedian(values) - 1.0) / (n_batches - 1))
 
 
-def entropy_estimate(knn_indices: np.ndarray, batches: np.ndarray, *, n_cells: int) -> Estimate:
+def entropy_estimate(
+    knn_indices: np.ndarray, batches: np.ndarray, *, n_cells: int,
+    rows: np.ndarray | None = None, clusters: np.ndarray | None = None, seed: int = 0,
+) -> Estimate:
     """:func:`entropy_per_cell` of the cells whose neighbourhoods ``knn_indices`` holds:
     exact when that is all ``n_cells`` cells, else the mean of a simple random sample
-    with its 95% CI (finite-population corrected)."""
+    with its 95% CI (finite-population corrected); either way with the bootstrap CI over
+    those cells, or over their donors (``clusters``: each cell's donor, all cells;
+    ``rows``: the cells ``knn_indices`` holds, default all in order)."""
     values = neighborhood_entropy(knn_indices, batches)
     m = len(values)
     value = float(values.mean()) if m else 0.0
+    donors = None if clusters is None else [np.asarray(clusters) if rows is None else np.asarray(clusters)[rows]]
+    bootstrap = bootstrap_mean([values], clusters=donors, seed=seed) if m else None
     if m >= n_cells or m < 2:
-        return Estimate(value, None, m)
+        return Estimate(value, None, m, bootstrap)
     half = Z95 * float(values.std(ddof=1)) * np.sqrt((1 - m / n_cells) / m)
-    return Estimate(value, (value - half, value + half), m)
+    return Estimate(value, (value - half, value + half), m, bootstrap)
 
 
 def ilisi_estimate(

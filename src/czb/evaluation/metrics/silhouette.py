@@ -20,6 +20,8 @@ from czb.evaluation import distances
 from czb.evaluation.estimates import (
     SAMPLE_SIZE,
     Estimate,
+    bootstrap_mean,
+    mean_estimate,
     sample_cells,
     stratified_mean,
 )
@@ -36,6 +38,7 @@ SILHOUETTE_SCORE = register_metric(
         description="Mean silhouette width of cell labels, rescaled to [0, 1] as (s + 1) / 2 "
         "(scib-metrics' silhouette_label).",
         reference="doi:10.1038/s41592-021-01336-8",
+        per_cell_mean=True,
     )
 )
 BATCH_SILHOUETTE = register_metric(
@@ -44,6 +47,7 @@ BATCH_SILHOUETTE = register_metric(
         description="Per cell type, 1 - |silhouette of batch labels|, averaged over cells of the "
         "type then over types (scib-metrics' silhouette_batch); 1 = batches fully mixed.",
         reference="doi:10.1038/s41592-021-01336-8",
+        per_cell_mean=True,
     )
 )
 
@@ -193,6 +197,7 @@ def silhouette_label(
     sample_size: int = SAMPLE_SIZE,
     seed: int = 0,
     n_jobs: int | None = None,
+    clusters: np.ndarray | None = None,
 ) -> Estimate:
     """Mean silhouette of ``labels``, rescaled to [0, 1] by (s + 1) / 2 unless ``rescale=False``.
 
@@ -207,12 +212,15 @@ def silhouette_label(
         ``(n_cells, n_dims)`` embedding.
     labels
         ``(n_cells,)`` labels.
+    clusters
+        ``(n_cells,)`` donor of each cell: the bootstrap CI is over donors, not cells.
     """
     codes, _ = pd.factorize(np.asarray(labels))
     if is_exact(len(codes), exact):
-        result = Estimate(float(np.mean(silhouette_samples(X, codes, n_jobs=n_jobs))), None, len(codes))
+        result = mean_estimate(silhouette_samples(X, codes, n_jobs=n_jobs), clusters=clusters, seed=seed)
     else:
-        result = scan_sample(X, codes, silhouette=True, sample_size=sample_size, seed=seed, n_jobs=n_jobs).silhouette
+        result = scan_sample(X, codes, silhouette=True, sample_size=sample_size, seed=seed, n_jobs=n_jobs,
+                             clusters=clusters).silhouette
     return result.map(lambda s: (s + 1.0) / 2.0) if rescale else result
 
 
@@ -252,6 +260,7 @@ def scan_sample(
     sample_size: int = SAMPLE_SIZE,
     seed: int = 0,
     n_jobs: int | None = None,
+    clusters: np.ndarray | None = None,
 ) -> SampledCells:
     """Silhouettes and exact ``k``-neighbourhoods of sampled cells, from one pass of
     distances (each sampled cell against every cell).
@@ -272,6 +281,8 @@ def scan_sample(
         Estimate the label silhouette.
     k
         Neighbours per sampled cell, itself included (0: none).
+    clusters
+        ``(n_cells,)`` donor of each cell: the silhouette's bootstrap CI is over donors.
     """
     X = np.asarray(X, dtype=np.float64)
     n = len(X)
@@ -286,7 +297,9 @@ def scan_sample(
         s = _silhouettes(sums, codes, rows)
         strata = codes[rows]
         totals = np.bincount(codes).astype(np.float64)
-        estimate = stratified_mean([s[strata == h] for h in range(len(totals))], totals, totals / n)
+        by_stratum = [strata == h for h in range(len(totals))]
+        donors = None if clusters is None else [np.asarray(clusters)[rows][at] for at in by_stratum]
+        estimate = stratified_mean([s[at] for at in by_stratum], totals, totals / n, clusters=donors, seed=seed)
     if k:
         indices, dist = exact_sorted(X, X[uniform], nearest[: len(uniform)], own=uniform)
     return SampledCells(uniform, estimate, indices, dist)
@@ -301,6 +314,7 @@ def silhouette_batch(
     sample_size: int = SAMPLE_SIZE,
     seed: int = 0,
     n_jobs: int | None = None,
+    clusters: np.ndarray | None = None,
 ) -> Estimate:
     """Batch silhouette within each label (scIB's definition, scib-metrics' defaults).
 
@@ -317,13 +331,19 @@ def silhouette_batch(
         ``(n_cells, n_dims)`` embedding.
     labels, batches
         ``(n_cells,)`` cell-type and batch labels.
+    clusters
+        ``(n_cells,)`` donor of each cell: the bootstrap CI is over donors, not cells.
+
+    Returns
+    -------
+    The estimate, with the bootstrap CI of its cells' scores (resampled within labels).
     """
     X = np.asarray(X)
     codes, _ = pd.factorize(np.asarray(labels))
     batches = np.asarray(batches)
     use_exact = is_exact(len(codes), exact)
     picked = None if use_exact else stratified_sample(codes, sample_size, seed=seed)
-    scores, totals = [], []
+    scores, totals, donors = [], [], []
     for code in range(int(codes.max()) + 1 if len(codes) else 0):
         members = np.flatnonzero(codes == code)
         n_batches = len(pd.unique(batches[members]))
@@ -333,8 +353,13 @@ def silhouette_batch(
         s = silhouette_samples(X[members], batches[members], rows=rows, n_jobs=n_jobs)
         scores.append(1.0 - np.abs(s))
         totals.append(len(members))
+        if clusters is not None:
+            donors.append(np.asarray(clusters)[members if rows is None else members[rows]])
     if not scores:
         return Estimate(float("nan"), None, 0)
+    weights = np.full(len(scores), 1 / len(scores))
     if use_exact:
-        return Estimate(float(np.mean([v.mean() for v in scores])), None, int(sum(totals)))
-    return stratified_mean(scores, np.asarray(totals, dtype=np.float64), np.full(len(scores), 1 / len(scores)))
+        bootstrap = bootstrap_mean(scores, weights, clusters=donors if clusters is not None else None, seed=seed)
+        return Estimate(float(np.mean([v.mean() for v in scores])), None, int(sum(totals)), bootstrap)
+    return stratified_mean(scores, np.asarray(totals, dtype=np.float64), weights,
+                           clusters=donors if clusters is not None else None, seed=seed)

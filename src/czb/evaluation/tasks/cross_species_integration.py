@@ -13,6 +13,8 @@ import pandas as pd
 from czb.core.errors import NotApplicableError
 from czb.evaluation.applicability import group_problem, require_groups
 from czb.evaluation.context import EvaluationContext
+from czb.evaluation.estimates import Estimate
+from czb.evaluation.metrics import bio_floor, scib
 from czb.evaluation.metrics import clustering as clu
 from czb.evaluation.metrics import mixing as mix
 from czb.evaluation.metrics import silhouette as sil
@@ -22,8 +24,16 @@ from czb.evaluation.tasks.batch_integration import (
     INTEGRATION_METRICS,
     BatchIntegrationParams,
     IntegrationTask,
+    label_floor,
+    scib_batch_values,
+    scib_bio_values,
     scib_totals,
 )
+
+#: Why pcr_comparison is left out of a cross-species comparison (the pipeline gives none).
+NO_SHARED_PRE_INTEGRATION = (
+    "no representation of all species' cells before integration: each species' PCA is fitted on its "
+    "own dataset's genes")
 
 
 class CrossSpeciesIntegrationParams(BatchIntegrationParams):
@@ -76,20 +86,26 @@ class CrossSpeciesIntegration(IntegrationTask):
     * mixing (species as batch): ``entropy_per_cell`` (k = 200, cz-benchmarks' value;
       reported but, being size-dependent, left out of the total), ``batch_silhouette``
       (cz-benchmarks' value: per cell type over all cells, types seen in one species
-      skipped) and ``ilisi_normalized``;
+      skipped), ``ilisi_normalized``, ``kbet_per_label`` (types in one species are not
+      scored, by its definition), ``pcr_comparison`` (with the pre-integration PCA) and
+      ``graph_connectivity`` of the shared cell types;
     * bio conservation on the cells of *shared* cell types (``params.cell_types =
       "shared"``: types with at least ``min_cells_per_species`` cells in two or more
-      species): label ``silhouette_score`` and Leiden (resolution 1.0, 15 neighbours,
-      on the whole embedding) ``adjusted_rand_index`` / ``normalized_mutual_info``.
-      Species-specific types cannot be mixed, so they are left out of these scores and
-      named in ``params.unshared_labels``;
+      species): label ``silhouette_score``, ``clisi_normalized`` (neighbourhoods in the
+      whole embedding, median over shared-type cells), k-means ``nmi_kmeans`` /
+      ``ari_kmeans`` (of the shared-type cells, one cluster per shared type) and Leiden
+      (resolution 1.0, 15 neighbours, on the whole embedding) ``adjusted_rand_index`` /
+      ``normalized_mutual_info``. Species-specific types cannot be mixed, so they are
+      left out of these scores and named in ``params.unshared_labels``;
+      ``isolated_labels`` is scib-metrics' with species as batch over all types (the
+      isolated ones are those in the fewest species, the species-specific ones if any);
     * ``silhouette_score`` with ``params.cell_types = "within_species"``: the label
       silhouette computed inside each species (all its types), mean over species. Not
       in the total; it tells "species kept apart but each well structured" from
       "structure destroyed";
-    * ``scib_bio_conservation`` (mean of the three shared-type bio scores),
-      ``scib_batch_correction`` (mean of ``batch_silhouette`` and ``ilisi_normalized``)
-      and ``scib_overall`` = 0.6 bio + 0.4 mixing.
+    * ``scib_bio_conservation`` and ``scib_batch_correction`` (unscaled means of
+      scib-metrics' Benchmarker groups, :mod:`czb.evaluation.metrics.aggregate`) and
+      ``scib_overall`` = 0.6 bio + 0.4 mixing.
 
     The weighting keeps noise below a well-integrated embedding, but not necessarily
     below one that leaves the species wholly apart (both fail integration; noise keeps
@@ -99,8 +115,8 @@ class CrossSpeciesIntegration(IntegrationTask):
 
     info = TaskInfo(
         name="cross_species_integration",
-        description="Species mixing (entropy, batch silhouette, iLISI; species as batch) with "
-        "bio conservation on species-shared cell types and an scIB total.",
+        description="Species mixing (entropy, batch silhouette, iLISI, kBET, graph connectivity, PCR; "
+        "species as batch) with bio conservation on species-shared cell types and scIB totals.",
         metrics=INTEGRATION_METRICS,
         requires=("labels", "species"),
         stochastic=True,
@@ -115,7 +131,7 @@ class CrossSpeciesIntegration(IntegrationTask):
         labels = np.asarray(context.require("labels")).astype(str)
         shared, _ = self._shared(labels, species)
         require_groups(labels[np.isin(labels, shared)], what="shared cell type", task=self.info.name,
-                       metrics="silhouette, ARI and NMI of shared cell types, and the scIB totals")
+                       metrics="bio conservation of shared cell types, and the scIB totals")
 
     def _shared(self, labels: np.ndarray, species: np.ndarray) -> tuple[list[str], list[str]]:
         shared, unshared = shared_cell_types(labels, species, self.params.min_cells_per_species)
@@ -137,26 +153,38 @@ class CrossSpeciesIntegration(IntegrationTask):
 
         rows, idx, dist = context.cell_neighborhoods(self.neighborhoods_needed(context.n_cells))
         n = context.n_cells
+        shared_params = {
+            "cell_types": "shared",
+            "n_cell_types": len(shared),
+            "unshared_labels": ",".join(unshared),
+        }
+        shared_key = f"shared cell types, min {p.min_cells_per_species} per species"
         # Seed-independent values: computed once per embedding, repeated for every seed.
         # Memo keys name the species so they never collide with batch-based values.
-        mixing = {
+        mixing: dict[str, Estimate | float] = {
             mix.ENTROPY_PER_CELL.name: context.memo(
                 ("entropy_per_cell", p.entropy_neighbors, "species"),
                 lambda: mix.entropy_estimate(idx[:, : p.entropy_neighbors], species, n_cells=n),
-            ).value,
-            sil.BATCH_SILHOUETTE.name: context.silhouette(
-                "silhouette_batch[species]", labels, batches=species
-            ).value,
+            ),
+            sil.BATCH_SILHOUETTE.name: context.silhouette("silhouette_batch[species]", labels, batches=species),
             mix.ILISI_NORMALIZED.name: context.memo(
                 ("ilisi_normalized", p.lisi_neighbors, "species"),
                 lambda: mix.ilisi_estimate(idx[:, : p.lisi_neighbors], dist[:, : p.lisi_neighbors], species,
                                            n_cells=n, rows=rows),
-            ).value,
+            ),
+            **scib_batch_values(context, labels, species, key=f"species; {shared_key}", full=rows is None,
+                                params=p, connectivity_cells=in_shared),
         }
-        sil_shared = context.silhouette(
-            f"silhouette_label[shared cell types, min {p.min_cells_per_species} per species]",
-            labels[in_shared], cells=in_shared,
-        ).value
+        bio: dict[str, Estimate | float] = {
+            sil.SILHOUETTE_SCORE.name: context.silhouette(f"silhouette_label[{shared_key}]", labels[in_shared],
+                                                          cells=in_shared),
+            scib.CLISI_NORMALIZED.name: context.memo(
+                ("clisi_normalized", p.lisi_neighbors, shared_key),
+                lambda: scib.clisi_estimate(idx[:, : p.lisi_neighbors], dist[:, : p.lisi_neighbors], labels,
+                                            n_cells=n, rows=rows, cells=in_shared),
+            ),
+            **scib_bio_values(context, labels, species, key="species", seed=seed, cells=in_shared),
+        }
         # A species whose cells hold fewer than 2 labels (or one per cell) has no label silhouette.
         scorable = [s for s in species_names(species) if group_problem(labels[species == s]) is None]
         within = [
@@ -164,20 +192,25 @@ class CrossSpeciesIntegration(IntegrationTask):
             for s in scorable
         ]
         clusters = context.leiden(1.0, seed=seed, k=p.n_neighbors)
-        ari = clu.adjusted_rand_index(labels[in_shared], clusters[in_shared])
-        nmi = clu.normalized_mutual_info(labels[in_shared], clusters[in_shared])
-        values = {**mixing, sil.SILHOUETTE_SCORE.name: sil_shared, clu.ADJUSTED_RAND_INDEX.name: ari,
-                  clu.NORMALIZED_MUTUAL_INFO.name: nmi}
-        totals = scib_totals(context, values)  # drops what is not defined, with its reason
-        shared_params = {
-            "cell_types": "shared",
-            "n_cell_types": len(shared),
-            "unshared_labels": ",".join(unshared),
-        }
-        out = [MetricValue(name, value) for name, value in values.items() if name in mixing]
-        out += [MetricValue(name, values[name], shared_params) for name in
-                (sil.SILHOUETTE_SCORE.name, clu.ADJUSTED_RAND_INDEX.name, clu.NORMALIZED_MUTUAL_INFO.name)
-                if name in values]
+        bio[clu.ADJUSTED_RAND_INDEX.name] = clu.adjusted_rand_index(labels[in_shared], clusters[in_shared])
+        bio[clu.NORMALIZED_MUTUAL_INFO.name] = clu.normalized_mutual_info(labels[in_shared], clusters[in_shared])
+        bio[bio_floor.KNN_LABEL_ACCURACY.name] = label_floor(context, labels, key="labels")
+        absent = {}
+        if context.pre_integration is None:
+            absent[scib.PCR_COMPARISON.name] = NO_SHARED_PRE_INTEGRATION
+            context.skip_metric(scib.PCR_COMPARISON.name, NO_SHARED_PRE_INTEGRATION)
+        # Drops what is not defined, with its reason.
+        totals = scib_totals(context, {k: getattr(v, "value", v) for k, v in {**mixing, **bio}.items()},
+                             absent=absent)
+        skipped = context.notes.get("not_applicable", {})
+        of_shared = {scib.GRAPH_CONNECTIVITY.name, *bio} - {scib.ISOLATED_LABELS.name, bio_floor.KNN_LABEL_ACCURACY.name}
+        out = []
+        for name, v in {**mixing, **bio}.items():
+            if name in skipped:
+                continue
+            params = shared_params if name in of_shared else {}
+            out.append(MetricValue.from_estimate(name, v, **params) if isinstance(v, Estimate)
+                       else MetricValue(name, v, dict(params)))
         n_species = len(species_names(species))
         if within:
             params = {"cell_types": "within_species"}
@@ -187,4 +220,4 @@ class CrossSpeciesIntegration(IntegrationTask):
         else:
             context.skip_metric(f"{sil.SILHOUETTE_SCORE.name}[within_species]",
                                 f"none of the {n_species} species has 2 or more labels (and fewer labels than cells)")
-        return [*out, *(MetricValue(name, value) for name, value in totals.items())]
+        return [*out, *totals]

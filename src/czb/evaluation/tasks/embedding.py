@@ -29,4 +29,4 @@ class Embedding(Task):
 
     def run(self, context: EvaluationContext, *, seed: int) -> list[MetricValue]:
         estimate = context.silhouette("silhouette_label", context.require("labels"))
-        return [MetricValue(m.SILHOUETTE_SCORE.name, estimate.value, ci95=estimate.ci95)]
+        return [MetricValue.from_estimate(m.SILHOUETTE_SCORE.name, estimate)]

@@ -104,7 +104,7 @@ class SequentialOrganization(Task):
         problem = group_problem(t, what="time point")
         if problem is None:
             silhouette = context.silhouette("silhouette_label[time_point]", t)
-            out.append(MetricValue(sil.SILHOUETTE_SCORE.name, silhouette.value, ci95=silhouette.ci95))
+            out.append(MetricValue.from_estimate(sil.SILHOUETTE_SCORE.name, silhouette))
         else:  # e.g. a continuous pseudotime: one time point per cell
             context.skip_metric(sil.SILHOUETTE_SCORE.name, f"{problem}; the silhouette of time points is not defined")
         graph = context.neighbors(needed)

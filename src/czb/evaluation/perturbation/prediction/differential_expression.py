@@ -188,6 +188,8 @@ def differential_expression(
     tie_correct: bool = False,
     min_cells_per_gene: int = 0,
     log1p_base: float | None = None,
+    continuity: bool = False,
+    fold_change_epsilon: float = 1e-9,
     block_size: int = 10_000_000,
 ) -> DifferentialExpression:
     """Test every condition against its reference cells, gene by gene (scanpy's definitions).
@@ -231,6 +233,14 @@ def differential_expression(
         cells); their results are NaN and they do not count in the BH adjustment.
     log1p_base
         Base of the log in ``X`` (``None``: natural), for the fold changes.
+    continuity
+        Wilcoxon p-values with the continuity correction (``|R - n1 (n + 1) / 2| - 0.5``
+        in the numerator, capped at 1), as pdex (cell-eval's DE) and
+        ``scipy.stats.mannwhitneyu`` compute them; scores stay scanpy's z.
+    fold_change_epsilon
+        Pseudocount of the fold change (scanpy: 1e-9). With 0 (pdex, as cell-eval calls
+        it) an undefined fold change (zero in both groups) is 0 and one-sided zeros give
+        ``±inf``.
 
     Returns
     -------
@@ -279,17 +289,23 @@ def differential_expression(
         mean1, var1 = _mean_var(sub[:n1])
         mean2, var2 = _mean_var(sub[n1:])
         if method == "wilcoxon":
-            z = np.empty(n_genes)
+            deviation, sd = np.empty(n_genes), np.empty(n_genes)
             csc = sub.tocsc()
             n = n1 + n2
             step = max(block_size // n, 1)
             for lo in range(0, n_genes, step):
                 hi = min(lo + step, n_genes)
                 rank_sum, tc = _wilcoxon_block(csc[:, lo:hi], n1, tie_correct)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    z[lo:hi] = (rank_sum - n1 * (n + 1) / 2.0) / np.sqrt(tc * n1 * n2 * (n + 1) / 12.0)
+                deviation[lo:hi] = rank_sum - n1 * (n + 1) / 2.0
+                sd[lo:hi] = np.sqrt(tc * n1 * n2 * (n + 1) / 12.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                z = deviation / sd
+                # pdex's p (scipy's mannwhitneyu): |U - mean| - 1/2 over sd, capped at 1
+                zc = (np.abs(deviation) - 0.5) / sd if continuity else np.abs(z)
             z[np.isnan(z)] = 0.0
-            p = 2.0 * stats.norm.sf(np.abs(z))
+            zc[np.isnan(zc)] = 0.0
+            p = np.minimum(2.0 * stats.norm.sf(zc), 1.0)
+            p[sd == 0] = 1.0  # every value tied: no evidence
         else:
             with np.errstate(invalid="ignore", divide="ignore"):
                 z, p = stats.ttest_ind_from_stats(
@@ -302,8 +318,11 @@ def differential_expression(
         scores[i, tested] = z[tested]
         pvals[i, tested] = p[tested]
         padj[i, tested] = benjamini_hochberg(p[tested])
+        eps = fold_change_epsilon
         with np.errstate(divide="ignore", invalid="ignore"):
-            fold = np.log2((expm1(mean1) + 1e-9) / (expm1(mean2) + 1e-9))
+            fold = np.log2((expm1(mean1) + eps) / (expm1(mean2) + eps))
+        if eps == 0:
+            fold[np.isnan(fold)] = 0.0  # pdex: 0/0 (and a negative mean) is no change
         lfc[i, tested] = fold[tested]
     return DifferentialExpression(
         conditions=np.asarray(groups),

@@ -17,7 +17,10 @@ counts, one condition label per cell) and a
     (:data:`~czb.evaluation.perturbation.prediction.metrics.EXPRESSION_SHIFT_METRICS`), the top DE
     genes of a condition being its ``n_top_de`` genes of largest |Welch t| against all
     controls (scanpy ``rank_genes_groups(method="t-test")``, ranked by absolute score,
-    as GEARS ranks them); each metric is the mean over test conditions.
+    as GEARS ranks them); each metric is the mean over test conditions. The same
+    predictions are also scored as the Virtual Cell Challenge scores them
+    (:mod:`~czb.evaluation.perturbation.prediction.cell_eval_metrics`: cell-eval's DE
+    overlap, discrimination, MAE and DE agreement metrics).
 
 ``masked_gene`` (cz-benchmarks' perturbation expression prediction)
     Every perturbed cell is matched to one control cell of its batch with similar
@@ -52,6 +55,7 @@ from pydantic import Field
 from czb.core.errors import NotApplicableError, TaskError
 from czb.evaluation.perturbation.expression import condition_means
 from czb.evaluation.perturbation.prediction import baselines as pb
+from czb.evaluation.perturbation.prediction import cell_eval_metrics as ce
 from czb.evaluation.perturbation.prediction import metrics as pm
 from czb.evaluation.perturbation.prediction.controls import match_controls
 from czb.evaluation.perturbation.prediction.data import (
@@ -106,7 +110,7 @@ class GeneticPerturbationPrediction(Task):
         name="genetic_perturbation_prediction",
         description="Predict expression after genetic perturbations: mean profiles of held-out "
         "conditions (GEARS metrics) or masked DE genes (cz-benchmarks' Spearman).",
-        metrics=(*pm.EXPRESSION_SHIFT_METRICS, pm.SPEARMAN_CORRELATION.name),
+        metrics=(*pm.EXPRESSION_SHIFT_METRICS, *ce.CELL_EVAL_METRICS, pm.SPEARMAN_CORRELATION.name),
         requires=("condition",),
         stochastic=True,
         reference="doi:10.1038/s41587-023-01905-6",
@@ -164,7 +168,8 @@ class GeneticPerturbationPrediction(Task):
             "n_test_conditions": len(split.test),
             "n_conditions_unmeasured_target": len(screen["unmeasured"]),
         }
-        return [MetricValue(name, value, dict(params)) for name, value in summary.items()]
+        out = [MetricValue(name, value, dict(params)) for name, value in summary.items()]
+        return out + _cell_eval(context, split.test, predicted, observed, control, params)
 
     def _masked_gene(
         self, context: PerturbationContext, screen: dict, seed: int
@@ -274,6 +279,40 @@ def _ttest_scores(context: PerturbationContext, conditions: Sequence[str]) -> np
         )
         cache.update(zip(todo, de.scores))
     return np.stack([cache[c] for c in conditions])
+
+
+def _cell_eval(
+    context: PerturbationContext,
+    conditions: Sequence[str],
+    predicted: np.ndarray,
+    observed: np.ndarray,
+    control: np.ndarray,
+    params: dict,
+) -> list[MetricValue]:
+    """The cell-eval metrics of the expression-shift predictions; pdex's DE of each
+    condition and the sorted control cells are memoised."""
+    data = context.data
+    is_control = data.conditions == data.control_label
+    controls = context.memo(
+        ("cell_eval_controls",), lambda: ce.ControlCells.of(data.log_normalized[np.flatnonzero(is_control)])
+    )
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = context.memo(("cell_eval_de",), dict)
+    todo = [c for c in conditions if c not in cache]
+    if todo:
+        lfc, fdr = ce.observed_de(data.log_normalized, data.conditions, control=data.control_label,
+                                  groups=todo)
+        cache.update((c, (lfc[i], fdr[i])) for i, c in enumerate(todo))
+    real_lfc = np.stack([cache[c][0] for c in conditions])
+    real_fdr = np.stack([cache[c][1] for c in conditions])
+    counts = pd.Series(data.conditions).value_counts()
+    scores = ce.cell_eval_scores(
+        predicted, observed, control, conditions=list(conditions), genes=data.genes,
+        n_cells=counts.reindex(list(conditions)).to_numpy(), controls=controls,
+        real_lfc=real_lfc, real_fdr=real_fdr, control_label=data.control_label,
+    )
+    with_de = int((np.asarray(real_fdr, dtype=np.float32) < ce.FDR_THRESHOLD).any(axis=1).sum())
+    params = {**params, "n_conditions_with_de": with_de}
+    return [MetricValue(name, value, dict(params)) for name, value in ce.summarize_cell_eval(scores).items()]
 
 
 def _matched_de(
