@@ -135,8 +135,8 @@ def main() -> None:
         split = split_screen(design, 0.7, seed=0)
         print(f"# split: train {len(split.train)}, test1 {len(split.test1)}, test2 {len(split.test2)} cells",
               flush=True)
-        timed("postprocess center_scale", lambda: postprocess(X, design, "center_scale").shape)
-        timed("postprocess tvn", lambda: postprocess(X, design, "tvn").shape)
+        for kind in ("center_scale", "tvn"):  # arguments bound now: X and design are deleted below
+            timed(f"postprocess {kind}", lambda X=X, design=design, kind=kind: postprocess(X, design, kind).shape)
         with tempfile.TemporaryDirectory() as tmp:
             pairs = relationship_file(n_perts, args.pairs, Path(tmp))
             context = EvaluationContext(

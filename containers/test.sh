@@ -2,7 +2,7 @@
 # Run every model's entrypoint tests in that model's own virtual environment
 # (made by containers/venv.sh; made here when missing).   containers/test.sh [MODEL...]
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+here="$(cd "$(dirname "$0")" && pwd -P)"
 root="$(cd "$here/.." && pwd)"
 models=("$@")
 if [ ${#models[@]} -eq 0 ]; then

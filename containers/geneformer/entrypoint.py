@@ -7,7 +7,7 @@ Weights expected under ``/weights`` (files of the Hugging Face repository
     model/model.safetensors        its weights (or model/pytorch_model.bin)
     token_dictionary.pkl           Ensembl ID -> token (e.g. token_dictionary_gc95M.pkl)
     gene_median_dictionary.pkl     Ensembl ID -> non-zero median over the pretraining corpus
-    ensembl_mapping_dict.pkl       Ensembl ID -> Ensembl ID used to collapse retired IDs
+    ensembl_mapping_dict.pkl       Ensembl ID -> Ensembl ID (helical reads it, see below)
 
 Preprocessing is helical's ``TranscriptomeTokenizer`` (Geneformer's rank value encoding):
 counts of each cell are scaled to 10,000 total, divided by each gene's corpus median,
@@ -36,7 +36,14 @@ Traps handled:
   loop here uses helical's padding, masking and pooling helpers and moves results to the
   CPU itself.
 - A cell with no expressed gene of the token dictionary has nothing to rank (its mean
-  embedding would be 0/0): it is dropped and counted.
+  embedding would be 0/0): it is dropped and counted. helical keeps it (NaN in ``cell``
+  mode, the state of ``<cls><eos>`` alone in ``cls`` mode).
+
+Left as helical 2.2.0 does it (``test_parity.py`` compares with helical): its tokenizer maps
+the IDs through ``ensembl_mapping_dict`` into a column it then does not use, and looks genes
+up by their own ID, so a retired ID is not mapped onto its current one (Geneformer's own
+tokenizer does map it); a dataset with two IDs that map to the same gene stops in helical's
+tokenizer with ``KeyError: 'ensembl_id'``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Embedding, as ``scgpt.tasks.embed_data`` does it (the path cz-benchmarks runs):
 2. Each cell becomes ``<cls>`` followed by its expressed genes; raw counts are binned
    per cell into 51 bins by scGPT's ``DataCollator`` (quantile binning of the non-zero
    values, so normalising or log-transforming first would give the same bins).
-   Cells with more expressed genes than ``max_length`` (1200) are randomly subsampled.
+   A cell with more than ``max_length - 1`` expressed genes keeps ``<cls>`` and a random
+   ``max_length - 1`` of them (``max_length`` 1200 by default).
 3. The transformer output at the ``<cls>`` position is the cell embedding, then
    L2-normalised.
 
@@ -31,8 +32,11 @@ Traps handled:
   fails with ``PartialLoadError``.
 - Binning breaks ties at random (numpy) and long cells are subsampled at random
   (torch): both generators are seeded by the contract from ``request.seed``, and the
-  cells are processed in one process, in order, so a seed gives the same embeddings on
-  any machine (scGPT's own loop spreads cells over as many workers as there are CPUs).
+  cells go through scGPT's own loop (``DataLoader`` + ``DataCollator``) in one process,
+  in order, so a seed gives the same embeddings on any machine, and the same as
+  ``embed_data`` run with no workers after the same seeding (scGPT's own loop spreads
+  cells over as many worker processes as there are CPUs, each with its own random
+  stream, so its embeddings depend on the CPU count).
 - A cell with no expressed gene in the vocabulary cannot be binned (scGPT raises); it
   is dropped and counted.
 """
@@ -161,27 +165,35 @@ def gene_symbols(adata, gene_id_type: str) -> list[str]:
     raise ContractError(msg)
 
 
-def cell_examples(
-    counts, gene_ids: np.ndarray, rows: np.ndarray, cls_id: int, pad_value: float
-) -> list[dict]:
-    """One DataCollator example per cell: ``<cls>`` then the cell's expressed genes.
+class CellExamples(torch.utils.data.Dataset):
+    """One ``DataCollator`` example per kept cell: ``<cls>`` then its expressed genes.
 
-    Genes come in column order and the ``<cls>`` value is ``pad_value``, as in scGPT's
-    ``get_batch_cell_embeddings``.
+    What ``get_batch_cell_embeddings``'s own dataset yields: genes in column order, the
+    ``<cls>`` value is ``pad_value``; here read from sparse rows, not a dense matrix.
     """
-    examples = []
-    for i in rows:
-        start, stop = counts.indptr[i], counts.indptr[i + 1]
-        genes = np.concatenate([[cls_id], gene_ids[counts.indices[start:stop]]])
-        values = np.concatenate([[pad_value], counts.data[start:stop]])
-        examples.append(
-            {
-                "id": i,
-                "genes": torch.from_numpy(genes.astype(np.int64)),
-                "expressions": torch.from_numpy(values.astype(np.float32)),
-            }
-        )
-    return examples
+
+    def __init__(
+        self, counts, gene_ids: np.ndarray, rows: np.ndarray, cls_id: int, pad_value: float
+    ) -> None:
+        self.counts = counts
+        self.gene_ids = gene_ids
+        self.rows = rows
+        self.cls_id = cls_id
+        self.pad_value = pad_value
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        start, stop = self.counts.indptr[row], self.counts.indptr[row + 1]
+        genes = np.concatenate([[self.cls_id], self.gene_ids[self.counts.indices[start:stop]]])
+        values = np.concatenate([[self.pad_value], self.counts.data[start:stop]])
+        return {
+            "id": index,
+            "genes": torch.from_numpy(genes.astype(np.int64)),
+            "expressions": torch.from_numpy(values.astype(np.float32)),
+        }
 
 
 def embed(job: Job) -> ModelOutput:
@@ -250,6 +262,17 @@ def embed(job: Job) -> ModelOutput:
         keep_first_n_tokens=1,
     )
     batch_size = job.request.batch_size
+    # scGPT's own loop, in the main process: a DataLoader draws its base seed from
+    # torch's generator even without workers, so with the same seed the long cells
+    # are subsampled as embed_data subsamples them (with no workers).
+    dataset = CellExamples(counts, gene_ids, kept, cls_id, pad_value)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=torch.utils.data.SequentialSampler(dataset),
+        collate_fn=collator,
+        num_workers=0,
+    )
     embeddings = np.zeros((kept.size, args["embsize"]), dtype=np.float32)
     # Mixed precision on GPU, as embed_data runs it; full float32 on CPU.
     amp = (
@@ -258,14 +281,14 @@ def embed(job: Job) -> ModelOutput:
         else contextlib.nullcontext()
     )
     with torch.no_grad(), amp:
-        for start in range(0, kept.size, batch_size):
-            rows = kept[start : start + batch_size]
-            batch = collator(cell_examples(counts, gene_ids, rows, cls_id, pad_value))
+        start = 0
+        for batch in loader:
             genes = batch["gene"].to(device)
             output = model._encode(
                 genes, batch["expr"].to(device), src_key_padding_mask=genes.eq(pad_id)
             )
-            embeddings[start : start + len(rows)] = output[:, 0, :].float().cpu().numpy()
+            embeddings[start : start + len(genes)] = output[:, 0, :].float().cpu().numpy()
+            start += len(genes)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
 
     n_dropped = int((~expressed).sum())

@@ -35,7 +35,9 @@ Traps handled:
 * The assay token is read from an obs column ``assay``; datasets without one get the
   package's ``unknown`` assay, which the model masks out.
 * CPU runs use float32 and eager flex attention (``torch.compile`` needs a C compiler);
-  CUDA runs use the published ``16-mixed`` precision and compiled attention.
+  CUDA runs use the published ``16-mixed`` precision and compiled attention, as
+  ``transcriptformer inference`` does by default. ``precision: 16-mixed`` on CPU runs
+  ``bf16-mixed``, as Lightning (and so the command line) does there.
 * The package turns the whole count matrix dense: genes outside the vocabulary are dropped
   first (the package drops them too), which keeps that matrix small.
 """
@@ -141,6 +143,10 @@ def inference_config(checkpoint: Path, checkpoint_config: dict, job: Job, device
     precision = str(job.parameter("precision"))
     if precision == "auto":
         precision = "16-mixed" if device == "cuda" else "32"
+    elif precision == "16-mixed" and device == "cpu":
+        # Lightning has no fp16 autocast on CPU and runs bf16-mixed instead (with a
+        # warning); naming it here keeps meta.json true and the run unchanged.
+        precision = "bf16-mixed"
     inference.precision = precision
     inference.output_keys = ["embeddings"]
     inference.emb_type = "cell"

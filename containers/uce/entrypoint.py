@@ -24,6 +24,10 @@ Preprocessing, as ``uce.evaluate.AnndataProcessor`` does it (``filter=True``):
 
 The cell embedding is the one UCE's ``TransformerModel.forward`` returns: the decoder
 output at the CLS token (position 0), L2-normalised (``X_uce`` of ``uce-eval-single-anndata``).
+It depends on the batch size: UCE's padding mask is a float mask, added to the attention
+scores, so padding is attended and a cell's embedding changes with the longest sentence of
+its batch. The spec's default, 25, is ``uce-eval-single-anndata``'s; ``test_parity.py``
+shows the embeddings equal to that script's, cell for cell, at the same batch size.
 
 Traps handled:
 
@@ -40,6 +44,9 @@ Traps handled:
   strict load is ``load_state_dict_strictly``, which names what is missing.
 * UCE's ``AnndataProcessor`` writes a dense int64 copy of the counts to disk; here cells
   are read one by one from the sparse matrix instead (same values, same sampling).
+* Token rows follow the species' protein embedding file with its symbols upper-cased and
+  each counted once (``get_species_to_pe`` builds a dict): two symbols equal but for case
+  take one row, and the genes after them keep UCE's numbering.
 """
 
 from __future__ import annotations
@@ -228,7 +235,8 @@ class CellSentences:
         import torch
         from uce.eval_data import sample_cell_sentences
 
-        row = np.asarray(self.counts[idx].toarray(), dtype=np.int64)  # (1, n_genes)
+        # As UCE's on-disk copy: counts as float32, then int64 (1, n_genes).
+        row = self.counts[idx].toarray().astype(np.float32).astype(np.int64)
         counts = torch.from_numpy(row)
         weights = torch.log1p(counts)
         weights = weights / torch.sum(weights)
@@ -260,12 +268,13 @@ def prepare_cells(adata, species: str, weights: dict[str, Path]):
         load_gene_embeddings_adata,
     )
 
-    # Gene order of the species' protein embedding file sets the token rows
-    # (as uce.data_proc.data_utils.get_species_to_pe, for the one species needed).
+    # Gene order of the species' protein embedding file sets the token rows (as
+    # uce.data_proc.data_utils.get_species_to_pe, for the one species needed): its
+    # upper-cased symbols, each once, in the order they first appear.
     species_pe = torch.load(
         MODEL_TO_SPECIES_TO_GENE_EMBEDDING_PATH["ESM2"][species], weights_only=True
     )
-    spec_pe_genes = [k.upper() for k in species_pe]
+    spec_pe_genes = list(dict.fromkeys(k.upper() for k in species_pe))
     del species_pe
     n_cells_in, n_genes_in = adata.n_obs, adata.n_vars
 

@@ -47,6 +47,50 @@ def test_exact_knn_of_separate_queries_matches_sklearn():
     assert (idx == ref_idx).all()
 
 
+def _near_tie_cloud(seed: int = 5) -> np.ndarray:
+    """Background cells plus, around cell 0, 40 cells at distances 1 + j·1e-9 that float32
+    cannot tell apart (their nearness is the reverse of their row order)."""
+    rng = np.random.default_rng(seed)
+    background = rng.normal(scale=20.0, size=(600, 6)) + 100.0
+    directions = rng.normal(size=(40, 6))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    radii = 1.0 + 1e-9 * np.arange(40)[::-1]
+    return np.vstack([np.zeros((1, 6)), directions * radii[:, None], background])
+
+
+def _reference_knn(X: np.ndarray, k: int) -> np.ndarray:
+    diff = X[:, None, :] - X[None, :, :]
+    d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+    np.fill_diagonal(d, -1.0)
+    return np.lexsort((np.broadcast_to(np.arange(len(X)), d.shape), d), axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("search", ["exact", "approximate"])
+def test_first_neighbours_do_not_depend_on_how_many_were_asked(search):
+    # Tasks share one graph built for the largest k of a run; a task's value must be the
+    # same as when it runs alone (with a smaller graph), so the first k must not depend on k.
+    X = _near_tie_cloud()
+    knn = neighbors.exact_knn if search == "exact" else neighbors.approximate_knn
+    small, small_dist = knn(X, 15)
+    large, large_dist = knn(X, 200)
+    assert (small == large[:, :15]).all()
+    np.testing.assert_array_equal(small_dist, large_dist[:, :15])
+    if search == "exact":  # and they are the float64 nearest, ties by index
+        assert (small == _reference_knn(X, 15)).all()
+        assert list(small[0, 1:]) == list(range(40, 26, -1))
+
+
+def test_exact_neighbours_of_tied_cells_are_the_lowest_rows():
+    # A lattice: many cells at exactly the same distance; the first k are then the
+    # nearest with ties broken by row, whatever k was asked.
+    X = np.random.default_rng(4).integers(0, 3, size=(700, 5)).astype(float)
+    small, _ = neighbors.exact_knn(X, 15)
+    large, _ = neighbors.exact_knn(X, 120)
+    reference = _reference_knn(X, 15)
+    assert (small[:, 0] == np.arange(len(X))).all()
+    assert (small[:, 1:] == reference[:, 1:]).all() and (large[:, 1:15] == reference[:, 1:]).all()
+
+
 def test_approximate_graph_finds_most_neighbours_and_puts_self_first(planted):
     X, _, _ = planted
     idx, dist = neighbors.approximate_knn(X, 30)

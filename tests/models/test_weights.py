@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from czb.core.errors import EmbeddingError, FetchError, SpecError
+from czb.core.errors import EmbeddingError, EmbeddingWarning, FetchError, SpecError
 from czb.io import fetch as fetch_module
 from czb.models.weights import directory_checksum, resolve_weights, stage_weights, staged_path
 from czb.specs import schema as schema_module
@@ -485,7 +485,8 @@ def test_staged_weights_edited_in_place_are_noticed(spec, published):
     os.utime(file, ns=(info.st_atime_ns, info.st_mtime_ns))
     with pytest.raises(EmbeddingError, match=r"changed since they were staged .*czb models fetch-weights tiny"):
         resolve_weights(spec)
-    restaged = stage_weights(spec)  # staged again from the source
+    with pytest.warns(EmbeddingWarning, match="staging them again"):
+        restaged = stage_weights(spec)  # staged again from the source
     assert restaged.checksum == staged.checksum and file.read_bytes() == original
     assert resolve_weights(spec) == restaged
     (staged.path / "extra.bin").write_bytes(b"planted")  # a file added is a change too

@@ -217,7 +217,7 @@ def bundled_docker_models() -> dict[str, list[ModelSpec]]:
 def test_every_bundled_entrypoint_reads_exactly_the_parameters_its_spec_declares():
     models = bundled_docker_models()
     entrypoints = sorted(CONTAINERS.glob("*/entrypoint.py"))
-    assert {p.parent.name for p in entrypoints} == set(models) and len(models) == 6
+    assert {p.parent.name for p in entrypoints} == set(models) and len(models) == 7
     for path in entrypoints:
         # The entrypoint and the modules beside it (scvi's de novo mode is in denovo.py).
         code = "\n".join(p.read_text() for p in sorted(path.parent.glob("*.py"))

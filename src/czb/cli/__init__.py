@@ -28,7 +28,8 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Manage datasets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(datasets_app, name="datasets")
-models_app = typer.Typer(help="Build model images and stage their weights.", no_args_is_help=True,
+models_app = typer.Typer(help="Build model images, stage their weights and pin their sha256s.",
+                         no_args_is_help=True,
                          rich_markup_mode=None)
 app.add_typer(models_app, name="models")
 
@@ -57,6 +58,7 @@ app.command()(bench.bench)
 datasets_app.command("fetch")(datasets.datasets_fetch)
 models_app.command("build")(models.models_build)
 models_app.command("fetch-weights")(models.models_fetch_weights)
+models_app.command("pin")(models.models_pin)
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ def list_(
             whole = []  # a family's row wraps within the name column
         elif kind is Kind.models:
             rows = [_model_table_row(row) for row in rows]
+            note = SHA256_NOTE
         else:
             rows = [_task_table_row(row) for row in rows]
         print_listing(title, rows, whole=whole, note=note)
@@ -130,11 +131,49 @@ def _model_table_row(row: dict) -> dict:
     def short(items: list, n: int = 2) -> str:
         return ", ".join(map(str, items[:n])) + (f" +{len(items) - n}" if len(items) > n else "")
 
+    variants = row["variants"]
+    more = [f"+{len(variants) - 1}"] if len(variants) > 1 else []
     return {
-        "name": row["name"], "kind": row["kind"], "genes": row["gene_id_type"],
+        "name": row["name"],
+        # An image czb's CI never builds (its build needs more than CI reaches) says so.
+        "kind": row["kind"] if row["ci_built"] is not False else [row["kind"], "(not built in CI)"],
+        "genes": row["gene_id_type"],
         "species": short(row["organisms"]), "dim": _cell(row["output_dim"]),
-        "resources": " ".join(resources), "variants": short(row["variants"], 1),
+        "needs": " ".join(resources),  # a short header: the table fits 80 columns
+        # The default variant, then how many more and their checksums' state (long names
+        # would push the table past 80 columns on one line).
+        "variants": [variants[0], " ".join(more + _sha256_cell(row["checksums"]))] if variants else "",
     }
+
+
+#: What the line under a model's variants in ``czb list models`` says.
+SHA256_NOTE = ("(published), (pinned) or (unverified) under variants: the sha256s of their weight files are in "
+               "the spec, were pinned in this cache on first fetch (`czb models pin MODEL` writes them into a "
+               "spec), or neither; --format json has each variant's.")
+
+
+def _checksums(model) -> dict[str, str]:
+    """Per variant of a docker model: ``published``, ``pinned``, ``unverified`` or ``no
+    weights`` (:func:`czb.models.weight_specs.checksum_states`)."""
+    if model.kind != "docker":
+        return {}
+    from czb.models.weight_specs import checksum_states
+
+    return checksum_states(model)
+
+
+def _sha256_cell(states: dict[str, str]) -> list[str]:
+    """The line under a model's variants: ``(state)`` of all its variants with weights,
+    else how many variants are in each state; none without weights."""
+    counts: dict[str, int] = {}
+    for state in states.values():
+        if state != "no weights":
+            counts[state] = counts.get(state, 0) + 1
+    if not counts:
+        return []
+    if len(counts) == 1:
+        return [f"({next(iter(counts))})"]
+    return ["(" + ", ".join(f"{n} {state}" for state, n in counts.items()) + ")"]
 
 
 def _cell(value) -> str:
@@ -154,11 +193,12 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
         ]
     if kind is Kind.models:
         return [
-            {"name": m.name, "kind": m.kind, "image": m.image or "in-process", "input": m.input,
+            {"name": m.name, "kind": m.kind, "image": m.image or "in-process",
+             "ci_built": m.ci_built if m.kind == "docker" else None, "input": m.input,
              "gene_id_type": m.gene_id_type, "organisms": m.organisms or ["any"],
              "output_dim": m.output_dim, "gpu": m.resources.gpu, "memory_gb": m.resources.memory_gb,
              "shm_gb": m.resources.shm_gb, "timeout_s": m.resources.timeout_s,
-             "variants": list(m.variants), "description": m.description,
+             "variants": list(m.variants), "checksums": _checksums(m), "description": m.description,
              "parameters": {k: v.model_dump(exclude_none=True) for k, v in m.parameters.items()}}
             for m in sorted(catalog.models.values(), key=lambda m: (m.kind != "baseline", m.name))
         ]

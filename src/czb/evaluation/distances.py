@@ -116,3 +116,32 @@ def map_row_blocks(
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n_jobs) as pool:
         # list() re-raises the first exception of any block.
         list(pool.map(work, blocks))
+
+
+def float64_candidates(
+    X: np.ndarray, R: np.ndarray, r_norms: np.ndarray, Q: np.ndarray, Q_raw: np.ndarray, k: int,
+    *, own: np.ndarray | None,
+) -> np.ndarray:
+    """``(n_queries, k)`` rows of ``X`` nearest to each query, ties broken by index.
+
+    Candidates are the rows within float64 rounding of the k-th smallest GEMM value
+    (``R``, ``Q``: centred points); their distances are then computed as
+    ``czb.evaluation.neighbors.exact_sorted`` computes them, so cells at exactly the same distance are told
+    apart by index alone (``own``: each query's own row, first)."""
+    chosen = np.empty((len(Q), k), dtype=np.int64)
+    step = max(1, 2**22 // max(len(R), 1))
+    tolerance = 64 * np.finfo(np.float64).eps * (np.einsum("ij,ij->i", Q, Q) + 2 * r_norms.max())
+    for start in range(0, len(Q), step):
+        d2 = r_norms[None, :] - 2.0 * (Q[start : start + step] @ R.T)
+        if own is not None:
+            d2[np.arange(d2.shape[0]), own[start : start + step]] = -np.inf
+        kth = np.partition(d2, k - 1, axis=1)[:, k - 1] + tolerance[start : start + step]
+        for i, (row, limit) in enumerate(zip(d2, kth)):
+            query = start + i
+            near = np.flatnonzero(row <= limit)
+            diff = (X[near] - Q_raw[query])[None]
+            key = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))[0]  # exact_sorted's formula
+            if own is not None:
+                key[near == own[query]] = -1.0
+            chosen[query] = near[np.lexsort((near, key))[:k]]
+    return chosen

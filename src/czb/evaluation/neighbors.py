@@ -70,6 +70,11 @@ def exact_knn(
     k = min(n_neighbors, n)
     if k == 0:
         return np.empty((len(Q64), 0), dtype=np.int64), np.empty((len(Q64), 0))
+    # Candidates are chosen in float32, where near-ties at the k-th neighbour may come out
+    # in either order; a margin of extra candidates, re-sorted in float64, makes the first
+    # k the same whatever k was asked (a 15-neighbour graph equals the first 15 columns of
+    # a 200-neighbour one, so a task's value does not depend on the other tasks of a run).
+    k_search = min(n, k + tie_margin(k))
     centre = X64.mean(axis=0)
     # The reference in a seeded random order: every column tile is then a random sample
     # of the cells, so after the first tiles few candidates beat each row's k-th best.
@@ -80,11 +85,12 @@ def exact_knn(
     Q, R = distances.distance_operands(centred, X64[perm] - centre, query_norms=False)
     del centred
     own_column = np.argsort(perm) if self_join else None  # where each query sits in R
-    indices = np.empty((Q.shape[0], k), dtype=np.int64)
+    indices = np.empty((Q.shape[0], k_search), dtype=np.int64)
+    cutoff = np.empty(Q.shape[0], dtype=np.float64)  # each row's largest kept float32 value
 
     def work(rows: np.ndarray) -> None:
         r0, r1 = rows[0], rows[-1] + 1
-        nearest = NearestSoFar(r1 - r0, k, offset=q_norms[r0:r1])
+        nearest = NearestSoFar(r1 - r0, k_search, offset=q_norms[r0:r1])
         for tile in distances.column_tiles(n):
             g = Q[r0:r1] @ R[tile].T
             if self_join:  # self goes first even when duplicates of the cell exist
@@ -93,9 +99,38 @@ def exact_knn(
                 g[inside, col[inside]] = -np.inf
             nearest.offer(g, perm[tile])
         indices[r0:r1] = nearest.indices
+        cutoff[r0:r1] = nearest.values.max(axis=1)
 
     distances.map_row_blocks(work, np.arange(Q.shape[0]), n_jobs=n_jobs)
-    return exact_sorted(X64, Q64, indices, own=np.arange(n) if self_join else None)
+    own = np.arange(n) if self_join else None
+    indices, dist = exact_sorted(X64, Q64, indices, own=own)
+    if k_search == k:
+        return indices, dist
+    indices, dist = np.ascontiguousarray(indices[:, :k]), np.ascontiguousarray(dist[:, :k])
+    # A row is settled when no cell left out can be nearer than its k-th neighbour: every
+    # left-out cell's float32 value is at least the row's cutoff, wrong by at most the
+    # float32 rounding bound of the expansion. Rows that are not settled (ties within
+    # rounding) are searched again in float64 over every cell.
+    # A cell nearer than the k-th lies within ‖q‖ + d_k of the centre, which bounds the
+    # rounding of its value: γ·(‖q‖² + 2‖r‖²) for the d + 2 products of the expansion.
+    q_len = np.sqrt(q_norms.astype(np.float64))
+    kth = dist[:, k - 1]
+    slack = 2 * (Q64.shape[1] + 4) * np.finfo(np.float32).eps * (q_len**2 + 2 * (q_len + kth) ** 2)
+    unsettled = np.flatnonzero(kth**2 >= cutoff - slack)
+    if len(unsettled):
+        R64 = X64 - centre
+        r_norms = np.einsum("ij,ij->i", R64, R64)
+        chosen = distances.float64_candidates(X64, R64, r_norms, Q64[unsettled] - centre, Q64[unsettled], k,
+                                     own=None if own is None else own[unsettled])
+        again, again_dist = exact_sorted(X64, Q64[unsettled], chosen, own=None if own is None else own[unsettled])
+        indices[unsettled], dist[unsettled] = again[:, :k], again_dist[:, :k]
+    return indices, dist
+
+
+def tie_margin(k: int) -> int:
+    """Extra candidates a search keeps beyond ``k`` so that its first ``k`` do not depend
+    on ``k`` (near-ties in float32 are resolved among them)."""
+    return max(8, k // 8)
 
 
 class NearestSoFar:
@@ -244,11 +279,18 @@ def approximate_knn(
     _, nearest_list = index.quantizer.search(Q, 1)
     order = np.argsort(nearest_list[:, 0], kind="stable")
     del nearest_list
-    d2, found = index.search(Q[order], k)
+    # As in exact_knn: a margin beyond k and ties broken by index, so the first k are the
+    # same whatever k was asked.
+    k_search = min(n, k + tie_margin(k))
+    d2, found = index.search(Q[order], k_search)
     restore = np.empty_like(order)
     restore[order] = np.arange(len(order))
     d2, found = d2[restore], found[restore]
     del restore, order
+    if k_search > k:
+        keep = _first_k_by_value_then_index(d2, found, k)
+        d2, found = np.take_along_axis(d2, keep, axis=1), np.take_along_axis(found, keep, axis=1)
+        del keep
     # Compact types: at 10^6 cells × 200 neighbours these arrays are the run's largest.
     indices = found.astype(np.int32 if n < 2**31 else np.int64)
     del found
@@ -262,6 +304,17 @@ def approximate_knn(
     if self_join:
         _self_first(indices, dist)
     return indices, dist
+
+
+def _first_k_by_value_then_index(values: np.ndarray, ids: np.ndarray, k: int, *, chunk: int = 65_536) -> np.ndarray:
+    """``(n_rows, k)`` column positions of each row's ``k`` smallest ``values``, ties by
+    ``ids`` (missing ids, -1, last)."""
+    keep = np.empty((len(values), k), dtype=np.int64)
+    for start in range(0, len(values), chunk):
+        v, i = values[start : start + chunk], ids[start : start + chunk]
+        tie_key = np.where(i < 0, np.iinfo(np.int64).max, i)
+        keep[start : start + chunk] = np.lexsort((tie_key, v), axis=1)[:, :k]
+    return keep
 
 
 def ivf_lists(n_cells: int) -> int:

@@ -243,6 +243,10 @@ class ModelSpec(Spec):
     container: str | None = None
     #: Run with a read-only root filesystem (``/tmp`` and ``/output`` stay writable).
     read_only_rootfs: bool = True
+    #: For ``docker`` models: whether czb's CI builds the image. ``false`` for an image
+    #: whose build needs more than CI reaches (scGenePT's code from GitHub); its
+    #: entrypoint is tested against a stand-in instead. Shown by ``czb list models``.
+    ci_built: bool = True
     #: What the model produces: cell ``embedding``\ s (cell-level and cross-species tasks)
     #: or expression ``predictions`` (perturbation tasks).
     output: Literal["embedding", "predictions"] = "embedding"
