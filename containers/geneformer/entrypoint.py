@@ -42,8 +42,12 @@ Traps handled:
 Left as helical 2.2.0 does it (``test_parity.py`` compares with helical): its tokenizer maps
 the IDs through ``ensembl_mapping_dict`` into a column it then does not use, and looks genes
 up by their own ID, so a retired ID is not mapped onto its current one (Geneformer's own
-tokenizer does map it); a dataset with two IDs that map to the same gene stops in helical's
-tokenizer with ``KeyError: 'ensembl_id'``.
+tokenizer does map it).
+
+Not left as helical does it: a dataset with the same Ensembl ID in two columns (e.g.
+``ENSG….1`` and ``ENSG….2``, equal once the version is removed) stops helical's tokenizer
+with ``KeyError: 'ensembl_id'``; here such columns are summed into the first, as
+Geneformer's own tokenizer collapses them, and counted in ``n_genes_merged``.
 """
 
 from __future__ import annotations
@@ -154,6 +158,33 @@ def ensembl_ids(adata, gene_id_type: str) -> list[str]:
     return [ENSEMBL_VERSION.sub("", str(g)).upper() for g in ids]
 
 
+def merge_duplicate_ids(adata):
+    """``adata`` with columns of the same ``var['ensembl_id']`` summed into the first of
+    them (columns kept in order of first appearance), and how many columns were merged
+    away."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    ids = adata.var["ensembl_id"].to_numpy().astype(str)
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    if len(first) == len(ids):
+        return adata, 0
+    order = np.argsort(first)  # unique IDs in order of first appearance
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    merge = sp.csr_matrix(
+        (np.ones(len(ids), dtype=np.float32), (np.arange(len(ids)), position[inverse])),
+        shape=(len(ids), len(first)),
+    )
+    kept = first[order]
+    merged = ad.AnnData(
+        X=sp.csr_matrix(adata.X @ merge, dtype=np.float32), obs=adata.obs, var=adata.var.iloc[kept].copy()
+    )
+    n_merged = len(ids) - len(first)
+    log.info("Geneformer: %d columns with an Ensembl ID seen before summed into its first column", n_merged)
+    return merged, n_merged
+
+
 def embed(job: Job) -> ModelOutput:
     """Embed every cell with Geneformer.
 
@@ -207,6 +238,7 @@ def embed(job: Job) -> ModelOutput:
 
     adata = job.read_dataset()
     adata.var["ensembl_id"] = ensembl_ids(adata, job.request.gene_id_type)
+    adata, n_merged = merge_duplicate_ids(adata)
     in_vocab = adata.var["ensembl_id"].isin(tokenizer.gene_keys).to_numpy()
     n_matched = int(in_vocab.sum())
     log.info("Geneformer: %d of %d genes in the token dictionary", n_matched, adata.n_vars)
@@ -270,6 +302,7 @@ def embed(job: Job) -> ModelOutput:
         info={
             "n_genes_input": int(in_vocab.size),
             "n_genes_matched": n_matched,
+            "n_genes_merged": n_merged,
             "token_dictionary_size": len(token_dict),
             "n_cells_dropped": n_dropped,
             "cells_dropped_reason": dropped_reason,

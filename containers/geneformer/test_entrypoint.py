@@ -210,6 +210,30 @@ def test_symbol_dataset_uses_ensembl_id_column_and_versions_are_stripped(tmp_pat
     np.testing.assert_array_equal(embeddings(dirs), reference)
 
 
+def test_columns_with_the_same_ensembl_id_are_summed_into_the_first(tmp_path):
+    # helical's tokenizer stops with KeyError on such a dataset; Geneformer's own sums them.
+    import anndata as ad
+    import scipy.sparse as sp
+
+    plain = tiny_counts(gene_id_type="ensembl")
+    code, dirs = run_job(tmp_path / "plain", adata=plain)
+    assert code == 0
+    reference = embeddings(dirs)
+    counts = plain.X.toarray()
+    half = np.floor(counts[:, 3] / 2)  # gene 3's counts split over two columns, the second last
+    split = np.hstack([counts, (counts[:, 3] - half)[:, None]])
+    split[:, 3] = half
+    var_names = [*plain.var_names[:3], f"{plain.var_names[3]}.1", *plain.var_names[4:], f"{plain.var_names[3]}.2"]
+    duplicated = ad.AnnData(X=sp.csr_matrix(split.astype(np.float32)), obs=plain.obs)
+    duplicated.var_names = var_names
+    duplicated.var["gene_symbol"] = [*plain.var["gene_symbol"], plain.var["gene_symbol"].iloc[3]]
+    duplicated.var["ensembl_id"] = var_names
+    code, dirs = run_job(tmp_path / "duplicated", adata=duplicated)
+    assert code == 0
+    np.testing.assert_array_equal(embeddings(dirs), reference)
+    assert read_output(dirs["output"])[2]["n_genes_merged"] == 1
+
+
 def test_cell_without_vocabulary_genes_is_dropped(tmp_path):
     # cell5 keeps counts only in the 10 genes the dictionary lacks.
     adata = without_known_genes(tiny_counts(gene_id_type="ensembl"), cell=5, n_known=50)
