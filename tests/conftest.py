@@ -218,6 +218,20 @@ def write_text(folder: Path, name: str, text: str) -> Path:
     return path
 
 
+def published_file(folder: Path, name: str, data: bytes) -> Path:
+    """``data`` written to ``folder/name`` as a file anyone may read (a local weights
+    source czb agrees to stage), the folder made as needed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(data)
+    path.chmod(0o644)
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 # --------------------------------------------------------------------------- Docker
 
 

@@ -7,30 +7,18 @@ Weights are local files in tmp folders or files of the loopback HTTP server of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_clean_exit, assert_clean_failure, invoke
+from conftest import assert_clean_exit, assert_clean_failure, invoke, sha256
+from conftest import published_file as published
 from conftest import write_text as write
 
 from czb.models.weight_specs import spec_yaml
 from czb.specs.catalog import Catalog
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def published(folder: Path, name: str, data: bytes) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(data)
-    path.chmod(0o644)
-    return path
 
 
 @pytest.fixture

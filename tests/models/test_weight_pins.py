@@ -7,7 +7,6 @@ Weights come from local files in tmp folders and from the loopback HTTP server o
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import published_file, sha256
 
 from czb.core.errors import EmbeddingError, EmbeddingWarning, FetchError
 from czb.models.weight_specs import checksum_states, pinned_spec
@@ -24,10 +24,6 @@ from czb.models.weights import directory_checksum, resolve_weights, stage_weight
 from czb.specs.schema import ModelSpec
 
 SECRET = b"CONTENT-3f9a-never-in-messages"
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def cache() -> Path:
@@ -45,14 +41,6 @@ def manifest(variant: str = "v", model: str = "tiny") -> dict:
 def docker_spec(variants: dict, default: str = "v") -> ModelSpec:
     return ModelSpec(name="tiny", kind="docker", image="czb-test/tiny:1", container="tiny",
                      default_variant=default, variants=variants)
-
-
-def published_file(folder: Path, name: str, data: bytes) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(data)
-    path.chmod(0o644)
-    return path
 
 
 def targz(path: Path, members: dict[str, bytes]) -> Path:
