@@ -73,6 +73,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from conftest import Entrypoint, read_output
+from test_entrypoint import TINY_CONFIG
 
 pytest.importorskip("modelgenerator")
 pytestmark = [
@@ -92,22 +93,10 @@ AIDO_CELL = Entrypoint(
 entrypoint = AIDO_CELL.module
 MODEL_GENES = entrypoint.model_gene_symbols()
 
-# As small as test_entrypoint's (every cell is 19,266 tokens: about a second per cell
+# test_entrypoint's tiny model, dropout off (every cell is 19,266 tokens: about a second per cell
 # and path on this CPU). One head: test_entrypoint checks czb's attention on several
 # heads against written-out attention.
-CONFIG = {
-    "hidden_size": 8,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 1,
-    "intermediate_size": 16,
-    "bin_num": 10,
-    "max_position_embeddings": len(MODEL_GENES),
-    "normalization_type": "LayerNorm",
-    "add_linear_bias": False,
-    "attention_probs_dropout_prob": 0.0,
-    "_use_flash_attention_2": True,
-    "architectures": ["CellFoundationForMaskedLM"],
-}
+CONFIG = {**TINY_CONFIG, "attention_probs_dropout_prob": 0.0}
 N_CELLS = 30
 BF16_CELLS = [0, 3, 7]  # a typical cell, the one-gene cell, the no-gene cell
 F32_TOL = {"atol": 1e-5, "rtol": 1e-4}
