@@ -3,10 +3,12 @@
 Usage::
 
     # once: cz-benchmarks in its own virtual environment (pulls torch; not committed)
-    python3 -m venv .venvs/czbenchmarks && .venvs/czbenchmarks/bin/pip install cz-benchmarks==0.15.1
+    # (pynndescent 0.7 returns sparse arrays, which scanpy 1.11's neighbors cannot read)
+    python3 -m venv .venvs/czbenchmarks && .venvs/czbenchmarks/bin/pip install cz-benchmarks==0.15.1 "pynndescent<0.6"
     .venv/bin/python benchmarks/vs_cz_benchmarks.py --czbenchmarks-python .venvs/czbenchmarks/bin/python \\
         [--sizes 10000 50000 200000] [--conditions idle loaded] [--load 2] \\
-        [--data-dir heldout-data] [--out vs-cz-benchmarks.json]
+        [--data-dir heldout-data] [--out vs-cz-benchmarks.json] \\
+        [--tools czb czbenchmarks] [--reuse earlier.json ...]
 
 For each size, held-out data are generated once by ``benchmarks/heldout_data.py`` (30
 Zipf-sized types in 8 lineages, 6 batches, heavy-tailed anisotropic 50-d embedding, raw
@@ -25,6 +27,11 @@ Load conditions: ``idle`` (nothing started by this script) and ``loaded`` (``--l
 busy-looping processes, started before each measured process and stopped after it, for
 both tools alike). The 1-minute load average before each run is recorded, since an
 "idle" run on a shared machine is only as idle as the machine.
+
+cz-benchmarks' side does not change when czb does: ``--tools czb --reuse earlier.json``
+measures czb only and takes cz-benchmarks' measurements (same size, condition, task,
+data seed and load) from earlier output files, so a table can be rebuilt after a czb
+change without hours of cz-benchmarks runs. Reused rows say so (``reused_from``).
 
 Values: every metric the two tools both report is matched by name (:data:`METRIC_MAP`,
 printed first) and compared: czb's mean over its seeds against cz-benchmarks' value at
@@ -136,6 +143,30 @@ def measure(python: str, tool: str, task: str, data: tuple[Path, Path], *, repea
     return first
 
 
+def reusable(files: list[Path], *, data_seed: int, load: int) -> dict[tuple, dict]:
+    """Measurements in earlier output files, by (tool, cells, condition, task); later files win.
+
+    Only runs on the same held-out data (data seed) and, for the loaded condition, the same
+    number of busy processes are taken.
+    """
+    found: dict[tuple, dict] = {}
+    for path in files:
+        earlier = json.loads(path.read_text())
+        config = earlier.get("config", {})
+        if config.get("data_seed") != data_seed:
+            continue
+        for row in earlier.get("rows", []):
+            if row["condition"] == "loaded" and row.get("load_processes") != load:
+                continue
+            task = "together" if row["task"].startswith("four tasks") else row["task"]
+            for tool in ("czb", "czbenchmarks"):
+                measured = row.get(tool)
+                if measured and (tool, task) != ("czbenchmarks", "together"):  # theirs is a sum there
+                    origin = measured.get("reused_from", str(path))
+                    found[(tool, row["cells"], row["condition"], task)] = {**measured, "reused_from": origin}
+    return found
+
+
 # --------------------------------------------------------------------------- comparing
 
 
@@ -224,7 +255,7 @@ def print_mapping() -> None:
 def print_row(row: dict) -> None:
     ours, theirs = row.get("czb"), row.get("czbenchmarks")
     print(f"| {row['cells']} | {row['task']} | {_time(ours)} | {_time(theirs)} | {_speedup(ours, theirs)} | "
-          f"{row['condition']} | {_s((ours or {}).get('loadavg_before'))} | {_agreement_text(row['agreement'])} |",
+          f"{row['condition']} | {_s((ours or theirs or {}).get('loadavg_before'))} | {_agreement_text(row['agreement'])} |",
           flush=True)
     for who, r in (("czb", ours), ("cz-benchmarks", theirs)):
         if r and (r.get("error") or r.get("errors")):
@@ -252,7 +283,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(CELL_TASKS), choices=CELL_TASKS)
     parser.add_argument("--conditions", nargs="+", default=["idle", "loaded"], choices=["idle", "loaded"])
     parser.add_argument("--load", type=int, default=2, help="busy processes of the 'loaded' condition")
-    parser.add_argument("--czbenchmarks-python", required=True,
+    parser.add_argument("--czbenchmarks-python",
                         help="python of a virtual environment with cz-benchmarks 0.15.1")
     parser.add_argument("--czb-python", default=sys.executable, help="python with czb installed [this one]")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(CZB_SEEDS), help="czb's seeds [czb run's]")
@@ -265,7 +296,14 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("heldout-data"))
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("vs-cz-benchmarks.json"))
+    parser.add_argument("--tools", nargs="+", default=["czb", "czbenchmarks"], choices=["czb", "czbenchmarks"],
+                        help="tools to measure now; the other's measurements come from --reuse")
+    parser.add_argument("--reuse", nargs="*", type=Path, default=[],
+                        help="earlier output files whose measurements of the tools not in --tools are reused")
     args = parser.parse_args()
+    if args.czbenchmarks_python is None and "czbenchmarks" in args.tools:
+        parser.error("--czbenchmarks-python is needed to measure cz-benchmarks")
+    earlier = reusable(args.reuse, data_seed=args.data_seed, load=args.load)
 
     config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "cpus": os.cpu_count(), "platform": platform.platform()}
@@ -284,18 +322,23 @@ def main() -> None:
                   "timeout": args.timeout, "repeats": args.repeats, "labels_as": args.czbenchmarks_labels}
             alone: dict[str, dict] = {}
             theirs_by_task: dict[str, dict] = {}
+            def get(tool: str, task: str) -> dict | None:
+                if tool in args.tools:
+                    python = args.czb_python if tool == "czb" else args.czbenchmarks_python
+                    return measure(python, tool, task, data, **kw)
+                return earlier.get((tool, n, condition, task))
+
             for task in args.tasks:
-                ours = measure(args.czb_python, "czb", task, data, **kw)
-                theirs = measure(args.czbenchmarks_python, "czbenchmarks", task, data, **kw)
+                ours, theirs = get("czb", task), get("czbenchmarks", task)
                 alone[task], theirs_by_task[task] = ours, theirs
                 row = {"cells": n, "task": task, "condition": condition, "load_processes": kw["load"],
-                       "czb": ours, "czbenchmarks": theirs, "agreement": agreement(ours, theirs)}
+                       "czb": ours, "czbenchmarks": theirs, "agreement": agreement(ours or {}, theirs or {})}
                 rows.append(row)
                 print_row(row)
                 save()
             if args.no_together:
                 continue
-            together = measure(args.czb_python, "czb", "together", data, **kw)
+            together = get("czb", "together")
             parts = [theirs_by_task.get(t) for t in TOGETHER]
             summed = None
             if all(p is not None for p in parts):
@@ -306,8 +349,8 @@ def main() -> None:
             merged = {"metrics": {k: v for p in parts if p for k, v in p.get("metrics", {}).items()}}
             row = {"cells": n, "task": "four tasks, one process (vs sum of four)", "condition": condition,
                    "load_processes": kw["load"], "czb": together, "czbenchmarks": summed,
-                   "agreement": agreement(together, merged),
-                   "together_vs_alone": together_vs_alone(together, alone)}
+                   "agreement": agreement(together or {}, merged),
+                   "together_vs_alone": together_vs_alone(together or {}, alone)}
             rows.append(row)
             print_row(row)
             moved = [d for d in row["together_vs_alone"] if d["max_abs_diff"] > 0]

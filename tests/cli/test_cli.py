@@ -159,6 +159,11 @@ def test_list_tasks_json_lists_metrics():
     # Every metric with the reference whose definition it follows.
     for name, row in tasks.items():
         assert set(row["references"]) == set(row["metrics"]) and all(row["references"].values()), name
+    # What a task computes beyond the benchmark it follows is said with its cost.
+    assert "Leiden" in tasks["clustering"]["cost"] and "seed" in tasks["label_prediction"]["cost"]
+    assert tasks["embedding"]["cost"] == ""
+    table = invoke("list", "tasks")
+    assert "cost: scIB's resolution sweep" in " ".join(table.output.split())
     assert tasks["batch_integration"]["references"]["kbet_per_label"].startswith("doi:")
 
 

@@ -67,6 +67,61 @@ def test_leiden_identical_to_scanpy(pbmc):
         assert clustering.adjusted_rand_index(expected, got) == 1.0
 
 
+class _ScanpyIgraphRNG:
+    """scanpy's igraph RNG wrapper: one numpy call per draw."""
+
+    def __init__(self, seed):
+        self._rng = np.random.RandomState(seed)
+
+    def getrandbits(self, k):
+        return self._rng.tomaxint() & ((1 << k) - 1)
+
+    def randint(self, a, b):
+        return self._rng.randint(a, b + 1)
+
+    def random(self):
+        return self._rng.random_sample()
+
+    def gauss(self, mu, sigma):
+        return self._rng.normal(mu, sigma)
+
+
+@pytest.mark.parametrize("seed", [0, 42])
+def test_igraph_rng_draws_scanpys_stream(seed):
+    """Drawn in blocks, the same values in the same order as one numpy call per draw,
+    across block boundaries and after a variable-length draw (randint, gauss) hands the
+    stream over to a RandomState."""
+    ours, theirs = clustering._IgraphRNG(seed), _ScanpyIgraphRNG(seed)
+    ops = np.random.default_rng(seed).integers(0, 3, size=clustering._IgraphRNG.BLOCK + 5000)
+    for i, op in enumerate(ops):
+        if i == clustering._IgraphRNG.BLOCK + 100:  # in the second block
+            assert ours.randint(0, 10**6) == theirs.randint(0, 10**6)
+            assert ours.gauss(1.0, 2.0) == theirs.gauss(1.0, 2.0)
+        if op == 0:
+            assert ours.getrandbits(32) == theirs.getrandbits(32)
+        elif op == 1:
+            assert ours.getrandbits(64) == theirs.getrandbits(64)
+        else:
+            assert ours.random() == theirs.random()
+
+
+def test_igraph_rng_hands_over_mid_block_and_before_any_draw():
+    for before in (0, 3):
+        ours, theirs = clustering._IgraphRNG(7), _ScanpyIgraphRNG(7)
+        for _ in range(before):
+            assert ours.random() == theirs.random()
+        assert ours.randint(5, 9) == theirs.randint(5, 9)
+        assert [ours.getrandbits(31) for _ in range(10)] == [theirs.getrandbits(31) for _ in range(10)]
+
+
+def test_leiden_many_equals_one_at_a_time():
+    X, _, _ = planted_embedding(300)
+    graph = compute_neighbors(X, 15).connectivities()
+    many = clustering.leiden_many(graph, [0.4, 1.0, 2.0], seed=3)
+    for r, got in zip([0.4, 1.0, 2.0], many):
+        assert np.array_equal(got, clustering.leiden(graph, r, seed=3))
+
+
 def test_leiden_restores_global_igraph_rng():
     import random
 

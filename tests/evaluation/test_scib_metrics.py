@@ -70,6 +70,17 @@ def test_isolated_labels_equal_scib_metrics(case):
         float(sm.isolated_labels(X, labels, everywhere)), abs=1e-5)
 
 
+def test_isolated_labels_read_silhouettes_already_computed(case):
+    from czb.evaluation.metrics.silhouette import silhouette_samples
+
+    X, labels, batches = case["X"], case["labels"], case["batches"]
+    own = scib.isolated_labels(X, labels, batches).value
+    shared = scib.isolated_labels(X, labels, batches, silhouettes=silhouette_samples(X, labels)).value
+    assert shared == pytest.approx(own, abs=1e-12)
+    # read, not scanned again: silhouettes of 1 everywhere rescale to 1
+    assert scib.isolated_labels(X, labels, batches, silhouettes=np.ones(len(X))).value == 1.0
+
+
 def test_isolated_labels_estimate_covers_the_exact_value(case):
     X, labels = case["X"], case["labels"]
     everywhere = np.char.add("b", (np.arange(len(X)) % 3).astype(str))

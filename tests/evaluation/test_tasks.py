@@ -236,12 +236,23 @@ def test_deterministic_task_runs_once():
 
 
 def test_background_leiden_gives_the_in_process_partition(monkeypatch):
-    import czb.evaluation.context as ctx_module
 
     X, labels, batches = planted_embedding(600, separation=1.0)
     kw = dict(labels=labels, batches=batches, tasks=["batch_integration"], seeds=(3, 4))
     (alone,) = evaluate(X, **kw, n_jobs=1)
+    started = _spy_background(monkeypatch)
+    (beside,) = evaluate(X, **kw, n_jobs=2)
+    assert started == [1, 1]  # one worker per seed's partition
+    for name in ("adjusted_rand_index", "normalized_mutual_info", "scib_overall"):
+        assert beside.metric(name).values_raw == alone.metric(name).values_raw
+
+
+def _spy_background(monkeypatch) -> list[int]:
+    """Background Leiden at any size and load; the partitions pending after each start."""
+    import czb.evaluation.context as ctx_module
+
     monkeypatch.setattr(ctx_module, "BACKGROUND_LEIDEN_MIN_CELLS", 0)
+    monkeypatch.setattr(ctx_module, "_cores_busy", lambda: False)
     started = []
     real = ctx_module.EvaluationContext.start_leiden
 
@@ -250,20 +261,42 @@ def test_background_leiden_gives_the_in_process_partition(monkeypatch):
         started.append(len(self._background))
 
     monkeypatch.setattr(ctx_module.EvaluationContext, "start_leiden", spy)
+    return started
+
+
+def test_resolution_sweep_in_a_worker_gives_the_in_process_values(monkeypatch):
+    X, labels, _ = planted_embedding(600, separation=1.0)
+    kw = dict(labels=labels, tasks=["clustering"], seeds=(0, 5))
+    (alone,) = evaluate(X, **kw, n_jobs=1)
+    started = _spy_background(monkeypatch)
     (beside,) = evaluate(X, **kw, n_jobs=2)
-    assert started == [1, 1]  # one worker per seed's partition
-    for name in ("adjusted_rand_index", "normalized_mutual_info", "scib_overall"):
+    assert started == [5, 5]  # every other resolution of the sweep, per seed
+    for name in ("adjusted_rand_index", "normalized_mutual_info", "scib_leiden_nmi", "scib_leiden_ari"):
         assert beside.metric(name).values_raw == alone.metric(name).values_raw
+
+
+def test_no_worker_when_every_core_is_busy(monkeypatch):
+    import czb.evaluation.context as ctx_module
+
+    monkeypatch.setattr(ctx_module, "BACKGROUND_LEIDEN_MIN_CELLS", 0)
+    monkeypatch.setattr(ctx_module, "_cores_busy", lambda: True)
+    X, labels, _ = planted_embedding(200)
+    context = EvaluationContext(X, labels=labels, n_jobs=2)
+    context.start_leiden([0.4, 0.8], seed=0)
+    assert context._background == {}
 
 
 def test_uncollected_background_leiden_is_dropped(monkeypatch):
     import czb.evaluation.context as ctx_module
 
     monkeypatch.setattr(ctx_module, "BACKGROUND_LEIDEN_MIN_CELLS", 0)
+    monkeypatch.setattr(ctx_module, "_cores_busy", lambda: False)
     X, labels, batches = planted_embedding(300)
     context = EvaluationContext(X, labels=labels, batches=batches, n_jobs=2)
-    context.start_leiden(1.0, seed=0)
-    (executor, future), = context._background.values()
+    context.start_leiden([1.0, 2.0], seed=0)
+    (job, _), (same, _) = context._background.values()
+    assert job is same  # one worker for both
+    future = job.future
     context.drop_background()
     assert context._background == {}
     from concurrent.futures import wait

@@ -117,6 +117,8 @@ def _task_table_row(row: dict) -> dict:
     about = [row["description"] or "", "needs: " + (_cell(row["requires"]) or "nothing")]
     if row["implementation"].startswith("suite: "):
         about.append("runs: " + row["implementation"].removeprefix("suite: "))
+    if row.get("cost"):
+        about.append("cost: " + row["cost"])
     return {"name": row["name"], "about": about}
 
 
@@ -214,11 +216,12 @@ def _list_rows(catalog, kind: Kind) -> list[dict]:
             rows.append({"name": t.name, "implementation": "suite: " + ", ".join(t.includes),
                          "requires": sorted({r for i in members for r in i.requires}),
                          "metrics": (metrics := list(dict.fromkeys(m for i in members for m in i.metrics))),
-                         "references": references(metrics), "parameters": {}, "description": t.description})
+                         "references": references(metrics), "parameters": {}, "description": t.description,
+                         "cost": "; ".join(f"{i.name}: {i.cost}" for i in members if i.cost)})
             continue
         impl = get_task(t.implementation)
         rows.append({"name": t.name, "implementation": t.implementation, "requires": list(impl.info.requires),
                      "metrics": list(impl.info.metrics), "references": references(list(impl.info.metrics)),
                      "parameters": t.parameters,
-                     "description": t.description or impl.info.description})
+                     "description": t.description or impl.info.description, "cost": impl.info.cost})
     return rows

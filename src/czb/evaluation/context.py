@@ -114,7 +114,7 @@ class EvaluationContext(TaskContext):
         self._k_neighborhoods = 0
         self._graph: NeighborGraph | None = None
         self._memo: dict[tuple, Any] = {}
-        self._background: dict[tuple, tuple[Any, Any]] = {}  # memo key -> (executor, future)
+        self._background: dict[tuple, tuple[_BackgroundJob, int]] = {}  # memo key -> (job, position)
         self._planned: list[Task] = []
 
     @property
@@ -252,6 +252,17 @@ class EvaluationContext(TaskContext):
 
         return not ((self.n_cells <= mixing.EXACT_MAX_CELLS) if self.exact is None else self.exact)
 
+    def label_silhouettes(self) -> np.ndarray | None:
+        """Every cell's silhouette of the ``labels`` role, ``(n_cells,)`` in [-1, 1], from
+        one exact scan (memoised): the label silhouette and isolated labels both read it.
+        ``None`` where silhouettes are estimated from a sample (:attr:`exact`, by size)."""
+        from czb.evaluation.metrics import silhouette as sil
+
+        labels = self.role("labels")
+        if labels is None or not sil.is_exact(self.n_cells, self.exact):
+            return None
+        return self.memo(("silhouette_samples", "labels"), lambda: sil.silhouette_samples(self.X, labels))
+
     def silhouette(
         self,
         name: str,
@@ -280,14 +291,17 @@ class EvaluationContext(TaskContext):
         -------
         :class:`~czb.evaluation.metrics.silhouette.Estimate`.
         """
+        from czb.evaluation import estimates
         from czb.evaluation.metrics import silhouette as sil
 
         def compute():
             X = self.X if cells is None else self.X[cells]
             if batches is None:
-                if cells is None and labels is self.role("labels") and not sil.is_exact(self.n_cells, self.exact):
-                    # The same sampled cells (and pass of distances) as the sampled neighbourhoods.
-                    return self._sampled_cells(silhouette=True).silhouette.map(lambda s: (s + 1.0) / 2.0)
+                if cells is None and labels is self.role("labels"):
+                    if not sil.is_exact(self.n_cells, self.exact):
+                        # The same sampled cells (and pass of distances) as the sampled neighbourhoods.
+                        return self._sampled_cells(silhouette=True).silhouette.map(lambda s: (s + 1.0) / 2.0)
+                    return estimates.mean_estimate(self.label_silhouettes()).map(lambda s: (s + 1.0) / 2.0)
                 return sil.silhouette_label(X, labels, exact=self.exact)
             return sil.silhouette_batch(X, labels, batches, exact=self.exact)
 
@@ -295,26 +309,31 @@ class EvaluationContext(TaskContext):
         self.note(name, estimate.describe())
         return estimate
 
-    def start_leiden(self, resolution: float, *, seed: int, k: int = 15) -> None:
-        """Begin computing the partition a later :meth:`leiden` call returns.
+    def start_leiden(self, resolutions: float | Sequence[float], *, seed: int, k: int = 15) -> None:
+        """Begin computing partitions later :meth:`leiden` calls return.
 
         Leiden is single-threaded, so on large embeddings (at least
-        :data:`BACKGROUND_LEIDEN_MIN_CELLS` cells, ``n_jobs >= 2``) it runs in a worker
-        process on one core while the caller's distance work uses the others (batch
-        integration at 2x10^5 cells: 4-5 s sooner on 2 cores). The partition is the
-        same as computed in this process. Smaller or single-job runs compute it when asked.
+        :data:`BACKGROUND_LEIDEN_MIN_CELLS` cells, ``n_jobs >= 2``) the partitions of
+        ``resolutions`` run one after another in a worker process on one core while the
+        caller works on the others (batch integration's distance work; the other half of
+        clustering's resolution sweep). The partitions are the same as computed in this
+        process. Smaller or single-job runs, and runs on a machine whose every core is
+        already busy (1-minute load average), compute them when asked: a worker would
+        only add its start-up there.
         """
-        key = _leiden_key(resolution, seed, k)
-        if (key in self._memo or key in self._background or self.n_jobs < 2
-                or self.n_cells < BACKGROUND_LEIDEN_MIN_CELLS):
+        from czb.evaluation.metrics.clustering import leiden_many
+
+        todo = [float(r) for r in np.atleast_1d(resolutions)
+                if _leiden_key(r, seed, k) not in self._memo and _leiden_key(r, seed, k) not in self._background]
+        if not todo or self.n_jobs < 2 or self.n_cells < BACKGROUND_LEIDEN_MIN_CELLS or _cores_busy():
             return
         from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
-        from czb.evaluation.metrics.clustering import leiden
-
         connectivities = self.neighbors(k).connectivities(k)
-        executor = ProcessPoolExecutor(max_workers=1)
-        self._background[key] = (executor, executor.submit(leiden, connectivities, resolution, seed=seed))
+        job = _BackgroundJob(ProcessPoolExecutor(max_workers=1), len(todo))
+        job.future = job.executor.submit(leiden_many, connectivities, todo, seed=seed)
+        for position, resolution in enumerate(todo):
+            self._background[_leiden_key(resolution, seed, k)] = (job, position)
 
     def leiden(self, resolution: float, *, seed: int, k: int = 15) -> np.ndarray:
         """Leiden clusters of the ``k``-neighbour UMAP graph (cached)."""
@@ -323,11 +342,8 @@ class EvaluationContext(TaskContext):
         graph = self.neighbors(k)  # noted for every task that clusters, even from the memo
         key = _leiden_key(resolution, seed, k)
         if key in self._background:
-            executor, future = self._background.pop(key)
-            try:
-                self._memo[key] = future.result()
-            finally:
-                executor.shutdown(wait=False)
+            job, position = self._background.pop(key)
+            self._memo[key] = job.take(position)
         return self.memo(
             key,
             lambda: leiden(
@@ -338,10 +354,39 @@ class EvaluationContext(TaskContext):
         )
 
     def drop_background(self) -> None:
-        for executor, future in self._background.values():
-            future.cancel()
-            executor.shutdown(wait=False, kill_workers=True)
+        for job in {id(job): job for job, _ in self._background.values()}.values():
+            job.drop()
         self._background.clear()
+
+
+class _BackgroundJob:
+    """Partitions computed in a worker process (:meth:`EvaluationContext.start_leiden`); the
+    worker is shut down once every one was taken."""
+
+    def __init__(self, executor: Any, n_results: int):
+        self.executor, self.future, self.left = executor, None, n_results
+
+    def take(self, position: int) -> np.ndarray:
+        try:
+            return self.future.result()[position]
+        finally:
+            self.left -= 1
+            if self.left == 0:
+                self.executor.shutdown(wait=False)
+
+    def drop(self) -> None:
+        self.future.cancel()
+        self.executor.shutdown(wait=False, kill_workers=True)
+
+
+def _cores_busy() -> bool:
+    """Whether the 1-minute load average already fills every core (``False`` where unknown)."""
+    import os
+
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 def _checked_matrix(X: np.ndarray, what: str) -> np.ndarray:

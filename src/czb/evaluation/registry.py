@@ -70,6 +70,9 @@ class TaskInfo:
         Whether the task has random steps (then it runs once per seed).
     reference
         DOI of the benchmark whose definition is followed.
+    cost
+        What the task computes beyond the benchmark it follows, and what that costs
+        (shown by ``czb list tasks``); empty when it computes no more.
     """
 
     name: str
@@ -78,6 +81,7 @@ class TaskInfo:
     requires: tuple[str, ...] = ("labels",)
     stochastic: bool = True
     reference: str = ""
+    cost: str = ""
     kind: Literal["cell", "multi_dataset", "perturbation"] = "cell"
     extra: dict = field(default_factory=dict)
     #: The metric a compact table shows (``czb run``'s); default the first of :attr:`metrics`.

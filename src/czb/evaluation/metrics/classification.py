@@ -56,6 +56,10 @@ LR_MAX_SAMPLES = 100_000
 LR_MAX_ITER = 100
 
 
+#: Start order of the fits (lowest first): the forest is the costliest by far.
+_FIT_COST_RANK = {"rf": 0, "lr": 1, "knn": 2}
+
+
 class ScaledKnnClassifier:
     """``StandardScaler(with_mean=False)`` → uniform 5-NN vote, on czb's neighbour search.
 
@@ -418,10 +422,15 @@ def cross_validate_classifiers(
     splits = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X, y))
     jobs = [(name, fold, train, test) for name in classifiers for fold, (train, test) in enumerate(splits)]
     atlas_scale = len(y) > EXACT_MAX_CELLS if exact is None else not exact
-    scores = Parallel(n_jobs=min(n_jobs, len(jobs)))(
-        delayed(fit_and_score)(name, X, y, train, test, n_classes, seed, atlas_scale)
-        for name, _, train, test in jobs
+    # The costliest fits start first, so the last ones to finish are short and no worker
+    # waits long on another's forest (the rows keep the order of ``jobs``).
+    order = sorted(range(len(jobs)), key=lambda j: _FIT_COST_RANK.get(jobs[j][0], 0))
+    done = Parallel(n_jobs=min(n_jobs, len(jobs)))(
+        delayed(fit_and_score)(jobs[j][0], X, y, jobs[j][2], jobs[j][3], n_classes, seed, atlas_scale) for j in order
     )
+    scores = [None] * len(jobs)
+    for j, s in zip(order, done):
+        scores[j] = s
     rows = [{"classifier": name, "fold": fold, **s} for (name, fold, _, _), s in zip(jobs, scores)]
     return CrossValidation(folds=pd.DataFrame(rows), dropped_labels=dropped, n_cells=int(keep.sum()),
                            atlas_scale=atlas_scale)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 from scipy import sparse
@@ -50,22 +52,70 @@ SCIB_RESOLUTIONS = tuple(round(2 * x / 10, 1) for x in range(1, 11))
 
 
 class _IgraphRNG:
-    """numpy-backed RNG for igraph, seeded per call (as scanpy's ``set_igraph_random_state``)."""
+    """numpy-backed RNG for igraph, seeded per call (as scanpy's ``set_igraph_random_state``).
+
+    scanpy's wrapper calls ``RandomState.tomaxint()`` for ``getrandbits`` and
+    ``random_sample()`` for ``random``; Leiden makes ~10^7 such calls at 5x10^4 cells, each
+    a numpy call from Python. Both consume exactly two 32-bit Mersenne-Twister words (the
+    first the high half), so the values of :data:`BLOCK` consecutive calls of either kind
+    are computed at once from the raw stream, as integers and as doubles, and each call
+    takes the next one: the same stream, 2.5x less time per draw. ``randint`` and
+    ``gauss`` consume a variable number of words; the first such call hands the exact
+    stream position over to a ``RandomState`` that serves every later call.
+    """
+
+    BLOCK = 1 << 16
 
     def __init__(self, seed: int):
-        self._rng = np.random.RandomState(seed)
+        self._bits = np.random.MT19937()
+        self._bits.state = np.random.RandomState(seed).get_state(legacy=False)
+        self._block_state = self._bits.state
+        self._draws: Iterator[tuple[int, float]] = iter(())
+        self._legacy: np.random.RandomState | None = None
+
+    def _refill(self) -> None:
+        self._block_state = self._bits.state
+        words = self._bits.random_raw(2 * self.BLOCK)
+        high, low = words[0::2], words[1::2]
+        ints = ((high << np.uint64(32)) | low) >> np.uint64(1)  # tomaxint
+        doubles = ((high >> np.uint64(5)).astype(np.float64) * 67108864.0
+                   + (low >> np.uint64(6)).astype(np.float64)) / 9007199254740992.0  # random_sample
+        self._draws = zip(ints.tolist(), doubles.tolist())
 
     def getrandbits(self, k: int) -> int:
-        return self._rng.tomaxint() & ((1 << k) - 1)
-
-    def randint(self, a: int, b: int) -> int:
-        return self._rng.randint(a, b + 1)
+        for value, _ in self._draws:  # a ``for`` over one item: the cheapest next() in Python
+            return value & ((1 << k) - 1)
+        if self._legacy is not None:
+            return self._legacy.tomaxint() & ((1 << k) - 1)
+        self._refill()
+        return self.getrandbits(k)
 
     def random(self) -> float:
-        return self._rng.random_sample()
+        for _, value in self._draws:
+            return value
+        if self._legacy is not None:
+            return self._legacy.random_sample()
+        self._refill()
+        return self.random()
+
+    def _as_legacy(self) -> np.random.RandomState:
+        """A RandomState at the exact position of the draws served so far (which it serves from now on)."""
+        if self._legacy is None:
+            left = sum(1 for _ in self._draws)
+            bits = np.random.MT19937()
+            if left:  # rewind to the block's start and skip the draws served from it
+                bits.state = self._block_state
+                bits.random_raw(2 * (self.BLOCK - left))
+            else:  # the block was used up, or none was drawn
+                bits.state = self._bits.state
+            self._legacy = np.random.RandomState(bits)
+        return self._legacy
+
+    def randint(self, a: int, b: int) -> int:
+        return self._as_legacy().randint(a, b + 1)
 
     def gauss(self, mu: float, sigma: float) -> float:
-        return self._rng.normal(mu, sigma)
+        return self._as_legacy().normal(mu, sigma)
 
 
 def igraph_from_adjacency(connectivities: sparse.spmatrix):
@@ -144,6 +194,12 @@ def leiden(
     finally:
         ig.set_random_number_generator(random)
     return np.asarray(part.membership)
+
+
+def leiden_many(connectivities, resolutions: list[float], *, seed: int = 0) -> list[np.ndarray]:
+    """:func:`leiden` at each of ``resolutions`` in turn, on one graph built once."""
+    graph = igraph_from_adjacency(connectivities)
+    return [leiden(graph, r, seed=seed) for r in resolutions]
 
 
 def _contingency(labels_true: np.ndarray, labels_pred: np.ndarray) -> tuple[np.ndarray, ...]:

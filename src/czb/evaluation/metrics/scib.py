@@ -99,6 +99,7 @@ def isolated_labels(
     sample_size: int = ISOLATED_SAMPLE_SIZE,
     seed: int = 0,
     n_jobs: int | None = None,
+    silhouettes: np.ndarray | None = None,
 ) -> Estimate:
     """scib-metrics' ``isolated_labels`` (silhouette-based, rescaled).
 
@@ -116,6 +117,10 @@ def isolated_labels(
         ``(n_cells, n_dims)`` embedding.
     labels, batches
         ``(n_cells,)`` cell-type and batch labels.
+    silhouettes
+        ``(n_cells,)`` every cell's silhouette of ``labels``, when already computed (the
+        label silhouette's exact scan): read instead of scanning again. Used only on the
+        exact path.
     """
     labels = np.asarray(labels)
     codes, uniques = pd.factorize(labels)
@@ -130,7 +135,11 @@ def isolated_labels(
         inside = np.flatnonzero(strata >= 0)
         picked = stratified_sample(strata[inside], sample_size, seed=seed)
         rows = [inside[p] for p in picked]
-    s = sil.silhouette_samples(X, codes, rows=np.concatenate(rows), n_jobs=n_jobs)
+    scored = np.concatenate(rows)
+    if rows is members and silhouettes is not None:
+        s = np.asarray(silhouettes, dtype=np.float64)[scored]
+    else:
+        s = sil.silhouette_samples(X, codes, rows=scored, n_jobs=n_jobs)
     scores = np.split((s + 1.0) / 2.0, np.cumsum([len(r) for r in rows])[:-1])
     weights = np.full(len(scores), 1.0 / len(scores))
     if rows is members:

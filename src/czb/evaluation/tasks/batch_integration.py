@@ -82,6 +82,8 @@ class BatchIntegration(IntegrationTask):
         requires=("labels", "batch"),
         stochastic=True,
         reference="doi:10.1038/s41592-021-01336-8",
+        cost="scib-metrics' set beside cz-benchmarks' two metrics: iLISI, cLISI and kBET on the shared "
+        "graph, k-means NMI/ARI and a Leiden run per seed; isolated labels read the label silhouette's scan",
     )
     Params = BatchIntegrationParams
 
@@ -156,9 +158,11 @@ def scib_bio_values(
 ) -> dict[str, Estimate | float]:
     """isolated_labels with ``batches`` as the batch (of all cells, memoised under ``key``)
     and the k-means NMI/ARI of ``cells`` (boolean mask, default all) for one seed."""
+    shared = context.label_silhouettes() if labels is context.role("labels") else None
     isolated = context.memo(
         ("isolated_labels", key),
-        lambda: scib.isolated_labels(context.X, labels, batches, exact=context.exact, n_jobs=context.n_jobs),
+        lambda: scib.isolated_labels(context.X, labels, batches, exact=context.exact, n_jobs=context.n_jobs,
+                                     silhouettes=shared),
     )
     context.note(scib.ISOLATED_LABELS.name, isolated.describe())
     X, kept = (context.X, labels) if cells is None else (context.X[cells], np.asarray(labels)[cells])
