@@ -305,7 +305,7 @@ def main() -> None:
         parser.error("--czbenchmarks-python is needed to measure cz-benchmarks")
     earlier = reusable(args.reuse, data_seed=args.data_seed, load=args.load)
 
-    config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    config = {**json.loads(json.dumps(vars(args), default=str)),
               "cpus": os.cpu_count(), "platform": platform.platform()}
     print_mapping()
     print(HEADER, flush=True)

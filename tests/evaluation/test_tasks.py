@@ -275,6 +275,20 @@ def test_resolution_sweep_in_a_worker_gives_the_in_process_values(monkeypatch):
         assert beside.metric(name).values_raw == alone.metric(name).values_raw
 
 
+@pytest.mark.parametrize(("running", "cpus", "busy"), [(1, 2, False), (2, 2, True), (3, 2, True), (2, 4, False),
+                                                     (4, 4, True), (2, 1, True)])
+def test_cores_are_busy_when_other_runnable_threads_fill_all_but_one(monkeypatch, tmp_path, running, cpus, busy):
+    import czb.evaluation.context as ctx_module
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.50 0.40 0.30 {running}/300 12345\n")
+    monkeypatch.setattr(ctx_module, "_LOADAVG", str(loadavg))
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    assert ctx_module._cores_busy() is busy
+    loadavg.write_text("garbled")
+    assert ctx_module._cores_busy() is False
+
+
 def test_no_worker_when_every_core_is_busy(monkeypatch):
     import czb.evaluation.context as ctx_module
 

@@ -379,14 +379,24 @@ class _BackgroundJob:
         self.executor.shutdown(wait=False, kill_workers=True)
 
 
+_LOADAVG = "/proc/loadavg"
+
+
 def _cores_busy() -> bool:
-    """Whether the 1-minute load average already fills every core (``False`` where unknown)."""
+    """Whether other processes keep every core but this one's busy right now.
+
+    Read from the kernel's count of runnable threads at this instant (``/proc/loadavg``,
+    which counts this thread too), not the load averages: they trail by a minute and
+    count this process's own parallel work just before. ``False`` where unknown.
+    """
     import os
 
     try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except OSError:
+        with open(_LOADAVG) as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
         return False
+    return running - 1 >= max((os.cpu_count() or 1) - 1, 1)
 
 
 def _checked_matrix(X: np.ndarray, what: str) -> np.ndarray:

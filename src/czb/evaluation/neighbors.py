@@ -201,21 +201,28 @@ def exact_sorted(
     own
         ``(n_queries,)`` row of ``X`` that each query is (kept first, at distance 0), or ``None``.
     """
+    out_idx = np.empty_like(indices)
     dist = np.empty(indices.shape, dtype=np.float64)
+    if not indices.size:
+        return out_idx, dist
+
+    def work(rows: np.ndarray) -> None:  # rows are independent: blocks run in threads
+        rows = slice(rows[0], rows[-1] + 1)
+        chosen = indices[rows]
+        diff = X[chosen] - Q[rows, None, :]
+        d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        key = d.copy()
+        if own is not None:
+            key[chosen == own[rows, None]] = -1.0
+        order = np.lexsort((chosen, key), axis=1)
+        out_idx[rows] = np.take_along_axis(chosen, order, axis=1)
+        dist[rows] = np.take_along_axis(d, order, axis=1)
+
     step = max(1, 2**22 // max(indices.shape[1] * X.shape[1], 1))
-    for start in range(0, len(indices), step):
-        rows = slice(start, start + step)
-        diff = X[indices[rows]] - Q[rows, None, :]
-        dist[rows] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
-    key = dist.copy()
+    distances.map_row_blocks(work, np.arange(len(indices)), block=step)
     if own is not None:
-        key[indices == own[:, None]] = -1.0
-    order = np.lexsort((indices, key), axis=1) if indices.size else np.empty(indices.shape, dtype=np.int64)
-    indices = np.take_along_axis(indices, order, axis=1)
-    dist = np.take_along_axis(dist, order, axis=1)
-    if own is not None and dist.size:
         dist[:, 0] = 0.0
-    return indices, dist
+    return out_idx, dist
 
 
 def approximate_knn(
