@@ -275,14 +275,19 @@ def test_resolution_sweep_in_a_worker_gives_the_in_process_values(monkeypatch):
         assert beside.metric(name).values_raw == alone.metric(name).values_raw
 
 
-@pytest.mark.parametrize(("running", "cpus", "busy"), [(1, 2, False), (2, 2, True), (3, 2, True), (2, 4, False),
-                                                     (4, 4, True), (2, 1, True)])
-def test_cores_are_busy_when_other_runnable_threads_fill_all_but_one(monkeypatch, tmp_path, running, cpus, busy):
+@pytest.mark.parametrize(("running", "own", "cpus", "busy"), [
+    (1, 1, 2, False), (2, 1, 2, True), (3, 1, 2, True), (3, 3, 2, False), (2, 1, 4, False), (4, 1, 4, True),
+    (2, 1, 1, True),
+])
+def test_cores_are_busy_when_other_runnable_threads_fill_all_but_one(monkeypatch, tmp_path, running, own, cpus,
+                                                                     busy):
     import czb.evaluation.context as ctx_module
 
+    assert ctx_module._own_running_threads() >= 1  # the thread asking
     loadavg = tmp_path / "loadavg"
     loadavg.write_text(f"0.50 0.40 0.30 {running}/300 12345\n")
     monkeypatch.setattr(ctx_module, "_LOADAVG", str(loadavg))
+    monkeypatch.setattr(ctx_module, "_own_running_threads", lambda: own)
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     assert ctx_module._cores_busy() is busy
     loadavg.write_text("garbled")
@@ -309,7 +314,7 @@ def test_uncollected_background_leiden_is_dropped(monkeypatch):
     context = EvaluationContext(X, labels=labels, batches=batches, n_jobs=2)
     context.start_leiden([1.0, 2.0], seed=0)
     (job, _), (same, _) = context._background.values()
-    assert job is same  # one worker for both
+    assert job is same  # one job for both
     future = job.future
     context.drop_background()
     assert context._background == {}

@@ -115,6 +115,7 @@ class EvaluationContext(TaskContext):
         self._graph: NeighborGraph | None = None
         self._memo: dict[tuple, Any] = {}
         self._background: dict[tuple, tuple[_BackgroundJob, int]] = {}  # memo key -> (job, position)
+        self._worker: Any = None  # the process background partitions run in
         self._planned: list[Task] = []
 
     @property
@@ -330,8 +331,9 @@ class EvaluationContext(TaskContext):
         from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
         connectivities = self.neighbors(k).connectivities(k)
-        job = _BackgroundJob(ProcessPoolExecutor(max_workers=1), len(todo))
-        job.future = job.executor.submit(leiden_many, connectivities, todo, seed=seed)
+        if self._worker is None:  # one per task: its seeds reuse it
+            self._worker = ProcessPoolExecutor(max_workers=1)
+        job = _BackgroundJob(self._worker.submit(leiden_many, connectivities, todo, seed=seed))
         for position, resolution in enumerate(todo):
             self._background[_leiden_key(resolution, seed, k)] = (job, position)
 
@@ -343,7 +345,7 @@ class EvaluationContext(TaskContext):
         key = _leiden_key(resolution, seed, k)
         if key in self._background:
             job, position = self._background.pop(key)
-            self._memo[key] = job.take(position)
+            self._memo[key] = job.future.result()[position]
         return self.memo(
             key,
             lambda: leiden(
@@ -354,49 +356,62 @@ class EvaluationContext(TaskContext):
         )
 
     def drop_background(self) -> None:
-        for job in {id(job): job for job, _ in self._background.values()}.values():
-            job.drop()
+        """End the task's worker; partitions it was computing that no one took are dropped."""
+        uncollected = {id(job): job for job, _ in self._background.values()}.values()
+        for job in uncollected:
+            job.future.cancel()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, kill_workers=bool(uncollected))
+            self._worker = None
         self._background.clear()
 
 
+@dataclasses.dataclass
 class _BackgroundJob:
-    """Partitions computed in a worker process (:meth:`EvaluationContext.start_leiden`); the
-    worker is shut down once every one was taken."""
+    """Partitions computed in the worker process (:meth:`EvaluationContext.start_leiden`)."""
 
-    def __init__(self, executor: Any, n_results: int):
-        self.executor, self.future, self.left = executor, None, n_results
-
-    def take(self, position: int) -> np.ndarray:
-        try:
-            return self.future.result()[position]
-        finally:
-            self.left -= 1
-            if self.left == 0:
-                self.executor.shutdown(wait=False)
-
-    def drop(self) -> None:
-        self.future.cancel()
-        self.executor.shutdown(wait=False, kill_workers=True)
+    future: Any
 
 
 _LOADAVG = "/proc/loadavg"
+_BUSY_SAMPLES = 5
 
 
 def _cores_busy() -> bool:
-    """Whether other processes keep every core but this one's busy right now.
+    """Whether other processes keep every core but one busy right now.
 
-    Read from the kernel's count of runnable threads at this instant (``/proc/loadavg``,
-    which counts this thread too), not the load averages: they trail by a minute and
-    count this process's own parallel work just before. ``False`` where unknown.
+    The kernel's count of runnable threads at this instant (``/proc/loadavg``) less this
+    process's own (BLAS threads spinning after a product count there too); not the load
+    averages, which trail by a minute and count this process's own parallel work just
+    before. ``False`` where unknown.
     """
     import os
+    import time
 
-    try:
-        with open(_LOADAVG) as f:
-            running = int(f.read().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return False
-    return running - 1 >= max((os.cpu_count() or 1) - 1, 1)
+    others = []
+    for _ in range(_BUSY_SAMPLES):  # the two reads race this process's threads: busy only if busy every time
+        try:
+            with open(_LOADAVG) as f:
+                running = int(f.read().split()[3].split("/")[0])
+            others.append(running - _own_running_threads())
+        except (OSError, ValueError, IndexError):
+            return False
+        time.sleep(0.01)
+    return min(others) >= max((os.cpu_count() or 1) - 1, 1)
+
+
+def _own_running_threads() -> int:
+    """This process's threads in state R (running or runnable), this one included."""
+    import os
+
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except OSError:  # the thread ended meanwhile
+            continue
+    return count
 
 
 def _checked_matrix(X: np.ndarray, what: str) -> np.ndarray:
