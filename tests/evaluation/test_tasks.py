@@ -313,9 +313,8 @@ def test_uncollected_background_leiden_is_dropped(monkeypatch):
     X, labels, batches = planted_embedding(300)
     context = EvaluationContext(X, labels=labels, batches=batches, n_jobs=2)
     context.start_leiden([1.0, 2.0], seed=0)
-    (job, _), (same, _) = context._background.values()
-    assert job is same  # one job for both
-    future = job.future
+    (future, _), (same, _) = context._background.values()
+    assert future is same  # one job for both
     context.drop_background()
     assert context._background == {}
     from concurrent.futures import wait

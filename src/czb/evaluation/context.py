@@ -114,7 +114,8 @@ class EvaluationContext(TaskContext):
         self._k_neighborhoods = 0
         self._graph: NeighborGraph | None = None
         self._memo: dict[tuple, Any] = {}
-        self._background: dict[tuple, tuple[_BackgroundJob, int]] = {}  # memo key -> (job, position)
+        # memo key -> (future of the worker's list of partitions, position in that list)
+        self._background: dict[tuple, tuple[Any, int]] = {}
         self._worker: Any = None  # the process background partitions run in
         self._planned: list[Task] = []
 
@@ -319,13 +320,13 @@ class EvaluationContext(TaskContext):
         caller works on the others (batch integration's distance work; the other half of
         clustering's resolution sweep). The partitions are the same as computed in this
         process. Smaller or single-job runs, and runs on a machine whose every core is
-        already busy (1-minute load average), compute them when asked: a worker would
-        only add its start-up there.
+        already busy (:func:`_cores_busy`), compute them when asked: a worker would only
+        add its start-up there.
         """
         from czb.evaluation.metrics.clustering import leiden_many
 
-        todo = [float(r) for r in np.atleast_1d(resolutions)
-                if _leiden_key(r, seed, k) not in self._memo and _leiden_key(r, seed, k) not in self._background]
+        known = self._memo.keys() | self._background.keys()
+        todo = [float(r) for r in np.atleast_1d(resolutions) if _leiden_key(r, seed, k) not in known]
         if not todo or self.n_jobs < 2 or self.n_cells < BACKGROUND_LEIDEN_MIN_CELLS or _cores_busy():
             return
         from joblib.externals.loky.process_executor import ProcessPoolExecutor
@@ -333,9 +334,9 @@ class EvaluationContext(TaskContext):
         connectivities = self.neighbors(k).connectivities(k)
         if self._worker is None:  # one per task: its seeds reuse it
             self._worker = ProcessPoolExecutor(max_workers=1)
-        job = _BackgroundJob(self._worker.submit(leiden_many, connectivities, todo, seed=seed))
+        future = self._worker.submit(leiden_many, connectivities, todo, seed=seed)
         for position, resolution in enumerate(todo):
-            self._background[_leiden_key(resolution, seed, k)] = (job, position)
+            self._background[_leiden_key(resolution, seed, k)] = (future, position)
 
     def leiden(self, resolution: float, *, seed: int, k: int = 15) -> np.ndarray:
         """Leiden clusters of the ``k``-neighbour UMAP graph (cached)."""
@@ -344,8 +345,8 @@ class EvaluationContext(TaskContext):
         graph = self.neighbors(k)  # noted for every task that clusters, even from the memo
         key = _leiden_key(resolution, seed, k)
         if key in self._background:
-            job, position = self._background.pop(key)
-            self._memo[key] = job.future.result()[position]
+            future, position = self._background.pop(key)
+            self._memo[key] = future.result()[position]
         return self.memo(
             key,
             lambda: leiden(
@@ -357,20 +358,13 @@ class EvaluationContext(TaskContext):
 
     def drop_background(self) -> None:
         """End the task's worker; partitions it was computing that no one took are dropped."""
-        uncollected = {id(job): job for job, _ in self._background.values()}.values()
-        for job in uncollected:
-            job.future.cancel()
+        uncollected = {id(future): future for future, _ in self._background.values()}.values()
+        for future in uncollected:
+            future.cancel()
         if self._worker is not None:
             self._worker.shutdown(wait=False, kill_workers=bool(uncollected))
             self._worker = None
         self._background.clear()
-
-
-@dataclasses.dataclass
-class _BackgroundJob:
-    """Partitions computed in the worker process (:meth:`EvaluationContext.start_leiden`)."""
-
-    future: Any
 
 
 _LOADAVG = "/proc/loadavg"
