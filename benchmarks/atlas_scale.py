@@ -7,9 +7,11 @@ Usage::
     python benchmarks/atlas_scale.py --czbench-python /tmp/czbref/bin/python \\
         [--sizes 10000 50000 200000 1000000] [--czbench-max-cells 200000] [--timeout 1800]
 
-For each size, a planted embedding is drawn (50 dimensions, 24 cell types of unequal
-size, 8 batches with batch shifts, 10 time points along a shared axis; see
-:func:`planted_atlas`) and saved once; then every cell-level task runs in a fresh
+For each size, an embedding is drawn and saved once: by default the held-out one of
+``benchmarks/heldout_data.py`` (30 Zipf-sized types in 8 lineages, 6 batches that act
+per lineage, heavy-tailed anisotropic spread; not czb's generator), or with
+``--data planted`` the planted atlas of :func:`planted_atlas` (24 types, 8 batches with
+one shift each, 10 time points along a shared axis). Then every cell-level task runs in a fresh
 process, with czb and (up to ``--czbench-max-cells``) with cz-benchmarks on the same
 arrays and the same seed. A process's wall time includes its imports and any JIT
 compilation, which is what a user waits for. Finally czb runs the four cell-level
@@ -81,6 +83,14 @@ def planted_atlas(n_cells: int, *, dims: int = 50, seed: int = 0) -> dict[str, n
 
 
 # --------------------------------------------------------------------------- workers
+
+
+def heldout_arrays(n_cells: int) -> dict[str, np.ndarray]:
+    """benchmarks/heldout_data.py's embedding and annotations (seed 0), without counts."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from heldout_data import embedding_arrays
+
+    return embedding_arrays(n_cells)
 
 
 def _peak_rss_gib() -> float:
@@ -234,6 +244,8 @@ def main() -> None:
     parser.add_argument("--czbench-timeout", type=float, default=900.0, help="seconds per cz-benchmarks process")
     parser.add_argument("--workdir", type=Path, default=Path("atlas-scale-data"))
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--data", choices=["heldout", "planted"], default="heldout",
+                        help="benchmarks/heldout_data.py's embedding [default] or planted_atlas()")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -242,9 +254,9 @@ def main() -> None:
               f"{'czb s':>7} {'cz s':>7} {'speed-up':>8} {'czb GiB':>7} {'cz GiB':>6}")
     print(header, flush=True)
     for n in args.sizes:
-        path = args.workdir / f"atlas_{n}.npz"
+        path = args.workdir / f"{args.data}_{n}.npz"
         if not path.exists():
-            np.savez(path, **planted_atlas(n))
+            np.savez(path, **(planted_atlas(n) if args.data == "planted" else heldout_arrays(n)))
         for task in args.tasks if n <= args.per_task_max_cells else ():
             ours = run_worker(sys.executable, "czb", task, path, args.timeout)
             theirs = None

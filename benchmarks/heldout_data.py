@@ -302,6 +302,27 @@ def write_heldout(n_cells: int, folder: Path, *, seed: int = 0, n_genes: int = 2
     return h5ad, npy
 
 
+def embedding_arrays(n_cells: int, *, seed: int = 0, chunk_size: int = 4096) -> dict[str, np.ndarray]:
+    """The held-out embedding and annotations without the counts, for atlas sizes.
+
+    Equal to what :func:`write_heldout` writes with the same arguments (each chunk's
+    stream draws the embedding before the counts), at a fraction of the cost: 5M cells
+    in minutes and 1 GiB. Returns ``X`` (float32, ``(n_cells, 50)``), ``labels`` (cell
+    type names), ``batches`` (batch names) and ``time_points`` (int64).
+    """
+    d = design(seed)
+    ann = annotations(n_cells, d, seed)
+    X = np.empty((n_cells, DIMS), dtype=np.float32)
+    for i, lo in enumerate(range(0, n_cells, chunk_size)):
+        hi = min(lo + chunk_size, n_cells)
+        part = {k: v[lo:hi] for k, v in ann.items()}
+        rng = np.random.default_rng([seed, 2, i])
+        X[lo:hi] = embedding_chunk(latent_chunk(part, d, rng), part["batches"], d, rng)
+    obs = obs_frame(ann, d)
+    return {"X": X, "labels": obs["cell_type"].to_numpy(str), "batches": obs["batch"].to_numpy(str),
+            "time_points": obs["time"].to_numpy()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, nargs="+", required=True)

@@ -221,8 +221,26 @@ def test_atlas_scale_logistic_regression_fits_on_at_most_lr_max_samples(monkeypa
 def test_atlas_scale_forest_caps_bootstrap_samples_only_for_large_folds():
     big = classification.make_classifier("rf", seed=0, atlas_scale=True, n_train=10 * classification.RF_MAX_SAMPLES)
     small = classification.make_classifier("rf", seed=0, atlas_scale=True, n_train=1000)
-    assert big.named_steps["rf"].max_samples == classification.RF_MAX_SAMPLES
+    assert isinstance(big, classification.SubsampledForest) and big.max_samples == classification.RF_MAX_SAMPLES
     assert small.named_steps["rf"].max_samples is None
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_subsampled_forest_equals_scikit_learns_forest(seed):
+    """Compact bootstrap rows grow scikit-learn's trees: same probabilities, including
+    trees whose draw missed the rarest class."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(seed)
+    y = rng.choice(7, size=3000, p=[0.4, 0.2, 0.15, 0.1, 0.1, 0.04, 0.01])
+    X = rng.normal(size=(3000, 12)) + 0.3 * y[:, None]
+    test = rng.normal(size=(400, 12)) + 0.3 * rng.integers(0, 7, 400)[:, None]
+    labels = np.char.add("type", y.astype(str))
+    ref = RandomForestClassifier(n_estimators=20, max_samples=150, random_state=seed, n_jobs=1).fit(X, labels)
+    ours = classification.SubsampledForest(n_estimators=20, max_samples=150, seed=seed).fit(X, labels)
+    assert any(len(t.classes_) < 7 for t in ours.trees_)
+    np.testing.assert_array_equal(ours.predict_proba(test), ref.predict_proba(test))
+    assert (ours.predict(test) == ref.predict(test)).all()
 
 
 @pytest.mark.parametrize("task", ["clustering", "embedding", "label_prediction", "batch_integration"])
