@@ -265,11 +265,11 @@ def approximate_knn(
     """
     import faiss
 
-    X64 = np.asarray(X, dtype=np.float64)
-    centre = X64.mean(axis=0)
-    R = distances.as_float32(X64 - centre)
+    X = np.asarray(X)
+    centre = X.mean(axis=0, dtype=np.float64)
+    R = _centred_float32(X, centre)
     self_join = queries is None
-    Q = R if self_join else distances.as_float32(np.asarray(queries, dtype=np.float64) - centre)
+    Q = R if self_join else _centred_float32(np.asarray(queries), centre)
     n, dim = R.shape
     k = min(n_neighbors, n)
     n_lists = ivf_lists(n)
@@ -311,6 +311,15 @@ def approximate_knn(
     if self_join:
         _self_first(indices, dist)
     return indices, dist
+
+
+def _centred_float32(X: np.ndarray, centre: np.ndarray, *, chunk: int = 65_536) -> np.ndarray:
+    """``X − centre`` as float32, subtracted in float64 chunk by chunk (no float64 copy
+    of ``X``: 1.6 GB at 4×10^6 cells × 50 dimensions)."""
+    out = np.empty(X.shape, dtype=np.float32)
+    for start in range(0, len(X), chunk):
+        out[start : start + chunk] = np.asarray(X[start : start + chunk], dtype=np.float64) - centre
+    return out
 
 
 def _first_k_by_value_then_index(values: np.ndarray, ids: np.ndarray, k: int, *, chunk: int = 65_536) -> np.ndarray:
