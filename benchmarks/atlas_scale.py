@@ -19,7 +19,8 @@ tasks (clustering, embedding, label prediction, batch integration) together in o
 process, sharing one neighbour graph, as ``czb run`` does.
 
 Prints one table: per task and metric, both values and their difference, both
-wall times and their ratio, both peak resident memories; then how czb computed its
+wall times and their ratio, both peak resident memories (and, for the four-task
+process, the peak of it and its worker processes together); then how czb computed its
 neighbour graph (exact, or approximate with the measured recall) and silhouettes.
 """
 
@@ -204,20 +205,62 @@ SAME_METRIC = {
 }
 
 
+class TreeMemory:
+    """Peak resident memory of a process and its descendants together (worker
+    processes included, which the process's own ``ru_maxrss`` leaves out), sampled every
+    ``interval`` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        import threading
+
+        self.peak_bytes = 0
+        self._pid, self._interval = pid, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self._pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.wait(self._interval):
+            total = 0
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    total += proc.memory_info().rss
+            except psutil.Error:  # a process ended between the listing and the reading
+                continue
+            self.peak_bytes = max(self.peak_bytes, total)
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in GiB."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak_bytes / 2**30
+
+
 def run_worker(python: str, tool: str, task: str, path: Path, timeout: float) -> dict:
     cmd = [python, __file__, "worker", tool, task, str(path), str(SEED)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    memory = TreeMemory(proc.pid)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"seconds": None, "timeout": timeout}
+        proc.kill()
+        proc.communicate()
+        return {"seconds": None, "timeout": timeout, "tree_peak_rss_gib": memory.stop()}
     seconds = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    tree_peak = memory.stop()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"seconds": seconds, "error": " | ".join(tail)}
-    return {"seconds": seconds, **json.loads(lines[-1].removeprefix("RESULT "))}
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        return {"seconds": seconds, "error": " | ".join(tail), "tree_peak_rss_gib": tree_peak}
+    return {"seconds": seconds, **json.loads(lines[-1].removeprefix("RESULT ")), "tree_peak_rss_gib": tree_peak}
 
 
 def _fmt_time(r: dict | None) -> str:
@@ -268,6 +311,8 @@ def main() -> None:
         extra.append({"cells": n, "together": together})
         print(f"{n:>8} {'four tasks, one process':<24} {'':<34} {'':>8} {'':>8} {'':>14} "
               f"{_fmt_time(together):>7} {'':>7} {'':>8} {_fmt(together.get('peak_rss_gib'), '.2f'):>7}",
+              flush=True)
+        print(f"{'':>8} peak memory with its worker processes: {_fmt(together.get('tree_peak_rss_gib'), '.2f')} GiB",
               flush=True)
         print(f"{'':>8} seconds per task: {together.get('task_seconds')}", flush=True)
         if together.get("error") or together.get("errors"):
