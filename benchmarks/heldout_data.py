@@ -249,6 +249,16 @@ def obs_frame(ann: dict[str, np.ndarray], d: Design):
     )
 
 
+def _chunks(n_cells: int, ann: dict[str, np.ndarray], d: Design, seed: int, chunk_size: int):
+    """Per chunk of cells: ``(lo, hi, annotations, latent, rng)``, the chunk's own seeded
+    stream having drawn the latent; the embedding and then the counts draw from it next."""
+    for i, lo in enumerate(range(0, n_cells, chunk_size)):
+        hi = min(lo + chunk_size, n_cells)
+        rng = np.random.default_rng([seed, 2, i])
+        part = {k: v[lo:hi] for k, v in ann.items()}
+        yield lo, hi, part, latent_chunk(part, d, rng), rng
+
+
 def paths(n_cells: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Where :func:`write_heldout` writes (``.h5ad``, ``.npy``)."""
     stem = folder / f"heldout_{n_cells}_s{seed}"
@@ -284,11 +294,7 @@ def write_heldout(n_cells: int, folder: Path, *, seed: int = 0, n_genes: int = 2
     del shell
     emb = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n_cells, DIMS))
     with h5py.File(tmp_h5ad, "a") as f:
-        for i, lo in enumerate(range(0, n_cells, chunk_size)):
-            hi = min(lo + chunk_size, n_cells)
-            rng = np.random.default_rng([seed, 2, i])
-            part = {k: v[lo:hi] for k, v in ann.items()}
-            z = latent_chunk(part, d, rng)
+        for lo, hi, part, z, rng in _chunks(n_cells, ann, d, seed, chunk_size):
             emb[lo:hi] = embedding_chunk(z, part["batches"], d, rng)
             X = counts_chunk(z, part["batches"], d, rng)
             if lo == 0:
@@ -313,11 +319,8 @@ def embedding_arrays(n_cells: int, *, seed: int = 0, chunk_size: int = 4096) -> 
     d = design(seed)
     ann = annotations(n_cells, d, seed)
     X = np.empty((n_cells, DIMS), dtype=np.float32)
-    for i, lo in enumerate(range(0, n_cells, chunk_size)):
-        hi = min(lo + chunk_size, n_cells)
-        part = {k: v[lo:hi] for k, v in ann.items()}
-        rng = np.random.default_rng([seed, 2, i])
-        X[lo:hi] = embedding_chunk(latent_chunk(part, d, rng), part["batches"], d, rng)
+    for lo, hi, part, z, rng in _chunks(n_cells, ann, d, seed, chunk_size):
+        X[lo:hi] = embedding_chunk(z, part["batches"], d, rng)
     obs = obs_frame(ann, d)
     return {"X": X, "labels": obs["cell_type"].to_numpy(str), "batches": obs["batch"].to_numpy(str),
             "time_points": obs["time"].to_numpy()}
